@@ -1,0 +1,126 @@
+//! Control messages on the TCP channel (bincode, see [`crate::codec`]).
+//!
+//! Variants are only ever appended, so indices stay stable within a protocol version.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::stun::TokenCredentials;
+
+/// The longest peer name.
+pub const MAX_NAME_LEN: usize = 32;
+/// The most private LAN addresses a peer may report.
+pub const MAX_LAN_ADDRS: usize = 8;
+/// The largest certificate a peer may present at registration.
+pub const MAX_CERT_LEN: usize = 2048;
+
+/// SHA-256 of a peer's certificate (DER): the peer's key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Fingerprint {
+    /// The fingerprint of a DER certificate.
+    pub fn of_cert(der: &[u8]) -> Self {
+        let digest = ring::digest::digest(&ring::digest::SHA256, der);
+        let mut fp = [0u8; 32];
+        fp.copy_from_slice(digest.as_ref());
+        Self(fp)
+    }
+
+    /// The first 8 hex digits, for logs.
+    pub fn short(&self) -> String {
+        self.0[..4].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({})", self.short())
+    }
+}
+
+/// A fingerprint written as text was not 64 hex digits.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[error("a key fingerprint is 64 hex digits")]
+pub struct BadFingerprint;
+
+impl FromStr for Fingerprint {
+    type Err = BadFingerprint;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.as_bytes();
+        if s.len() != 64 {
+            return Err(BadFingerprint);
+        }
+        let mut fp = [0u8; 32];
+        for (i, pair) in s.chunks_exact(2).enumerate() {
+            let hex = std::str::from_utf8(pair).map_err(|_| BadFingerprint)?;
+            fp[i] = u8::from_str_radix(hex, 16).map_err(|_| BadFingerprint)?;
+        }
+        Ok(Self(fp))
+    }
+}
+
+/// A name is not acceptable.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NameError {
+    /// Empty or longer than [`MAX_NAME_LEN`].
+    #[error("a name has 1 to {MAX_NAME_LEN} characters, this one has {0}")]
+    Length(usize),
+    /// A character outside `a-z 0-9 . _ -`.
+    #[error("a name uses only lowercase letters, digits, '.', '_' and '-'; {0:?} is not allowed")]
+    Character(char),
+}
+
+/// Checks that `name` is a valid peer name: 1 to 32 of `a-z 0-9 . _ -`.
+pub fn validate_name(name: &str) -> Result<(), NameError> {
+    let len = name.chars().count();
+    if len == 0 || len > MAX_NAME_LEN {
+        return Err(NameError::Length(len));
+    }
+    match name.chars().find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '.' | '_' | '-')) {
+        Some(c) => Err(NameError::Character(c)),
+        None => Ok(()),
+    }
+}
+
+/// Messages from a peer to the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ClientMsg {
+    /// Claim `name` for the key of `cert`, proven by `signature` over the server's challenge
+    /// (see [`crate::auth`]), and report the peer's private LAN addresses.
+    Register { name: String, cert: Vec<u8>, signature: Vec<u8>, lan_addrs: Vec<SocketAddr> },
+    /// Is `name` online? Answered by [`ServerMsg::Presence`].
+    Lookup { name: String },
+    /// Answer to [`ServerMsg::Ping`].
+    Pong { nonce: u64 },
+}
+
+/// Messages from the server to a peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ServerMsg {
+    /// Sent right after the hello: the challenge to sign, and the TCP source address the server
+    /// sees for this connection.
+    Welcome { challenge: [u8; 32], observed: SocketAddr },
+    /// Registration accepted. `token` authenticates STUN binding requests that record the
+    /// peer's public UDP address; `stun_port` is the server's UDP port.
+    Registered { name: String, fingerprint: Fingerprint, token: TokenCredentials, stun_port: u16 },
+    /// Answer to [`ClientMsg::Lookup`].
+    Presence { name: String, online: bool, fingerprint: Option<Fingerprint> },
+    /// Liveness and RTT probe; `rtt_us` is the last RTT the server measured, if any.
+    Ping { nonce: u64, rtt_us: Option<u64> },
+    /// The server is shutting down: finish, close, reconnect after `reconnect_after_ms`.
+    GoingAway { reason: String, reconnect_after_ms: u32 },
+}

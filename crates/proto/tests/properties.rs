@@ -1,0 +1,282 @@
+//! Property tests of every decoder: round-trips, and truncated, bit-flipped or random input
+//! never panics and yields a typed error.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use bytes::BytesMut;
+use natcall_proto::codec::decode_control;
+use natcall_proto::control::{ClientMsg, Fingerprint, ServerMsg};
+use natcall_proto::frame::{
+    self, ErrorCode, Frame, FrameDecoder, FrameError, DEFAULT_MAX_FRAME_LEN, MAX_ERROR_TEXT,
+};
+use natcall_proto::relay::{RelayFlags, RelayHeader, TrafficClass};
+use natcall_proto::stun::{self, StunError, TokenCredentials};
+use proptest::prelude::*;
+
+fn addr() -> impl Strategy<Value = SocketAddr> {
+    prop_oneof![
+        (any::<u32>(), any::<u16>()).prop_map(|(ip, p)| SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip)), p)),
+        (any::<u128>(), any::<u16>()).prop_map(|(ip, p)| SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), p)),
+    ]
+}
+
+fn client_msg() -> impl Strategy<Value = ClientMsg> {
+    prop_oneof![
+        (
+            "[a-z0-9._-]{1,32}",
+            prop::collection::vec(any::<u8>(), 0..600),
+            prop::collection::vec(any::<u8>(), 0..80),
+            prop::collection::vec(addr(), 0..8)
+        )
+            .prop_map(|(name, cert, signature, lan_addrs)| ClientMsg::Register { name, cert, signature, lan_addrs }),
+        "\\PC{0,40}".prop_map(|name| ClientMsg::Lookup { name }),
+        any::<u64>().prop_map(|nonce| ClientMsg::Pong { nonce }),
+    ]
+}
+
+fn server_msg() -> impl Strategy<Value = ServerMsg> {
+    prop_oneof![
+        (any::<[u8; 32]>(), addr()).prop_map(|(challenge, observed)| ServerMsg::Welcome { challenge, observed }),
+        ("[a-z]{1,32}", any::<[u8; 32]>(), "[a-z0-9:]{1,40}", "[a-f0-9]{32}", any::<u16>()).prop_map(
+            |(name, fp, username, password, stun_port)| ServerMsg::Registered {
+                name,
+                fingerprint: Fingerprint(fp),
+                token: TokenCredentials { username, password },
+                stun_port
+            }
+        ),
+        ("\\PC{0,32}", any::<bool>(), prop::option::of(any::<[u8; 32]>())).prop_map(|(name, online, fp)| {
+            ServerMsg::Presence { name, online, fingerprint: fp.map(Fingerprint) }
+        }),
+        (any::<u64>(), prop::option::of(any::<u64>())).prop_map(|(nonce, rtt_us)| ServerMsg::Ping { nonce, rtt_us }),
+        ("\\PC{0,64}", any::<u32>())
+            .prop_map(|(reason, reconnect_after_ms)| ServerMsg::GoingAway { reason, reconnect_after_ms }),
+    ]
+}
+
+fn relay_header() -> impl Strategy<Value = RelayHeader> {
+    (any::<u32>(), 0u8..3, any::<u8>()).prop_map(|(call, c, flags)| RelayHeader {
+        call,
+        class: TrafficClass::ALL[c as usize],
+        flags: RelayFlags(flags),
+    })
+}
+
+/// Decodes every frame in `wire` and every control message in them; returns how many frames
+/// decoded, or the first error. Must never panic.
+fn decode_all(wire: &[u8]) -> Result<usize, FrameError> {
+    let decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+    let mut buf = BytesMut::from(wire);
+    let mut n = 0;
+    while let Some(raw) = decoder.decode(&mut buf)? {
+        match raw.parse()? {
+            Frame::Control(body) => {
+                // Either direction's messages may be thrown at a decoder.
+                let a = decode_control::<ClientMsg>(body);
+                let b = decode_control::<ServerMsg>(body);
+                if a.is_err() && b.is_err() {
+                    return Err(a.err().expect("checked"));
+                }
+            }
+            Frame::Hello(_) | Frame::Relay { .. } | Frame::Error(_) => {}
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn one_frame(buf: &mut BytesMut) -> natcall_proto::frame::RawFrame {
+    FrameDecoder::new(DEFAULT_MAX_FRAME_LEN).decode(buf).expect("valid").expect("whole frame")
+}
+
+proptest! {
+    #[test]
+    fn client_messages_round_trip(msg in client_msg()) {
+        let mut wire = BytesMut::new();
+        frame::encode_control(&msg, &mut wire).expect("encodes");
+        let total = wire.len();
+        let raw = one_frame(&mut wire);
+        prop_assert_eq!(raw.wire().len(), total);
+        let Frame::Control(body) = raw.parse().expect("parses") else { panic!("not control") };
+        prop_assert_eq!(decode_control::<ClientMsg>(body).expect("decodes"), msg);
+        prop_assert!(wire.is_empty());
+    }
+
+    #[test]
+    fn server_messages_round_trip(msg in server_msg()) {
+        let mut wire = BytesMut::new();
+        frame::encode_control(&msg, &mut wire).expect("encodes");
+        let raw = one_frame(&mut wire);
+        let Frame::Control(body) = raw.parse().expect("parses") else { panic!("not control") };
+        prop_assert_eq!(decode_control::<ServerMsg>(body).expect("decodes"), msg);
+    }
+
+    #[test]
+    fn relay_frames_round_trip(h in relay_header(), payload in prop::collection::vec(any::<u8>(), 0..1500)) {
+        let mut wire = BytesMut::new();
+        frame::encode_relay(&h, &payload, &mut wire).expect("encodes");
+        prop_assert_eq!(wire.len(), 4 + 1 + 6 + payload.len());
+        let raw = one_frame(&mut wire);
+        let Frame::Relay { header, payload: p } = raw.parse().expect("parses") else { panic!("not relay") };
+        prop_assert_eq!(header, h);
+        prop_assert_eq!(p, &payload[..]);
+    }
+
+    #[test]
+    fn error_frames_round_trip(code in 0u16..200, text in "\\PC{0,1200}") {
+        let mut wire = BytesMut::new();
+        frame::encode_error(ErrorCode::from_u16(code), &text, &mut wire);
+        let raw = one_frame(&mut wire);
+        let Frame::Error(e) = raw.parse().expect("parses") else { panic!("not error") };
+        prop_assert_eq!(e.code.to_u16(), code);
+        prop_assert!(e.message.len() <= MAX_ERROR_TEXT);
+        prop_assert!(text.starts_with(&e.message));
+    }
+
+    #[test]
+    fn every_strict_prefix_of_a_frame_asks_for_more(msg in client_msg(), cut in any::<prop::sample::Index>()) {
+        let mut wire = BytesMut::new();
+        frame::encode_control(&msg, &mut wire).expect("encodes");
+        let cut = cut.index(wire.len());
+        let mut partial = BytesMut::from(&wire[..cut]);
+        prop_assert_eq!(FrameDecoder::new(DEFAULT_MAX_FRAME_LEN).decode(&mut partial), Ok(None));
+    }
+
+    #[test]
+    fn truncated_control_bodies_are_typed_errors(msg in server_msg(), cut in any::<prop::sample::Index>()) {
+        let mut body = BytesMut::new();
+        natcall_proto::codec::encode_control_body(&msg, &mut body).expect("encodes");
+        let cut = cut.index(body.len());
+        let r = decode_control::<ServerMsg>(&body[..cut]);
+        prop_assert!(matches!(r, Err(FrameError::Malformed(_))), "{:?}", r);
+    }
+
+    #[test]
+    fn flipped_bits_never_panic(msg in client_msg(), bit in any::<prop::sample::Index>()) {
+        let mut wire = BytesMut::new();
+        frame::encode_control(&msg, &mut wire).expect("encodes");
+        let bit = bit.index(wire.len() * 8);
+        wire[bit / 8] ^= 1 << (bit % 8);
+        let _ = decode_all(&wire);
+    }
+
+    #[test]
+    fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+        let _ = decode_all(&bytes);
+        let _ = stun::parse_binding_request(&bytes);
+        let _ = stun::parse_binding_success(&bytes, &[0; 12], None);
+        let _ = stun::parse_binding_success(&bytes, &[0; 12], Some("pw"));
+        let _ = stun::verify_integrity(&bytes, "pw");
+        let _ = stun::classify(&bytes);
+    }
+
+    #[test]
+    fn random_stun_shaped_bytes_never_panic(tail in prop::collection::vec(any::<u8>(), 0..200), ty in 0u16..0x4000) {
+        let mut m = Vec::with_capacity(20 + tail.len());
+        m.extend_from_slice(&ty.to_be_bytes());
+        m.extend_from_slice(&(tail.len() as u16).to_be_bytes());
+        m.extend_from_slice(&[0x21, 0x12, 0xA4, 0x42]);
+        m.extend_from_slice(&[9; 12]);
+        m.extend_from_slice(&tail);
+        let _ = stun::parse_binding_request(&m);
+        let _ = stun::parse_binding_success(&m, &[9; 12], Some("pw"));
+    }
+
+    #[test]
+    fn stun_binding_round_trips(tid in any::<[u8; 12]>(), mapped in addr(), with_token in any::<bool>()) {
+        let token = TokenCredentials { username: "nc1:0123456789abcdef".into(), password: "s3cret".into() };
+        let token = with_token.then_some(&token);
+        let mut buf = [0u8; 600];
+        let n = stun::encode_binding_request(&tid, token, &mut buf).expect("encodes");
+        let req = stun::parse_binding_request(&buf[..n]).expect("parses");
+        prop_assert_eq!(req.transaction_id, tid);
+        prop_assert_eq!(req.username.as_deref(), token.map(|t| t.username.as_str()));
+        prop_assert_eq!(req.has_integrity, with_token);
+        if let Some(t) = token {
+            prop_assert_eq!(stun::verify_integrity(&buf[..n], &t.password), Ok(()));
+            prop_assert_eq!(stun::verify_integrity(&buf[..n], "wrong"), Err(StunError::Integrity));
+        }
+        let password = token.map(|t| t.password.as_str());
+        let mut out = [0u8; 600];
+        let m = stun::encode_binding_success(&tid, mapped, password, &mut out).expect("encodes");
+        prop_assert_eq!(stun::parse_binding_success(&out[..m], &tid, password), Ok(mapped));
+        let mut flipped = out;
+        flipped[m - 1] ^= 0x10;
+        prop_assert!(stun::parse_binding_success(&flipped[..m], &tid, password).is_err());
+    }
+}
+
+#[test]
+fn an_oversized_length_is_refused_before_the_body_arrives() {
+    let mut buf = BytesMut::from(&(1_000_000u32).to_be_bytes()[..]);
+    assert_eq!(
+        FrameDecoder::new(DEFAULT_MAX_FRAME_LEN).decode(&mut buf),
+        Err(FrameError::TooLarge { len: 1_000_000, max: DEFAULT_MAX_FRAME_LEN as usize })
+    );
+    let mut empty = BytesMut::from(&[0u8, 0, 0, 0][..]);
+    assert_eq!(FrameDecoder::new(DEFAULT_MAX_FRAME_LEN).decode(&mut empty), Err(FrameError::Empty));
+}
+
+#[test]
+fn a_version_mismatch_names_both_versions() {
+    let mut wire = BytesMut::new();
+    frame::encode_hello(7, &mut wire);
+    let raw = one_frame(&mut wire);
+    let Frame::Hello(h) = raw.parse().expect("parses") else { panic!("not hello") };
+    assert_eq!(h.version, 7);
+    assert_eq!(h.check(7), Ok(()));
+    let err = h.check(1).expect_err("mismatch");
+    assert_eq!(err.to_string(), "protocol version mismatch: this side speaks version 1, the other side version 7");
+}
+
+#[test]
+fn a_hello_without_the_magic_is_refused() {
+    let mut wire = BytesMut::from(&[0u8, 0, 0, 10, 0, b'H', b'T', b'T', b'P', b'/', b'1', b'.', 0, 1][..]);
+    let raw = one_frame(&mut wire);
+    assert_eq!(raw.parse(), Err(FrameError::BadMagic));
+}
+
+#[test]
+fn unknown_kinds_and_classes_are_typed_errors() {
+    let mut wire = BytesMut::from(&[0u8, 0, 0, 1, 0x55][..]);
+    assert_eq!(one_frame(&mut wire).parse(), Err(FrameError::UnknownKind(0x55)));
+    let mut wire = BytesMut::from(&[0u8, 0, 0, 7, 0x02, 0, 0, 0, 1, 9, 0][..]);
+    assert_eq!(one_frame(&mut wire).parse(), Err(FrameError::UnknownClass(9)));
+    let mut wire = BytesMut::from(&[0u8, 0, 0, 3, 0x02, 0, 0][..]);
+    assert!(matches!(one_frame(&mut wire).parse(), Err(FrameError::Truncated { .. })));
+}
+
+#[test]
+fn fingerprints_print_and_parse_as_hex() {
+    let fp = Fingerprint([0xab; 32]);
+    let text = fp.to_string();
+    assert_eq!(text.len(), 64);
+    assert_eq!(text.parse::<Fingerprint>(), Ok(fp));
+    assert!("abc".parse::<Fingerprint>().is_err());
+    assert!("zz".repeat(32).parse::<Fingerprint>().is_err());
+}
+
+#[test]
+fn names_are_checked() {
+    use natcall_proto::control::{NameError, validate_name};
+    assert_eq!(validate_name("alice-2.home_x"), Ok(()));
+    assert_eq!(validate_name(""), Err(NameError::Length(0)));
+    assert_eq!(validate_name(&"a".repeat(33)), Err(NameError::Length(33)));
+    assert_eq!(validate_name("Alice"), Err(NameError::Character('A')));
+    assert_eq!(validate_name("al ice"), Err(NameError::Character(' ')));
+}
+
+#[test]
+fn datagrams_are_demultiplexed_by_first_byte() {
+    use natcall_proto::stun::PacketClass;
+    let mut buf = [0u8; 100];
+    let n = stun::encode_binding_request(&[1; 12], None, &mut buf).expect("encodes");
+    assert_eq!(stun::classify(&buf[..n]), PacketClass::Stun);
+    assert_eq!(stun::classify(&[0u8; 10]), PacketClass::Unknown);
+    assert_eq!(stun::classify(&[16, 1, 2]), PacketClass::Media);
+    assert_eq!(stun::classify(&[63]), PacketClass::Media);
+    assert_eq!(stun::classify(&[0x40]), PacketClass::Quic);
+    assert_eq!(stun::classify(&[0xc3, 0, 0, 0, 1]), PacketClass::Quic);
+    assert_eq!(stun::classify(&[0x80]), PacketClass::Unknown);
+    assert_eq!(stun::classify(&[]), PacketClass::Unknown);
+}
