@@ -47,9 +47,11 @@ pub fn verify_registration(
     let der = CertificateDer::from(cert_der);
     let cert = webpki::EndEntityCert::try_from(&der).map_err(|e| AuthError::BadCertificate(format!("{e:?}")))?;
     let message = registration_message(challenge, name);
-    let algs: [&dyn SignatureVerificationAlgorithm; 2] =
-        [webpki::ring::ECDSA_P256_SHA256, webpki::ring::ED25519];
-    if algs.iter().any(|alg| cert.verify_signature(*alg, &message, signature).is_ok()) {
+    let algs: [&dyn SignatureVerificationAlgorithm; 2] = [webpki::ring::ECDSA_P256_SHA256, webpki::ring::ED25519];
+    if algs
+        .iter()
+        .any(|alg| cert.verify_signature(*alg, &message, signature).is_ok())
+    {
         Ok(Fingerprint::of_cert(cert_der))
     } else {
         Err(AuthError::BadSignature)
@@ -68,8 +70,12 @@ mod tests {
             .expect("params")
             .self_signed(&key)
             .expect("self-signed");
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &key.serialize_der(), &SystemRandom::new())
-            .expect("pkcs8");
+        let pair = EcdsaKeyPair::from_pkcs8(
+            &ECDSA_P256_SHA256_ASN1_SIGNING,
+            &key.serialize_der(),
+            &SystemRandom::new(),
+        )
+        .expect("pkcs8");
         (cert.der().to_vec(), pair)
     }
 
@@ -77,7 +83,9 @@ mod tests {
     fn a_valid_proof_yields_the_certificate_fingerprint() {
         let (cert, key) = identity();
         let challenge = [7u8; 32];
-        let sig = key.sign(&SystemRandom::new(), &registration_message(&challenge, "alice")).expect("sign");
+        let sig = key
+            .sign(&SystemRandom::new(), &registration_message(&challenge, "alice"))
+            .expect("sign");
         let fp = verify_registration(&cert, sig.as_ref(), &challenge, "alice").expect("verifies");
         assert_eq!(fp, Fingerprint::of_cert(&cert));
     }
@@ -85,23 +93,42 @@ mod tests {
     #[test]
     fn a_proof_for_another_challenge_or_name_is_refused() {
         let (cert, key) = identity();
-        let sig = key.sign(&SystemRandom::new(), &registration_message(&[1; 32], "alice")).expect("sign");
-        assert_eq!(verify_registration(&cert, sig.as_ref(), &[2; 32], "alice"), Err(AuthError::BadSignature));
-        assert_eq!(verify_registration(&cert, sig.as_ref(), &[1; 32], "mallory"), Err(AuthError::BadSignature));
+        let sig = key
+            .sign(&SystemRandom::new(), &registration_message(&[1; 32], "alice"))
+            .expect("sign");
+        assert_eq!(
+            verify_registration(&cert, sig.as_ref(), &[2; 32], "alice"),
+            Err(AuthError::BadSignature)
+        );
+        assert_eq!(
+            verify_registration(&cert, sig.as_ref(), &[1; 32], "mallory"),
+            Err(AuthError::BadSignature)
+        );
     }
 
     #[test]
     fn someone_elses_certificate_with_my_signature_is_refused() {
         let (cert_a, _) = identity();
         let (_, key_b) = identity();
-        let sig = key_b.sign(&SystemRandom::new(), &registration_message(&[3; 32], "alice")).expect("sign");
-        assert_eq!(verify_registration(&cert_a, sig.as_ref(), &[3; 32], "alice"), Err(AuthError::BadSignature));
+        let sig = key_b
+            .sign(&SystemRandom::new(), &registration_message(&[3; 32], "alice"))
+            .expect("sign");
+        assert_eq!(
+            verify_registration(&cert_a, sig.as_ref(), &[3; 32], "alice"),
+            Err(AuthError::BadSignature)
+        );
     }
 
     #[test]
     fn garbage_certificates_are_errors() {
-        assert!(matches!(verify_registration(b"not a cert", b"sig", &[0; 32], "a"), Err(AuthError::BadCertificate(_))));
+        assert!(matches!(
+            verify_registration(b"not a cert", b"sig", &[0; 32], "a"),
+            Err(AuthError::BadCertificate(_))
+        ));
         let huge = vec![0u8; MAX_CERT_LEN + 1];
-        assert_eq!(verify_registration(&huge, b"", &[0; 32], "a"), Err(AuthError::CertTooLarge(MAX_CERT_LEN + 1)));
+        assert_eq!(
+            verify_registration(&huge, b"", &[0; 32], "a"),
+            Err(AuthError::CertTooLarge(MAX_CERT_LEN + 1))
+        );
     }
 }

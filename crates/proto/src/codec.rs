@@ -23,8 +23,8 @@ pub fn encode_control_body<T: Serialize>(msg: &T, out: &mut BytesMut) -> Result<
 
 /// Decodes one control message; the whole body must be consumed.
 pub fn decode_control<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
-    let (msg, used): (T, usize) = bincode::serde::decode_from_slice(body, config())
-        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let (msg, used): (T, usize) =
+        bincode::serde::decode_from_slice(body, config()).map_err(|e| FrameError::Malformed(e.to_string()))?;
     if used != body.len() {
         return Err(FrameError::Malformed(format!(
             "{} trailing bytes after control message",

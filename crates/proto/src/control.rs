@@ -88,7 +88,10 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
     if len == 0 || len > MAX_NAME_LEN {
         return Err(NameError::Length(len));
     }
-    match name.chars().find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '.' | '_' | '-')) {
+    match name
+        .chars()
+        .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '.' | '_' | '-'))
+    {
         Some(c) => Err(NameError::Character(c)),
         None => Ok(()),
     }
@@ -100,7 +103,12 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
 pub enum ClientMsg {
     /// Claim `name` for the key of `cert`, proven by `signature` over the server's challenge
     /// (see [`crate::auth`]), and report the peer's private LAN addresses.
-    Register { name: String, cert: Vec<u8>, signature: Vec<u8>, lan_addrs: Vec<SocketAddr> },
+    Register {
+        name: String,
+        cert: Vec<u8>,
+        signature: Vec<u8>,
+        lan_addrs: Vec<SocketAddr>,
+    },
     /// Is `name` online? Answered by [`ServerMsg::Presence`].
     Lookup { name: String },
     /// Answer to [`ServerMsg::Ping`].
@@ -115,10 +123,20 @@ pub enum ServerMsg {
     /// sees for this connection.
     Welcome { challenge: [u8; 32], observed: SocketAddr },
     /// Registration accepted. `token` authenticates STUN binding requests that record the
-    /// peer's public UDP address; `stun_port` is the server's UDP port.
-    Registered { name: String, fingerprint: Fingerprint, token: TokenCredentials, stun_port: u16 },
+    /// peer's public UDP address. STUN goes to `stun_addr`, or, when it is `None`, to the address
+    /// the peer connected to (UDP, same port number).
+    Registered {
+        name: String,
+        fingerprint: Fingerprint,
+        token: TokenCredentials,
+        stun_addr: Option<SocketAddr>,
+    },
     /// Answer to [`ClientMsg::Lookup`].
-    Presence { name: String, online: bool, fingerprint: Option<Fingerprint> },
+    Presence {
+        name: String,
+        online: bool,
+        fingerprint: Option<Fingerprint>,
+    },
     /// Liveness and RTT probe; `rtt_us` is the last RTT the server measured, if any.
     Ping { nonce: u64, rtt_us: Option<u64> },
     /// The server is shutting down: finish, close, reconnect after `reconnect_after_ms`.

@@ -80,7 +80,11 @@ pub enum FrameError {
     BadMagic,
     /// A fixed-layout body is shorter than its layout.
     #[error("truncated {what}: need {need} bytes, got {got}")]
-    Truncated { what: &'static str, need: usize, got: usize },
+    Truncated {
+        what: &'static str,
+        need: usize,
+        got: usize,
+    },
     /// A relay header with an unknown traffic class.
     #[error("unknown traffic class {0}")]
     UnknownClass(u8),
@@ -107,7 +111,9 @@ pub struct FrameDecoder {
 impl FrameDecoder {
     /// A decoder refusing frames longer than `max_len` (clamped to [`MAX_FRAME_LEN`]).
     pub fn new(max_len: u32) -> Self {
-        Self { max_len: max_len.clamp(RELAY_HEADER_LEN as u32 + 1, MAX_FRAME_LEN) }
+        Self {
+            max_len: max_len.clamp(RELAY_HEADER_LEN as u32 + 1, MAX_FRAME_LEN),
+        }
     }
 
     /// The limit in force.
@@ -126,14 +132,19 @@ impl FrameDecoder {
             return Err(FrameError::Empty);
         }
         if len > self.max_len {
-            return Err(FrameError::TooLarge { len: len as usize, max: self.max_len as usize });
+            return Err(FrameError::TooLarge {
+                len: len as usize,
+                max: self.max_len as usize,
+            });
         }
         let total = LEN_PREFIX + len as usize;
         if buf.len() < total {
             buf.reserve(total - buf.len());
             return Ok(None);
         }
-        Ok(Some(RawFrame { bytes: buf.split_to(total).freeze() }))
+        Ok(Some(RawFrame {
+            bytes: buf.split_to(total).freeze(),
+        }))
     }
 }
 
@@ -146,7 +157,10 @@ pub struct RawFrame {
 
 impl fmt::Debug for RawFrame {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RawFrame").field("kind", &self.bytes[LEN_PREFIX]).field("len", &self.bytes.len()).finish()
+        f.debug_struct("RawFrame")
+            .field("kind", &self.bytes[LEN_PREFIX])
+            .field("len", &self.bytes.len())
+            .finish()
     }
 }
 
@@ -224,14 +238,20 @@ impl Hello {
 
     fn decode(body: &[u8]) -> Result<Self, FrameError> {
         if body.len() < Self::LEN {
-            return Err(FrameError::Truncated { what: "hello", need: Self::LEN, got: body.len() });
+            return Err(FrameError::Truncated {
+                what: "hello",
+                need: Self::LEN,
+                got: body.len(),
+            });
         }
         if &body[..HELLO_MAGIC.len()] != HELLO_MAGIC {
             return Err(FrameError::BadMagic);
         }
         let v = &body[HELLO_MAGIC.len()..Self::LEN];
         // Bytes after the version are reserved for later versions and ignored.
-        Ok(Self { version: u16::from_be_bytes([v[0], v[1]]) })
+        Ok(Self {
+            version: u16::from_be_bytes([v[0], v[1]]),
+        })
     }
 
     /// Checks the other side's version against `ours`.
@@ -239,7 +259,10 @@ impl Hello {
         if self.version == ours {
             Ok(())
         } else {
-            Err(FrameError::VersionMismatch { ours, theirs: self.version })
+            Err(FrameError::VersionMismatch {
+                ours,
+                theirs: self.version,
+            })
         }
     }
 }
@@ -339,7 +362,11 @@ pub struct ErrorFrame {
 impl ErrorFrame {
     fn decode(body: &[u8]) -> Result<Self, FrameError> {
         let [hi, lo, text @ ..] = body else {
-            return Err(FrameError::Truncated { what: "error frame", need: 2, got: body.len() });
+            return Err(FrameError::Truncated {
+                what: "error frame",
+                need: 2,
+                got: body.len(),
+            });
         };
         Ok(Self {
             code: ErrorCode::from_u16(u16::from_be_bytes([*hi, *lo])),
@@ -369,7 +396,10 @@ where
     let len = out.len() - start - LEN_PREFIX;
     if len > MAX_FRAME_LEN as usize {
         out.truncate(start);
-        return Err(FrameError::TooLarge { len, max: MAX_FRAME_LEN as usize });
+        return Err(FrameError::TooLarge {
+            len,
+            max: MAX_FRAME_LEN as usize,
+        });
     }
     out[start..start + LEN_PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(())

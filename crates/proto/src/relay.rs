@@ -83,7 +83,11 @@ impl RelayHeader {
     /// Reads a header off the front of a relay frame body, returning it and the payload.
     pub fn decode(body: &[u8]) -> Result<(Self, &[u8]), FrameError> {
         let Some((h, payload)) = body.split_first_chunk::<RELAY_HEADER_LEN>() else {
-            return Err(FrameError::Truncated { what: "relay header", need: RELAY_HEADER_LEN, got: body.len() });
+            return Err(FrameError::Truncated {
+                what: "relay header",
+                need: RELAY_HEADER_LEN,
+                got: body.len(),
+            });
         };
         let class = match h[4] {
             0 => TrafficClass::Control,
@@ -91,7 +95,11 @@ impl RelayHeader {
             2 => TrafficClass::Video,
             c => return Err(FrameError::UnknownClass(c)),
         };
-        let header = Self { call: u32::from_be_bytes([h[0], h[1], h[2], h[3]]), class, flags: RelayFlags(h[5]) };
+        let header = Self {
+            call: u32::from_be_bytes([h[0], h[1], h[2], h[3]]),
+            class,
+            flags: RelayFlags(h[5]),
+        };
         Ok((header, payload))
     }
 }

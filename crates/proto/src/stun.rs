@@ -125,7 +125,10 @@ fn decode(data: &[u8], validate_key: Option<HMACKey>, validate: bool) -> Result<
         ctx = ctx.with_validation();
     }
     let decoder = MessageDecoderBuilder::default().with_context(ctx.build()).build();
-    decoder.decode(data).map(|(m, _)| m).map_err(|e| StunError::Malformed(e.to_string()))
+    decoder
+        .decode(data)
+        .map(|(m, _)| m)
+        .map_err(|e| StunError::Malformed(e.to_string()))
 }
 
 /// Parses a Binding request, checking FINGERPRINT when present. MESSAGE-INTEGRITY, when
@@ -154,7 +157,11 @@ pub fn parse_binding_request(data: &[u8]) -> Result<BindingRequest, StunError> {
         .map(|u| u.as_str().to_owned());
     let mut transaction_id = [0u8; 12];
     transaction_id.copy_from_slice(msg.transaction_id().as_ref());
-    Ok(BindingRequest { transaction_id, username, has_integrity: msg.get::<MessageIntegrity>().is_some() })
+    Ok(BindingRequest {
+        transaction_id,
+        username,
+        has_integrity: msg.get::<MessageIntegrity>().is_some(),
+    })
 }
 
 /// Checks a message's MESSAGE-INTEGRITY (and FINGERPRINT) with `password`.
@@ -168,7 +175,10 @@ pub fn verify_integrity(data: &[u8], password: &str) -> Result<(), StunError> {
 }
 
 fn encode(msg: &StunMessage, out: &mut [u8]) -> Result<usize, StunError> {
-    MessageEncoderBuilder::default().build().encode(out, msg).map_err(|e| StunError::Encode(e.to_string()))
+    MessageEncoderBuilder::default()
+        .build()
+        .encode(out, msg)
+        .map_err(|e| StunError::Encode(e.to_string()))
 }
 
 /// Encodes a Binding success response telling the client `mapped`, signed with `password` when
@@ -198,7 +208,9 @@ pub fn encode_binding_request(
         .with_transaction_id(TransactionId::from(*transaction_id));
     if let Some(t) = token {
         let user = UserName::new(t.username.as_str()).map_err(|e| StunError::Encode(e.to_string()))?;
-        b = b.with_attribute(user).with_attribute(MessageIntegrity::new(key(&t.password)?));
+        b = b
+            .with_attribute(user)
+            .with_attribute(MessageIntegrity::new(key(&t.password)?));
     }
     encode(&b.with_attribute(Fingerprint::default()).build(), out)
 }
@@ -225,6 +237,8 @@ pub fn parse_binding_success(
         return Err(StunError::Unexpected("transaction id does not match"));
     }
     let xma = msg.get::<XorMappedAddress>().ok_or(StunError::NoMappedAddress)?;
-    let xma = xma.as_xor_mapped_address().map_err(|e| StunError::Malformed(e.to_string()))?;
+    let xma = xma
+        .as_xor_mapped_address()
+        .map_err(|e| StunError::Malformed(e.to_string()))?;
     Ok(*xma.socket_address())
 }

@@ -6,9 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use bytes::BytesMut;
 use natcall_proto::codec::decode_control;
 use natcall_proto::control::{ClientMsg, Fingerprint, ServerMsg};
-use natcall_proto::frame::{
-    self, ErrorCode, Frame, FrameDecoder, FrameError, DEFAULT_MAX_FRAME_LEN, MAX_ERROR_TEXT,
-};
+use natcall_proto::frame::{self, DEFAULT_MAX_FRAME_LEN, ErrorCode, Frame, FrameDecoder, FrameError, MAX_ERROR_TEXT};
 use natcall_proto::relay::{RelayFlags, RelayHeader, TrafficClass};
 use natcall_proto::stun::{self, StunError, TokenCredentials};
 use proptest::prelude::*;
@@ -28,7 +26,12 @@ fn client_msg() -> impl Strategy<Value = ClientMsg> {
             prop::collection::vec(any::<u8>(), 0..80),
             prop::collection::vec(addr(), 0..8)
         )
-            .prop_map(|(name, cert, signature, lan_addrs)| ClientMsg::Register { name, cert, signature, lan_addrs }),
+            .prop_map(|(name, cert, signature, lan_addrs)| ClientMsg::Register {
+                name,
+                cert,
+                signature,
+                lan_addrs
+            }),
         "\\PC{0,40}".prop_map(|name| ClientMsg::Lookup { name }),
         any::<u64>().prop_map(|nonce| ClientMsg::Pong { nonce }),
     ]
@@ -37,20 +40,31 @@ fn client_msg() -> impl Strategy<Value = ClientMsg> {
 fn server_msg() -> impl Strategy<Value = ServerMsg> {
     prop_oneof![
         (any::<[u8; 32]>(), addr()).prop_map(|(challenge, observed)| ServerMsg::Welcome { challenge, observed }),
-        ("[a-z]{1,32}", any::<[u8; 32]>(), "[a-z0-9:]{1,40}", "[a-f0-9]{32}", any::<u16>()).prop_map(
-            |(name, fp, username, password, stun_port)| ServerMsg::Registered {
+        (
+            "[a-z]{1,32}",
+            any::<[u8; 32]>(),
+            "[a-z0-9:]{1,40}",
+            "[a-f0-9]{32}",
+            prop::option::of(addr())
+        )
+            .prop_map(|(name, fp, username, password, stun_addr)| ServerMsg::Registered {
                 name,
                 fingerprint: Fingerprint(fp),
                 token: TokenCredentials { username, password },
-                stun_port
-            }
-        ),
+                stun_addr
+            }),
         ("\\PC{0,32}", any::<bool>(), prop::option::of(any::<[u8; 32]>())).prop_map(|(name, online, fp)| {
-            ServerMsg::Presence { name, online, fingerprint: fp.map(Fingerprint) }
+            ServerMsg::Presence {
+                name,
+                online,
+                fingerprint: fp.map(Fingerprint),
+            }
         }),
         (any::<u64>(), prop::option::of(any::<u64>())).prop_map(|(nonce, rtt_us)| ServerMsg::Ping { nonce, rtt_us }),
-        ("\\PC{0,64}", any::<u32>())
-            .prop_map(|(reason, reconnect_after_ms)| ServerMsg::GoingAway { reason, reconnect_after_ms }),
+        ("\\PC{0,64}", any::<u32>()).prop_map(|(reason, reconnect_after_ms)| ServerMsg::GoingAway {
+            reason,
+            reconnect_after_ms
+        }),
     ]
 }
 
@@ -75,7 +89,7 @@ fn decode_all(wire: &[u8]) -> Result<usize, FrameError> {
                 let a = decode_control::<ClientMsg>(body);
                 let b = decode_control::<ServerMsg>(body);
                 if a.is_err() && b.is_err() {
-                    return Err(a.err().expect("checked"));
+                    return Err(a.expect_err("checked"));
                 }
             }
             Frame::Hello(_) | Frame::Relay { .. } | Frame::Error(_) => {}
@@ -86,7 +100,10 @@ fn decode_all(wire: &[u8]) -> Result<usize, FrameError> {
 }
 
 fn one_frame(buf: &mut BytesMut) -> natcall_proto::frame::RawFrame {
-    FrameDecoder::new(DEFAULT_MAX_FRAME_LEN).decode(buf).expect("valid").expect("whole frame")
+    FrameDecoder::new(DEFAULT_MAX_FRAME_LEN)
+        .decode(buf)
+        .expect("valid")
+        .expect("whole frame")
 }
 
 proptest! {
@@ -211,10 +228,16 @@ fn an_oversized_length_is_refused_before_the_body_arrives() {
     let mut buf = BytesMut::from(&(1_000_000u32).to_be_bytes()[..]);
     assert_eq!(
         FrameDecoder::new(DEFAULT_MAX_FRAME_LEN).decode(&mut buf),
-        Err(FrameError::TooLarge { len: 1_000_000, max: DEFAULT_MAX_FRAME_LEN as usize })
+        Err(FrameError::TooLarge {
+            len: 1_000_000,
+            max: DEFAULT_MAX_FRAME_LEN as usize
+        })
     );
     let mut empty = BytesMut::from(&[0u8, 0, 0, 0][..]);
-    assert_eq!(FrameDecoder::new(DEFAULT_MAX_FRAME_LEN).decode(&mut empty), Err(FrameError::Empty));
+    assert_eq!(
+        FrameDecoder::new(DEFAULT_MAX_FRAME_LEN).decode(&mut empty),
+        Err(FrameError::Empty)
+    );
 }
 
 #[test]
@@ -222,11 +245,16 @@ fn a_version_mismatch_names_both_versions() {
     let mut wire = BytesMut::new();
     frame::encode_hello(7, &mut wire);
     let raw = one_frame(&mut wire);
-    let Frame::Hello(h) = raw.parse().expect("parses") else { panic!("not hello") };
+    let Frame::Hello(h) = raw.parse().expect("parses") else {
+        panic!("not hello")
+    };
     assert_eq!(h.version, 7);
     assert_eq!(h.check(7), Ok(()));
     let err = h.check(1).expect_err("mismatch");
-    assert_eq!(err.to_string(), "protocol version mismatch: this side speaks version 1, the other side version 7");
+    assert_eq!(
+        err.to_string(),
+        "protocol version mismatch: this side speaks version 1, the other side version 7"
+    );
 }
 
 #[test]
@@ -243,7 +271,10 @@ fn unknown_kinds_and_classes_are_typed_errors() {
     let mut wire = BytesMut::from(&[0u8, 0, 0, 7, 0x02, 0, 0, 0, 1, 9, 0][..]);
     assert_eq!(one_frame(&mut wire).parse(), Err(FrameError::UnknownClass(9)));
     let mut wire = BytesMut::from(&[0u8, 0, 0, 3, 0x02, 0, 0][..]);
-    assert!(matches!(one_frame(&mut wire).parse(), Err(FrameError::Truncated { .. })));
+    assert!(matches!(
+        one_frame(&mut wire).parse(),
+        Err(FrameError::Truncated { .. })
+    ));
 }
 
 #[test]
