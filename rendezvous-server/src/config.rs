@@ -1,0 +1,221 @@
+//! Server configuration: a TOML file, overridden by command-line flags.
+//!
+//! ```toml
+//! listen = "0.0.0.0:3478"          # TCP control/relay and UDP STUN, same port number
+//! public_addr = "203.0.113.5:3478" # what peers are told to send STUN to (optional)
+//! log_level = "info"               # used when RUST_LOG is not set
+//! state_file = "/var/lib/natcall/names"  # name → key bindings survive restarts (optional)
+//!
+//! [limits]
+//! max_frame_len = 16384
+//! max_connections = 100000
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use natcall_proto::frame::{DEFAULT_MAX_FRAME_LEN, MAX_FRAME_LEN};
+use serde::Deserialize;
+
+/// The whole server configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address for both the TCP listener and the UDP STUN socket.
+    pub listen: SocketAddr,
+    /// The address peers should send STUN to, when it differs from the one they connected to
+    /// (a server behind a 1:1 NAT or load balancer).
+    pub public_addr: Option<SocketAddr>,
+    /// Log filter used when `RUST_LOG` is not set.
+    pub log_level: String,
+    /// Where name → key bindings are kept across restarts; in memory only when unset.
+    pub state_file: Option<PathBuf>,
+    /// Resource limits.
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 3478)),
+            public_addr: None,
+            log_level: "info".into(),
+            state_file: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Limits that bound what one client, or all of them, can make the server hold or do.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest frame accepted on a connection (bytes, at most 65536).
+    pub max_frame_len: u32,
+    /// Concurrent TCP connections.
+    pub max_connections: usize,
+    /// Distinct names bound to keys.
+    pub max_names: usize,
+    /// Control frames per second one connection may send (burst = one second's worth).
+    pub frames_per_sec: u32,
+    /// Frames queued towards one connection before it counts as stuck.
+    pub outbound_queue: usize,
+    /// Time a new connection has to say hello and register (ms).
+    pub hello_timeout_ms: u64,
+    /// A connection silent this long is closed (ms).
+    pub idle_timeout_ms: u64,
+    /// How often the server pings each peer (ms).
+    pub ping_interval_ms: u64,
+    /// How long a closing connection is read for the peer's own close before it is dropped (ms).
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            max_connections: 100_000,
+            max_names: 1_000_000,
+            frames_per_sec: 200,
+            outbound_queue: 256,
+            hello_timeout_ms: 10_000,
+            idle_timeout_ms: 45_000,
+            ping_interval_ms: 15_000,
+            drain_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl Limits {
+    /// [`Self::hello_timeout_ms`] as a duration.
+    pub fn hello_timeout(&self) -> Duration {
+        Duration::from_millis(self.hello_timeout_ms)
+    }
+    /// [`Self::idle_timeout_ms`] as a duration.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+    /// [`Self::ping_interval_ms`] as a duration.
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_millis(self.ping_interval_ms)
+    }
+    /// [`Self::drain_timeout_ms`] as a duration.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// The file is not valid TOML for this configuration.
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a TOML configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses a TOML configuration.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values for ranges the server relies on.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if !(64..=MAX_FRAME_LEN).contains(&l.max_frame_len) {
+            return Err(ConfigError::Invalid(format!(
+                "limits.max_frame_len must be between 64 and {MAX_FRAME_LEN}, not {}",
+                l.max_frame_len
+            )));
+        }
+        for (name, v) in [
+            ("max_connections", l.max_connections as u64),
+            ("frames_per_sec", u64::from(l.frames_per_sec)),
+            ("outbound_queue", l.outbound_queue as u64),
+            ("ping_interval_ms", l.ping_interval_ms),
+            ("idle_timeout_ms", l.idle_timeout_ms),
+            ("hello_timeout_ms", l.hello_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Invalid(format!("limits.{name} must be greater than 0")));
+            }
+        }
+        if l.idle_timeout_ms <= l.ping_interval_ms {
+            return Err(ConfigError::Invalid(format!(
+                "limits.idle_timeout_ms ({}) must be longer than limits.ping_interval_ms ({})",
+                l.idle_timeout_ms, l.ping_interval_ms
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_file_parses() {
+        let c = Config::from_toml(
+            r#"
+            listen = "127.0.0.1:4000"
+            public_addr = "203.0.113.5:3478"
+            log_level = "debug"
+            [limits]
+            max_frame_len = 4096
+            idle_timeout_ms = 2000
+            ping_interval_ms = 500
+            "#,
+        )
+        .expect("parses");
+        assert_eq!(c.listen, "127.0.0.1:4000".parse().expect("addr"));
+        assert_eq!(c.public_addr, Some("203.0.113.5:3478".parse().expect("addr")));
+        assert_eq!(c.limits.max_frame_len, 4096);
+        assert_eq!(c.limits.max_connections, Limits::default().max_connections);
+    }
+
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let c = Config::from_toml(include_str!("../dist/rendezvous.toml")).expect("the example parses");
+        assert_eq!(c.limits, Limits::default(), "the example documents the defaults");
+        assert_eq!(c.listen, Config::default().listen);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_clear_errors() {
+        let e = Config::from_toml("lisen = \"1.2.3.4:5\"").expect_err("typo");
+        assert!(e.to_string().contains("unknown field `lisen`"), "{e}");
+        let e = Config::from_toml("[limits]\nmax_frame_len = 10").expect_err("too small");
+        assert!(e.to_string().contains("max_frame_len must be between 64"), "{e}");
+        let e = Config::from_toml("[limits]\nidle_timeout_ms = 10\nping_interval_ms = 20").expect_err("order");
+        assert!(e.to_string().contains("must be longer than"), "{e}");
+    }
+}

@@ -1,0 +1,31 @@
+//! The natcall rendezvous server.
+//!
+//! On one port number it serves:
+//! - **UDP**: a standard STUN Binding responder ([`stun`]); a request authenticated with a
+//!   peer's registration token records that peer's public address as its NAT maps it;
+//! - **TCP**: one long-lived connection per peer ([`conn`]): version hello, registration of a
+//!   name to a key (proven by a signature), presence lookups, pings with RTT measurement, and a
+//!   graceful drain on shutdown.
+//!
+//! The binary (`natcall-rendezvous`) only parses flags and the config file and calls
+//! [`run`]; tests call the same function with their own sockets and shutdown future:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use natcall_rendezvous::{Config, Sockets, run};
+//! let sockets = Sockets::bind("127.0.0.1:0".parse()?)?;
+//! run(sockets, Config::default(), async { tokio::signal::ctrl_c().await.ok(); }).await?;
+//! # Ok(()) }
+//! ```
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod config;
+pub mod conn;
+pub mod registry;
+mod server;
+pub mod sockopt;
+pub mod stun;
+
+pub use config::{Config, Limits};
+pub use server::{Server, ServerError, run};
+pub use sockopt::Sockets;

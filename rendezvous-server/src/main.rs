@@ -1,0 +1,113 @@
+//! `natcall-rendezvous`: flags and config file, logging, signals; everything else is the library.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use natcall_rendezvous::{Config, Sockets};
+use tracing_subscriber::EnvFilter;
+
+/// The natcall rendezvous server: STUN on UDP and peer control on TCP, on one port number.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration file; flags given here win over it.
+    #[arg(long, short = 'c', env = "NATCALL_RENDEZVOUS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on, TCP and UDP (default 0.0.0.0:3478).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Address peers should send STUN to, when it differs from the one they connect to.
+    #[arg(long)]
+    public_addr: Option<SocketAddr>,
+    /// Log filter when RUST_LOG is unset (error, warn, info, debug, trace).
+    #[arg(long)]
+    log_level: Option<String>,
+    /// File keeping name → key bindings across restarts.
+    #[arg(long)]
+    state_file: Option<PathBuf>,
+    /// Maximum concurrent TCP connections.
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Largest frame accepted, in bytes.
+    #[arg(long)]
+    max_frame_len: Option<u32>,
+    /// Close connections silent for this many milliseconds.
+    #[arg(long)]
+    idle_timeout_ms: Option<u64>,
+    /// Ping every peer this often, in milliseconds.
+    #[arg(long)]
+    ping_interval_ms: Option<u64>,
+}
+
+impl Args {
+    fn into_config(self) -> Result<Config> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(v) = self.listen {
+            c.listen = v;
+        }
+        if let Some(v) = self.public_addr {
+            c.public_addr = Some(v);
+        }
+        if let Some(v) = self.log_level {
+            c.log_level = v;
+        }
+        if let Some(v) = self.state_file {
+            c.state_file = Some(v);
+        }
+        if let Some(v) = self.max_connections {
+            c.limits.max_connections = v;
+        }
+        if let Some(v) = self.max_frame_len {
+            c.limits.max_frame_len = v;
+        }
+        if let Some(v) = self.idle_timeout_ms {
+            c.limits.idle_timeout_ms = v;
+        }
+        if let Some(v) = self.ping_interval_ms {
+            c.limits.ping_interval_ms = v;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the server still runs; it just cannot drain on a signal.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let config = Args::parse().into_config()?;
+    let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&config.log_level))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    tracing::debug!(?config, "effective configuration");
+    // One descriptor per peer: allow as many as the hard limit permits.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(error = %e, "cannot raise the open-file limit");
+    }
+    let sockets =
+        Sockets::bind(config.listen).with_context(|| format!("cannot listen on {} (TCP and UDP)", config.listen))?;
+    natcall_rendezvous::run(sockets, config, shutdown_signal())
+        .await
+        .context("server failed")?;
+    Ok(())
+}

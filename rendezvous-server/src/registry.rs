@@ -1,0 +1,326 @@
+//! Who is online: registered peers by name, their STUN tokens, and name → key bindings.
+//!
+//! A name is bound to the first key (certificate fingerprint) that registers it and stays bound
+//! for the life of the [`NameStore`] (its state file, when configured). A peer that registers a
+//! name it already holds from a new connection replaces the old registration.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use natcall_proto::control::Fingerprint;
+use natcall_proto::stun::TokenCredentials;
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio::sync::mpsc;
+
+use crate::conn::Outbound;
+
+/// Why a registration was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegisterError {
+    /// Another key holds the name.
+    #[error("the name {0:?} is registered to another key")]
+    NameTaken(String),
+    /// The server holds as many names as it is configured to.
+    #[error("the server holds its maximum of {0} names")]
+    Full(usize),
+    /// The state file could not be written.
+    #[error("cannot record the name binding: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A registered, online peer.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// The connection that registered it.
+    pub conn_id: u64,
+    /// Its key.
+    pub fingerprint: Fingerprint,
+    /// Private addresses it reported.
+    pub lan_addrs: Vec<SocketAddr>,
+    /// Source address of its TCP connection as the server sees it.
+    pub tcp_addr: SocketAddr,
+    /// Source address of its last authenticated STUN binding: its public UDP address.
+    pub public_udp: Option<SocketAddr>,
+    /// Last RTT measured by ping/pong on its TCP connection.
+    pub rtt: Option<Duration>,
+    /// Queue towards its connection.
+    pub tx: mpsc::Sender<Outbound>,
+    token: TokenCredentials,
+}
+
+#[derive(Debug, Default)]
+struct Online {
+    peers: HashMap<String, PeerInfo>,
+    /// token username → peer name
+    tokens: HashMap<String, String>,
+}
+
+/// The registry of online peers.
+#[derive(Debug)]
+pub struct Registry {
+    online: Mutex<Online>,
+    names: Mutex<NameStore>,
+    rng: SystemRandom,
+}
+
+/// What a registration produced.
+#[derive(Debug)]
+pub struct Registration {
+    /// The STUN token for the peer.
+    pub token: TokenCredentials,
+    /// The registration it replaced (same name and key, older connection).
+    pub replaced: Option<PeerInfo>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave these maps half-updated in a way later
+    // readers could trip over (every update is a single insert/remove), so poison is ignored.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Registry {
+    /// A registry whose name bindings are kept in `state_file` (loaded now) or in memory.
+    pub fn new(state_file: Option<&Path>, max_names: usize) -> io::Result<Self> {
+        Ok(Self {
+            online: Mutex::default(),
+            names: Mutex::new(NameStore::open(state_file, max_names)?),
+            rng: SystemRandom::new(),
+        })
+    }
+
+    fn random_hex(&self, bytes: usize) -> String {
+        let mut b = vec![0u8; bytes];
+        // SystemRandom only fails when the OS has no randomness at all.
+        self.rng.fill(&mut b).expect("the OS random source works");
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    /// Registers `name` for `fingerprint` on connection `conn_id`.
+    pub fn register(
+        &self,
+        name: &str,
+        fingerprint: Fingerprint,
+        lan_addrs: Vec<SocketAddr>,
+        tcp_addr: SocketAddr,
+        conn_id: u64,
+        tx: mpsc::Sender<Outbound>,
+    ) -> Result<Registration, RegisterError> {
+        lock(&self.names).bind(name, fingerprint)?;
+        let token = TokenCredentials {
+            username: format!("nc1:{}", self.random_hex(8)),
+            password: self.random_hex(16),
+        };
+        let info = PeerInfo {
+            conn_id,
+            fingerprint,
+            lan_addrs,
+            tcp_addr,
+            public_udp: None,
+            rtt: None,
+            tx,
+            token: token.clone(),
+        };
+        let mut online = lock(&self.online);
+        online.tokens.insert(token.username.clone(), name.to_owned());
+        let replaced = online.peers.insert(name.to_owned(), info);
+        if let Some(old) = &replaced {
+            online.tokens.remove(&old.token.username);
+        }
+        Ok(Registration { token, replaced })
+    }
+
+    /// Removes `name` if connection `conn_id` still holds it.
+    pub fn unregister(&self, name: &str, conn_id: u64) {
+        let mut online = lock(&self.online);
+        if online.peers.get(name).is_some_and(|p| p.conn_id == conn_id) {
+            if let Some(p) = online.peers.remove(name) {
+                online.tokens.remove(&p.token.username);
+            }
+        }
+    }
+
+    /// The online peer called `name`.
+    pub fn peer(&self, name: &str) -> Option<PeerInfo> {
+        lock(&self.online).peers.get(name).cloned()
+    }
+
+    /// The password of a STUN token.
+    pub fn token_password(&self, username: &str) -> Option<String> {
+        let online = lock(&self.online);
+        let name = online.tokens.get(username)?;
+        online.peers.get(name).map(|p| p.token.password.clone())
+    }
+
+    /// Records `addr` as the public UDP address of the peer holding token `username`.
+    pub fn record_public_udp(&self, username: &str, addr: SocketAddr) -> Option<String> {
+        let mut online = lock(&self.online);
+        let name = online.tokens.get(username)?.clone();
+        let peer = online.peers.get_mut(&name)?;
+        peer.public_udp = Some(addr);
+        Some(name)
+    }
+
+    /// Records the RTT measured on connection `conn_id` of `name`.
+    pub fn record_rtt(&self, name: &str, conn_id: u64, rtt: Duration) {
+        if let Some(p) = lock(&self.online).peers.get_mut(name).filter(|p| p.conn_id == conn_id) {
+            p.rtt = Some(rtt);
+        }
+    }
+
+    /// Number of online peers.
+    pub fn online_count(&self) -> usize {
+        lock(&self.online).peers.len()
+    }
+
+    /// Queues of every online peer, for a broadcast such as "going away".
+    pub fn all_queues(&self) -> Vec<mpsc::Sender<Outbound>> {
+        lock(&self.online).peers.values().map(|p| p.tx.clone()).collect()
+    }
+}
+
+/// Name → key bindings, optionally persisted as an append-only file of `name fingerprint` lines.
+#[derive(Debug)]
+pub struct NameStore {
+    bindings: HashMap<String, Fingerprint>,
+    file: Option<(PathBuf, File)>,
+    max: usize,
+}
+
+impl NameStore {
+    fn open(path: Option<&Path>, max: usize) -> io::Result<Self> {
+        let mut bindings = HashMap::new();
+        let file = match path {
+            None => None,
+            Some(path) => {
+                match File::open(path) {
+                    Ok(f) => load(BufReader::new(f), &mut bindings, path)?,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+                let f = OpenOptions::new().create(true).append(true).open(path)?;
+                Some((path.to_owned(), f))
+            }
+        };
+        Ok(Self { bindings, file, max })
+    }
+
+    fn bind(&mut self, name: &str, fingerprint: Fingerprint) -> Result<(), RegisterError> {
+        match self.bindings.get(name) {
+            Some(fp) if *fp == fingerprint => return Ok(()),
+            Some(_) => return Err(RegisterError::NameTaken(name.to_owned())),
+            None if self.bindings.len() >= self.max => return Err(RegisterError::Full(self.max)),
+            None => {}
+        }
+        if let Some((_, f)) = &mut self.file {
+            writeln!(f, "{name} {fingerprint}")?;
+            f.flush()?;
+        }
+        self.bindings.insert(name.to_owned(), fingerprint);
+        Ok(())
+    }
+}
+
+fn load(reader: impl BufRead, bindings: &mut HashMap<String, Fingerprint>, path: &Path) -> io::Result<()> {
+    for (i, line) in reader.lines().enumerate() {
+        let line = line?;
+        let parsed = line
+            .split_once(' ')
+            .and_then(|(n, fp)| Some((n, fp.trim().parse::<Fingerprint>().ok()?)));
+        match parsed {
+            Some((name, fp)) => {
+                // The first binding of a name wins, as it did when it was written.
+                bindings.entry(name.to_owned()).or_insert(fp);
+            }
+            None if line.trim().is_empty() => {}
+            None => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}:{}: expected `name fingerprint`", path.display(), i + 1),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tx() -> mpsc::Sender<Outbound> {
+        mpsc::channel(1).0
+    }
+
+    #[test]
+    fn a_name_belongs_to_its_first_key_and_survives_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("names");
+        let addr: SocketAddr = "192.0.2.1:1000".parse().expect("addr");
+        let r = Registry::new(Some(&path), 10).expect("opens");
+        r.register("alice", Fingerprint([1; 32]), vec![], addr, 1, tx())
+            .expect("first key");
+        assert!(matches!(
+            r.register("alice", Fingerprint([2; 32]), vec![], addr, 2, tx()),
+            Err(RegisterError::NameTaken(_))
+        ));
+        drop(r);
+        let r = Registry::new(Some(&path), 10).expect("reopens");
+        assert_eq!(r.online_count(), 0);
+        assert!(matches!(
+            r.register("alice", Fingerprint([2; 32]), vec![], addr, 3, tx()),
+            Err(RegisterError::NameTaken(_))
+        ));
+        r.register("alice", Fingerprint([1; 32]), vec![], addr, 4, tx())
+            .expect("owner again");
+    }
+
+    #[test]
+    fn re_registering_replaces_the_old_connection_and_its_token() {
+        let addr: SocketAddr = "192.0.2.1:1000".parse().expect("addr");
+        let r = Registry::new(None, 10).expect("opens");
+        let first = r
+            .register("bob", Fingerprint([1; 32]), vec![], addr, 1, tx())
+            .expect("registers");
+        let second = r
+            .register("bob", Fingerprint([1; 32]), vec![], addr, 2, tx())
+            .expect("registers");
+        assert_eq!(second.replaced.map(|p| p.conn_id), Some(1));
+        assert_eq!(r.token_password(&first.token.username), None);
+        assert_eq!(
+            r.token_password(&second.token.username),
+            Some(second.token.password.clone())
+        );
+        r.unregister("bob", 1); // the old connection closing must not remove the new one
+        assert_eq!(r.peer("bob").map(|p| p.conn_id), Some(2));
+        r.unregister("bob", 2);
+        assert!(r.peer("bob").is_none());
+        assert_eq!(r.token_password(&second.token.username), None);
+    }
+
+    #[test]
+    fn the_name_limit_holds() {
+        let addr: SocketAddr = "192.0.2.1:1000".parse().expect("addr");
+        let r = Registry::new(None, 1).expect("opens");
+        r.register("a", Fingerprint([1; 32]), vec![], addr, 1, tx())
+            .expect("registers");
+        assert!(matches!(
+            r.register("b", Fingerprint([1; 32]), vec![], addr, 2, tx()),
+            Err(RegisterError::Full(1))
+        ));
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("names");
+        std::fs::write(&path, "alice not-a-fingerprint\n").expect("writes");
+        let e = Registry::new(Some(&path), 10).expect_err("corrupt");
+        assert!(e.to_string().contains(":1: expected `name fingerprint`"), "{e}");
+    }
+}

@@ -1,0 +1,145 @@
+//! The server: accept loop, connection limit, STUN responder, and the graceful drain.
+//!
+//! Drain on shutdown:
+//! 1. stop accepting (the listener is dropped);
+//! 2. every connection queues a "going away" frame, flushes, half-closes, and reads until its
+//!    peer closes or `limits.drain_timeout_ms` passes;
+//! 3. `run` returns when every connection has ended.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::BytesMut;
+use natcall_proto::frame::{self, ErrorCode};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::conn;
+use crate::registry::Registry;
+use crate::sockopt::Sockets;
+use crate::stun;
+
+/// What the server cannot start with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The name state file cannot be opened or read.
+    #[error("cannot open the state file: {0}")]
+    State(std::io::Error),
+    /// A socket operation failed.
+    #[error("socket error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// State shared by every task of one server.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) registry: Registry,
+    pub(crate) drain: watch::Receiver<bool>,
+}
+
+/// A rendezvous server. Cheap to clone; clones share one registry.
+#[derive(Debug, Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+    drain_tx: Arc<watch::Sender<bool>>,
+}
+
+impl Server {
+    /// A server with `config`; loads the name bindings from its state file, if any.
+    pub fn new(config: Config) -> Result<Self, ServerError> {
+        config.validate()?;
+        let registry =
+            Registry::new(config.state_file.as_deref(), config.limits.max_names).map_err(ServerError::State)?;
+        let (drain_tx, drain) = watch::channel(false);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                config,
+                registry,
+                drain,
+            }),
+            drain_tx: Arc::new(drain_tx),
+        })
+    }
+
+    /// The registry of online peers.
+    pub fn registry(&self) -> &Registry {
+        &self.shared.registry
+    }
+
+    /// Serves on `sockets` until `shutdown` completes, then drains every connection.
+    pub async fn run(&self, sockets: Sockets, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let Sockets { tcp, udp } = sockets;
+        let local = tcp.local_addr()?;
+        info!(%local, "rendezvous server listening (TCP control/relay, UDP STUN)");
+        let stun_task = tokio::spawn(stun::respond(Arc::new(udp), self.shared.clone()));
+        let permits = Arc::new(Semaphore::new(self.shared.config.limits.max_connections));
+        let next_id = AtomicU64::new(1);
+        let mut conns = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = tcp.accept() => match accepted {
+                    Ok((stream, addr)) => {
+                        let id = next_id.fetch_add(1, Ordering::Relaxed);
+                        match permits.clone().try_acquire_owned() {
+                            Ok(permit) => {
+                                let shared = self.shared.clone();
+                                conns.spawn(async move {
+                                    conn::serve(shared, stream, addr, id).await;
+                                    drop(permit);
+                                });
+                            }
+                            Err(_) => {
+                                conns.spawn(refuse_full(stream, addr));
+                            }
+                        }
+                    }
+                    // Per-connection failures (e.g. the peer reset before accept) and fd
+                    // exhaustion are transient: log, yield, go on.
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    }
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+        drop(tcp);
+        info!(connections = conns.len(), "shutting down: draining connections");
+        self.drain_tx.send_replace(true);
+        while conns.join_next().await.is_some() {}
+        stun_task.abort();
+        info!("drained; bye");
+        Ok(())
+    }
+}
+
+/// Tells a connection over the limit why, and closes it gracefully.
+async fn refuse_full(mut stream: TcpStream, addr: SocketAddr) {
+    debug!(%addr, "connection limit reached; refusing");
+    let mut b = BytesMut::new();
+    frame::encode_error(
+        ErrorCode::ServerFull,
+        "the server is at its connection limit; try again later",
+        &mut b,
+    );
+    let _ = stream.write_all(&b).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Serves with `config` on `sockets` until `shutdown` completes (mini-redis style entry point).
+pub async fn run(sockets: Sockets, config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    Server::new(config)?.run(sockets, shutdown).await
+}

@@ -1,0 +1,133 @@
+//! Socket set-up, per the seed's advice:
+//!
+//! - listeners get `SO_REUSEADDR`, so a server killed with peers connected binds its port again
+//!   at once instead of failing while the old connections sit in `TIME_WAIT`/`FIN_WAIT`;
+//! - peer connections get `TCP_NODELAY` (control and relay frames are small and latency-bound;
+//!   the server batches frames into one write itself) and TCP keepalive (dead NAT mappings and
+//!   vanished hosts are noticed even when the application is quiet);
+//! - a connection shed as abusive is closed with `SO_LINGER = 0` (a reset: no `TIME_WAIT`, no
+//!   waiting for the peer); every other close is a graceful half-close.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+/// Keepalive probes start after this much silence.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(20);
+/// Interval between keepalive probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// Unanswered probes before the kernel gives up on the connection.
+pub const KEEPALIVE_RETRIES: u32 = 4;
+
+/// The server's two sockets on one port number.
+#[derive(Debug)]
+pub struct Sockets {
+    /// TCP control/relay listener.
+    pub tcp: TcpListener,
+    /// UDP STUN socket.
+    pub udp: UdpSocket,
+}
+
+impl Sockets {
+    /// Binds TCP and UDP on `addr`. With port 0 the TCP port is chosen by the kernel and UDP
+    /// takes the same number (retrying a few times if another socket holds it).
+    pub fn bind(addr: SocketAddr) -> io::Result<Self> {
+        let mut last_err = None;
+        for _ in 0..16 {
+            let tcp = tcp_listener(addr)?;
+            let port = tcp.local_addr()?.port();
+            match udp_socket(SocketAddr::new(addr.ip(), port)) {
+                Ok(udp) => return Ok(Self { tcp, udp }),
+                Err(e) if addr.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => last_err = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| io::Error::other("no free port for both TCP and UDP")))
+    }
+
+    /// The bound address (TCP and UDP share the port).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// A TCP listener with `SO_REUSEADDR`.
+pub fn tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
+}
+
+/// The UDP STUN socket, with larger buffers so bursts are not dropped by the kernel.
+pub fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_address(true)?;
+    // The kernel clamps these to net.core.{r,w}mem_max; a smaller buffer is not an error.
+    let _ = s.set_recv_buffer_size(1 << 21);
+    let _ = s.set_send_buffer_size(1 << 21);
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    UdpSocket::from_std(s.into())
+}
+
+/// Options for an accepted peer connection: `TCP_NODELAY` and keepalive.
+pub fn configure_peer(stream: &TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let keepalive = TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    SockRef::from(stream).set_tcp_keepalive(&keepalive)
+}
+
+/// Arms an abortive close: when the last handle to `stream` drops, the kernel sends a reset.
+pub fn arm_reset(stream: &TcpStream) -> io::Result<()> {
+    SockRef::from(stream).set_linger(Some(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn listeners_reuse_addresses_and_peers_get_nodelay_and_keepalive() {
+        let sockets = Sockets::bind("127.0.0.1:0".parse().expect("addr")).expect("binds");
+        let addr = sockets.local_addr().expect("addr");
+        assert_eq!(sockets.udp.local_addr().expect("udp addr").port(), addr.port());
+        assert!(SockRef::from(&sockets.tcp).reuse_address().expect("getsockopt"));
+
+        let client = TcpStream::connect(addr).await.expect("connects");
+        let (accepted, _) = sockets.tcp.accept().await.expect("accepts");
+        let before = SockRef::from(&accepted);
+        assert!(!before.tcp_nodelay().expect("getsockopt"));
+        configure_peer(&accepted).expect("configures");
+        let s = SockRef::from(&accepted);
+        assert!(s.tcp_nodelay().expect("getsockopt"));
+        assert!(s.keepalive().expect("getsockopt"));
+        assert_eq!(s.tcp_keepalive_time().expect("getsockopt"), KEEPALIVE_IDLE);
+        assert_eq!(s.tcp_keepalive_interval().expect("getsockopt"), KEEPALIVE_INTERVAL);
+        assert_eq!(s.tcp_keepalive_retries().expect("getsockopt"), KEEPALIVE_RETRIES);
+        drop(client);
+    }
+
+    #[tokio::test]
+    async fn an_armed_reset_resets_the_peer() {
+        use tokio::io::AsyncReadExt;
+        let listener = tcp_listener("127.0.0.1:0".parse().expect("addr")).expect("binds");
+        let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connects");
+        let (accepted, _) = listener.accept().await.expect("accepts");
+        arm_reset(&accepted).expect("linger");
+        drop(accepted);
+        let mut buf = [0u8; 8];
+        let err = client.read(&mut buf).await.expect_err("reset, not EOF");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+}

@@ -1,0 +1,83 @@
+//! The UDP STUN responder.
+//!
+//! Every well-formed Binding request gets a Binding success response with XOR-MAPPED-ADDRESS
+//! and FINGERPRINT. A request whose USERNAME is a registration token and whose
+//! MESSAGE-INTEGRITY verifies with the token's password also records its source address as
+//! that peer's public UDP address; its response is signed with the same password.
+//!
+//! Dropped without a reply: anything that is not a STUN Binding request, anything larger than
+//! [`MAX_STUN_MESSAGE`], requests with a bad FINGERPRINT, and token requests that do not
+//! authenticate. An unauthenticated request never gets a response more than
+//! [`AMPLIFICATION_LIMIT`] times its own size.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use natcall_proto::stun::{self as wire, MAX_STUN_MESSAGE};
+use tokio::net::UdpSocket;
+use tracing::{debug, trace};
+
+use crate::server::Shared;
+
+/// An unauthenticated response is at most this many times the request's size.
+pub const AMPLIFICATION_LIMIT: usize = 3;
+
+/// Answers STUN on `socket` until the task is aborted.
+pub(crate) async fn respond(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
+    let mut buf = vec![0u8; 2048];
+    let mut out = [0u8; 256];
+    loop {
+        let (n, src) = match socket.recv_from(&mut buf).await {
+            Ok(r) => r,
+            // ICMP errors surface as recv errors on Linux; nothing to do about them.
+            Err(e) => {
+                trace!(error = %e, "udp recv error");
+                continue;
+            }
+        };
+        if let Some(len) = answer(&shared, &buf[..n], src, &mut out) {
+            if let Err(e) = socket.send_to(&out[..len], src).await {
+                trace!(%src, error = %e, "udp send failed");
+            }
+        }
+    }
+}
+
+/// The response to the datagram `req` from `src`, written into `out`, if it deserves one.
+pub(crate) fn answer(shared: &Shared, req: &[u8], src: SocketAddr, out: &mut [u8]) -> Option<usize> {
+    if req.len() > MAX_STUN_MESSAGE {
+        trace!(%src, len = req.len(), "oversized datagram dropped");
+        return None;
+    }
+    let parsed = match wire::parse_binding_request(req) {
+        Ok(p) => p,
+        Err(e) => {
+            trace!(%src, error = %e, "not a binding request; dropped");
+            return None;
+        }
+    };
+    let password = match (&parsed.username, parsed.has_integrity) {
+        (Some(user), true) => {
+            let Some(password) = shared.registry.token_password(user) else {
+                debug!(%src, "binding with an unknown token dropped");
+                return None;
+            };
+            if wire::verify_integrity(req, &password).is_err() {
+                debug!(%src, "binding with a bad integrity dropped");
+                return None;
+            }
+            if let Some(name) = shared.registry.record_public_udp(user, src) {
+                trace!(peer = %name, public = %src, "public address recorded");
+            }
+            Some(password)
+        }
+        _ => None,
+    };
+    let len = wire::encode_binding_success(&parsed.transaction_id, src, password.as_deref(), out).ok()?;
+    if password.is_none() && len > AMPLIFICATION_LIMIT * req.len() {
+        debug!(%src, "response would amplify the request; dropped");
+        return None;
+    }
+    trace!(%src, authenticated = password.is_some(), "binding answered");
+    Some(len)
+}
