@@ -1,0 +1,107 @@
+//! Starting a `natcall-rendezvous` process and reading its resource use from `/proc`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// A server process on loopback, killed on drop.
+#[derive(Debug)]
+pub struct Spawned {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+/// The server binary next to this one (both are built into the same target directory).
+fn server_binary() -> Result<PathBuf> {
+    let me = std::env::current_exe().context("locating natcall-bench")?;
+    let bin = me.with_file_name("natcall-rendezvous");
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it first (cargo build --release -p natcall-rendezvous)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+fn free_port() -> Result<u16> {
+    for _ in 0..100 {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = tcp.local_addr()?.port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no port free for both TCP and UDP")
+}
+
+impl Spawned {
+    /// Starts the server with limits opened up for load (no per-connection frame rate cap).
+    pub fn start() -> Result<Self> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let child = Command::new(server_binary()?)
+            .args([
+                "--listen",
+                &addr.to_string(),
+                "--log-level",
+                "warn",
+                "--max-connections",
+                "1000000",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting natcall-rendezvous")?;
+        let s = Self { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            if Instant::now() > deadline {
+                bail!("natcall-rendezvous did not start listening on {addr}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(s)
+    }
+
+    fn proc_file(&self, name: &str) -> Result<String> {
+        let path = format!("/proc/{}/{name}", self.child.id());
+        std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))
+    }
+
+    /// Resident set size in bytes.
+    pub fn rss(&self) -> Result<u64> {
+        let status = self.proc_file("status")?;
+        let kb = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .context("VmRSS in /proc/PID/status")?;
+        Ok(kb * 1024)
+    }
+
+    /// User + system CPU seconds used so far.
+    pub fn cpu_seconds(&self) -> Result<f64> {
+        let stat = self.proc_file("stat")?;
+        // Fields after the command name (which is in parentheses and may hold spaces).
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .context("parsing /proc/PID/stat")?;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f.get(11).and_then(|u| u.parse().ok()).unwrap_or(0)
+            + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+        Ok(ticks as f64 / 100.0) // USER_HZ is 100 on Linux
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
