@@ -113,6 +113,83 @@ pub enum ClientMsg {
     Lookup { name: String },
     /// Answer to [`ServerMsg::Ping`].
     Pong { nonce: u64 },
+    /// Call `callee`. Answered by [`ServerMsg::Ringing`] or [`ServerMsg::CallFailed`].
+    Call { callee: String, policy: Policy },
+    /// Accept or decline the incoming call `call`.
+    Answer { call: u32, accept: bool },
+    /// End call `call` (or withdraw it while it rings).
+    Hangup { call: u32, reason: String },
+}
+
+/// Which paths a call may use. Honoured by both peers; the relay is used only when allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub enum Policy {
+    /// LAN, then direct, with the relay as fallback (and carrying the call until a direct
+    /// path validates).
+    #[default]
+    Auto,
+    /// Hole-punched public addresses only: fails rather than relay.
+    DirectOnly,
+    /// The relay only: no connectivity checks.
+    RelayOnly,
+    /// Private LAN addresses only.
+    LanOnly,
+}
+
+impl Policy {
+    /// The name used on the command line and in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::DirectOnly => "direct-only",
+            Self::RelayOnly => "relay-only",
+            Self::LanOnly => "lan-only",
+        }
+    }
+}
+
+impl FromStr for Policy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "auto" => Self::Auto,
+            "direct-only" => Self::DirectOnly,
+            "relay-only" => Self::RelayOnly,
+            "lan-only" => Self::LanOnly,
+            other => {
+                return Err(format!(
+                    "unknown policy {other:?}: use auto, direct-only, relay-only or lan-only"
+                ));
+            }
+        })
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a call could not be placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CallFailure {
+    /// Nobody is registered under that name right now.
+    Offline,
+    /// A peer cannot call itself.
+    SelfCall,
+    /// The callee has as many calls as the server allows.
+    Busy,
+}
+
+/// The addresses a peer can be reached at, as the server knows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Candidates {
+    /// Its public UDP address as the server observed it (from a token STUN binding), if known.
+    pub public: Option<SocketAddr>,
+    /// The private LAN addresses it reported.
+    pub lan: Vec<SocketAddr>,
 }
 
 /// Messages from the server to a peer.
@@ -141,4 +218,31 @@ pub enum ServerMsg {
     Ping { nonce: u64, rtt_us: Option<u64> },
     /// The server is shutting down: finish, close, reconnect after `reconnect_after_ms`.
     GoingAway { reason: String, reconnect_after_ms: u32 },
+    /// Your call to `callee` rings; it has id `call`.
+    Ringing { call: u32, callee: String },
+    /// Your call to `callee` could not be placed.
+    CallFailed { callee: String, failure: CallFailure },
+    /// `caller` (key `fingerprint`) calls you with `policy`; answer with [`ClientMsg::Answer`].
+    Incoming {
+        call: u32,
+        caller: String,
+        fingerprint: Fingerprint,
+        policy: Policy,
+    },
+    /// Call `call` is accepted: connect to `peer` (key `fingerprint`) at `candidates`, checks
+    /// authenticated with `password`; the controlling side nominates. Begin after `delay_ms`,
+    /// so both sides start within a fraction of an RTT. Relay frames for `call` are forwarded
+    /// from now on.
+    Start {
+        call: u32,
+        peer: String,
+        fingerprint: Fingerprint,
+        candidates: Candidates,
+        password: String,
+        controlling: bool,
+        delay_ms: u32,
+        policy: Policy,
+    },
+    /// Call `call` ended (declined, hung up, or the other peer left).
+    CallEnded { call: u32, reason: String },
 }

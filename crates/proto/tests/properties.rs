@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::BytesMut;
 use natcall_proto::codec::decode_control;
-use natcall_proto::control::{ClientMsg, Fingerprint, ServerMsg};
+use natcall_proto::control::{CallFailure, Candidates, ClientMsg, Fingerprint, Policy, ServerMsg};
 use natcall_proto::frame::{self, DEFAULT_MAX_FRAME_LEN, ErrorCode, Frame, FrameDecoder, FrameError, MAX_ERROR_TEXT};
 use natcall_proto::relay::{RelayFlags, RelayHeader, TrafficClass};
 use natcall_proto::stun::{self, StunError, TokenCredentials};
@@ -34,6 +34,18 @@ fn client_msg() -> impl Strategy<Value = ClientMsg> {
             }),
         "\\PC{0,40}".prop_map(|name| ClientMsg::Lookup { name }),
         any::<u64>().prop_map(|nonce| ClientMsg::Pong { nonce }),
+        ("[a-z]{1,32}", policy()).prop_map(|(callee, policy)| ClientMsg::Call { callee, policy }),
+        (any::<u32>(), any::<bool>()).prop_map(|(call, accept)| ClientMsg::Answer { call, accept }),
+        (any::<u32>(), "\\PC{0,40}").prop_map(|(call, reason)| ClientMsg::Hangup { call, reason }),
+    ]
+}
+
+fn policy() -> impl Strategy<Value = Policy> {
+    prop_oneof![
+        Just(Policy::Auto),
+        Just(Policy::DirectOnly),
+        Just(Policy::RelayOnly),
+        Just(Policy::LanOnly)
     ]
 }
 
@@ -65,6 +77,44 @@ fn server_msg() -> impl Strategy<Value = ServerMsg> {
             reason,
             reconnect_after_ms
         }),
+        (any::<u32>(), "[a-z]{1,32}").prop_map(|(call, callee)| ServerMsg::Ringing { call, callee }),
+        (
+            "[a-z]{1,32}",
+            prop_oneof![
+                Just(CallFailure::Offline),
+                Just(CallFailure::SelfCall),
+                Just(CallFailure::Busy)
+            ]
+        )
+            .prop_map(|(callee, failure)| ServerMsg::CallFailed { callee, failure }),
+        (any::<u32>(), "[a-z]{1,32}", any::<[u8; 32]>(), policy()).prop_map(|(call, caller, fp, policy)| {
+            ServerMsg::Incoming {
+                call,
+                caller,
+                fingerprint: Fingerprint(fp),
+                policy,
+            }
+        }),
+        (
+            (any::<u32>(), "[a-z]{1,32}", any::<[u8; 32]>()),
+            (prop::option::of(addr()), prop::collection::vec(addr(), 0..8)),
+            ("[a-f0-9]{32}", any::<bool>(), any::<u32>(), policy())
+        )
+            .prop_map(
+                |((call, peer, fp), (public, lan), (password, controlling, delay_ms, policy))| {
+                    ServerMsg::Start {
+                        call,
+                        peer,
+                        fingerprint: Fingerprint(fp),
+                        candidates: Candidates { public, lan },
+                        password,
+                        controlling,
+                        delay_ms,
+                        policy,
+                    }
+                }
+            ),
+        (any::<u32>(), "\\PC{0,40}").prop_map(|(call, reason)| ServerMsg::CallEnded { call, reason }),
     ]
 }
 
@@ -285,6 +335,17 @@ fn fingerprints_print_and_parse_as_hex() {
     assert_eq!(text.parse::<Fingerprint>(), Ok(fp));
     assert!("abc".parse::<Fingerprint>().is_err());
     assert!("zz".repeat(32).parse::<Fingerprint>().is_err());
+}
+
+#[test]
+fn policies_parse_and_print() {
+    for p in [Policy::Auto, Policy::DirectOnly, Policy::RelayOnly, Policy::LanOnly] {
+        assert_eq!(p.to_string().parse::<Policy>(), Ok(p));
+    }
+    assert_eq!(
+        "direct".parse::<Policy>(),
+        Err("unknown policy \"direct\": use auto, direct-only, relay-only or lan-only".to_string())
+    );
 }
 
 #[test]
