@@ -9,6 +9,8 @@
 //! [limits]
 //! max_frame_len = 16384
 //! max_connections = 100000
+//! max_calls_per_peer = 4
+//! ring_timeout_ms = 30000
 //! ```
 
 use std::net::SocketAddr;
@@ -57,10 +59,19 @@ pub struct Limits {
     pub max_connections: usize,
     /// Distinct names bound to keys.
     pub max_names: usize,
-    /// Control frames per second one connection may send (burst = one second's worth).
+    /// Control (non-relay) frames per second one connection may send (burst = one second's
+    /// worth); a connection over it is shed.
     pub frames_per_sec: u32,
-    /// Frames queued towards one connection before it counts as stuck.
+    /// Relay frames per second one connection may send (burst = one second's worth); frames
+    /// over it are dropped, the connection is not shed.
+    pub relay_frames_per_sec: u32,
+    /// Frames queued towards one connection before it counts as stuck. Relay frames may fill
+    /// all but an eighth of it; beyond that they are dropped.
     pub outbound_queue: usize,
+    /// Calls (ringing or active) one peer may be in at once.
+    pub max_calls_per_peer: usize,
+    /// A call not answered within this is ended with "no answer" (ms).
+    pub ring_timeout_ms: u64,
     /// Time a new connection has to say hello and register (ms).
     pub hello_timeout_ms: u64,
     /// A connection silent this long is closed (ms).
@@ -78,7 +89,10 @@ impl Default for Limits {
             max_connections: 100_000,
             max_names: 1_000_000,
             frames_per_sec: 200,
-            outbound_queue: 256,
+            relay_frames_per_sec: 20_000,
+            outbound_queue: 1024,
+            max_calls_per_peer: 4,
+            ring_timeout_ms: 30_000,
             hello_timeout_ms: 10_000,
             idle_timeout_ms: 45_000,
             ping_interval_ms: 15_000,
@@ -99,6 +113,10 @@ impl Limits {
     /// [`Self::ping_interval_ms`] as a duration.
     pub fn ping_interval(&self) -> Duration {
         Duration::from_millis(self.ping_interval_ms)
+    }
+    /// [`Self::ring_timeout_ms`] as a duration.
+    pub fn ring_timeout(&self) -> Duration {
+        Duration::from_millis(self.ring_timeout_ms)
     }
     /// [`Self::drain_timeout_ms`] as a duration.
     pub fn drain_timeout(&self) -> Duration {
@@ -159,7 +177,10 @@ impl Config {
         for (name, v) in [
             ("max_connections", l.max_connections as u64),
             ("frames_per_sec", u64::from(l.frames_per_sec)),
+            ("relay_frames_per_sec", u64::from(l.relay_frames_per_sec)),
             ("outbound_queue", l.outbound_queue as u64),
+            ("max_calls_per_peer", l.max_calls_per_peer as u64),
+            ("ring_timeout_ms", l.ring_timeout_ms),
             ("ping_interval_ms", l.ping_interval_ms),
             ("idle_timeout_ms", l.idle_timeout_ms),
             ("hello_timeout_ms", l.hello_timeout_ms),

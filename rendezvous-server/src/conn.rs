@@ -2,10 +2,13 @@
 //!
 //! Data flow:
 //! 1. the reader (this task) decodes frames off the socket and handles them;
-//! 2. anything to send — replies, pings, messages from other tasks — goes through the
+//! 2. control frames count against `limits.frames_per_sec` (over it: shed); relay frames have
+//!    their own budget, `limits.relay_frames_per_sec` (over it: dropped), and go to
+//!    [`crate::calls`], which forwards them untouched to the other member of an active call;
+//! 3. anything to send — replies, pings, messages from other tasks — goes through the
 //!    connection's bounded [`Outbound`] queue to its writer task, which batches whatever is
 //!    ready into one write;
-//! 3. the connection ends one of three ways:
+//! 4. the connection ends one of three ways (and its calls with it):
 //!    - **graceful** (protocol error, timeout, server drain): queue an error or "going away"
 //!      frame, let the writer flush it and half-close (`shutdown(Write)`), and keep reading until
 //!      the peer closes its side or the drain deadline passes, so nothing either side already
@@ -23,7 +26,7 @@ use natcall_proto::PROTOCOL_VERSION;
 use natcall_proto::auth::verify_registration;
 use natcall_proto::codec::decode_control;
 use natcall_proto::control::{ClientMsg, MAX_LAN_ADDRS, ServerMsg, validate_name};
-use natcall_proto::frame::{self, ErrorCode, Frame, FrameDecoder, FrameError};
+use natcall_proto::frame::{self, ErrorCode, Frame, FrameDecoder, FrameError, FrameKind, RawFrame};
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -32,6 +35,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, info, trace, warn};
 
+use crate::calls::{self, Member};
 use crate::registry::RegisterError;
 use crate::server::Shared;
 use crate::sockopt;
@@ -71,12 +75,44 @@ struct Conn {
     addr: SocketAddr,
     tx: mpsc::Sender<Outbound>,
     phase: Phase,
-    /// Rate-limit bucket: frames that may still be sent before refill.
-    tokens: f64,
-    last_refill: Instant,
+    /// Budget for control (non-relay) frames: over it, the connection is shed.
+    control_tokens: TokenBucket,
+    /// Budget for relay frames: over it, they are dropped.
+    relay_tokens: TokenBucket,
     last_rx: Instant,
     ping: Option<(u64, Instant)>,
     rtt: Option<Duration>,
+}
+
+/// A token bucket refilled at `rate` per second, holding at most one second's worth.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    last_refill: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, now: Instant) -> Self {
+        Self {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            last_refill: now,
+        }
+    }
+
+    /// Takes one token if there is one.
+    fn take(&mut self, now: Instant) -> bool {
+        let refill = now.duration_since(self.last_refill).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate);
+        self.last_refill = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 fn error_frame(code: ErrorCode, message: &str) -> Bytes {
@@ -85,7 +121,7 @@ fn error_frame(code: ErrorCode, message: &str) -> Bytes {
     b.freeze()
 }
 
-fn control_frame(msg: &ServerMsg) -> Result<Bytes, FrameError> {
+pub(crate) fn control_frame(msg: &ServerMsg) -> Result<Bytes, FrameError> {
     let mut b = BytesMut::new();
     frame::encode_control(msg, &mut b)?;
     Ok(b.freeze())
@@ -101,14 +137,15 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
     let (tx, rx) = mpsc::channel(shared.config.limits.outbound_queue);
     let writer = tokio::spawn(write_loop(wr, rx));
     let now = Instant::now();
+    let limits = &shared.config.limits;
     let mut conn = Conn {
-        tokens: f64::from(shared.config.limits.frames_per_sec),
+        control_tokens: TokenBucket::new(limits.frames_per_sec, now),
+        relay_tokens: TokenBucket::new(limits.relay_frames_per_sec, now),
         shared,
         id,
         addr,
         tx,
         phase: Phase::AwaitHello,
-        last_refill: now,
         last_rx: now,
         ping: None,
         rtt: None,
@@ -117,6 +154,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
     let (rd, end) = conn.read_loop(rd, &mut drain).await;
     if let Phase::Registered { name } = &conn.phase {
         conn.shared.registry.unregister(name, id);
+        conn.shared.calls.end_all(id);
         info!(peer = %name, %addr, "peer left");
     }
     conn.finish(rd, end).await;
@@ -173,16 +211,19 @@ impl Conn {
                 Err(e) => return Some(self.protocol_error(&e)),
             };
             self.last_rx = Instant::now();
-            if !self.take_token() {
+            let end = if raw.kind_byte() == FrameKind::Relay as u8 {
+                self.handle_relay(raw)
+            } else if !self.control_tokens.take(self.last_rx) {
                 warn!(addr = %self.addr, "peer exceeds its frame rate; shedding");
                 let _ = self
                     .tx
                     .try_send(Outbound::Frame(error_frame(ErrorCode::RateLimited, "too many frames")));
                 return Some(End::Shed("frame rate"));
-            }
-            let end = match raw.parse() {
-                Ok(frame) => self.handle_frame(frame),
-                Err(e) => Some(self.protocol_error(&e)),
+            } else {
+                match raw.parse() {
+                    Ok(frame) => self.handle_frame(frame),
+                    Err(e) => Some(self.protocol_error(&e)),
+                }
             };
             if end.is_some() {
                 return end;
@@ -190,17 +231,33 @@ impl Conn {
         }
     }
 
-    fn take_token(&mut self) -> bool {
-        let rate = f64::from(self.shared.config.limits.frames_per_sec);
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last_refill).as_secs_f64() * rate).min(rate);
-        self.last_refill = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
+    /// A relay frame: forwarded within an active call, dropped (and counted) otherwise; it
+    /// closes the connection only if malformed or before registration.
+    fn handle_relay(&mut self, raw: RawFrame) -> Option<End> {
+        let call = match raw.parse() {
+            Ok(Frame::Relay { header, .. }) => header.call,
+            Ok(_) => return None, // a relay kind byte always parses as a relay frame
+            Err(e) => return Some(self.protocol_error(&e)),
+        };
+        match self.phase {
+            Phase::Registered { .. } => {}
+            Phase::AwaitHello => {
+                return Some(self.protocol_error(&FrameError::Unexpected {
+                    got: "relay",
+                    expected: "expected hello first",
+                }));
+            }
+            Phase::AwaitRegister { .. } => {
+                return Some(End::Graceful(error_frame(ErrorCode::NotRegistered, "register first")));
+            }
         }
+        if !self.relay_tokens.take(self.last_rx) {
+            self.shared.calls.relay_stats().count_rate_drop();
+            trace!(addr = %self.addr, call, "relay frame over the relay rate dropped");
+            return None;
+        }
+        self.shared.calls.relay(self.id, call, raw.into_wire());
+        None
     }
 
     fn protocol_error(&self, e: &FrameError) -> End {
@@ -238,7 +295,7 @@ impl Conn {
             },
             (_, f) => Some(self.protocol_error(&FrameError::Unexpected {
                 got: f.name(),
-                expected: "not allowed outside an accepted call",
+                expected: "not allowed after the handshake",
             })),
         }
     }
@@ -278,6 +335,23 @@ impl Conn {
                     online,
                     fingerprint: peer.map(|p| p.fingerprint),
                 })
+            }
+            (Phase::Registered { name }, ClientMsg::Call { callee, policy }) => {
+                let me = Member {
+                    name: name.clone(),
+                    conn_id: self.id,
+                    tx: self.tx.clone(),
+                };
+                calls::handle_call(&self.shared, me, &callee, policy);
+                None
+            }
+            (Phase::Registered { .. }, ClientMsg::Answer { call, accept }) => {
+                self.shared.calls.answer(&self.shared.registry, self.id, call, accept);
+                None
+            }
+            (Phase::Registered { .. }, ClientMsg::Hangup { call, reason }) => {
+                self.shared.calls.hangup(self.id, call, &reason);
+                None
             }
             (Phase::Registered { .. }, ClientMsg::Register { .. }) => Some(End::Graceful(error_frame(
                 ErrorCode::Unexpected,
@@ -338,6 +412,7 @@ impl Conn {
                 "replaced by a newer connection of the same peer",
             )));
             let _ = old.tx.try_send(Outbound::Close { reset: false });
+            self.shared.calls.end_all(old.conn_id);
         }
         info!(peer = %name, addr = %self.addr, key = %fingerprint.short(), "peer registered");
         self.phase = Phase::Registered { name: name.clone() };

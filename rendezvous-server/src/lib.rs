@@ -4,8 +4,9 @@
 //! - **UDP**: a standard STUN Binding responder ([`stun`]); a request authenticated with a
 //!   peer's registration token records that peer's public address as its NAT maps it;
 //! - **TCP**: one long-lived connection per peer ([`conn`]): version hello, registration of a
-//!   name to a key (proven by a signature), presence lookups, pings with RTT measurement, and a
-//!   graceful drain on shutdown.
+//!   name to a key (proven by a signature), presence lookups, pings with RTT measurement, call
+//!   signalling and relaying between the two peers of a call ([`calls`]), and a graceful drain
+//!   on shutdown.
 //!
 //! The binary (`natcall-rendezvous`) only parses flags and the config file and calls
 //! [`run`]; tests call the same function with their own sockets and shutdown future:
@@ -19,6 +20,7 @@
 //! ```
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod calls;
 pub mod config;
 pub mod conn;
 pub mod registry;
@@ -26,6 +28,7 @@ mod server;
 pub mod sockopt;
 pub mod stun;
 
+pub use calls::{Calls, RelayCounts, start_delays};
 pub use config::{Config, Limits};
 pub use server::{Server, ServerError, run};
 pub use sockopt::Sockets;

@@ -19,6 +19,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+use crate::calls::Calls;
 use crate::config::Config;
 use crate::conn;
 use crate::registry::Registry;
@@ -45,10 +46,11 @@ pub enum ServerError {
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) registry: Registry,
+    pub(crate) calls: Calls,
     pub(crate) drain: watch::Receiver<bool>,
 }
 
-/// A rendezvous server. Cheap to clone; clones share one registry.
+/// A rendezvous server. Cheap to clone; clones share one registry and call table.
 #[derive(Debug, Clone)]
 pub struct Server {
     shared: Arc<Shared>,
@@ -62,10 +64,12 @@ impl Server {
         let registry =
             Registry::new(config.state_file.as_deref(), config.limits.max_names).map_err(ServerError::State)?;
         let (drain_tx, drain) = watch::channel(false);
+        let calls = Calls::new(config.limits.max_calls_per_peer);
         Ok(Self {
             shared: Arc::new(Shared {
                 config,
                 registry,
+                calls,
                 drain,
             }),
             drain_tx: Arc::new(drain_tx),
@@ -75,6 +79,11 @@ impl Server {
     /// The registry of online peers.
     pub fn registry(&self) -> &Registry {
         &self.shared.registry
+    }
+
+    /// The call table (ringing and active calls, relay counters).
+    pub fn calls(&self) -> &Calls {
+        &self.shared.calls
     }
 
     /// Serves on `sockets` until `shutdown` completes, then drains every connection.

@@ -3,63 +3,15 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::{Client, Got, Identity};
+use common::{Client, Got, Identity, Running, eventually, stun_round_trip, test_config};
 use natcall_proto::control::{ClientMsg, ServerMsg};
 use natcall_proto::frame::{self, ErrorCode};
 use natcall_proto::stun as wire;
-use natcall_rendezvous::{Config, Server, Sockets};
+use natcall_rendezvous::Config;
 use tokio::net::UdpSocket;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-
-struct Running {
-    addr: SocketAddr,
-    server: Server,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
-}
-
-impl Running {
-    async fn start(config: Config) -> Self {
-        let sockets = Sockets::bind("127.0.0.1:0".parse().expect("addr")).expect("binds");
-        let addr = sockets.local_addr().expect("addr");
-        let server = Server::new(config).expect("valid config");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let s = server.clone();
-        let task = tokio::spawn(async move {
-            s.run(sockets, async {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("server runs");
-        });
-        Self {
-            addr,
-            server,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn shutdown(mut self) {
-        let _ = self.stop.take().expect("running").send(());
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("drains in time")
-            .expect("no panic");
-    }
-}
-
-/// Defaults, but a drain that does not wait long for test clients that never close.
-fn test_config() -> Config {
-    let mut c = Config::default();
-    c.limits.drain_timeout_ms = 1000;
-    c
-}
 
 fn quick_config() -> Config {
     let mut c = test_config();
@@ -67,16 +19,6 @@ fn quick_config() -> Config {
     c.limits.idle_timeout_ms = 400;
     c.limits.drain_timeout_ms = 1000;
     c
-}
-
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..200 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for: {what}");
 }
 
 #[tokio::test]
@@ -305,19 +247,6 @@ async fn past_the_connection_limit_a_client_is_told_why() {
     assert_eq!(e.code, ErrorCode::ServerFull);
     second.expect_eof().await;
     srv.shutdown().await;
-}
-
-async fn stun_round_trip(udp: &UdpSocket, server: SocketAddr, req: &[u8]) -> Option<Vec<u8>> {
-    udp.send_to(req, server).await.expect("sends");
-    let mut buf = [0u8; 1500];
-    match tokio::time::timeout(Duration::from_millis(300), udp.recv_from(&mut buf)).await {
-        Ok(Ok((n, from))) => {
-            assert_eq!(from, server);
-            Some(buf[..n].to_vec())
-        }
-        Ok(Err(e)) => panic!("recv failed: {e}"),
-        Err(_) => None,
-    }
 }
 
 #[tokio::test]

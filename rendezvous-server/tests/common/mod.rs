@@ -4,19 +4,118 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use natcall_proto::PROTOCOL_VERSION;
 use natcall_proto::auth::registration_message;
 use natcall_proto::codec::decode_control;
 use natcall_proto::control::{ClientMsg, ServerMsg};
 use natcall_proto::frame::{self, ErrorFrame, Frame, FrameDecoder, MAX_FRAME_LEN};
-use natcall_proto::stun::TokenCredentials;
+use natcall_proto::relay::{RelayFlags, RelayHeader, TrafficClass};
+use natcall_proto::stun::{self as wire, TokenCredentials};
+use natcall_rendezvous::{Config, Server, Sockets};
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 pub const STEP: Duration = Duration::from_secs(5);
+
+/// A server running in-process on 127.0.0.1:0.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub server: Server,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    pub async fn start(config: Config) -> Self {
+        let sockets = Sockets::bind("127.0.0.1:0".parse().expect("addr")).expect("binds");
+        let addr = sockets.local_addr().expect("addr");
+        let server = Server::new(config).expect("valid config");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let s = server.clone();
+        let task = tokio::spawn(async move {
+            s.run(sockets, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("server runs");
+        });
+        Self {
+            addr,
+            server,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.take().expect("running").send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("drains in time")
+            .expect("no panic");
+    }
+}
+
+/// Defaults, but a drain that does not wait long for test clients that never close.
+pub fn test_config() -> Config {
+    let mut c = Config::default();
+    c.limits.drain_timeout_ms = 1000;
+    c
+}
+
+/// Polls `f` every 10 ms for up to 2 s.
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// One STUN Binding round trip; `None` when no reply comes within 300 ms.
+pub async fn stun_round_trip(udp: &UdpSocket, server: SocketAddr, req: &[u8]) -> Option<Vec<u8>> {
+    udp.send_to(req, server).await.expect("sends");
+    let mut buf = [0u8; 1500];
+    match tokio::time::timeout(Duration::from_millis(300), udp.recv_from(&mut buf)).await {
+        Ok(Ok((n, from))) => {
+            assert_eq!(from, server);
+            Some(buf[..n].to_vec())
+        }
+        Ok(Err(e)) => panic!("recv failed: {e}"),
+        Err(_) => None,
+    }
+}
+
+/// A token-authenticated STUN binding from a new UDP socket: the server records the socket's
+/// address as the peer's public address. Returns the socket.
+pub async fn stun_with_token(server: SocketAddr, token: &TokenCredentials) -> UdpSocket {
+    let udp = UdpSocket::bind("127.0.0.1:0").await.expect("binds");
+    let mut req = [0u8; 256];
+    let n = wire::encode_binding_request(&[7; 12], Some(token), &mut req).expect("encodes");
+    let resp = stun_round_trip(&udp, server, &req[..n]).await.expect("a reply");
+    let mapped = wire::parse_binding_success(&resp, &[7; 12], Some(&token.password)).expect("signed reply");
+    assert_eq!(mapped, udp.local_addr().expect("addr"));
+    udp
+}
+
+/// Encodes a relay frame.
+pub fn relay_frame(call: u32, payload: &[u8]) -> Bytes {
+    let header = RelayHeader {
+        call,
+        class: TrafficClass::Audio,
+        flags: RelayFlags(RelayFlags::FRAME_START | RelayFlags::FRAME_END),
+    };
+    let mut b = BytesMut::new();
+    frame::encode_relay(&header, payload, &mut b).expect("encodes");
+    b.freeze()
+}
 
 /// A peer identity: self-signed certificate and its signing key.
 pub struct Identity {
@@ -58,6 +157,8 @@ pub enum Got {
     Msg(ServerMsg),
     Error(ErrorFrame),
     Hello(u16),
+    /// A relay frame: the whole frame as received, length prefix included.
+    Relay(Bytes),
     Eof,
 }
 
@@ -96,8 +197,18 @@ impl Client {
 
     /// Connects, says hello and registers `name` with `id`; returns the client and its token.
     pub async fn register(addr: SocketAddr, name: &str, id: &Identity) -> (Self, TokenCredentials) {
+        Self::register_with_lan(addr, name, id, vec![]).await
+    }
+
+    /// [`Self::register`], reporting `lan_addrs`.
+    pub async fn register_with_lan(
+        addr: SocketAddr,
+        name: &str,
+        id: &Identity,
+        lan_addrs: Vec<SocketAddr>,
+    ) -> (Self, TokenCredentials) {
         let mut c = Self::hello(addr).await;
-        c.send_register(name, id, vec![]).await;
+        c.send_register(name, id, lan_addrs).await;
         match c.next_msg().await {
             ServerMsg::Registered { token, .. } => (c, token),
             other => panic!("expected registered, got {other:?}"),
@@ -154,7 +265,7 @@ impl Client {
                         }
                         return Got::Msg(msg);
                     }
-                    Frame::Relay { .. } => panic!("unexpected relay frame"),
+                    Frame::Relay { .. } => return Got::Relay(raw.into_wire()),
                 }
             }
             match self.stream.read_buf(&mut self.buf).await {
@@ -162,6 +273,26 @@ impl Client {
                 Ok(_) => {}
                 Err(e) => panic!("read failed: {e}"),
             }
+        }
+    }
+
+    /// The next frame within `within` (answering pings), or `None` if nothing comes.
+    pub async fn try_next(&mut self, within: Duration) -> Option<Got> {
+        tokio::time::timeout(within, self.next_inner(true)).await.ok()
+    }
+
+    /// Sends a relay frame for `call`; returns its bytes as sent.
+    pub async fn send_relay(&mut self, call: u32, payload: &[u8]) -> Bytes {
+        let f = relay_frame(call, payload);
+        self.send_raw(&f).await;
+        f
+    }
+
+    /// The next frame, which must be a relay frame; returns its bytes.
+    pub async fn expect_relay(&mut self) -> Bytes {
+        match self.next().await {
+            Got::Relay(b) => b,
+            other => panic!("expected a relay frame, got {other:?}"),
         }
     }
 

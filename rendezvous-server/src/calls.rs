@@ -1,0 +1,540 @@
+//! Calls between registered peers: signalling (call, ring, answer, hang up) and relay routing.
+//!
+//! Call flow:
+//! 1. the caller sends `Call { callee, policy }`; the server refuses it with `CallFailed`
+//!    (offline, self-call, busy) or creates a **ringing** call with a fresh nonzero id and sends
+//!    `Ringing` to the caller and `Incoming` to the callee;
+//! 2. the callee sends `Answer`: a decline ends the call (`CallEnded "<callee> declined"` to the
+//!    caller); an accept makes it **active** and sends `Start` to both, back to back, each with
+//!    the other's key, candidates, one shared password and a start delay ([`start_delays`]);
+//! 3. while active, relay frames carrying the call id are forwarded, bytes untouched, from one
+//!    member's connection to the other's outbound queue;
+//! 4. the call ends on `Hangup` from either member, when a ringing call is not answered within
+//!    `limits.ring_timeout_ms`, or when a member's connection ends or its registration is
+//!    replaced; the remaining member(s) get `CallEnded` with the reason.
+//!
+//! Members are identified by connection id, not by name: a peer that re-registers from a new
+//! connection is not a member of the old connection's calls (they end).
+//!
+//! Relay forwarding never blocks and never sheds the receiver: when the receiver's queue has no
+//! room left outside the share reserved for control messages ([`RELAY_RESERVE_DIVISOR`]), the
+//! frame is dropped and counted in [`RelayStats`].
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use natcall_proto::control::{CallFailure, Candidates, Policy, ServerMsg};
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio::sync::mpsc;
+use tracing::{debug, info, trace, warn};
+
+use crate::conn::{Outbound, control_frame};
+use crate::registry::{PeerInfo, Registry};
+use crate::server::Shared;
+
+/// One part in this many of every outbound queue is kept free of relay frames, so call
+/// signalling and pings still fit when relayed traffic fills a slow receiver's queue.
+pub const RELAY_RESERVE_DIVISOR: usize = 8;
+
+/// The longest hang-up reason passed on to the other peer (bytes; longer ones are cut).
+pub const MAX_REASON_LEN: usize = 256;
+
+/// One side of a call: a registered peer on one connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Member {
+    pub(crate) name: String,
+    pub(crate) conn_id: u64,
+    pub(crate) tx: mpsc::Sender<Outbound>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Ringing,
+    Active,
+}
+
+#[derive(Debug)]
+struct Call {
+    caller: Member,
+    callee: Member,
+    state: State,
+    policy: Policy,
+    /// Distinguishes this call from a later one that reuses its id (for the ring timer).
+    serial: u64,
+}
+
+impl Call {
+    /// The member on `conn_id` and the other one.
+    fn sides(&self, conn_id: u64) -> Option<(&Member, &Member)> {
+        if self.caller.conn_id == conn_id {
+            Some((&self.caller, &self.callee))
+        } else if self.callee.conn_id == conn_id {
+            Some((&self.callee, &self.caller))
+        } else {
+            None
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    calls: HashMap<u32, Call>,
+    /// connection id → ids of the calls it is a member of (at most `max_per_peer`).
+    by_conn: HashMap<u64, Vec<u32>>,
+    next_serial: u64,
+}
+
+impl Table {
+    fn count(&self, conn_id: u64) -> usize {
+        self.by_conn.get(&conn_id).map_or(0, Vec::len)
+    }
+
+    fn insert(&mut self, id: u32, call: Call) {
+        for conn in [call.caller.conn_id, call.callee.conn_id] {
+            self.by_conn.entry(conn).or_default().push(id);
+        }
+        self.calls.insert(id, call);
+    }
+
+    fn remove(&mut self, id: u32) -> Option<Call> {
+        let call = self.calls.remove(&id)?;
+        for conn in [call.caller.conn_id, call.callee.conn_id] {
+            if let Entry::Occupied(mut e) = self.by_conn.entry(conn) {
+                e.get_mut().retain(|c| *c != id);
+                if e.get().is_empty() {
+                    e.remove();
+                }
+            }
+        }
+        Some(call)
+    }
+}
+
+/// Relay counters since the server started.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    forwarded: AtomicU64,
+    dropped_queue_full: AtomicU64,
+    dropped_not_in_call: AtomicU64,
+    dropped_rate: AtomicU64,
+}
+
+/// A snapshot of [`RelayStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RelayCounts {
+    /// Frames forwarded to the other member.
+    pub forwarded: u64,
+    /// Frames dropped because the receiver's queue had no room for relay.
+    pub dropped_queue_full: u64,
+    /// Frames for a call the sender is not a member of, or that is not active.
+    pub dropped_not_in_call: u64,
+    /// Frames over the sender's `limits.relay_frames_per_sec`.
+    pub dropped_rate: u64,
+}
+
+impl RelayStats {
+    /// The counters now.
+    pub fn counts(&self) -> RelayCounts {
+        RelayCounts {
+            forwarded: self.forwarded.load(Ordering::Relaxed),
+            dropped_queue_full: self.dropped_queue_full.load(Ordering::Relaxed),
+            dropped_not_in_call: self.dropped_not_in_call.load(Ordering::Relaxed),
+            dropped_rate: self.dropped_rate.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts a frame dropped for exceeding the sender's relay rate.
+    pub(crate) fn count_rate_drop(&self) {
+        self.dropped_rate.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The call table.
+#[derive(Debug)]
+pub struct Calls {
+    table: RwLock<Table>,
+    max_per_peer: usize,
+    rng: SystemRandom,
+    stats: RelayStats,
+}
+
+fn read(t: &RwLock<Table>) -> RwLockReadGuard<'_, Table> {
+    // Every update keeps `calls` and `by_conn` consistent before it can panic (inserts and
+    // removes are single steps), so a poisoned lock is still usable.
+    t.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write(t: &RwLock<Table>) -> RwLockWriteGuard<'_, Table> {
+    t.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Queues a control message to a member; a full or closed queue drops it (logged).
+fn deliver(to: &Member, msg: &ServerMsg) {
+    let frame = match control_frame(msg) {
+        Ok(f) => f,
+        Err(e) => {
+            warn!(error = %e, "cannot encode a call message");
+            return;
+        }
+    };
+    if let Err(e) = to.tx.try_send(Outbound::Frame(frame)) {
+        debug!(peer = %to.name, error = %e, "call message not queued");
+    }
+}
+
+fn ended(to: &Member, call: u32, reason: String) {
+    deliver(to, &ServerMsg::CallEnded { call, reason });
+}
+
+/// The registry entry of `m`, if it is still registered on the same connection.
+fn current(registry: &Registry, m: &Member) -> Option<PeerInfo> {
+    registry.peer(&m.name).filter(|p| p.conn_id == m.conn_id)
+}
+
+/// How long each side waits after receiving `Start` so both begin at the same moment.
+///
+/// `Start` reaches each side half its RTT after the server sends it; the side with the shorter
+/// RTT waits half the difference. A missing RTT counts as 0. Returns (delay of a, delay of b)
+/// in whole milliseconds.
+pub fn start_delays(rtt_a: Option<Duration>, rtt_b: Option<Duration>) -> (u32, u32) {
+    let (a, b) = (rtt_a.unwrap_or_default(), rtt_b.unwrap_or_default());
+    let longest = a.max(b);
+    let ms = |own: Duration| u32::try_from(((longest - own) / 2).as_millis()).unwrap_or(u32::MAX);
+    (ms(a), ms(b))
+}
+
+impl Calls {
+    /// An empty table allowing `max_per_peer` calls per connection.
+    pub fn new(max_per_peer: usize) -> Self {
+        Self {
+            table: RwLock::default(),
+            max_per_peer,
+            rng: SystemRandom::new(),
+            stats: RelayStats::default(),
+        }
+    }
+
+    /// Relay counters.
+    pub fn relay_stats(&self) -> &RelayStats {
+        &self.stats
+    }
+
+    /// Number of calls, ringing or active.
+    pub fn len(&self) -> usize {
+        read(&self.table).calls.len()
+    }
+
+    /// Whether there are no calls.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn random_u32(&self) -> u32 {
+        let mut b = [0u8; 4];
+        // SystemRandom only fails when the OS has no randomness at all.
+        self.rng.fill(&mut b).expect("the OS random source works");
+        u32::from_be_bytes(b)
+    }
+
+    fn password(&self) -> String {
+        let mut b = [0u8; 16];
+        // SystemRandom only fails when the OS has no randomness at all.
+        self.rng.fill(&mut b).expect("the OS random source works");
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    /// A nonzero id no live call has.
+    fn fresh_id(&self, table: &Table) -> u32 {
+        loop {
+            let id = self.random_u32();
+            if id != 0 && !table.calls.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Handles `Call { callee, policy }` from `caller`. Returns the new call's id and serial.
+    pub(crate) fn place(
+        &self,
+        registry: &Registry,
+        caller: Member,
+        callee: &str,
+        policy: Policy,
+    ) -> Option<(u32, u64)> {
+        let fail = |failure| {
+            debug!(peer = %caller.name, %callee, ?failure, "call refused");
+            deliver(
+                &caller,
+                &ServerMsg::CallFailed {
+                    callee: callee.to_owned(),
+                    failure,
+                },
+            );
+            None
+        };
+        if callee == caller.name {
+            return fail(CallFailure::SelfCall);
+        }
+        // The registry is read under the table's lock, so a callee that leaves meanwhile either
+        // is seen offline here or finds this call when its calls are ended.
+        let mut table = write(&self.table);
+        let Some(callee_info) = registry.peer(callee) else {
+            return fail(CallFailure::Offline);
+        };
+        let Some(caller_info) = current(registry, &caller) else {
+            return None; // replaced meanwhile: its calls are being ended
+        };
+        if table.count(caller.conn_id) >= self.max_per_peer || table.count(callee_info.conn_id) >= self.max_per_peer {
+            return fail(CallFailure::Busy);
+        }
+        let id = self.fresh_id(&table);
+        table.next_serial += 1;
+        let serial = table.next_serial;
+        let callee = Member {
+            name: callee.to_owned(),
+            conn_id: callee_info.conn_id,
+            tx: callee_info.tx,
+        };
+        deliver(
+            &caller,
+            &ServerMsg::Ringing {
+                call: id,
+                callee: callee.name.clone(),
+            },
+        );
+        deliver(
+            &callee,
+            &ServerMsg::Incoming {
+                call: id,
+                caller: caller.name.clone(),
+                fingerprint: caller_info.fingerprint,
+                policy,
+            },
+        );
+        info!(call = id, caller = %caller.name, callee = %callee.name, %policy, "call ringing");
+        let call = Call {
+            caller,
+            callee,
+            state: State::Ringing,
+            policy,
+            serial,
+        };
+        table.insert(id, call);
+        Some((id, serial))
+    }
+
+    /// Handles `Answer { call, accept }` from connection `conn_id`.
+    pub(crate) fn answer(&self, registry: &Registry, conn_id: u64, id: u32, accept: bool) {
+        let mut table = write(&self.table);
+        let ringing_for_me = table
+            .calls
+            .get(&id)
+            .is_some_and(|c| c.callee.conn_id == conn_id && c.state == State::Ringing);
+        if !ringing_for_me {
+            debug!(
+                call = id,
+                conn = conn_id,
+                "answer for no call ringing at this peer; ignored"
+            );
+            return;
+        }
+        if !accept {
+            if let Some(call) = table.remove(id) {
+                info!(call = id, callee = %call.callee.name, "call declined");
+                ended(&call.caller, id, format!("{} declined", call.callee.name));
+            }
+            return;
+        }
+        let Some(call) = table.calls.get_mut(&id) else {
+            return;
+        };
+        let (Some(caller), Some(callee)) = (current(registry, &call.caller), current(registry, &call.callee)) else {
+            // A member left and its calls are about to be ended; let that say so.
+            return;
+        };
+        call.state = State::Active;
+        let (caller_delay, callee_delay) = start_delays(caller.rtt, callee.rtt);
+        let password = self.password();
+        let start = |peer: &Member, info: &PeerInfo, controlling, delay_ms| ServerMsg::Start {
+            call: id,
+            peer: peer.name.clone(),
+            fingerprint: info.fingerprint,
+            candidates: candidates(info),
+            password: password.clone(),
+            controlling,
+            delay_ms,
+            policy: call.policy,
+        };
+        deliver(&call.caller, &start(&call.callee, &callee, true, caller_delay));
+        deliver(&call.callee, &start(&call.caller, &caller, false, callee_delay));
+        info!(call = id, caller = %call.caller.name, callee = %call.callee.name, caller_delay, callee_delay, "call active");
+    }
+
+    /// Handles `Hangup { call, reason }` from connection `conn_id`.
+    pub(crate) fn hangup(&self, conn_id: u64, id: u32, reason: &str) {
+        let mut table = write(&self.table);
+        if table.calls.get(&id).and_then(|c| c.sides(conn_id)).is_none() {
+            debug!(
+                call = id,
+                conn = conn_id,
+                "hangup for a call this peer is not in; ignored"
+            );
+            return;
+        }
+        let Some(call) = table.remove(id) else {
+            return;
+        };
+        let Some((me, other)) = call.sides(conn_id) else {
+            return;
+        };
+        let reason = truncate(reason.trim(), MAX_REASON_LEN);
+        info!(call = id, peer = %me.name, %reason, "call hung up");
+        let text = if reason.is_empty() {
+            format!("{} hung up", me.name)
+        } else {
+            format!("{} hung up: {reason}", me.name)
+        };
+        ended(other, id, text);
+    }
+
+    /// Ends every call of connection `conn_id` (it closed or was replaced): the other member of
+    /// each gets `CallEnded "<name> left"`.
+    pub(crate) fn end_all(&self, conn_id: u64) {
+        let mut table = write(&self.table);
+        let Some(ids) = table.by_conn.get(&conn_id).cloned() else {
+            return;
+        };
+        for id in ids {
+            let Some(call) = table.remove(id) else {
+                continue;
+            };
+            if let Some((me, other)) = call.sides(conn_id) {
+                info!(call = id, peer = %me.name, "call ended: member left");
+                ended(other, id, format!("{} left", me.name));
+            }
+        }
+    }
+
+    /// Ends call `id` if it is the same call (`serial`) and still ringing.
+    pub(crate) fn expire(&self, id: u32, serial: u64) {
+        let mut table = write(&self.table);
+        let ringing = table
+            .calls
+            .get(&id)
+            .is_some_and(|c| c.serial == serial && c.state == State::Ringing);
+        if !ringing {
+            return;
+        }
+        if let Some(call) = table.remove(id) {
+            info!(call = id, caller = %call.caller.name, callee = %call.callee.name, "call not answered in time");
+            ended(&call.caller, id, "no answer".into());
+            ended(&call.callee, id, "no answer".into());
+        }
+    }
+
+    /// Forwards relay frame `wire` (the whole frame as received) from connection `conn_id` to
+    /// the other member of active call `id`; drops and counts it otherwise.
+    pub(crate) fn relay(&self, conn_id: u64, id: u32, wire: Bytes) {
+        let table = read(&self.table);
+        let other = match table.calls.get(&id) {
+            Some(call) if call.state == State::Active => call.sides(conn_id).map(|(_, other)| other),
+            _ => None,
+        };
+        let Some(other) = other else {
+            drop(table);
+            self.stats.dropped_not_in_call.fetch_add(1, Ordering::Relaxed);
+            debug!(
+                call = id,
+                conn = conn_id,
+                "relay frame outside an active call of this peer dropped"
+            );
+            return;
+        };
+        let reserve = other.tx.max_capacity() / RELAY_RESERVE_DIVISOR;
+        if other.tx.capacity() <= reserve {
+            self.stats.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+            trace!(call = id, to = %other.name, "receiver's queue full; relay frame dropped");
+            return;
+        }
+        match other.tx.try_send(Outbound::Frame(wire)) {
+            Ok(()) => {
+                self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.stats.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+                trace!(call = id, to = %other.name, "receiver's queue full or closed; relay frame dropped");
+            }
+        }
+    }
+}
+
+fn candidates(info: &PeerInfo) -> Candidates {
+    Candidates {
+        public: info.public_udp,
+        lan: info.lan_addrs.clone(),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Places a call for `caller` and arms its ring timer.
+pub(crate) fn handle_call(shared: &Arc<Shared>, caller: Member, callee: &str, policy: Policy) {
+    let Some((id, serial)) = shared.calls.place(&shared.registry, caller, callee, policy) else {
+        return;
+    };
+    let weak = Arc::downgrade(shared);
+    let after = shared.config.limits.ring_timeout();
+    tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        if let Some(shared) = weak.upgrade() {
+            shared.calls.expire(id, serial);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: u64) -> Option<Duration> {
+        Some(Duration::from_millis(v))
+    }
+
+    #[test]
+    fn the_side_with_the_shorter_rtt_waits_half_the_difference() {
+        assert_eq!(start_delays(ms(20), ms(100)), (40, 0));
+        assert_eq!(start_delays(ms(100), ms(20)), (0, 40));
+        assert_eq!(start_delays(ms(30), ms(30)), (0, 0));
+    }
+
+    #[test]
+    fn a_missing_rtt_counts_as_zero() {
+        assert_eq!(start_delays(None, ms(80)), (40, 0));
+        assert_eq!(start_delays(ms(80), None), (0, 40));
+        assert_eq!(start_delays(None, None), (0, 0));
+    }
+
+    #[test]
+    fn delays_are_whole_milliseconds_rounded_down() {
+        assert_eq!(
+            start_delays(Some(Duration::from_micros(500)), Some(Duration::from_micros(3_900))),
+            (1, 0)
+        );
+    }
+
+    #[test]
+    fn reasons_are_cut_at_a_character_boundary() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("hello", 10), "hello");
+    }
+}
