@@ -1,0 +1,62 @@
+//! Errors of the natcall library, each a sentence a user can act on.
+
+use std::net::SocketAddr;
+
+use natcall_proto::frame::ErrorCode;
+
+/// What went wrong.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The rendezvous server cannot be reached.
+    #[error("cannot reach rendezvous server {addr}: {source} (is it running? check --server)")]
+    Unreachable { addr: SocketAddr, source: std::io::Error },
+    /// The server refused us (name taken, bad name, full, version mismatch, …).
+    #[error("the rendezvous server refused: {message}")]
+    Refused { code: ErrorCode, message: String },
+    /// The server broke the protocol or closed during a request.
+    #[error("rendezvous protocol error: {0}")]
+    Protocol(String),
+    /// The connection to the server was lost.
+    #[error("lost the rendezvous server: {0}")]
+    ServerLost(String),
+    /// Nobody is registered under that name.
+    #[error("{0} is not online")]
+    Offline(String),
+    /// Calling oneself.
+    #[error("you cannot call yourself")]
+    SelfCall,
+    /// The callee has too many calls.
+    #[error("{0} is busy")]
+    Busy(String),
+    /// The callee declined, or the call ended before it connected.
+    #[error("{0}")]
+    Ended(String),
+    /// No path the call's policy allows could be established.
+    #[error("{0}")]
+    NoPath(String),
+    /// The identity could not be loaded, created or used.
+    #[error("identity: {0}")]
+    Identity(String),
+    /// TLS configuration failed.
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    /// QUIC failed.
+    #[error("QUIC: {0}")]
+    Quic(String),
+    /// The peer presented another key than the server vouched for.
+    #[error("the peer's key does not match the one the server gave for {0}")]
+    WrongPeerKey(String),
+    /// Local socket failure.
+    #[error("socket error: {0}")]
+    Io(#[from] std::io::Error),
+    /// Timed out.
+    #[error("timed out: {0}")]
+    Timeout(String),
+}
+
+impl From<quinn::ConnectionError> for Error {
+    fn from(e: quinn::ConnectionError) -> Self {
+        Self::Quic(e.to_string())
+    }
+}

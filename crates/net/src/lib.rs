@@ -1,0 +1,39 @@
+//! The natcall peer library: register with a rendezvous server, then place and receive calls
+//! that connect along the best path — LAN, hole-punched UDP, or the server's TCP relay — and
+//! switch between them mid-call without a new handshake.
+//!
+//! Main types:
+//! - [`Endpoint`]: one UDP socket for everything (STUN, connectivity checks, QUIC, media;
+//!   demultiplexed by first byte) and one TCP connection to the server (control and relay);
+//! - [`Call`]: a QUIC connection to the peer, mutually authenticated by the key fingerprints
+//!   the server handed out, carrying a chat stream; its path changes as the traversal agent
+//!   ([`natcall_traversal`]) finds, loses and regains direct paths;
+//! - [`Identity`]: the peer's certificate and key, kept in its config directory.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), natcall::Error> {
+//! use natcall::{Endpoint, EndpointConfig, Identity, Policy};
+//! let identity = Identity::load_or_create(&Identity::default_dir().expect("a config dir"))?;
+//! let server = "127.0.0.1:3478".parse().expect("address");
+//! let alice = Endpoint::bind(EndpointConfig::new(server, "alice", identity)).await?;
+//! let call = alice.call("bob", Policy::Auto).await?;
+//! call.send_chat("hello bob").await?;
+//! println!("path {}, rtt {:?}", call.path(), call.rtt());
+//! call.hangup("bye");
+//! # Ok(()) }
+//! ```
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+mod call;
+mod control;
+mod endpoint;
+mod error;
+mod identity;
+mod socket;
+mod tls;
+
+pub use call::{Call, CallReport, EndReason, MAX_CHAT_LINE, Path, PathChange, Role};
+pub use endpoint::{Endpoint, EndpointConfig, IncomingCall};
+pub use error::Error;
+pub use identity::Identity;
+pub use natcall_proto::control::{Fingerprint, NameError, Policy, validate_name};

@@ -1,0 +1,291 @@
+//! The peer's one UDP socket, shared by STUN, connectivity checks, QUIC and media, and the
+//! `quinn::AsyncUdpSocket` adapter that runs QUIC over it (quinn 0.11's trait; keep every use of
+//! it in this module).
+//!
+//! Data flow:
+//! - inbound datagrams are demultiplexed by first byte (RFC 9443): STUN (0–3) goes to the
+//!   endpoint's STUN router; QUIC (64–127, 192–255) from an address validated for a call goes to
+//!   quinn as coming from that call's **fake address**; anything else is dropped;
+//! - relay frames from the control connection arrive on a channel and reach quinn the same way;
+//! - quinn sends to a fake address; the route table says where it goes now: a real UDP address
+//!   (LAN or punched), the relay (a relay frame on the TCP control connection), or nowhere.
+//!
+//! QUIC never sees a path change, so relay → direct and direct → relay switches need no new
+//! handshake. Fake addresses are IPv6 ULAs, so quinn's local address is reported as IPv6.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{self, IoSliceMut};
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use natcall_proto::frame;
+use natcall_proto::relay::{RelayFlags, RelayHeader, TrafficClass};
+use natcall_proto::stun::{PacketClass, classify};
+use quinn::udp::{RecvMeta, Transmit};
+use quinn::{AsyncUdpSocket, UdpPoller};
+use tokio::io::ReadBuf;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tracing::trace;
+
+use crate::control::Outgoing;
+
+/// Where packets for a call's fake address go now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// Nowhere yet (dropped; QUIC retransmits).
+    Void,
+    /// A real UDP address: LAN or punched.
+    Udp(SocketAddr),
+    /// Relay frames for this call id on the control connection.
+    Relay(u32),
+}
+
+/// The fake address standing for the peer of call `call`.
+pub(crate) fn fake_addr(call: u32) -> SocketAddr {
+    let mut o = [0u8; 16];
+    o[..6].copy_from_slice(&[0xfd, 0x6e, 0x61, 0x74, 0x63, 0x61]); // fd "natca"
+    o[12..].copy_from_slice(&call.to_be_bytes());
+    SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(o), 1, 0, 0))
+}
+
+#[derive(Debug, Default)]
+struct Routes {
+    by_fake: HashMap<SocketAddr, Route>,
+    /// Real addresses validated for a call → its fake address.
+    by_real: HashMap<SocketAddr, SocketAddr>,
+    /// Last QUIC packet from each real address (liveness for the traversal agent).
+    last_rx: HashMap<SocketAddr, Instant>,
+}
+
+/// The shared UDP socket with its route table.
+pub(crate) struct MuxSocket {
+    udp: Arc<UdpSocket>,
+    routes: Mutex<Routes>,
+    relay_in: Mutex<mpsc::Receiver<(SocketAddr, Bytes)>>,
+    relay_out: mpsc::Sender<Outgoing>,
+    stun_tx: mpsc::Sender<(SocketAddr, Bytes)>,
+    /// The rendezvous server's UDP address: never blackholed.
+    server: SocketAddr,
+    /// Test hook: drop all UDP to and from everyone but the server (a dead direct path).
+    blackhole: AtomicBool,
+}
+
+impl fmt::Debug for MuxSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MuxSocket")
+            .field("udp", &self.udp)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section is a few map operations: a panic cannot leave them inconsistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl MuxSocket {
+    pub(crate) fn new(
+        udp: Arc<UdpSocket>,
+        server: SocketAddr,
+        relay_in: mpsc::Receiver<(SocketAddr, Bytes)>,
+        relay_out: mpsc::Sender<Outgoing>,
+        stun_tx: mpsc::Sender<(SocketAddr, Bytes)>,
+    ) -> Self {
+        Self {
+            udp,
+            routes: Mutex::default(),
+            relay_in: Mutex::new(relay_in),
+            relay_out,
+            stun_tx,
+            server,
+            blackhole: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn udp(&self) -> &Arc<UdpSocket> {
+        &self.udp
+    }
+
+    /// Sets where packets for `fake` go.
+    pub(crate) fn set_route(&self, fake: SocketAddr, route: Route) {
+        lock(&self.routes).by_fake.insert(fake, route);
+    }
+
+    pub(crate) fn route(&self, fake: SocketAddr) -> Option<Route> {
+        lock(&self.routes).by_fake.get(&fake).copied()
+    }
+
+    /// Accepts QUIC from `real` as coming from `fake` (an authenticated, validated address).
+    pub(crate) fn allow_remote(&self, real: SocketAddr, fake: SocketAddr) {
+        lock(&self.routes).by_real.insert(real, fake);
+    }
+
+    /// The last time a QUIC packet arrived from `real`.
+    pub(crate) fn last_rx(&self, real: SocketAddr) -> Option<Instant> {
+        lock(&self.routes).last_rx.get(&real).copied()
+    }
+
+    /// Forgets everything about `fake`.
+    pub(crate) fn remove(&self, fake: SocketAddr) {
+        let mut r = lock(&self.routes);
+        r.by_fake.remove(&fake);
+        let reals: Vec<SocketAddr> = r
+            .by_real
+            .iter()
+            .filter(|(_, f)| **f == fake)
+            .map(|(real, _)| *real)
+            .collect();
+        for real in reals {
+            r.by_real.remove(&real);
+            r.last_rx.remove(&real);
+        }
+    }
+
+    /// Drops all UDP except to and from the server (test hook for a dying direct path).
+    pub(crate) fn set_blackhole(&self, on: bool) {
+        self.blackhole.store(on, Ordering::Relaxed);
+    }
+
+    fn blackholed(&self, addr: SocketAddr) -> bool {
+        self.blackhole.load(Ordering::Relaxed) && addr != self.server
+    }
+
+    /// Sends a datagram that is not QUIC (STUN, checks) unless blackholed.
+    pub(crate) async fn send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<()> {
+        if self.blackholed(to) {
+            return Ok(());
+        }
+        self.udp.send_to(data, to).await.map(|_| ())
+    }
+
+    fn send_relay(&self, call: u32, contents: &[u8]) {
+        let header = RelayHeader {
+            call,
+            class: TrafficClass::Control,
+            flags: RelayFlags::default(),
+        };
+        let mut b = BytesMut::with_capacity(contents.len() + 16);
+        if frame::encode_relay(&header, contents, &mut b).is_ok() {
+            // A full queue drops the packet like a congested link would; QUIC recovers.
+            if self.relay_out.try_send(Outgoing::Frame(b.freeze())).is_err() {
+                trace!(call, "relay queue full: packet dropped");
+            }
+        }
+    }
+
+    /// Hands a datagram to quinn; `meta`/`buf` filled as one datagram from `from`.
+    fn deliver(buf: &mut IoSliceMut<'_>, meta: &mut RecvMeta, data: &[u8], from: SocketAddr) -> bool {
+        if data.len() > buf.len() {
+            return false;
+        }
+        buf[..data.len()].copy_from_slice(data);
+        *meta = RecvMeta {
+            addr: from,
+            len: data.len(),
+            stride: data.len(),
+            ecn: None,
+            dst_ip: None,
+        };
+        true
+    }
+}
+
+impl AsyncUdpSocket for MuxSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        Box::pin(Writable(self.udp.clone()))
+    }
+
+    fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
+        match self.route(transmit.destination) {
+            Some(Route::Udp(real)) if !self.blackholed(real) => {
+                self.udp.try_send_to(transmit.contents, real).map(|_| ())
+            }
+            Some(Route::Relay(call)) => {
+                self.send_relay(call, transmit.contents);
+                Ok(())
+            }
+            // No path yet, blackholed, or unknown: the packet is lost; QUIC retransmits.
+            _ => Ok(()),
+        }
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        let (Some(buf), Some(meta)) = (bufs.first_mut(), meta.first_mut()) else {
+            return Poll::Ready(Ok(0));
+        };
+        while let Poll::Ready(Some((fake, pkt))) = lock(&self.relay_in).poll_recv(cx) {
+            if Self::deliver(buf, meta, &pkt, fake) {
+                return Poll::Ready(Ok(1));
+            }
+        }
+        loop {
+            let mut rb = ReadBuf::new(buf);
+            let src = match self.udp.poll_recv_from(cx, &mut rb) {
+                Poll::Ready(Ok(src)) => src,
+                // ICMP errors and the like: never stop quinn's driver for them.
+                Poll::Ready(Err(e)) => {
+                    trace!(error = %e, "udp recv error ignored");
+                    continue;
+                }
+                Poll::Pending => return Poll::Pending,
+            };
+            let n = rb.filled().len();
+            if self.blackholed(src) {
+                continue;
+            }
+            match classify(&buf[..n]) {
+                PacketClass::Stun => {
+                    let _ = self.stun_tx.try_send((src, Bytes::copy_from_slice(&buf[..n])));
+                }
+                PacketClass::Quic => {
+                    let mut r = lock(&self.routes);
+                    let Some(fake) = r.by_real.get(&src).copied() else {
+                        trace!(%src, "QUIC from an unvalidated address dropped");
+                        continue;
+                    };
+                    r.last_rx.insert(src, Instant::now());
+                    drop(r);
+                    *meta = RecvMeta {
+                        addr: fake,
+                        len: n,
+                        stride: n,
+                        ecn: None,
+                        dst_ip: None,
+                    };
+                    return Poll::Ready(Ok(1));
+                }
+                PacketClass::Media | PacketClass::Unknown => trace!(%src, "datagram dropped"),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        // quinn must see an IPv6 local address to send to the IPv6 fake addresses.
+        Ok(match self.udp.local_addr()? {
+            SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+            v6 => v6,
+        })
+    }
+}
+
+/// quinn's writability poller over the tokio socket.
+#[derive(Debug)]
+struct Writable(Arc<UdpSocket>);
+
+impl UdpPoller for Writable {
+    fn poll_writable(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.0.poll_send_ready(cx)
+    }
+}

@@ -1,0 +1,189 @@
+//! Calls between two endpoints and an in-process rendezvous server on loopback.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use natcall::{EndReason, Endpoint, EndpointConfig, Error, Identity, Path, Policy};
+use natcall_rendezvous::{Config, Server, Sockets};
+
+struct Lab {
+    addr: SocketAddr,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn server() -> Lab {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let sockets = Sockets::bind("127.0.0.1:0".parse().expect("addr")).expect("binds");
+    let addr = sockets.local_addr().expect("addr");
+    let server = Server::new(Config::default()).expect("config");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = server
+            .run(sockets, async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    Lab { addr, _stop: stop }
+}
+
+async fn peer(lab: &Lab, name: &str) -> Endpoint {
+    let mut config = EndpointConfig::new(lab.addr, name, Identity::generate().expect("identity"));
+    config.bind = "127.0.0.1:0".parse().expect("addr");
+    Endpoint::bind(config).await.expect("registers")
+}
+
+/// bob accepts one call, echoes chat lines back with a prefix until alice finishes.
+fn echo(bob: Endpoint) -> tokio::task::JoinHandle<(Path, EndReason)> {
+    tokio::spawn(async move {
+        let call = bob.accept().await.expect("offer").accept().await.expect("connects");
+        while let Ok(Some(line)) = call.recv_chat().await {
+            call.send_chat(&format!("echo {line}")).await.expect("sends");
+        }
+        let end = call.ended().await;
+        (call.path(), end)
+    })
+}
+
+async fn chat_round(call: &natcall::Call, text: &str) {
+    call.send_chat(text).await.expect("sends");
+    let back = tokio::time::timeout(Duration::from_secs(10), call.recv_chat())
+        .await
+        .expect("in time");
+    assert_eq!(back.expect("reads").as_deref(), Some(format!("echo {text}").as_str()));
+}
+
+#[tokio::test]
+async fn an_auto_call_on_one_host_ends_up_on_the_lan_path_and_chats() {
+    let lab = server().await;
+    let (alice, bob) = (peer(&lab, "alice").await, peer(&lab, "bob").await);
+    let bob_task = echo(bob);
+    let call = alice.call("bob", Policy::Auto).await.expect("connects");
+    chat_round(&call, "one").await;
+    let mut path = call.watch_path();
+    tokio::time::timeout(Duration::from_secs(5), path.wait_for(|p| *p == Path::Lan))
+        .await
+        .expect("LAN in time")
+        .ok();
+    assert_eq!(call.path(), Path::Lan, "same public IP: the LAN candidate wins");
+    chat_round(&call, "two").await;
+    let report = call.report();
+    assert_eq!(report.path_at_connect, Path::Relay, "auto starts on the relay at once");
+    assert!(report.path_changes.iter().any(|c| c.to == Path::Lan));
+    call.finish_chat().await.expect("acked");
+    call.hangup("bye");
+    let (_, end) = bob_task.await.expect("bob");
+    assert_eq!(end, EndReason::Peer("bye".into()));
+}
+
+#[tokio::test]
+async fn direct_only_connects_over_the_public_address_and_never_the_relay() {
+    let lab = server().await;
+    let (alice, bob) = (peer(&lab, "alice").await, peer(&lab, "bob").await);
+    let bob_task = echo(bob.clone());
+    let call = alice.call("bob", Policy::DirectOnly).await.expect("connects");
+    assert_eq!(call.path(), Path::Direct);
+    chat_round(&call, "direct").await;
+    let report = call.report();
+    assert!(
+        report.path_changes.iter().all(|c| c.to != Path::Relay),
+        "{:?}",
+        report.path_changes
+    );
+    assert_eq!(report.path_changes.last().and_then(|c| c.remote), bob.public_addr());
+    call.hangup("bye");
+    bob_task.await.expect("bob");
+}
+
+#[tokio::test]
+async fn relay_only_carries_the_chat_through_the_server() {
+    let lab = server().await;
+    let (alice, bob) = (peer(&lab, "alice").await, peer(&lab, "bob").await);
+    let bob_task = echo(bob);
+    let call = alice.call("bob", Policy::RelayOnly).await.expect("connects");
+    for i in 0..20 {
+        chat_round(&call, &format!("relayed {i}")).await;
+    }
+    assert_eq!(call.path(), Path::Relay);
+    assert_eq!(call.report().path_changes.len(), 1, "connecting → relay, nothing else");
+    call.hangup("bye");
+    bob_task.await.expect("bob");
+}
+
+#[tokio::test]
+async fn a_dead_direct_path_falls_back_to_the_relay_mid_call() {
+    let lab = server().await;
+    let (alice, bob) = (peer(&lab, "alice").await, peer(&lab, "bob").await);
+    let bob_task = echo(bob);
+    let call = alice.call("bob", Policy::Auto).await.expect("connects");
+    let mut path = call.watch_path();
+    tokio::time::timeout(Duration::from_secs(5), path.wait_for(|p| *p == Path::Lan))
+        .await
+        .expect("LAN")
+        .ok();
+    chat_round(&call, "before").await;
+    alice.simulate_dead_udp(true);
+    tokio::time::timeout(Duration::from_secs(10), path.wait_for(|p| *p == Path::Relay))
+        .await
+        .expect("falls back to the relay within 10 s")
+        .ok();
+    chat_round(&call, "after").await;
+    call.hangup("bye");
+    bob_task.await.expect("bob");
+}
+
+#[tokio::test]
+async fn direct_only_without_a_working_udp_path_fails_with_the_reason() {
+    let lab = server().await;
+    let (alice, bob) = (peer(&lab, "alice").await, peer(&lab, "bob").await);
+    tokio::spawn(async move {
+        let offer = bob.accept().await.expect("offer");
+        let _ = offer.accept().await;
+    });
+    alice.simulate_dead_udp(true);
+    let started = std::time::Instant::now();
+    let e = alice.call("bob", Policy::DirectOnly).await.expect_err("no direct path");
+    assert!(matches!(e, Error::NoPath(_)), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        "no direct path to bob answered within 5s, and the direct-only policy forbids the relay"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(5), "the whole budget is tried");
+}
+
+#[tokio::test]
+async fn calling_an_offline_name_is_a_clear_error() {
+    let lab = server().await;
+    let alice = peer(&lab, "alice").await;
+    let e = alice.call("nobody", Policy::Auto).await.expect_err("offline");
+    assert!(matches!(e, Error::Offline(_)));
+    assert_eq!(e.to_string(), "nobody is not online");
+}
+
+#[tokio::test]
+async fn a_declined_call_says_so() {
+    let lab = server().await;
+    let (alice, bob) = (peer(&lab, "alice").await, peer(&lab, "bob").await);
+    tokio::spawn(async move { bob.accept().await.expect("offer").reject().expect("rejects") });
+    let e = alice.call("bob", Policy::Auto).await.expect_err("declined");
+    assert_eq!(e.to_string(), "bob declined");
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_a_sentence() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("binds")
+        .local_addr()
+        .expect("addr");
+    let config = EndpointConfig::new(free, "alice", Identity::generate().expect("identity"));
+    let e = Endpoint::bind(config).await.expect_err("nothing listens");
+    let text = e.to_string();
+    assert!(
+        text.starts_with(&format!("cannot reach rendezvous server {free}: Connection refused")),
+        "{text}"
+    );
+    assert!(text.ends_with("(is it running? check --server)"), "{text}");
+}
