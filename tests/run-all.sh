@@ -17,4 +17,6 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# The end-to-end tests run the real binaries: build them first.
+cargo build --workspace --bins --locked
 cargo test --workspace --locked "$@"

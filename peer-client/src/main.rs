@@ -1,0 +1,140 @@
+//! `natcall`: the command-line peer. Flags and the config file are parsed here; the call
+//! session lives in [`session`], the demo in [`demo`].
+
+mod config;
+mod demo;
+mod output;
+mod session;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use natcall::Policy;
+use tracing_subscriber::EnvFilter;
+
+use crate::output::Exit;
+
+/// Call someone behind a NAT: LAN when you share a router, else UDP hole punching, else the
+/// rendezvous server's TCP relay. Chat lines typed on stdin go to the other side.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Args {
+    /// Rendezvous server, HOST:PORT (default: the config file's, else 127.0.0.1:3478).
+    #[arg(long, global = true, env = "NATCALL_SERVER")]
+    server: Option<String>,
+    /// Your name on the server (default: the config file's, else $USER).
+    #[arg(long, global = true, env = "NATCALL_NAME")]
+    name: Option<String>,
+    /// Directory with your identity and config.toml (default: $NATCALL_HOME, else ~/.config/natcall).
+    #[arg(long, global = true, env = "NATCALL_HOME")]
+    home: Option<PathBuf>,
+    /// Machine-readable output: one JSON object per line on stdout, the last one the report.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Register and wait for calls; accept them and chat.
+    Listen {
+        /// Exit after the first call.
+        #[arg(long)]
+        once: bool,
+        /// End each call after this many seconds.
+        #[arg(long)]
+        duration: Option<f64>,
+        #[command(flatten)]
+        test: TestHooks,
+    },
+    /// Call NAME and chat.
+    Call {
+        /// Who to call.
+        peer: String,
+        /// Which paths the call may use: auto, direct-only, relay-only, lan-only.
+        #[arg(long, default_value = "auto")]
+        policy: Policy,
+        /// End the call after this many seconds.
+        #[arg(long)]
+        duration: Option<f64>,
+        #[command(flatten)]
+        test: TestHooks,
+    },
+    /// Start a local rendezvous server and two peers on loopback, call, chat, report, exit.
+    Demo,
+}
+
+/// Hooks for end-to-end tests.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct TestHooks {
+    /// Test hook: after this many seconds of a call, drop all UDP to and from the peer.
+    #[arg(long, hide = true)]
+    pub test_kill_udp_after: Option<f64>,
+}
+
+fn secs(s: Option<f64>) -> Option<Duration> {
+    s.filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64)
+}
+
+fn init_logging() {
+    // Logs go to stderr; quiet by default so chat, notices and the status line stay readable.
+    // RUST_LOG=natcall=debug shows the traversal and path decisions.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            return output::fail(
+                args.json,
+                Exit::Internal,
+                &anyhow::anyhow!("cannot start the runtime: {e}"),
+            );
+        }
+    };
+    let json = args.json;
+    let result = rt.block_on(async move {
+        match args.cmd {
+            Cmd::Demo => demo::run(json).await,
+            Cmd::Listen { once, duration, test } => {
+                let settings = config::Settings::resolve(args.server, args.name, args.home).await?;
+                session::listen(settings, json, once, secs(duration), test).await
+            }
+            Cmd::Call {
+                ref peer,
+                policy,
+                duration,
+                test,
+            } => {
+                let settings =
+                    config::Settings::resolve(args.server.clone(), args.name.clone(), args.home.clone()).await?;
+                session::call(settings, json, peer, policy, secs(duration), test).await
+            }
+        }
+    });
+    // Do not wait for the thread blocked reading stdin: the session is over.
+    rt.shutdown_background();
+    match result {
+        Ok(code) => code.into(),
+        Err(e) => {
+            let exit = output::classify(&e);
+            output::fail(json, exit, &e)
+        }
+    }
+}

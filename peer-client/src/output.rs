@@ -1,0 +1,101 @@
+//! What the user sees: chat lines, the status line, the final report, errors and exit codes.
+//!
+//! Human mode: chat on stdout (`bob: hello`), status and summaries on stderr.
+//! `--json` mode: stdout is JSON lines — `{"event":"chat",...}`, `{"event":"path",...}`, and
+//! last `{"event":"report",...}` (or `{"event":"error",...}`); nothing else goes to stdout.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use natcall::Error;
+use serde::Serialize;
+use serde_json::json;
+
+/// Exit codes: see `natcall --help` and the README.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The call connected and ended normally (hang-up either side, stdin closed, Ctrl-C, duration).
+    Ok = 0,
+    /// Anything unexpected.
+    Internal = 1,
+    /// The rendezvous server cannot be reached, or was lost.
+    Server = 3,
+    /// The server refused this peer (name taken, bad name, full, version).
+    Refused = 4,
+    /// The peer is offline, busy, or declined.
+    Peer = 5,
+    /// No path the policy allows could be established.
+    NoPath = 6,
+    /// The call connected, then was lost.
+    Dropped = 7,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(e: Exit) -> Self {
+        ExitCode::from(e as u8)
+    }
+}
+
+/// The exit code for an error.
+pub fn classify(e: &anyhow::Error) -> Exit {
+    match e.downcast_ref::<Error>() {
+        Some(Error::Unreachable { .. } | Error::ServerLost(_)) => Exit::Server,
+        Some(Error::Refused { .. }) => Exit::Refused,
+        Some(Error::Offline(_) | Error::Busy(_) | Error::SelfCall | Error::Ended(_)) => Exit::Peer,
+        Some(Error::NoPath(_) | Error::Timeout(_)) => Exit::NoPath,
+        _ => Exit::Internal,
+    }
+}
+
+/// Reports an error and returns its exit code.
+pub fn fail(json: bool, exit: Exit, e: &anyhow::Error) -> ExitCode {
+    if json {
+        line(&json!({"event": "error", "error": format!("{e:#}"), "exit_code": exit as u8}));
+    } else {
+        eprintln!("natcall: {e:#}");
+    }
+    exit.into()
+}
+
+/// Prints one JSON line on stdout.
+pub fn line(value: &impl Serialize) {
+    let mut out = std::io::stdout().lock();
+    if let Ok(s) = serde_json::to_string(value) {
+        let _ = writeln!(out, "{s}");
+        let _ = out.flush();
+    }
+}
+
+/// A received chat line.
+pub fn chat(json: bool, from: &str, text: &str) {
+    if json {
+        line(&json!({"event": "chat", "from": from, "text": text}));
+    } else {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{from}: {text}");
+        let _ = out.flush();
+    }
+}
+
+/// A one-off notice (connected, path change, ended).
+pub fn notice(json: bool, event: serde_json::Value, text: &str) {
+    if json {
+        line(&event);
+    } else {
+        status_clear();
+        eprintln!("{text}");
+    }
+}
+
+/// Rewrites the status line on a terminal; silent otherwise.
+pub fn status(text: &str) {
+    if std::io::stderr().is_terminal() {
+        eprint!("\r\x1b[2K{text}");
+    }
+}
+
+fn status_clear() {
+    if std::io::stderr().is_terminal() {
+        eprint!("\r\x1b[2K");
+    }
+}
