@@ -8,7 +8,7 @@
 //!    caller); an accept makes it **active** and sends `Start` to both, back to back, each with
 //!    the other's key, candidates, one shared password and a start delay ([`start_delays`]);
 //! 3. while active, relay frames carrying the call id are forwarded, bytes untouched, from one
-//!    member's connection to the other's outbound queue;
+//!    member's connection into the other's [`Outbox`] (the relay engine's per-client buffer);
 //! 4. the call ends on `Hangup` from either member, when a ringing call is not answered within
 //!    `limits.ring_timeout_ms`, or when a member's connection ends or its registration is
 //!    replaced; the remaining member(s) get `CallEnded` with the reason.
@@ -16,29 +16,26 @@
 //! Members are identified by connection id, not by name: a peer that re-registers from a new
 //! connection is not a member of the old connection's calls (they end).
 //!
-//! Relay forwarding never blocks and never sheds the receiver: when the receiver's queue has no
-//! room left outside the share reserved for control messages ([`RELAY_RESERVE_DIVISOR`]), the
-//! frame is dropped and counted in [`RelayStats`].
+//! Relay forwarding never blocks: the receiver's [`Outbox`] queues the frame and applies the
+//! class policy (see `outbox.rs` and `docs/relay.md`).
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use natcall_proto::control::{CallFailure, Candidates, Policy, ServerMsg};
+use natcall_proto::control::{CallFailure, Candidates, PathKind, Policy, ServerMsg};
+use natcall_proto::relay::RelayHeader;
 use ring::rand::{SecureRandom, SystemRandom};
-use tokio::sync::mpsc;
-use tracing::{debug, info, trace, warn};
+use tracing::{debug, info, warn};
 
-use crate::conn::{Outbound, control_frame};
+use crate::conn::control_frame;
+use crate::metrics::{DropReason, Metrics};
+use crate::outbox::Outbox;
 use crate::registry::{PeerInfo, Registry};
 use crate::server::Shared;
-
-/// One part in this many of every outbound queue is kept free of relay frames, so call
-/// signalling and pings still fit when relayed traffic fills a slow receiver's queue.
-pub const RELAY_RESERVE_DIVISOR: usize = 8;
 
 /// The longest hang-up reason passed on to the other peer (bytes; longer ones are cut).
 pub const MAX_REASON_LEN: usize = 256;
@@ -48,7 +45,7 @@ pub const MAX_REASON_LEN: usize = 256;
 pub(crate) struct Member {
     pub(crate) name: String,
     pub(crate) conn_id: u64,
-    pub(crate) tx: mpsc::Sender<Outbound>,
+    pub(crate) outbox: Arc<Outbox>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +62,8 @@ struct Call {
     policy: Policy,
     /// Distinguishes this call from a later one that reuses its id (for the ring timer).
     serial: u64,
+    /// The path the members last reported.
+    path: Option<PathKind>,
 }
 
 impl Call {
@@ -118,7 +117,6 @@ impl Table {
 #[derive(Debug, Default)]
 pub struct RelayStats {
     forwarded: AtomicU64,
-    dropped_queue_full: AtomicU64,
     dropped_not_in_call: AtomicU64,
     dropped_rate: AtomicU64,
 }
@@ -126,10 +124,8 @@ pub struct RelayStats {
 /// A snapshot of [`RelayStats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RelayCounts {
-    /// Frames forwarded to the other member.
+    /// Frames handed to the other member's buffer (which may still drop them by class).
     pub forwarded: u64,
-    /// Frames dropped because the receiver's queue had no room for relay.
-    pub dropped_queue_full: u64,
     /// Frames for a call the sender is not a member of, or that is not active.
     pub dropped_not_in_call: u64,
     /// Frames over the sender's `limits.relay_frames_per_sec`.
@@ -141,7 +137,6 @@ impl RelayStats {
     pub fn counts(&self) -> RelayCounts {
         RelayCounts {
             forwarded: self.forwarded.load(Ordering::Relaxed),
-            dropped_queue_full: self.dropped_queue_full.load(Ordering::Relaxed),
             dropped_not_in_call: self.dropped_not_in_call.load(Ordering::Relaxed),
             dropped_rate: self.dropped_rate.load(Ordering::Relaxed),
         }
@@ -160,6 +155,7 @@ pub struct Calls {
     max_per_peer: usize,
     rng: SystemRandom,
     stats: RelayStats,
+    metrics: Metrics,
 }
 
 fn read(t: &RwLock<Table>) -> RwLockReadGuard<'_, Table> {
@@ -181,8 +177,8 @@ fn deliver(to: &Member, msg: &ServerMsg) {
             return;
         }
     };
-    if let Err(e) = to.tx.try_send(Outbound::Frame(frame)) {
-        debug!(peer = %to.name, error = %e, "call message not queued");
+    if !to.outbox.push_server(frame) {
+        debug!(peer = %to.name, "call message not queued: the peer is not reading");
     }
 }
 
@@ -209,12 +205,38 @@ pub fn start_delays(rtt_a: Option<Duration>, rtt_b: Option<Duration>) -> (u32, u
 
 impl Calls {
     /// An empty table allowing `max_per_peer` calls per connection.
-    pub fn new(max_per_peer: usize) -> Self {
+    pub fn new(max_per_peer: usize, metrics: Metrics) -> Self {
         Self {
             table: RwLock::default(),
             max_per_peer,
             rng: SystemRandom::new(),
             stats: RelayStats::default(),
+            metrics,
+        }
+    }
+
+    /// Publishes the number of calls by path.
+    fn publish(&self, table: &Table) {
+        let mut counts = [0usize; 5];
+        for call in table.calls.values() {
+            let i = match (call.state, call.path) {
+                (State::Ringing, _) => 0,
+                (State::Active, None) => 1,
+                (State::Active, Some(PathKind::Lan)) => 2,
+                (State::Active, Some(PathKind::Direct)) => 3,
+                (State::Active, Some(PathKind::Relay)) => 4,
+            };
+            counts[i] += 1;
+        }
+        self.metrics.set_calls(counts);
+    }
+
+    /// Records the path a member of call `id` reports.
+    pub(crate) fn set_path(&self, conn_id: u64, id: u32, path: PathKind) {
+        let mut table = write(&self.table);
+        if let Some(call) = table.calls.get_mut(&id).filter(|c| c.sides(conn_id).is_some()) {
+            call.path = Some(path);
+            self.publish(&table);
         }
     }
 
@@ -297,7 +319,7 @@ impl Calls {
         let callee = Member {
             name: callee.to_owned(),
             conn_id: callee_info.conn_id,
-            tx: callee_info.tx,
+            outbox: callee_info.outbox,
         };
         deliver(
             &caller,
@@ -322,8 +344,10 @@ impl Calls {
             state: State::Ringing,
             policy,
             serial,
+            path: None,
         };
         table.insert(id, call);
+        self.publish(&table);
         Some((id, serial))
     }
 
@@ -347,6 +371,7 @@ impl Calls {
                 info!(call = id, callee = %call.callee.name, "call declined");
                 ended(&call.caller, id, format!("{} declined", call.callee.name));
             }
+            self.publish(&table);
             return;
         }
         let Some(call) = table.calls.get_mut(&id) else {
@@ -372,6 +397,7 @@ impl Calls {
         deliver(&call.caller, &start(&call.callee, &callee, true, caller_delay));
         deliver(&call.callee, &start(&call.caller, &caller, false, callee_delay));
         info!(call = id, caller = %call.caller.name, callee = %call.callee.name, caller_delay, callee_delay, "call active");
+        self.publish(&table);
     }
 
     /// Handles `Hangup { call, reason }` from connection `conn_id`.
@@ -399,11 +425,12 @@ impl Calls {
             format!("{} hung up: {reason}", me.name)
         };
         ended(other, id, text);
+        self.publish(&table);
     }
 
     /// Ends every call of connection `conn_id` (it closed or was replaced): the other member of
-    /// each gets `CallEnded "<name> left"`.
-    pub(crate) fn end_all(&self, conn_id: u64) {
+    /// each gets `CallEnded` with `why`, or "<name> left".
+    pub(crate) fn end_all(&self, conn_id: u64, why: Option<String>) {
         let mut table = write(&self.table);
         let Some(ids) = table.by_conn.get(&conn_id).cloned() else {
             return;
@@ -414,9 +441,10 @@ impl Calls {
             };
             if let Some((me, other)) = call.sides(conn_id) {
                 info!(call = id, peer = %me.name, "call ended: member left");
-                ended(other, id, format!("{} left", me.name));
+                ended(other, id, why.clone().unwrap_or_else(|| format!("{} left", me.name)));
             }
         }
+        self.publish(&table);
     }
 
     /// Ends call `id` if it is the same call (`serial`) and still ringing.
@@ -434,41 +462,31 @@ impl Calls {
             ended(&call.caller, id, "no answer".into());
             ended(&call.callee, id, "no answer".into());
         }
+        self.publish(&table);
     }
 
-    /// Forwards relay frame `wire` (the whole frame as received) from connection `conn_id` to
-    /// the other member of active call `id`; drops and counts it otherwise.
-    pub(crate) fn relay(&self, conn_id: u64, id: u32, wire: Bytes) {
+    /// Forwards relay frame `wire` (the whole frame as received, with its parsed `header`) from
+    /// connection `conn_id` into the buffer of the other member of the active call; drops and
+    /// counts it otherwise. Never blocks: the receiver's buffer applies the class policy.
+    pub(crate) fn relay(&self, conn_id: u64, header: &RelayHeader, wire: Bytes, now: Instant) {
         let table = read(&self.table);
-        let other = match table.calls.get(&id) {
-            Some(call) if call.state == State::Active => call.sides(conn_id).map(|(_, other)| other),
+        let other = match table.calls.get(&header.call) {
+            Some(call) if call.state == State::Active => call.sides(conn_id).map(|(_, other)| other.outbox.clone()),
             _ => None,
         };
+        drop(table);
         let Some(other) = other else {
-            drop(table);
             self.stats.dropped_not_in_call.fetch_add(1, Ordering::Relaxed);
+            self.metrics.dropped(header.class, DropReason::NotInCall, 1, wire.len());
             debug!(
-                call = id,
+                call = header.call,
                 conn = conn_id,
                 "relay frame outside an active call of this peer dropped"
             );
             return;
         };
-        let reserve = other.tx.max_capacity() / RELAY_RESERVE_DIVISOR;
-        if other.tx.capacity() <= reserve {
-            self.stats.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
-            trace!(call = id, to = %other.name, "receiver's queue full; relay frame dropped");
-            return;
-        }
-        match other.tx.try_send(Outbound::Frame(wire)) {
-            Ok(()) => {
-                self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) => {
-                self.stats.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
-                trace!(call = id, to = %other.name, "receiver's queue full or closed; relay frame dropped");
-            }
-        }
+        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        other.push_relay(wire, header, now);
     }
 }
 

@@ -33,8 +33,12 @@ pub struct Config {
     pub log_level: String,
     /// Where name → key bindings are kept across restarts; in memory only when unset.
     pub state_file: Option<PathBuf>,
+    /// Where to serve Prometheus `/metrics` and `/health` over HTTP; off when unset.
+    pub metrics_listen: Option<SocketAddr>,
     /// Resource limits.
     pub limits: Limits,
+    /// The relay engine.
+    pub relay: RelayConfig,
 }
 
 impl Default for Config {
@@ -44,8 +48,99 @@ impl Default for Config {
             public_addr: None,
             log_level: "info".into(),
             state_file: None,
+            metrics_listen: None,
             limits: Limits::default(),
+            relay: RelayConfig::default(),
         }
+    }
+}
+
+/// The relay engine's per-receiver buffer (see `docs/relay.md`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelayConfig {
+    /// N: a client acknowledges every N relay frames it reads (told to it at registration).
+    pub ack_every: u32,
+    /// The most relay frames written and not yet acknowledged before the client counts as busy;
+    /// the limit in force adapts between `ack_every` and this (see `target_delay_ms`).
+    pub idle_limit: u32,
+    /// The adaptive limit aims to keep at most this much traffic written but unread (ms).
+    pub target_delay_ms: u64,
+    /// Most relay frames put into one write.
+    pub burst: u32,
+    /// Bound on relay frames waiting for one client.
+    pub max_frames: usize,
+    /// Bound on relay bytes waiting for one client.
+    pub max_bytes: usize,
+    /// Bound on the age of the oldest droppable (audio/video) frame waiting (ms).
+    pub max_age_ms: u64,
+    /// Audio waiting longer than this is dropped (ms).
+    pub audio_deadline_ms: u64,
+    /// A client that makes no progress this long while frames wait is disconnected (ms).
+    pub overload_timeout_ms: u64,
+    /// `SO_SNDBUF` of peer connections (bytes; the kernel doubles it).
+    pub sndbuf: usize,
+    /// `TCP_NOTSENT_LOWAT` of peer connections (bytes): the socket is writable only while less
+    /// than this is unsent, so backlog builds in the server's buffer where the policy sees it.
+    pub notsent_lowat: u32,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            ack_every: 4,
+            idle_limit: 64,
+            target_delay_ms: 80,
+            burst: 16,
+            max_frames: 256,
+            max_bytes: 192 * 1024,
+            max_age_ms: 400,
+            audio_deadline_ms: 150,
+            overload_timeout_ms: 5_000,
+            sndbuf: 64 * 1024,
+            notsent_lowat: 16 * 1024,
+        }
+    }
+}
+
+impl RelayConfig {
+    /// [`Self::target_delay_ms`] as a duration.
+    pub fn target_delay(&self) -> Duration {
+        Duration::from_millis(self.target_delay_ms)
+    }
+    /// [`Self::max_age_ms`] as a duration.
+    pub fn max_age(&self) -> Duration {
+        Duration::from_millis(self.max_age_ms)
+    }
+    /// [`Self::audio_deadline_ms`] as a duration.
+    pub fn audio_deadline(&self) -> Duration {
+        Duration::from_millis(self.audio_deadline_ms)
+    }
+    /// [`Self::overload_timeout_ms`] as a duration.
+    pub fn overload_timeout(&self) -> Duration {
+        Duration::from_millis(self.overload_timeout_ms)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (name, v) in [
+            ("ack_every", u64::from(self.ack_every)),
+            ("burst", u64::from(self.burst)),
+            ("max_frames", self.max_frames as u64),
+            ("max_bytes", self.max_bytes as u64),
+            ("overload_timeout_ms", self.overload_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Invalid(format!("relay.{name} must be greater than 0")));
+            }
+        }
+        if self.idle_limit < 2 * self.ack_every {
+            return Err(ConfigError::Invalid(format!(
+                "relay.idle_limit ({}) must be at least twice relay.ack_every ({}), or the relay would \
+                 wait for every acknowledgement",
+                self.idle_limit, self.ack_every
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -195,7 +290,7 @@ impl Config {
                 l.idle_timeout_ms, l.ping_interval_ms
             )));
         }
-        Ok(())
+        self.relay.validate()
     }
 }
 
@@ -227,6 +322,11 @@ mod tests {
     fn the_shipped_example_config_is_valid() {
         let c = Config::from_toml(include_str!("../dist/rendezvous.toml")).expect("the example parses");
         assert_eq!(c.limits, Limits::default(), "the example documents the defaults");
+        assert_eq!(
+            c.relay,
+            RelayConfig::default(),
+            "the example documents the relay defaults"
+        );
         assert_eq!(c.listen, Config::default().listen);
     }
 

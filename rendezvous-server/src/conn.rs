@@ -5,10 +5,12 @@
 //! 2. control frames count against `limits.frames_per_sec` (over it: shed); relay frames have
 //!    their own budget, `limits.relay_frames_per_sec` (over it: dropped), and go to
 //!    [`crate::calls`], which forwards them untouched to the other member of an active call;
-//! 3. anything to send — replies, pings, messages from other tasks — goes through the
-//!    connection's bounded [`Outbound`] queue to its writer task, which batches whatever is
-//!    ready into one write;
-//! 4. the connection ends one of three ways (and its calls with it):
+//! 3. anything to send — replies, pings, messages from other tasks, relay frames — goes into
+//!    the connection's [`Outbox`] (the relay engine's per-client buffer); its writer task takes
+//!    batches and writes each with one vectored write (no copy of the frames);
+//! 4. a relay receiver that makes no progress for `relay.overload_timeout_ms` is shed, and the
+//!    other members of its calls are told why;
+//! 5. the connection ends one of three ways (and its calls with it):
 //!    - **graceful** (protocol error, timeout, server drain): queue an error or "going away"
 //!      frame, let the writer flush it and half-close (`shutdown(Write)`), and keep reading until
 //!      the peer closes its side or the drain deadline passes, so nothing either side already
@@ -31,26 +33,16 @@ use ring::rand::{SecureRandom, SystemRandom};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, info, trace, warn};
 
 use crate::calls::{self, Member};
+use crate::metrics::{Disconnect, DropReason};
+use crate::outbox::{Outbox, Take};
 use crate::registry::RegisterError;
 use crate::server::Shared;
 use crate::sockopt;
-
-/// Most frames the writer puts into one write.
-const MAX_BATCH: usize = 64;
-
-/// What a connection's writer task is asked to do.
-#[derive(Debug)]
-pub enum Outbound {
-    /// Write this encoded frame.
-    Frame(Bytes),
-    /// Flush what is queued, then half-close (`reset: false`) or reset (`reset: true`).
-    Close { reset: bool },
-}
 
 /// How the read loop ended.
 #[derive(Debug)]
@@ -60,7 +52,7 @@ enum End {
     /// The peer half-closed or vanished.
     PeerClosed,
     /// Shed with a reset.
-    Shed(&'static str),
+    Shed(Disconnect, &'static str),
 }
 
 enum Phase {
@@ -73,7 +65,7 @@ struct Conn {
     shared: Arc<Shared>,
     id: u64,
     addr: SocketAddr,
-    tx: mpsc::Sender<Outbound>,
+    outbox: Arc<Outbox>,
     phase: Phase,
     /// Budget for control (non-relay) frames: over it, the connection is shed.
     control_tokens: TokenBucket,
@@ -129,13 +121,23 @@ pub(crate) fn control_frame(msg: &ServerMsg) -> Result<Bytes, FrameError> {
 
 /// Serves one accepted connection until it ends.
 pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAddr, id: u64) {
-    if let Err(e) = sockopt::configure_peer(&stream) {
+    if let Err(e) = sockopt::configure_peer(&stream, &shared.config.relay) {
         warn!(%addr, error = %e, "cannot set socket options; closing");
         return;
     }
     let (rd, wr) = stream.into_split();
-    let (tx, rx) = mpsc::channel(shared.config.limits.outbound_queue);
-    let writer = tokio::spawn(write_loop(wr, rx));
+    let outbox = Arc::new(Outbox::new(
+        shared.config.relay.clone(),
+        shared.metrics.clone(),
+        shared.config.limits.outbound_queue,
+    ));
+    let (stalled_tx, stalled) = watch::channel(false);
+    let writer = tokio::spawn(write_loop(
+        wr,
+        outbox.clone(),
+        shared.config.relay.overload_timeout(),
+        stalled_tx,
+    ));
     let now = Instant::now();
     let limits = &shared.config.limits;
     let mut conn = Conn {
@@ -144,17 +146,20 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
         shared,
         id,
         addr,
-        tx,
+        outbox,
         phase: Phase::AwaitHello,
         last_rx: now,
         ping: None,
         rtt: None,
     };
     let mut drain = conn.shared.drain.clone();
-    let (rd, end) = conn.read_loop(rd, &mut drain).await;
+    let (rd, end) = conn.read_loop(rd, &mut drain, stalled).await;
     if let Phase::Registered { name } = &conn.phase {
         conn.shared.registry.unregister(name, id);
-        conn.shared.calls.end_all(id);
+        conn.shared.metrics.set_registered(conn.shared.registry.online_count());
+        let why = matches!(end, End::Shed(Disconnect::Stalled, _))
+            .then(|| format!("{name}'s connection could not keep up with the relay and was closed"));
+        conn.shared.calls.end_all(id, why);
         info!(peer = %name, %addr, "peer left");
     }
     conn.finish(rd, end).await;
@@ -162,7 +167,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
 }
 
 impl Conn {
-    async fn read_loop(&mut self, mut rd: OwnedReadHalf, drain: &mut watch::Receiver<bool>) -> (OwnedReadHalf, End) {
+    async fn read_loop(
+        &mut self,
+        mut rd: OwnedReadHalf,
+        drain: &mut watch::Receiver<bool>,
+        mut stalled: watch::Receiver<bool>,
+    ) -> (OwnedReadHalf, End) {
         let limits = self.shared.config.limits.clone();
         let decoder = FrameDecoder::new(limits.max_frame_len);
         let mut buf = BytesMut::with_capacity(256);
@@ -189,9 +199,21 @@ impl Conn {
                 _ = sleep_until(deadline) => {
                     let what = if registered { "no message" } else { "no hello and registration" };
                     let secs = if registered { limits.idle_timeout() } else { limits.hello_timeout() };
+                    self.shared.metrics.disconnect(Disconnect::Timeout);
                     Some(End::Graceful(error_frame(ErrorCode::Timeout, &format!("{what} within {secs:?}; closing"))))
                 }
-                _ = drain.wait_for(|d| *d) => Some(End::Graceful(going_away("server is shutting down"))),
+                _ = drain.wait_for(|d| *d) => {
+                    self.shared.metrics.disconnect(Disconnect::Drain);
+                    Some(End::Graceful(going_away("server is shutting down")))
+                }
+                _ = stalled.wait_for(|s| *s) => {
+                    let msg = format!(
+                        "relay receiver made no progress for {:?}: it cannot keep up; closing",
+                        self.shared.config.relay.overload_timeout()
+                    );
+                    self.outbox.push_server(error_frame(ErrorCode::RateLimited, &msg));
+                    Some(End::Shed(Disconnect::Stalled, "relay receiver stalled"))
+                }
             };
             if let Some(end) = end {
                 return (rd, end);
@@ -213,15 +235,9 @@ impl Conn {
             self.last_rx = Instant::now();
             let end = if raw.kind_byte() == FrameKind::Relay as u8 {
                 self.handle_relay(raw)
-            } else if !self.control_tokens.take(self.last_rx) {
-                warn!(addr = %self.addr, "peer exceeds its frame rate; shedding");
-                let _ = self
-                    .tx
-                    .try_send(Outbound::Frame(error_frame(ErrorCode::RateLimited, "too many frames")));
-                return Some(End::Shed("frame rate"));
             } else {
                 match raw.parse() {
-                    Ok(frame) => self.handle_frame(frame),
+                    Ok(frame) => self.charge(&frame).or_else(|| self.handle_frame(frame)),
                     Err(e) => Some(self.protocol_error(&e)),
                 }
             };
@@ -231,11 +247,28 @@ impl Conn {
         }
     }
 
+    /// Takes a control-rate token for `frame`; a peer over its rate is shed. Relay health checks
+    /// are free: they are bounded by the relay frames the peer receives.
+    fn charge(&mut self, frame: &Frame<'_>) -> Option<End> {
+        if let Frame::Control(body) = frame {
+            if matches!(decode_control::<ClientMsg>(body), Ok(ClientMsg::RelayAck { .. })) {
+                return None;
+            }
+        }
+        if self.control_tokens.take(self.last_rx) {
+            return None;
+        }
+        warn!(addr = %self.addr, "peer exceeds its frame rate; shedding");
+        self.outbox
+            .push_server(error_frame(ErrorCode::RateLimited, "too many frames"));
+        Some(End::Shed(Disconnect::RateLimited, "frame rate"))
+    }
+
     /// A relay frame: forwarded within an active call, dropped (and counted) otherwise; it
     /// closes the connection only if malformed or before registration.
     fn handle_relay(&mut self, raw: RawFrame) -> Option<End> {
-        let call = match raw.parse() {
-            Ok(Frame::Relay { header, .. }) => header.call,
+        let header = match raw.parse() {
+            Ok(Frame::Relay { header, .. }) => header,
             Ok(_) => return None, // a relay kind byte always parses as a relay frame
             Err(e) => return Some(self.protocol_error(&e)),
         };
@@ -253,15 +286,20 @@ impl Conn {
         }
         if !self.relay_tokens.take(self.last_rx) {
             self.shared.calls.relay_stats().count_rate_drop();
-            trace!(addr = %self.addr, call, "relay frame over the relay rate dropped");
+            let len = raw.wire().len();
+            self.shared.metrics.dropped(header.class, DropReason::RateLimit, 1, len);
+            trace!(addr = %self.addr, call = header.call, "relay frame over the relay rate dropped");
             return None;
         }
-        self.shared.calls.relay(self.id, call, raw.into_wire());
+        self.shared
+            .calls
+            .relay(self.id, &header, raw.into_wire(), self.last_rx.into_std());
         None
     }
 
     fn protocol_error(&self, e: &FrameError) -> End {
         debug!(addr = %self.addr, error = %e, "protocol error; closing");
+        self.shared.metrics.disconnect(Disconnect::ProtocolError);
         End::Graceful(error_frame(ErrorCode::from(e), &e.to_string()))
     }
 
@@ -340,7 +378,7 @@ impl Conn {
                 let me = Member {
                     name: name.clone(),
                     conn_id: self.id,
-                    tx: self.tx.clone(),
+                    outbox: self.outbox.clone(),
                 };
                 calls::handle_call(&self.shared, me, &callee, policy);
                 None
@@ -351,6 +389,14 @@ impl Conn {
             }
             (Phase::Registered { .. }, ClientMsg::Hangup { call, reason }) => {
                 self.shared.calls.hangup(self.id, call, &reason);
+                None
+            }
+            (Phase::Registered { .. }, ClientMsg::RelayAck { frames }) => {
+                self.outbox.ack(frames, self.last_rx.into_std());
+                None
+            }
+            (Phase::Registered { .. }, ClientMsg::CallPath { call, path }) => {
+                self.shared.calls.set_path(self.id, call, path);
                 None
             }
             (Phase::Registered { .. }, ClientMsg::Register { .. }) => Some(End::Graceful(error_frame(
@@ -387,7 +433,7 @@ impl Conn {
             match self
                 .shared
                 .registry
-                .register(&name, fingerprint, lan_addrs, self.addr, self.id, self.tx.clone())
+                .register(&name, fingerprint, lan_addrs, self.addr, self.id, self.outbox.clone())
             {
                 Ok(reg) => reg,
                 Err(RegisterError::NameTaken(n)) => {
@@ -408,13 +454,13 @@ impl Conn {
             };
         if let Some(old) = reg.replaced {
             info!(peer = %name, old_conn = old.conn_id, "registration replaced by a newer connection");
-            let _ = old.tx.try_send(Outbound::Frame(going_away(
-                "replaced by a newer connection of the same peer",
-            )));
-            let _ = old.tx.try_send(Outbound::Close { reset: false });
-            self.shared.calls.end_all(old.conn_id);
+            old.outbox
+                .push_server(going_away("replaced by a newer connection of the same peer"));
+            old.outbox.close(false);
+            self.shared.calls.end_all(old.conn_id, None);
         }
         info!(peer = %name, addr = %self.addr, key = %fingerprint.short(), "peer registered");
+        self.shared.metrics.set_registered(self.shared.registry.online_count());
         self.phase = Phase::Registered { name: name.clone() };
         let stun_addr = self.shared.config.public_addr;
         self.send_msg(&ServerMsg::Registered {
@@ -422,6 +468,7 @@ impl Conn {
             fingerprint,
             token: reg.token,
             stun_addr,
+            relay_ack_every: self.shared.config.relay.ack_every,
         })
     }
 
@@ -442,29 +489,28 @@ impl Conn {
         }
     }
 
-    /// Queues a frame; a peer whose queue is full is not reading and is shed.
+    /// Queues a frame; a peer that lets the server's messages pile up is not reading: shed.
     fn send(&self, frame: Bytes) -> Option<End> {
-        match self.tx.try_send(Outbound::Frame(frame)) {
-            Ok(()) => None,
-            Err(mpsc::error::TrySendError::Full(_)) => Some(End::Shed("outbound queue full")),
-            Err(mpsc::error::TrySendError::Closed(_)) => Some(End::PeerClosed),
+        if self.outbox.push_server(frame) {
+            None
+        } else {
+            Some(End::Shed(Disconnect::QueueOverflow, "outbound queue full"))
         }
     }
 
     /// Ends the connection as `end` says.
     async fn finish(&self, mut rd: OwnedReadHalf, end: End) {
         match end {
-            End::PeerClosed => {
-                let _ = self.tx.send(Outbound::Close { reset: false }).await;
-            }
-            End::Shed(why) => {
+            End::PeerClosed => self.outbox.close(false),
+            End::Shed(kind, why) => {
                 warn!(addr = %self.addr, why, "shedding connection with a reset");
+                self.shared.metrics.disconnect(kind);
                 let _ = sockopt::arm_reset(rd.as_ref());
-                let _ = self.tx.send(Outbound::Close { reset: true }).await;
+                self.outbox.close(true);
             }
             End::Graceful(last) => {
-                let _ = self.tx.send(Outbound::Frame(last)).await;
-                let _ = self.tx.send(Outbound::Close { reset: false }).await;
+                self.outbox.push_server(last);
+                self.outbox.close(false);
                 // Read (and drop) until the peer closes its side, so our close never meets
                 // unread data, which would turn it into a reset that can destroy what we sent.
                 let deadline = Instant::now() + self.shared.config.limits.drain_timeout();
@@ -501,44 +547,76 @@ fn random_challenge() -> [u8; 32] {
     c
 }
 
-/// Writes queued frames, batching whatever is ready into one write.
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Outbound>) {
-    let mut batch = BytesMut::new();
-    while let Some(first) = rx.recv().await {
-        let mut close = None;
-        let mut next = Some(first);
-        let mut n = 0;
-        while let Some(out) = next.take() {
-            match out {
-                Outbound::Frame(f) => batch.extend_from_slice(&f),
-                Outbound::Close { reset } => {
-                    close = Some(reset);
-                    break;
+/// Writes what the outbox hands out, each batch with vectored writes (the frames are not
+/// copied). A write or an ack that does not come within `stall_after` marks the client stalled.
+async fn write_loop(mut wr: OwnedWriteHalf, outbox: Arc<Outbox>, stall_after: Duration, stalled: watch::Sender<bool>) {
+    let mut batch: Vec<Bytes> = Vec::with_capacity(32);
+    loop {
+        match outbox.take(Instant::now().into_std(), &mut batch) {
+            Take::Frames => match tokio::time::timeout(stall_after, write_all(&mut wr, &mut batch)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    debug!(error = %e, "write failed");
+                    return;
+                }
+                Err(_) => {
+                    stalled.send_replace(true);
+                    return;
+                }
+            },
+            Take::Idle => {
+                let now = Instant::now();
+                match outbox.stalled_for(now.into_std()) {
+                    Some(d) if d >= stall_after => {
+                        stalled.send_replace(true);
+                        outbox.wait().await; // the reader closes us: wait for the close
+                    }
+                    Some(d) => {
+                        let _ = tokio::time::timeout(stall_after - d, outbox.wait()).await;
+                    }
+                    None => outbox.wait().await,
                 }
             }
-            n += 1;
-            if n < MAX_BATCH {
-                next = rx.try_recv().ok();
-            }
-        }
-        if !batch.is_empty() {
-            if let Err(e) = wr.write_all(&batch).await {
-                debug!(error = %e, "write failed");
-                return;
-            }
-            batch.clear();
-        }
-        match close {
-            Some(true) => {
+            Take::Close(true) => {
                 let _ = sockopt::arm_reset(wr.as_ref());
                 wr.forget(); // no FIN: the socket closes with a reset when the reader drops
                 return;
             }
-            Some(false) => {
+            Take::Close(false) => {
                 let _ = wr.shutdown().await;
                 return;
             }
-            None => {}
         }
     }
+}
+
+/// Writes every frame in `batch` (emptying it) with as few vectored writes as the kernel allows.
+async fn write_all(wr: &mut OwnedWriteHalf, batch: &mut Vec<Bytes>) -> std::io::Result<()> {
+    let mut first = 0; // index of the first frame not fully written
+    let mut offset = 0; // bytes of it already written
+    while first < batch.len() {
+        let n = {
+            let mut slices = Vec::with_capacity(batch.len() - first);
+            slices.push(std::io::IoSlice::new(&batch[first][offset..]));
+            slices.extend(batch[first + 1..].iter().map(|b| std::io::IoSlice::new(b)));
+            wr.write_vectored(&slices).await?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let mut left = n;
+        while left > 0 && first < batch.len() {
+            let rest = batch[first].len() - offset;
+            if left >= rest {
+                left -= rest;
+                first += 1;
+                offset = 0;
+            } else {
+                offset += left;
+                left = 0;
+            }
+        }
+    }
+    batch.clear();
+    Ok(())
 }

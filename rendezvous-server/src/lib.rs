@@ -6,7 +6,10 @@
 //! - **TCP**: one long-lived connection per peer ([`conn`]): version hello, registration of a
 //!   name to a key (proven by a signature), presence lookups, pings with RTT measurement, call
 //!   signalling and relaying between the two peers of a call ([`calls`]), and a graceful drain
-//!   on shutdown.
+//!   on shutdown;
+//! - the **relay engine**: one [`outbox::Outbox`] per client — `idle_count` and health checks,
+//!   class-aware dropping (control never, audio by deadline, video by whole frames to the next
+//!   key frame), stalled clients disconnected — and Prometheus [`metrics`] on an HTTP port.
 //!
 //! The binary (`natcall-rendezvous`) only parses flags and the config file and calls
 //! [`run`]; tests call the same function with their own sockets and shutdown future:
@@ -23,12 +26,15 @@
 pub mod calls;
 pub mod config;
 pub mod conn;
+pub mod metrics;
+pub mod outbox;
 pub mod registry;
 mod server;
 pub mod sockopt;
 pub mod stun;
 
 pub use calls::{Calls, RelayCounts, start_delays};
-pub use config::{Config, Limits};
+pub use config::{Config, Limits, RelayConfig};
+pub use metrics::Metrics;
 pub use server::{Server, ServerError, run};
 pub use sockopt::Sockets;

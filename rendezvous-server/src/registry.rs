@@ -9,15 +9,13 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::outbox::Outbox;
 use natcall_proto::control::Fingerprint;
 use natcall_proto::stun::TokenCredentials;
 use ring::rand::{SecureRandom, SystemRandom};
-use tokio::sync::mpsc;
-
-use crate::conn::Outbound;
 
 /// Why a registration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -49,8 +47,8 @@ pub struct PeerInfo {
     pub public_udp: Option<SocketAddr>,
     /// Last RTT measured by ping/pong on its TCP connection.
     pub rtt: Option<Duration>,
-    /// Queue towards its connection.
-    pub tx: mpsc::Sender<Outbound>,
+    /// The buffer towards its connection.
+    pub outbox: Arc<Outbox>,
     token: TokenCredentials,
 }
 
@@ -109,7 +107,7 @@ impl Registry {
         lan_addrs: Vec<SocketAddr>,
         tcp_addr: SocketAddr,
         conn_id: u64,
-        tx: mpsc::Sender<Outbound>,
+        outbox: Arc<Outbox>,
     ) -> Result<Registration, RegisterError> {
         lock(&self.names).bind(name, fingerprint)?;
         let token = TokenCredentials {
@@ -123,7 +121,7 @@ impl Registry {
             tcp_addr,
             public_udp: None,
             rtt: None,
-            tx,
+            outbox,
             token: token.clone(),
         };
         let mut online = lock(&self.online);
@@ -176,11 +174,6 @@ impl Registry {
     /// Number of online peers.
     pub fn online_count(&self) -> usize {
         lock(&self.online).peers.len()
-    }
-
-    /// Queues of every online peer, for a broadcast such as "going away".
-    pub fn all_queues(&self) -> Vec<mpsc::Sender<Outbound>> {
-        lock(&self.online).peers.values().map(|p| p.tx.clone()).collect()
     }
 }
 
@@ -253,8 +246,12 @@ fn load(reader: impl BufRead, bindings: &mut HashMap<String, Fingerprint>, path:
 mod tests {
     use super::*;
 
-    fn tx() -> mpsc::Sender<Outbound> {
-        mpsc::channel(1).0
+    fn tx() -> Arc<Outbox> {
+        Arc::new(Outbox::new(
+            crate::config::RelayConfig::default(),
+            crate::metrics::Metrics::new(),
+            8,
+        ))
     }
 
     #[test]

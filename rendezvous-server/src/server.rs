@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 use crate::calls::Calls;
 use crate::config::Config;
 use crate::conn;
+use crate::metrics::{self, Metrics};
 use crate::registry::Registry;
 use crate::sockopt::Sockets;
 use crate::stun;
@@ -36,6 +37,9 @@ pub enum ServerError {
     /// The name state file cannot be opened or read.
     #[error("cannot open the state file: {0}")]
     State(std::io::Error),
+    /// The metrics endpoint cannot listen.
+    #[error("cannot serve metrics: {0}")]
+    Metrics(std::io::Error),
     /// A socket operation failed.
     #[error("socket error: {0}")]
     Io(#[from] std::io::Error),
@@ -47,6 +51,7 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) registry: Registry,
     pub(crate) calls: Calls,
+    pub(crate) metrics: Metrics,
     pub(crate) drain: watch::Receiver<bool>,
 }
 
@@ -64,12 +69,14 @@ impl Server {
         let registry =
             Registry::new(config.state_file.as_deref(), config.limits.max_names).map_err(ServerError::State)?;
         let (drain_tx, drain) = watch::channel(false);
-        let calls = Calls::new(config.limits.max_calls_per_peer);
+        let metrics = Metrics::new();
+        let calls = Calls::new(config.limits.max_calls_per_peer, metrics.clone());
         Ok(Self {
             shared: Arc::new(Shared {
                 config,
                 registry,
                 calls,
+                metrics,
                 drain,
             }),
             drain_tx: Arc::new(drain_tx),
@@ -86,12 +93,38 @@ impl Server {
         &self.shared.calls
     }
 
+    /// The server's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// The `/health` document: status and a few counts.
+    pub fn health(&self) -> String {
+        format!(
+            "{{\"status\":\"ok\",\"registered_peers\":{},\"calls\":{}}}\n",
+            self.shared.registry.online_count(),
+            self.shared.calls.len()
+        )
+    }
+
     /// Serves on `sockets` until `shutdown` completes, then drains every connection.
     pub async fn run(&self, sockets: Sockets, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let Sockets { tcp, udp } = sockets;
         let local = tcp.local_addr()?;
         info!(%local, "rendezvous server listening (TCP control/relay, UDP STUN)");
         let stun_task = tokio::spawn(stun::respond(Arc::new(udp), self.shared.clone()));
+        let metrics_task = match self.shared.config.metrics_listen {
+            Some(addr) => {
+                let listener = metrics::bind(addr).await.map_err(ServerError::Metrics)?;
+                let me = self.clone();
+                Some(tokio::spawn(metrics::serve(
+                    listener,
+                    self.shared.metrics.clone(),
+                    move || me.health(),
+                )))
+            }
+            None => None,
+        };
         let permits = Arc::new(Semaphore::new(self.shared.config.limits.max_connections));
         let next_id = AtomicU64::new(1);
         let mut conns = JoinSet::new();
@@ -130,6 +163,9 @@ impl Server {
         self.drain_tx.send_replace(true);
         while conns.join_next().await.is_some() {}
         stun_task.abort();
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
         info!("drained; bye");
         Ok(())
     }

@@ -76,14 +76,26 @@ pub fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(s.into())
 }
 
-/// Options for an accepted peer connection: `TCP_NODELAY` and keepalive.
-pub fn configure_peer(stream: &TcpStream) -> io::Result<()> {
+/// Options for an accepted peer connection: `TCP_NODELAY`, keepalive, and the bounded send
+/// buffer of the relay engine (`SO_SNDBUF`, `TCP_NOTSENT_LOWAT`), so that a backlog builds in
+/// the client's [`crate::outbox::Outbox`], where the class policy can act on it, not in a kernel
+/// buffer that auto-tunes to megabytes.
+pub fn configure_peer(stream: &TcpStream, relay: &crate::config::RelayConfig) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let keepalive = TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_RETRIES);
-    SockRef::from(stream).set_tcp_keepalive(&keepalive)
+    let s = SockRef::from(stream);
+    s.set_tcp_keepalive(&keepalive)?;
+    if relay.sndbuf > 0 {
+        s.set_send_buffer_size(relay.sndbuf)?;
+    }
+    if relay.notsent_lowat > 0 {
+        // Not every kernel has it; the SO_SNDBUF bound still holds without it.
+        let _ = s.set_tcp_notsent_lowat(relay.notsent_lowat);
+    }
+    Ok(())
 }
 
 /// Arms an abortive close: when the last handle to `stream` drops, the kernel sends a reset.
@@ -106,13 +118,17 @@ mod tests {
         let (accepted, _) = sockets.tcp.accept().await.expect("accepts");
         let before = SockRef::from(&accepted);
         assert!(!before.tcp_nodelay().expect("getsockopt"));
-        configure_peer(&accepted).expect("configures");
+        let relay = crate::config::RelayConfig::default();
+        configure_peer(&accepted, &relay).expect("configures");
         let s = SockRef::from(&accepted);
         assert!(s.tcp_nodelay().expect("getsockopt"));
         assert!(s.keepalive().expect("getsockopt"));
         assert_eq!(s.tcp_keepalive_time().expect("getsockopt"), KEEPALIVE_IDLE);
         assert_eq!(s.tcp_keepalive_interval().expect("getsockopt"), KEEPALIVE_INTERVAL);
         assert_eq!(s.tcp_keepalive_retries().expect("getsockopt"), KEEPALIVE_RETRIES);
+        assert_eq!(s.tcp_notsent_lowat().expect("getsockopt"), relay.notsent_lowat);
+        // The kernel doubles SO_SNDBUF for its bookkeeping.
+        assert_eq!(s.send_buffer_size().expect("getsockopt"), 2 * relay.sndbuf);
         drop(client);
     }
 

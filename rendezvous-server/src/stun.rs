@@ -79,5 +79,6 @@ pub(crate) fn answer(shared: &Shared, req: &[u8], src: SocketAddr, out: &mut [u8
         return None;
     }
     trace!(%src, authenticated = password.is_some(), "binding answered");
+    shared.metrics.stun_answered();
     Some(len)
 }

@@ -473,9 +473,8 @@ async fn a_relay_burst_does_not_trip_the_control_rate_limit() {
     let c = counts(&srv);
     assert_eq!(c.dropped_rate, 0);
     assert_eq!(c.dropped_not_in_call, 0);
-    assert_eq!(c.forwarded as usize + c.dropped_queue_full as usize, N);
-    assert_eq!(got, c.forwarded as usize, "everything forwarded arrives");
-    assert!(got > N / 2, "most of the burst gets through: {c:?}");
+    assert_eq!(c.forwarded as usize, N);
+    assert_eq!(got, N, "control-class relay frames are never dropped");
     srv.shutdown().await;
 }
 
@@ -501,46 +500,5 @@ async fn relay_frames_over_the_relay_rate_are_dropped_not_shed() {
         got += 1;
     }
     assert_eq!(got, c.forwarded);
-    srv.shutdown().await;
-}
-
-#[tokio::test]
-async fn a_receiver_that_does_not_read_loses_relay_frames_but_keeps_its_connection() {
-    let mut config = test_config();
-    config.limits.outbound_queue = 64;
-    let srv = Running::start(config).await;
-    let mut alice = peer(&srv, "alice").await;
-    let mut bob = peer(&srv, "bob").await;
-    let call = connect(&mut alice.client, &mut bob.client, "bob").await;
-    // Large frames so the socket buffers fill and bob's queue backs up while he does not read.
-    let payload = vec![0u8; 16_000];
-    let mut sent = 0;
-    while counts(&srv).dropped_queue_full == 0 {
-        assert!(sent < 20_000, "the receiver's queue never filled");
-        let mut burst = BytesMut::new();
-        for _ in 0..50 {
-            burst.extend_from_slice(&relay_frame(call, &payload));
-        }
-        alice.client.send_raw(&burst).await;
-        sent += 50;
-        still_served(&mut alice.client).await;
-    }
-    // bob was not shed: once he reads, everything queued arrives and a hangup still gets through.
-    alice
-        .client
-        .send(&ClientMsg::Hangup {
-            call,
-            reason: "done".into(),
-        })
-        .await;
-    let reason = loop {
-        match bob.client.next().await {
-            Got::Relay(_) => continue,
-            Got::Msg(ServerMsg::CallEnded { reason, .. }) => break reason,
-            other => panic!("unexpected {other:?}"),
-        }
-    };
-    assert_eq!(reason, "alice hung up: done");
-    still_served(&mut bob.client).await;
     srv.shutdown().await;
 }

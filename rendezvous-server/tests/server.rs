@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -118,7 +119,7 @@ async fn a_version_mismatch_is_refused_naming_both_versions() {
     assert_eq!(e.code, ErrorCode::VersionMismatch);
     assert_eq!(
         e.message,
-        "protocol version mismatch: this side speaks version 1, the other side version 999"
+        "protocol version mismatch: this side speaks version 2, the other side version 999"
     );
     c.expect_eof().await;
     srv.shutdown().await;
@@ -357,4 +358,66 @@ async fn drain_delivers_every_queued_reply_then_going_away_then_a_clean_close() 
     peer.expect_eof().await; // the server half-closed: EOF, not a reset
     drop(peer); // our close lets the server finish
     stop.await.expect("server stops");
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics endpoint listens");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("writes");
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .expect("in time")
+        .expect("reads");
+    out
+}
+
+#[tokio::test]
+async fn prometheus_metrics_and_health_are_served_over_http() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("binds")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let metrics_addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut config = test_config();
+    config.metrics_listen = Some(metrics_addr);
+    let srv = Running::start(config).await;
+    let (_a, _) = Client::register(srv.addr, "alice", &Identity::generate()).await;
+    let (_b, _) = Client::register(srv.addr, "bob", &Identity::generate()).await;
+    let udp = UdpSocket::bind("127.0.0.1:0").await.expect("binds");
+    let mut req = [0u8; 64];
+    let n = wire::encode_binding_request(&[1; 12], None, &mut req).expect("encodes");
+    stun_round_trip(&udp, srv.addr, &req[..n]).await.expect("answered");
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = http_get(metrics_addr, "/metrics").await;
+        if metrics.contains("natcall_registered_peers 2") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
+    assert!(metrics.contains("natcall_registered_peers 2"), "{metrics}");
+    assert!(metrics.contains("natcall_stun_answered_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("natcall_relayed_frames_total{class=\"audio\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("# HELP natcall_relay_dropped_frames_total"),
+        "{metrics}"
+    );
+    let health = http_get(metrics_addr, "/health").await;
+    assert!(health.starts_with("HTTP/1.1 200 OK"), "{health}");
+    assert!(
+        health.ends_with("{\"status\":\"ok\",\"registered_peers\":2,\"calls\":0}\n"),
+        "{health}"
+    );
+    assert!(http_get(metrics_addr, "/nope").await.starts_with("HTTP/1.1 404"));
+    srv.shutdown().await;
 }

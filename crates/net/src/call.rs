@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use natcall_proto::control::{Candidates, ClientMsg, Fingerprint, Policy};
+use natcall_proto::control::{Candidates, ClientMsg, Fingerprint, PathKind as WirePath, Policy};
 use natcall_traversal::{Agent, Candidate, Credentials, Event, PathKind, RelayReason};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
@@ -145,6 +145,9 @@ pub(crate) enum CallSignal {
 
 #[derive(Debug)]
 struct Shared {
+    /// To report path changes to the server (for its metrics).
+    inner: std::sync::Weak<Inner>,
+    call: u32,
     t0: Instant,
     path: watch::Sender<Path>,
     changes: Mutex<Vec<PathChange>>,
@@ -168,6 +171,15 @@ impl Shared {
             remote,
         });
         self.path.send_replace(to);
+        let reported = match to {
+            Path::Lan => Some(WirePath::Lan),
+            Path::Direct => Some(WirePath::Direct),
+            Path::Relay => Some(WirePath::Relay),
+            Path::Connecting => None,
+        };
+        if let (Some(path), Some(inner)) = (reported, self.inner.upgrade()) {
+            let _ = inner.send(&ClientMsg::CallPath { call: self.call, path });
+        }
     }
 
     fn fail(&self, why: String) {
@@ -207,6 +219,8 @@ pub(crate) async fn start(inner: Arc<Inner>, info: StartInfo, role: Role, t0: In
         rx
     });
     let shared = Arc::new(Shared {
+        inner: Arc::downgrade(&inner),
+        call: info.call,
         t0,
         path: watch::channel(Path::Connecting).0,
         changes: Mutex::default(),

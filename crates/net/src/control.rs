@@ -31,6 +31,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub(crate) struct Registration {
     pub(crate) fingerprint: Fingerprint,
+    pub(crate) relay_ack_every: u32,
     pub(crate) token: TokenCredentials,
     pub(crate) stun_addr: SocketAddr,
 }
@@ -136,11 +137,13 @@ pub(crate) async fn connect(
                 fingerprint,
                 token,
                 stun_addr,
+                relay_ack_every,
                 ..
             } => Ok((
                 hs,
                 Registration {
                     fingerprint,
+                    relay_ack_every,
                     token,
                     stun_addr: stun_addr.unwrap_or(server),
                 },
@@ -154,7 +157,7 @@ pub(crate) async fn connect(
     let (rd, wr) = hs.stream.into_split();
     let (tx, rx) = mpsc::channel(WRITE_QUEUE);
     tokio::spawn(write_loop(wr, rx));
-    tokio::spawn(read_loop(rd, hs.buf, tx.clone(), relay_in, events));
+    tokio::spawn(read_loop(rd, hs.buf, tx.clone(), relay_in, events, reg.relay_ack_every));
     Ok((tx, reg))
 }
 
@@ -164,12 +167,23 @@ async fn read_loop(
     tx: mpsc::Sender<Outgoing>,
     relay_in: mpsc::Sender<(SocketAddr, Bytes)>,
     events: mpsc::Sender<ServerEvent>,
+    ack_every: u32,
 ) {
     let decoder = FrameDecoder::new(MAX_FRAME_LEN);
+    // The relay engine's health check: after every `ack_every` relay frames read, tell the
+    // server so it can send more (see the server's outbox).
+    let mut unacked = 0u32;
     let reason = loop {
         match decoder.decode(&mut buf) {
             Ok(Some(raw)) => match raw.parse() {
                 Ok(Frame::Relay { header, .. }) => {
+                    unacked += 1;
+                    if unacked >= ack_every.max(1) {
+                        if let Ok(f) = control_frame(&ClientMsg::RelayAck { frames: unacked }) {
+                            let _ = tx.try_send(Outgoing::Frame(f));
+                        }
+                        unacked = 0;
+                    }
                     let payload = raw.into_wire().slice(LEN_PREFIX + 1 + RELAY_HEADER_LEN..);
                     if relay_in.try_send((fake_addr(header.call), payload)).is_err() {
                         trace!(call = header.call, "relay inbound queue full: packet dropped");

@@ -119,6 +119,33 @@ pub enum ClientMsg {
     Answer { call: u32, accept: bool },
     /// End call `call` (or withdraw it while it rings).
     Hangup { call: u32, reason: String },
+    /// Health check of the relay: this peer has read `frames` more relay frames (sent after
+    /// every `relay_ack_every` frames, see [`ServerMsg::Registered`]).
+    RelayAck { frames: u32 },
+    /// The path call `call` runs on now, as this peer sees it (for the server's metrics).
+    CallPath { call: u32, path: PathKind },
+}
+
+/// A call's path, as peers report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PathKind {
+    /// Private LAN addresses.
+    Lan,
+    /// Hole-punched public addresses.
+    Direct,
+    /// The server's relay.
+    Relay,
+}
+
+impl PathKind {
+    /// A label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Lan => "lan",
+            Self::Direct => "direct",
+            Self::Relay => "relay",
+        }
+    }
 }
 
 /// Which paths a call may use. Honoured by both peers; the relay is used only when allowed.
@@ -201,12 +228,14 @@ pub enum ServerMsg {
     Welcome { challenge: [u8; 32], observed: SocketAddr },
     /// Registration accepted. `token` authenticates STUN binding requests that record the
     /// peer's public UDP address. STUN goes to `stun_addr`, or, when it is `None`, to the address
-    /// the peer connected to (UDP, same port number).
+    /// the peer connected to (UDP, same port number). Relay frames sent to this peer are
+    /// acknowledged with [`ClientMsg::RelayAck`] every `relay_ack_every` frames read.
     Registered {
         name: String,
         fingerprint: Fingerprint,
         token: TokenCredentials,
         stun_addr: Option<SocketAddr>,
+        relay_ack_every: u32,
     },
     /// Answer to [`ClientMsg::Lookup`].
     Presence {

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::BytesMut;
 use natcall_proto::codec::decode_control;
-use natcall_proto::control::{CallFailure, Candidates, ClientMsg, Fingerprint, Policy, ServerMsg};
+use natcall_proto::control::{CallFailure, Candidates, ClientMsg, Fingerprint, PathKind, Policy, ServerMsg};
 use natcall_proto::frame::{self, DEFAULT_MAX_FRAME_LEN, ErrorCode, Frame, FrameDecoder, FrameError, MAX_ERROR_TEXT};
 use natcall_proto::relay::{RelayFlags, RelayHeader, TrafficClass};
 use natcall_proto::stun::{self, StunError, TokenCredentials};
@@ -37,6 +37,12 @@ fn client_msg() -> impl Strategy<Value = ClientMsg> {
         ("[a-z]{1,32}", policy()).prop_map(|(callee, policy)| ClientMsg::Call { callee, policy }),
         (any::<u32>(), any::<bool>()).prop_map(|(call, accept)| ClientMsg::Answer { call, accept }),
         (any::<u32>(), "\\PC{0,40}").prop_map(|(call, reason)| ClientMsg::Hangup { call, reason }),
+        any::<u32>().prop_map(|frames| ClientMsg::RelayAck { frames }),
+        (
+            any::<u32>(),
+            prop_oneof![Just(PathKind::Lan), Just(PathKind::Direct), Just(PathKind::Relay)]
+        )
+            .prop_map(|(call, path)| ClientMsg::CallPath { call, path }),
     ]
 }
 
@@ -63,7 +69,8 @@ fn server_msg() -> impl Strategy<Value = ServerMsg> {
                 name,
                 fingerprint: Fingerprint(fp),
                 token: TokenCredentials { username, password },
-                stun_addr
+                stun_addr,
+                relay_ack_every: 16,
             }),
         ("\\PC{0,32}", any::<bool>(), prop::option::of(any::<[u8; 32]>())).prop_map(|(name, online, fp)| {
             ServerMsg::Presence {

@@ -105,12 +105,22 @@ pub async fn stun_with_token(server: SocketAddr, token: &TokenCredentials) -> Ud
     udp
 }
 
-/// Encodes a relay frame.
+/// Encodes a control-class relay frame (never dropped by the relay engine).
 pub fn relay_frame(call: u32, payload: &[u8]) -> Bytes {
+    relay_frame_with(
+        call,
+        TrafficClass::Control,
+        RelayFlags::FRAME_START | RelayFlags::FRAME_END,
+        payload,
+    )
+}
+
+/// Encodes a relay frame of `class` with `flags`.
+pub fn relay_frame_with(call: u32, class: TrafficClass, flags: u8, payload: &[u8]) -> Bytes {
     let header = RelayHeader {
         call,
-        class: TrafficClass::Audio,
-        flags: RelayFlags(RelayFlags::FRAME_START | RelayFlags::FRAME_END),
+        class,
+        flags: RelayFlags(flags),
     };
     let mut b = BytesMut::new();
     frame::encode_relay(&header, payload, &mut b).expect("encodes");
@@ -166,6 +176,11 @@ pub struct Client {
     pub stream: TcpStream,
     buf: BytesMut,
     pub challenge: [u8; 32],
+    /// Whether relay frames are acknowledged (the relay engine's health check), as a real
+    /// client does every `ack_every` frames read.
+    pub acks: bool,
+    ack_every: u32,
+    unacked: u32,
 }
 
 impl Client {
@@ -175,6 +190,9 @@ impl Client {
             stream,
             buf: BytesMut::new(),
             challenge: [0; 32],
+            acks: true,
+            ack_every: 8,
+            unacked: 0,
         }
     }
 
@@ -210,7 +228,12 @@ impl Client {
         let mut c = Self::hello(addr).await;
         c.send_register(name, id, lan_addrs).await;
         match c.next_msg().await {
-            ServerMsg::Registered { token, .. } => (c, token),
+            ServerMsg::Registered {
+                token, relay_ack_every, ..
+            } => {
+                c.ack_every = relay_ack_every;
+                (c, token)
+            }
             other => panic!("expected registered, got {other:?}"),
         }
     }
@@ -265,7 +288,16 @@ impl Client {
                         }
                         return Got::Msg(msg);
                     }
-                    Frame::Relay { .. } => return Got::Relay(raw.into_wire()),
+                    Frame::Relay { .. } => {
+                        if self.acks {
+                            self.unacked += 1;
+                            if self.unacked >= self.ack_every {
+                                let frames = std::mem::take(&mut self.unacked);
+                                self.send(&ClientMsg::RelayAck { frames }).await;
+                            }
+                        }
+                        return Got::Relay(raw.into_wire());
+                    }
                 }
             }
             match self.stream.read_buf(&mut self.buf).await {

@@ -1,0 +1,316 @@
+//! Prometheus metrics (the `metrics` crate with a per-server `metrics-exporter-prometheus`
+//! recorder, no global state) and the small HTTP endpoint serving `/metrics` and `/health`.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `natcall_registered_peers` | gauge | |
+//! | `natcall_active_calls` | gauge | `path`: ringing, unknown, lan, direct, relay |
+//! | `natcall_relayed_frames_total` | counter | `class`: control, audio, video |
+//! | `natcall_relayed_bytes_total` | counter | `class` |
+//! | `natcall_relay_dropped_frames_total` | counter | `class`, `reason` |
+//! | `natcall_relay_dropped_bytes_total` | counter | `class`, `reason` |
+//! | `natcall_relay_queued_frames` | gauge | (frames waiting in all clients' buffers) |
+//! | `natcall_disconnects_total` | counter | `reason` |
+//! | `natcall_stun_answered_total` | counter | |
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Key, Label, Level, Metadata, Recorder};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use natcall_proto::relay::TrafficClass;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info};
+
+static META: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+/// Why a relay frame was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Audio older than its deadline.
+    AudioDeadline,
+    /// The receiver's buffer was over its bounds.
+    Overload,
+    /// Video after dropped frames, before the next key frame.
+    AwaitingKeyFrame,
+    /// The sender is not in an active call with that id.
+    NotInCall,
+    /// Over the sender's relay rate.
+    RateLimit,
+}
+
+impl DropReason {
+    const ALL: [DropReason; 5] = [
+        Self::AudioDeadline,
+        Self::Overload,
+        Self::AwaitingKeyFrame,
+        Self::NotInCall,
+        Self::RateLimit,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::AudioDeadline => "audio_deadline",
+            Self::Overload => "overload",
+            Self::AwaitingKeyFrame => "awaiting_key_frame",
+            Self::NotInCall => "not_in_call",
+            Self::RateLimit => "rate_limit",
+        }
+    }
+}
+
+/// Why the server closed a connection (normal ends by the peer are not counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disconnect {
+    /// A relay receiver made no progress for `relay.overload_timeout_ms`.
+    Stalled,
+    /// Over the control frame rate.
+    RateLimited,
+    /// Silent past the idle or hello timeout.
+    Timeout,
+    /// A malformed or unexpected frame.
+    ProtocolError,
+    /// Its queue of server messages overflowed (not reading).
+    QueueOverflow,
+    /// Registration refused (name taken, bad signature, …).
+    Refused,
+    /// The server drained for shutdown.
+    Drain,
+}
+
+impl Disconnect {
+    const ALL: [Disconnect; 7] = [
+        Self::Stalled,
+        Self::RateLimited,
+        Self::Timeout,
+        Self::ProtocolError,
+        Self::QueueOverflow,
+        Self::Refused,
+        Self::Drain,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Stalled => "stalled",
+            Self::RateLimited => "rate_limited",
+            Self::Timeout => "timeout",
+            Self::ProtocolError => "protocol_error",
+            Self::QueueOverflow => "queue_overflow",
+            Self::Refused => "refused",
+            Self::Drain => "drain",
+        }
+    }
+}
+
+/// Call paths as the gauge labels them.
+pub const CALL_PATHS: [&str; 5] = ["ringing", "unknown", "lan", "direct", "relay"];
+
+#[derive(Debug)]
+struct Inner {
+    handle: PrometheusHandle,
+    registered: Gauge,
+    calls: [Gauge; 5],
+    relayed_frames: [Counter; 3],
+    relayed_bytes: [Counter; 3],
+    dropped_frames: [[Counter; 5]; 3],
+    dropped_bytes: [[Counter; 5]; 3],
+    queued: Gauge,
+    disconnects: [Counter; 7],
+    stun: Counter,
+}
+
+/// The server's metrics. Cheap to clone; every handle is registered once.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
+    Key::from_parts(name, labels.iter().map(|(k, v)| Label::new(*k, *v)).collect::<Vec<_>>())
+}
+
+fn class_index(c: TrafficClass) -> usize {
+    c as usize
+}
+
+impl Metrics {
+    /// A fresh set of metrics with its own recorder.
+    pub fn new() -> Self {
+        let rec = PrometheusBuilder::new().build_recorder();
+        let counter = |name, labels: &[(&'static str, &'static str)]| rec.register_counter(&key(name, labels), &META);
+        let gauge = |name, labels: &[(&'static str, &'static str)]| rec.register_gauge(&key(name, labels), &META);
+        let classes = TrafficClass::ALL.map(|c| c.as_str());
+        let per_class = |name| classes.map(|c| counter(name, &[("class", c)]));
+        let per_class_reason =
+            |name| classes.map(|c| DropReason::ALL.map(|r| counter(name, &[("class", c), ("reason", r.as_str())])));
+        describe(&rec);
+        let inner = Inner {
+            registered: gauge("natcall_registered_peers", &[]),
+            calls: CALL_PATHS.map(|p| gauge("natcall_active_calls", &[("path", p)])),
+            relayed_frames: per_class("natcall_relayed_frames_total"),
+            relayed_bytes: per_class("natcall_relayed_bytes_total"),
+            dropped_frames: per_class_reason("natcall_relay_dropped_frames_total"),
+            dropped_bytes: per_class_reason("natcall_relay_dropped_bytes_total"),
+            queued: gauge("natcall_relay_queued_frames", &[]),
+            disconnects: Disconnect::ALL.map(|d| counter("natcall_disconnects_total", &[("reason", d.as_str())])),
+            stun: counter("natcall_stun_answered_total", &[]),
+            handle: rec.handle(),
+        };
+        Self { inner: Arc::new(inner) }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        self.inner.handle.render()
+    }
+
+    pub(crate) fn relayed(&self, class: TrafficClass, bytes: usize) {
+        self.inner.relayed_frames[class_index(class)].increment(1);
+        self.inner.relayed_bytes[class_index(class)].increment(bytes as u64);
+    }
+
+    pub(crate) fn dropped(&self, class: TrafficClass, reason: DropReason, frames: u64, bytes: usize) {
+        let r = DropReason::ALL.iter().position(|x| *x == reason).unwrap_or(0);
+        self.inner.dropped_frames[class_index(class)][r].increment(frames);
+        self.inner.dropped_bytes[class_index(class)][r].increment(bytes as u64);
+    }
+
+    pub(crate) fn queued(&self, frames: usize) {
+        self.inner.queued.increment(frames as f64);
+    }
+
+    pub(crate) fn dequeued(&self, frames: usize) {
+        if frames > 0 {
+            self.inner.queued.decrement(frames as f64);
+        }
+    }
+
+    pub(crate) fn disconnect(&self, why: Disconnect) {
+        let i = Disconnect::ALL.iter().position(|x| *x == why).unwrap_or(0);
+        self.inner.disconnects[i].increment(1);
+    }
+
+    pub(crate) fn set_registered(&self, n: usize) {
+        self.inner.registered.set(n as f64);
+    }
+
+    pub(crate) fn set_calls(&self, counts: [usize; 5]) {
+        for (g, n) in self.inner.calls.iter().zip(counts) {
+            g.set(n as f64);
+        }
+    }
+
+    pub(crate) fn stun_answered(&self) {
+        self.inner.stun.increment(1);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn describe(rec: &PrometheusRecorder) {
+    for (name, help) in [
+        ("natcall_registered_peers", "Peers registered now"),
+        (
+            "natcall_active_calls",
+            "Calls now, by the path the peers report (ringing: not answered yet)",
+        ),
+        (
+            "natcall_relayed_frames_total",
+            "Relay frames written to receivers, by traffic class",
+        ),
+        (
+            "natcall_relayed_bytes_total",
+            "Relay bytes written to receivers, by traffic class",
+        ),
+        (
+            "natcall_relay_dropped_frames_total",
+            "Relay frames dropped, by class and reason",
+        ),
+        (
+            "natcall_relay_dropped_bytes_total",
+            "Relay bytes dropped, by class and reason",
+        ),
+        (
+            "natcall_relay_queued_frames",
+            "Relay frames waiting in receivers' buffers",
+        ),
+        ("natcall_disconnects_total", "Connections the server closed, by reason"),
+        ("natcall_stun_answered_total", "STUN Binding requests answered"),
+    ] {
+        rec.describe_counter(name.into(), None, help.into());
+    }
+}
+
+/// Serves `GET /metrics` (Prometheus text) and `GET /health` on `listener` until the task is
+/// dropped. Each request is read with a 5 s limit and a 8 KiB header cap.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    metrics: Metrics,
+    health: impl Fn() -> String + Send + Sync + 'static,
+) {
+    let health = Arc::new(health);
+    info!(addr = ?listener.local_addr().ok(), "metrics endpoint listening");
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let metrics = metrics.clone();
+        let health = health.clone();
+        tokio::spawn(async move {
+            if let Err(e) = answer(stream, &metrics, &*health).await {
+                debug!(%peer, error = %e, "metrics request failed");
+            }
+        });
+    }
+}
+
+async fn answer(
+    mut stream: TcpStream,
+    metrics: &Metrics,
+    health: &(dyn Fn() -> String + Send + Sync),
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 8192];
+    let mut n = 0;
+    let head_done = |b: &[u8]| b.windows(4).any(|w| w == b"\r\n\r\n") || b.windows(2).any(|w| w == b"\n\n");
+    while n < buf.len() && !head_done(&buf[..n]) {
+        let got = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf[n..]))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request head not read in time"))??;
+        if got == 0 {
+            break;
+        }
+        n += got;
+    }
+    let line = String::from_utf8_lossy(&buf[..n]);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, ctype, body) = match (method, path) {
+        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
+        ("GET", "/health") => ("200 OK", "application/json", health()),
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "not found: try /metrics or /health\n".to_owned(),
+        ),
+        _ => ("405 Method Not Allowed", "text/plain", "only GET\n".to_owned()),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Binds the metrics listener.
+pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

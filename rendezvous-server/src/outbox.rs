@@ -1,0 +1,674 @@
+//! The relay engine's per-client buffer (the seed's "one Buffer object per client").
+//!
+//! Every connection has one [`Outbox`]. Everything the server sends to that client goes through
+//! it: the server's own messages (replies, pings, call signalling) and relay frames from the
+//! other members of its calls. Senders only push (never block); the connection's writer task
+//! pulls batches.
+//!
+//! Flow control, per the seed:
+//! - every relay frame written to the client increments its `idle_count`;
+//! - the client sends a health check ([`natcall_proto::control::ClientMsg::RelayAck`]) after
+//!   every `ack_every` relay frames it has read; the server then subtracts that many;
+//! - while `idle_count` is at its limit the client is **busy**: relay frames wait here, where
+//!   the class policy can see them, instead of in kernel buffers;
+//! - the limit adapts: the acks measure the rate the client actually drains, and the limit is
+//!   that rate × `target_delay` (between `ack_every` and `idle_limit`), so what is written
+//!   but unread never holds more than about `target_delay` of traffic — on a slow link audio
+//!   does not wait behind seconds of video, on a fast one throughput is not capped;
+//! - when it frees up, waiting frames go first, at most `burst` per write, control first, then
+//!   audio, then video; video never takes the last quarter of the window, which stays free for
+//!   audio and control.
+//!
+//! Emptying the buffer by class when it passes its bounds (frames, bytes, age):
+//! - **control** (QUIC packets, the server's own messages) is never dropped;
+//! - **audio** older than `audio_deadline` is dropped oldest-first (always: late audio is
+//!   useless), and oldest-first again if the buffer is still over its bounds;
+//! - **video** is dropped as whole frames, from the oldest frame up to the next key frame; with no
+//!   key frame waiting, all waiting video goes and later video is dropped until a key frame
+//!   starts. A frame whose first packet was already written is never cut: its remaining packets
+//!   stay.
+//!
+//! A client that makes no progress (busy with frames waiting, or a write blocked) for
+//! `overload_timeout` is **stalled**: the connection is closed with a reason and its calls end.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use natcall_proto::relay::{RelayFlags, RelayHeader, TrafficClass};
+use tokio::sync::Notify;
+
+use crate::config::RelayConfig;
+use crate::metrics::{DropReason, Metrics};
+
+#[derive(Debug)]
+struct Item {
+    wire: Bytes,
+    at: Instant,
+    flags: RelayFlags,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    server: VecDeque<Bytes>,
+    control: VecDeque<Item>,
+    audio: VecDeque<Item>,
+    video: VecDeque<Item>,
+    /// Bytes of relay frames waiting.
+    relay_bytes: usize,
+    /// Relay frames written and not yet acknowledged.
+    idle_count: u32,
+    /// The current limit on `idle_count`.
+    window: u32,
+    /// Frames per second the client drains (from its acks), smoothed.
+    drain_rate: f64,
+    last_ack: Option<Instant>,
+    /// Video is being dropped until the next key frame starts.
+    video_skip: bool,
+    /// The writer has sent the start of a video frame but not its end.
+    video_mid_frame: bool,
+    /// Since when the client has made no progress while frames wait.
+    stalled_since: Option<Instant>,
+    /// A close was asked for: `Some(reset)`.
+    close: Option<bool>,
+}
+
+impl State {
+    fn relay_len(&self) -> usize {
+        self.control.len() + self.audio.len() + self.video.len()
+    }
+
+    fn oldest_droppable(&self) -> Option<Instant> {
+        match (self.audio.front(), self.video.front()) {
+            (Some(a), Some(v)) => Some(a.at.min(v.at)),
+            (Some(a), None) => Some(a.at),
+            (None, Some(v)) => Some(v.at),
+            (None, None) => None,
+        }
+    }
+}
+
+/// What [`Outbox::take`] hands the writer.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Take {
+    /// Frames were appended to the batch: write them.
+    Frames,
+    /// Nothing to write now: wait for [`Outbox::wait`].
+    Idle,
+    /// Everything queued is written: close (`true`: with a reset).
+    Close(bool),
+}
+
+/// One client's outbound buffer.
+#[derive(Debug)]
+pub struct Outbox {
+    state: Mutex<State>,
+    notify: Notify,
+    config: RelayConfig,
+    metrics: Metrics,
+    server_queue_max: usize,
+    overflowed: AtomicBool,
+}
+
+impl Outbox {
+    /// An empty outbox.
+    pub(crate) fn new(config: RelayConfig, metrics: Metrics, server_queue_max: usize) -> Self {
+        // Start small; the first acknowledgements measure the client and open the window.
+        let state = State {
+            window: (2 * config.ack_every).min(config.idle_limit),
+            ..State::default()
+        };
+        Self {
+            state: Mutex::new(state),
+            notify: Notify::new(),
+            config,
+            metrics,
+            server_queue_max,
+            overflowed: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every update leaves the queues consistent before anything can panic.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues one of the server's own frames (never dropped). Returns `false` when the client
+    /// has let `server_queue_max` of them pile up: it is not reading and should be shed.
+    pub fn push_server(&self, frame: Bytes) -> bool {
+        let mut s = self.lock();
+        if s.close.is_some() {
+            return true; // closing: late messages are moot
+        }
+        if s.server.len() >= self.server_queue_max {
+            self.overflowed.store(true, Ordering::Relaxed);
+            return false;
+        }
+        s.server.push_back(frame);
+        drop(s);
+        self.notify.notify_one();
+        true
+    }
+
+    /// Whether [`Self::push_server`] ever overflowed.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Relaxed)
+    }
+
+    /// Asks the writer to flush what is queued and then close.
+    pub fn close(&self, reset: bool) {
+        let mut s = self.lock();
+        if s.close.is_none() {
+            s.close = Some(reset);
+        }
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    /// Queues a relay frame (`wire` is the whole frame as received) and empties the buffer by
+    /// class if it is over its bounds.
+    pub fn push_relay(&self, wire: Bytes, header: &RelayHeader, now: Instant) {
+        let class = header.class;
+        let mut s = self.lock();
+        if s.close.is_some() {
+            return;
+        }
+        if class == TrafficClass::Video && s.video_skip {
+            if header.flags.has(RelayFlags::KEY_FRAME | RelayFlags::FRAME_START) {
+                s.video_skip = false;
+            } else {
+                self.metrics.dropped(class, DropReason::AwaitingKeyFrame, 1, wire.len());
+                return;
+            }
+        }
+        let len = wire.len();
+        let item = Item {
+            wire,
+            at: now,
+            flags: header.flags,
+        };
+        match class {
+            TrafficClass::Control => s.control.push_back(item),
+            TrafficClass::Audio => s.audio.push_back(item),
+            TrafficClass::Video => s.video.push_back(item),
+        }
+        s.relay_bytes += len;
+        self.metrics.queued(1);
+        self.enforce(&mut s, now);
+        if s.idle_count >= s.window && s.stalled_since.is_none() {
+            s.stalled_since = Some(now);
+        }
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    fn over_bounds(&self, s: &State, now: Instant) -> bool {
+        let c = &self.config;
+        s.relay_len() > c.max_frames
+            || s.relay_bytes > c.max_bytes
+            || s.oldest_droppable()
+                .is_some_and(|t| now.duration_since(t) > c.max_age())
+    }
+
+    /// Drops what the class policy says must go.
+    fn enforce(&self, s: &mut State, now: Instant) {
+        self.drop_late_audio(s, now);
+        while self.over_bounds(s, now) {
+            if self.drop_video_frames(s) {
+                continue;
+            }
+            let Some(a) = s.audio.pop_front() else { break };
+            self.forget(s, &a, TrafficClass::Audio, DropReason::Overload);
+        }
+    }
+
+    fn forget(&self, s: &mut State, item: &Item, class: TrafficClass, reason: DropReason) {
+        s.relay_bytes -= item.wire.len();
+        self.metrics.dequeued(1);
+        self.metrics.dropped(class, reason, 1, item.wire.len());
+    }
+
+    fn drop_late_audio(&self, s: &mut State, now: Instant) {
+        let deadline = self.config.audio_deadline();
+        while let Some(a) = s.audio.front() {
+            if now.duration_since(a.at) <= deadline {
+                break;
+            }
+            if let Some(a) = s.audio.pop_front() {
+                self.forget(s, &a, TrafficClass::Audio, DropReason::AudioDeadline);
+            }
+        }
+    }
+
+    /// Drops whole video frames from the oldest up to the next key frame. Returns whether
+    /// anything was dropped.
+    fn drop_video_frames(&self, s: &mut State) -> bool {
+        // Packets of a frame the client is already receiving must all go out.
+        let mut start = 0;
+        if s.video_mid_frame {
+            match s.video.iter().position(|i| i.flags.has(RelayFlags::FRAME_END)) {
+                Some(end) => start = end + 1,
+                None => return false,
+            }
+        }
+        if start >= s.video.len() {
+            return false;
+        }
+        // The next key frame after the oldest waiting frame, if any, survives with what follows.
+        let next_key = s
+            .video
+            .iter()
+            .enumerate()
+            .skip(start + 1)
+            .find(|(_, i)| i.flags.has(RelayFlags::KEY_FRAME | RelayFlags::FRAME_START))
+            .map(|(n, _)| n);
+        let end = next_key.unwrap_or(s.video.len());
+        let dropped: Vec<Item> = s.video.drain(start..end).collect();
+        for item in &dropped {
+            self.forget(s, item, TrafficClass::Video, DropReason::Overload);
+        }
+        if next_key.is_none() {
+            // The next video that can be shown starts at a key frame.
+            s.video_skip = true;
+        }
+        !dropped.is_empty()
+    }
+
+    /// The client read `frames` more relay frames.
+    pub fn ack(&self, frames: u32, now: Instant) {
+        let mut s = self.lock();
+        s.idle_count = s.idle_count.saturating_sub(frames);
+        s.stalled_since = None;
+        if let Some(last) = s.last_ack.replace(now) {
+            let dt = now.duration_since(last).as_secs_f64().max(1e-4);
+            let rate = f64::from(frames) / dt;
+            s.drain_rate = if s.drain_rate == 0.0 {
+                rate
+            } else {
+                0.8 * s.drain_rate + 0.2 * rate
+            };
+            let c = &self.config;
+            let target = (s.drain_rate * c.target_delay().as_secs_f64()) as u32;
+            // At least `ack_every`, or the client would never have enough to acknowledge.
+            s.window = target.clamp(c.ack_every, c.idle_limit);
+        }
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    /// Moves the next batch into `out` (whole frames, at most `burst` relay frames while the
+    /// client is not busy, all waiting server frames).
+    pub(crate) fn take(&self, now: Instant, out: &mut Vec<Bytes>) -> Take {
+        let mut s = self.lock();
+        let before = out.len();
+        while let Some(f) = s.server.pop_front() {
+            out.push(f);
+        }
+        self.drop_late_audio(&mut s, now);
+        let room = s.window.saturating_sub(s.idle_count).min(self.config.burst);
+        // Video never fills the last quarter of the window: it stays free for audio and control,
+        // which then wait for the link, not for an acknowledgement behind video.
+        let video_room = (s.window - s.window / 4).saturating_sub(s.idle_count);
+        let mut taken = 0;
+        let mut video_taken = 0;
+        while taken < room {
+            let (item, class) = if let Some(i) = s.control.pop_front() {
+                (i, TrafficClass::Control)
+            } else if let Some(i) = s.audio.pop_front() {
+                (i, TrafficClass::Audio)
+            } else if video_taken >= video_room {
+                break;
+            } else if let Some(i) = s.video.pop_front() {
+                video_taken += 1;
+                if i.flags.has(RelayFlags::FRAME_START) {
+                    s.video_mid_frame = true;
+                }
+                if i.flags.has(RelayFlags::FRAME_END) {
+                    s.video_mid_frame = false;
+                }
+                (i, TrafficClass::Video)
+            } else {
+                break;
+            };
+            s.relay_bytes -= item.wire.len();
+            self.metrics.relayed(class, item.wire.len());
+            out.push(item.wire);
+            taken += 1;
+        }
+        self.metrics.dequeued(taken as usize);
+        s.idle_count += taken;
+        if s.idle_count < s.window || s.relay_len() == 0 {
+            s.stalled_since = None;
+        } else if s.stalled_since.is_none() {
+            s.stalled_since = Some(now);
+        }
+        if out.len() > before {
+            Take::Frames
+        } else if let Some(reset) = s.close {
+            Take::Close(reset)
+        } else {
+            Take::Idle
+        }
+    }
+
+    /// How long the client has made no progress while relay frames wait for it.
+    pub fn stalled_for(&self, now: Instant) -> Option<Duration> {
+        self.lock().stalled_since.map(|t| now.duration_since(t))
+    }
+
+    /// Waits until something may have changed.
+    pub(crate) async fn wait(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Relay frames waiting, for tests and metrics.
+    pub fn waiting(&self) -> usize {
+        self.lock().relay_len()
+    }
+
+    /// Current `idle_count`.
+    pub fn idle_count(&self) -> u32 {
+        self.lock().idle_count
+    }
+
+    /// Current limit on `idle_count`.
+    pub fn window(&self) -> u32 {
+        self.lock().window
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        let s = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        self.metrics.dequeued(s.relay_len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CALL: u32 = 7;
+
+    fn config() -> RelayConfig {
+        RelayConfig {
+            idle_limit: 4,
+            ack_every: 2,
+            burst: 4,
+            max_frames: 10,
+            ..RelayConfig::default()
+        }
+    }
+
+    #[test]
+    fn the_window_follows_the_rate_the_client_drains() {
+        let c = RelayConfig {
+            idle_limit: 64,
+            ack_every: 4,
+            target_delay_ms: 100,
+            ..RelayConfig::default()
+        };
+        let o = Outbox::new(c, Metrics::new(), 16);
+        let t0 = Instant::now();
+        assert_eq!(o.window(), 8, "small until measured");
+        // A slow client: 4 frames every 50 ms = 80 frames/s → 8 frames per 100 ms.
+        for i in 0..30 {
+            o.ack(4, t0 + Duration::from_millis(50 * i));
+        }
+        assert_eq!(o.window(), 8);
+        // Slower still: the floor is one acknowledgement's worth.
+        let t2 = t0 + Duration::from_secs(5);
+        for i in 0..30 {
+            o.ack(4, t2 + Duration::from_millis(400 * i));
+        }
+        assert_eq!(o.window(), 4);
+        // A fast one: 4 frames every 5 ms = 800 frames/s → 80, capped at 64.
+        let t1 = t0 + Duration::from_secs(10);
+        for i in 0..30 {
+            o.ack(4, t1 + Duration::from_millis(5 * i));
+        }
+        assert_eq!(o.window(), 64);
+    }
+
+    fn outbox() -> Outbox {
+        Outbox::new(config(), Metrics::new(), 16)
+    }
+
+    fn header(class: TrafficClass, flags: u8) -> RelayHeader {
+        RelayHeader {
+            call: CALL,
+            class,
+            flags: RelayFlags(flags),
+        }
+    }
+
+    /// A frame whose bytes are `tag` (for identification) and whose length is 100.
+    fn wire(tag: u8) -> Bytes {
+        Bytes::from(vec![tag; 100])
+    }
+
+    const START: u8 = RelayFlags::FRAME_START;
+    const END: u8 = RelayFlags::FRAME_END;
+    const KEY: u8 = RelayFlags::KEY_FRAME;
+
+    /// Pushes a video frame of `packets` packets, all tagged `tag`.
+    fn video_frame(o: &Outbox, tag: u8, packets: usize, key: bool, now: Instant) {
+        for i in 0..packets {
+            let mut flags = if key { KEY } else { 0 };
+            if i == 0 {
+                flags |= START;
+            }
+            if i + 1 == packets {
+                flags |= END;
+            }
+            o.push_relay(wire(tag), &header(TrafficClass::Video, flags), now);
+        }
+    }
+
+    /// Takes everything the outbox will hand out, acknowledging as a client would.
+    fn drain(o: &Outbox, now: Instant) -> Vec<u8> {
+        let mut tags = Vec::new();
+        let mut batch = Vec::new();
+        for _ in 0..1000 {
+            match o.take(now, &mut batch) {
+                Take::Frames => {
+                    let n = batch.len() as u32;
+                    tags.extend(batch.drain(..).map(|b| b[0]));
+                    o.ack(n, now);
+                }
+                _ => break,
+            }
+        }
+        tags
+    }
+
+    #[test]
+    fn a_busy_client_gets_nothing_until_it_acknowledges() {
+        let o = outbox();
+        let now = Instant::now();
+        for i in 0..6 {
+            o.push_relay(wire(i), &header(TrafficClass::Control, START | END), now);
+        }
+        let mut batch = Vec::new();
+        assert_eq!(o.take(now, &mut batch), Take::Frames);
+        assert_eq!(batch.len(), 4, "at most idle_limit frames unacknowledged");
+        assert_eq!(o.idle_count(), 4);
+        batch.clear();
+        assert_eq!(o.take(now, &mut batch), Take::Idle, "busy: the rest waits here");
+        o.ack(2, now);
+        assert_eq!(o.take(now, &mut batch), Take::Frames);
+        assert_eq!(batch.iter().map(|b| b[0]).collect::<Vec<_>>(), vec![4, 5]);
+    }
+
+    #[test]
+    fn server_messages_go_first_and_are_never_held_back() {
+        let o = outbox();
+        let now = Instant::now();
+        for i in 0..4 {
+            o.push_relay(wire(i), &header(TrafficClass::Control, START | END), now);
+        }
+        let mut batch = Vec::new();
+        o.take(now, &mut batch);
+        batch.clear();
+        assert!(o.push_server(Bytes::from_static(b"ping")));
+        assert_eq!(
+            o.take(now, &mut batch),
+            Take::Frames,
+            "busy for relay, not for the server"
+        );
+        assert_eq!(batch, vec![Bytes::from_static(b"ping")]);
+    }
+
+    #[test]
+    fn audio_goes_before_video_and_control_before_both() {
+        let o = outbox();
+        let now = Instant::now();
+        video_frame(&o, 30, 1, true, now);
+        o.push_relay(wire(20), &header(TrafficClass::Audio, START | END), now);
+        o.push_relay(wire(10), &header(TrafficClass::Control, 0), now);
+        assert_eq!(drain(&o, now), vec![10, 20, 30]);
+    }
+
+    #[test]
+    fn late_audio_is_dropped_oldest_first() {
+        let o = outbox();
+        let t0 = Instant::now();
+        o.push_relay(wire(1), &header(TrafficClass::Audio, START | END), t0);
+        o.push_relay(
+            wire(2),
+            &header(TrafficClass::Audio, START | END),
+            t0 + Duration::from_millis(100),
+        );
+        let later = t0 + config().audio_deadline() + Duration::from_millis(1);
+        assert_eq!(drain(&o, later), vec![2]);
+    }
+
+    #[test]
+    fn video_over_the_bound_is_dropped_whole_frames_back_to_the_next_key_frame() {
+        let o = outbox();
+        let now = Instant::now();
+        // Fill the client's window so everything waits here.
+        for i in 0..4 {
+            o.push_relay(wire(i), &header(TrafficClass::Control, START | END), now);
+        }
+        let mut batch = Vec::new();
+        o.take(now, &mut batch);
+        // delta 40, delta 41, key 50, delta 51: 3+3+3+3 packets > max_frames (10)
+        video_frame(&o, 40, 3, false, now);
+        video_frame(&o, 41, 3, false, now);
+        video_frame(&o, 50, 3, true, now);
+        video_frame(&o, 51, 3, false, now);
+        o.ack(4, now);
+        let got = drain(&o, now);
+        assert_eq!(
+            got,
+            vec![50, 50, 50, 51, 51, 51],
+            "the two deltas before the key frame went, whole"
+        );
+    }
+
+    #[test]
+    fn with_no_key_frame_waiting_video_resumes_at_the_next_one() {
+        let o = outbox();
+        let now = Instant::now();
+        for i in 0..4 {
+            o.push_relay(wire(i), &header(TrafficClass::Control, START | END), now);
+        }
+        let mut batch = Vec::new();
+        o.take(now, &mut batch);
+        for tag in 60..64 {
+            video_frame(&o, tag, 3, false, now); // 12 packets: over the bound, no key frame
+        }
+        video_frame(&o, 64, 2, false, now); // arrives while skipping: dropped
+        video_frame(&o, 70, 2, true, now); // the key frame: kept, and what follows
+        video_frame(&o, 71, 2, false, now);
+        o.ack(4, now);
+        let got = drain(&o, now);
+        assert!(
+            got.starts_with(&[70, 70, 71, 71]) || got.iter().all(|t| *t >= 62),
+            "{got:?}"
+        );
+        assert!(
+            !got.contains(&64),
+            "no delta frame between the drop and the key frame: {got:?}"
+        );
+        // Every frame that arrives arrives whole.
+        for tag in got.iter().copied().collect::<std::collections::BTreeSet<_>>() {
+            let n = got.iter().filter(|t| **t == tag).count();
+            assert!(n == 3 || n == 2, "frame {tag} arrived with {n} packets: {got:?}");
+        }
+    }
+
+    #[test]
+    fn a_frame_already_started_is_never_cut() {
+        let o = Outbox::new(
+            RelayConfig {
+                idle_limit: 2,
+                ack_every: 1,
+                burst: 2,
+                max_frames: 4,
+                ..config()
+            },
+            Metrics::new(),
+            16,
+        );
+        let now = Instant::now();
+        video_frame(&o, 80, 4, false, now); // at the bound, not over
+        let mut batch = Vec::new();
+        o.take(now, &mut batch); // the first 2 packets of frame 80 are out
+        assert_eq!(batch.len(), 2);
+        video_frame(&o, 81, 3, false, now); // over the bound: 81 must go, 80's tail must stay
+        o.ack(2, now);
+        let got = drain(&o, now);
+        assert_eq!(got, vec![80, 80], "{got:?}");
+    }
+
+    #[test]
+    fn control_is_never_dropped_even_far_over_the_bound() {
+        let o = outbox();
+        let now = Instant::now();
+        for i in 0..100 {
+            o.push_relay(wire(i), &header(TrafficClass::Control, 0), now);
+        }
+        assert_eq!(drain(&o, now).len(), 100);
+    }
+
+    #[test]
+    fn a_client_that_stops_acknowledging_is_stalled() {
+        let o = outbox();
+        let t0 = Instant::now();
+        for i in 0..8 {
+            o.push_relay(wire(i), &header(TrafficClass::Control, 0), t0);
+        }
+        let mut batch = Vec::new();
+        o.take(t0, &mut batch);
+        o.take(t0, &mut batch);
+        let later = t0 + Duration::from_secs(3);
+        assert!(o.stalled_for(later).is_some_and(|d| d >= Duration::from_secs(3)));
+        o.ack(4, later);
+        assert_eq!(o.stalled_for(later), None, "progress clears it");
+    }
+
+    #[test]
+    fn too_many_server_messages_mean_the_client_is_not_reading() {
+        let o = Outbox::new(config(), Metrics::new(), 2);
+        assert!(o.push_server(Bytes::from_static(b"a")));
+        assert!(o.push_server(Bytes::from_static(b"b")));
+        assert!(!o.push_server(Bytes::from_static(b"c")));
+        assert!(o.overflowed());
+    }
+
+    #[test]
+    fn close_comes_after_everything_queued() {
+        let o = outbox();
+        let now = Instant::now();
+        o.push_server(Bytes::from_static(b"bye"));
+        o.close(false);
+        let mut batch = Vec::new();
+        assert_eq!(o.take(now, &mut batch), Take::Frames);
+        batch.clear();
+        assert_eq!(o.take(now, &mut batch), Take::Close(false));
+    }
+}
