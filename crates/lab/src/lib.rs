@@ -1,0 +1,49 @@
+//! `natcall-lab`: NAT scenarios in Linux network namespaces, with the real `natcall-rendezvous`
+//! and `natcall` binaries running behind emulated NAT routers.
+//!
+//! The namespaces, veth links, routers, nftables NAT and firewalls come from the
+//! [`patchbay`] crate; this crate adds the natcall-specific parts:
+//!
+//! - [`Kind`]: the NAT kinds a peer can sit behind, in RFC 4787 terms, and how each is built
+//!   with patchbay ([`topology`]);
+//! - [`Scenario`] and its oracle [`Scenario::expected`]: which path (LAN, direct, relay) a call
+//!   between two kinds must end on;
+//! - [`Impairment`]: delay, jitter and loss on a peer's uplink that work on kernels without
+//!   `netem` (loss in nftables, delay and jitter by a TAP forwarder, [`impair`]);
+//! - [`run_scenario`]: builds one lab, starts the server and two peers in it, calls, chats both
+//!   ways, hangs up and returns an [`Outcome`] (reports, times, logs kept on failure);
+//! - [`matrix`]: every pair of kinds, run concurrently in separate labs, and the table.
+//! - [`probe`]: plain-UDP checks that an emulated router really maps and filters as named.
+//!
+//! # Drive loop
+//! Everything is async (patchbay builds labs on tokio). The scenario driver runs the peer
+//! processes on a blocking thread; every wait is bounded, and dropping the lab removes its
+//! namespaces (also when a scenario fails or panics).
+//!
+//! # Example
+//! ```no_run
+//! # async fn f() -> Result<(), natcall_lab::Error> {
+//! use natcall_lab::{Binaries, Kind, RunOptions, Scenario, run_scenario};
+//! natcall_lab::preflight()?;
+//! let bins = Binaries::locate(None)?;
+//! let scenario = Scenario::pair(Kind::PortRestricted, Kind::Symmetric);
+//! let outcome = run_scenario(&bins, scenario, &RunOptions::default()).await;
+//! assert!(outcome.passed(), "{}", outcome.diagnostics());
+//! # Ok(()) }
+//! ```
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+mod error;
+pub mod impair;
+mod kind;
+pub mod matrix;
+pub mod probe;
+mod process;
+mod scenario;
+pub mod topology;
+
+pub use error::{Error, preflight};
+pub use impair::Impairment;
+pub use kind::{Kind, Path, Scenario};
+pub use process::Binaries;
+pub use scenario::{Outcome, RunOptions, run_scenario};

@@ -1,0 +1,184 @@
+//! `natcall-lab`: NAT scenarios in network namespaces with the real natcall binaries.
+//! Flags are parsed here; the lab lives in the `natcall_lab` library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use natcall_lab::{Binaries, Impairment, Kind, RunOptions, Scenario, matrix};
+
+const KINDS_HELP: &str = "\
+Kinds (RFC 4787: mapping = which external port a NAT gives one internal socket; filtering = \
+which outside senders may use it):
+  public              no NAT, no firewall: the peer's own address is public
+  full-cone           EIM + EIF: one external port for all destinations (endpoint-independent
+                      mapping); anyone may send to it (endpoint-independent filtering)
+  address-restricted  EIM + ADF: one external port; only hosts the peer sent to may answer, from
+                      any of their ports (address-dependent filtering)
+  port-restricted     EIM + APDF: one external port; only the exact address:port the peer sent to
+                      may answer (address-and-port-dependent filtering; most home routers)
+  symmetric           EDM + APDF: a new random external port per destination (endpoint-dependent
+                      mapping); only that destination may answer
+  cgnat               a port-restricted home NAT behind a port-restricted carrier NAT
+                      (100.64.0.0/10, RFC 6888): two NATs in a row
+  udp-blocked         a port-restricted NAT whose firewall drops all UDP: only TCP leaves, so
+                      only the relay works
+  same-lan            both peers behind one port-restricted router (use as --a and --b), with
+                      --hairpin or without: LAN addresses must win
+
+Expected paths: LAN for same-lan; relay when UDP is blocked on either side or when a symmetric
+peer meets a port-restricted, cgnat or symmetric one; direct otherwise.
+
+Needs root (or unprivileged user namespaces), nft (Debian package nftables), tc and ip
+(iproute2), and the natcall and natcall-rendezvous binaries next to this one (or --bin-dir).";
+
+/// Run natcall calls through emulated NATs in Linux network namespaces (patchbay).
+#[derive(Debug, Parser)]
+#[command(version, about, after_help = KINDS_HELP)]
+struct Args {
+    /// Directory with the natcall and natcall-rendezvous binaries (default: next to natcall-lab).
+    #[arg(long, global = true)]
+    bin_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run every pair of kinds and print a table; exits 1 on any mismatch.
+    Matrix {
+        /// Print the outcomes as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Scenarios run at once, each in its own lab.
+        #[arg(long, default_value_t = 4)]
+        jobs: usize,
+        /// Keep every scenario's logs in DIR/<scenario>/ (failures are always kept).
+        #[arg(long)]
+        keep_logs: Option<PathBuf>,
+    },
+    /// Run one scenario and keep its logs.
+    Run {
+        /// The caller's kind.
+        #[arg(long)]
+        a: String,
+        /// The callee's kind.
+        #[arg(long)]
+        b: String,
+        /// With same-lan: the router hairpins.
+        #[arg(long)]
+        hairpin: bool,
+        /// Added one-way delay on each peer's uplink, each direction, ms.
+        #[arg(long, default_value_t = 0)]
+        delay: u64,
+        /// Delay varies within delay ± jitter, ms.
+        #[arg(long, default_value_t = 0)]
+        jitter: u64,
+        /// Packet loss on each peer's uplink, each direction, percent.
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        /// Keep the logs in DIR/<scenario>/ (default: a temporary folder, printed).
+        #[arg(long)]
+        keep_logs: Option<PathBuf>,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn scenario(a: &str, b: &str, hairpin: bool) -> Result<Scenario> {
+    match (a, b) {
+        ("same-lan", "same-lan") => Ok(Scenario::SameLan { hairpin }),
+        ("same-lan", _) | (_, "same-lan") => {
+            bail!("same-lan puts both peers behind one router: use --a same-lan --b same-lan")
+        }
+        _ => Ok(Scenario::pair(a.parse::<Kind>()?, b.parse::<Kind>()?)),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("natcall-lab: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: Args) -> Result<bool> {
+    // Unprivileged: enter a user namespace before any thread exists (the runtime's included).
+    if !natcall_lab::topology::is_root() {
+        patchbay::init_userns().context("entering a user namespace (or run as root)")?;
+    }
+    natcall_lab::preflight()?;
+    let bins = Binaries::locate(args.bin_dir.as_deref())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        match args.cmd {
+            Cmd::Matrix { json, jobs, keep_logs } => {
+                let started = Instant::now();
+                let opts = RunOptions {
+                    keep_logs,
+                    ..RunOptions::default()
+                };
+                let outcomes = matrix::run(&bins, Scenario::matrix(), jobs, &opts).await;
+                for o in outcomes.iter().filter(|o| !o.passed()) {
+                    eprintln!("{}\n", o.diagnostics());
+                }
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&outcomes)?);
+                } else {
+                    println!("{}", matrix::table(&outcomes));
+                    println!("wall time {:.1} s", started.elapsed().as_secs_f64());
+                }
+                Ok(outcomes.iter().all(|o| o.passed()))
+            }
+            Cmd::Run {
+                a,
+                b,
+                hairpin,
+                delay,
+                jitter,
+                loss,
+                keep_logs,
+                json,
+            } => {
+                let imp = Impairment {
+                    delay: Duration::from_millis(delay),
+                    jitter: Duration::from_millis(jitter),
+                    loss_pct: loss,
+                    seed: 1,
+                };
+                let opts = RunOptions {
+                    impair_a: Some(imp),
+                    impair_b: Some(imp),
+                    keep_logs,
+                };
+                let outcome = natcall_lab::run_scenario(&bins, scenario(&a, &b, hairpin)?, &opts).await;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&outcome)?);
+                } else if outcome.passed() {
+                    println!("{}", matrix::table(std::slice::from_ref(&outcome)));
+                    if let Some(dir) = &outcome.log_dir {
+                        println!("logs in {}", dir.display());
+                    }
+                } else {
+                    println!("{}", outcome.diagnostics());
+                }
+                Ok(outcome.passed())
+            }
+        }
+    })
+}
