@@ -552,6 +552,9 @@ fn random_challenge() -> [u8; 32] {
 async fn write_loop(mut wr: OwnedWriteHalf, outbox: Arc<Outbox>, stall_after: Duration, stalled: watch::Sender<bool>) {
     let mut batch: Vec<Bytes> = Vec::with_capacity(32);
     loop {
+        if outbox.overflowed() {
+            stalled.send_replace(true);
+        }
         match outbox.take(Instant::now().into_std(), &mut batch) {
             Take::Frames => match tokio::time::timeout(stall_after, write_all(&mut wr, &mut batch)).await {
                 Ok(Ok(())) => {}

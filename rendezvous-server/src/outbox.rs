@@ -43,6 +43,9 @@ use tokio::sync::Notify;
 use crate::config::RelayConfig;
 use crate::metrics::{DropReason, Metrics};
 
+/// Control frames may hold up to this many times `max_bytes` before the client is disconnected.
+const CONTROL_CAP_FACTOR: usize = 4;
+
 #[derive(Debug)]
 struct Item {
     wire: Bytes,
@@ -58,6 +61,8 @@ struct State {
     video: VecDeque<Item>,
     /// Bytes of relay frames waiting.
     relay_bytes: usize,
+    /// Bytes of control-class relay frames waiting (never dropped; capped by disconnecting).
+    control_bytes: usize,
     /// Relay frames written and not yet acknowledged.
     idle_count: u32,
     /// The current limit on `idle_count`.
@@ -152,7 +157,8 @@ impl Outbox {
         true
     }
 
-    /// Whether [`Self::push_server`] ever overflowed.
+    /// Whether the client let the server's messages or control-class relay frames pile up
+    /// past their caps: it cannot keep up and must be disconnected.
     pub fn overflowed(&self) -> bool {
         self.overflowed.load(Ordering::Relaxed)
     }
@@ -184,13 +190,24 @@ impl Outbox {
             }
         }
         let len = wire.len();
+        if class == TrafficClass::Control && s.control_bytes + len > self.config.max_bytes * CONTROL_CAP_FACTOR {
+            // Control is never dropped, so a client that cannot even take it is overloaded:
+            // the connection is closed (the writer sees the flag), memory stays bounded.
+            self.overflowed.store(true, Ordering::Relaxed);
+            drop(s);
+            self.notify.notify_one();
+            return;
+        }
         let item = Item {
             wire,
             at: now,
             flags: header.flags,
         };
         match class {
-            TrafficClass::Control => s.control.push_back(item),
+            TrafficClass::Control => {
+                s.control_bytes += len;
+                s.control.push_back(item);
+            }
             TrafficClass::Audio => s.audio.push_back(item),
             TrafficClass::Video => s.video.push_back(item),
         }
@@ -315,6 +332,7 @@ impl Outbox {
         let mut video_taken = 0;
         while taken < room {
             let (item, class) = if let Some(i) = s.control.pop_front() {
+                s.control_bytes -= i.wire.len();
                 (i, TrafficClass::Control)
             } else if let Some(i) = s.audio.pop_front() {
                 (i, TrafficClass::Audio)
@@ -649,6 +667,24 @@ mod tests {
         assert!(o.stalled_for(later).is_some_and(|d| d >= Duration::from_secs(3)));
         o.ack(4, later);
         assert_eq!(o.stalled_for(later), None, "progress clears it");
+    }
+
+    #[test]
+    fn control_past_its_cap_marks_the_client_overloaded_instead_of_growing() {
+        let o = Outbox::new(
+            RelayConfig {
+                max_bytes: 1000,
+                ..config()
+            },
+            Metrics::new(),
+            16,
+        );
+        let now = Instant::now();
+        for i in 0..50 {
+            o.push_relay(wire(i), &header(TrafficClass::Control, 0), now); // 100 bytes each
+        }
+        assert!(o.overflowed());
+        assert_eq!(o.waiting(), 40, "capped at 4 × max_bytes");
     }
 
     #[test]

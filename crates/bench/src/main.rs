@@ -5,6 +5,7 @@
 //! - `idle-peers`: server memory (RSS) per registered idle peer.
 
 mod peers;
+mod relay;
 mod server;
 mod stun;
 
@@ -37,6 +38,35 @@ enum Cmd {
         /// Requests in flight per socket for the saturated measurement.
         #[arg(long, default_value_t = 32)]
         window: usize,
+    },
+    /// Relayed 512-byte frames: throughput and one-way latency through a real server.
+    Relay {
+        /// Concurrent relayed calls.
+        #[arg(long, default_value_t = 1)]
+        calls: usize,
+        /// Frames per second per side; omit to saturate (a closed loop of 256 frames in flight).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// The relay's maximum rate, then latency at 50 % and 90 % of it, for 1 and 50 calls.
+    RelaySweep {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// A receiver slower than its sender, with the relay's buffer settings as given: audio
+    /// delay and video delivered. Compares the default (ack window + bounded kernel send buffer)
+    /// with the kernel bound off and with both off.
+    RelaySlow {
+        /// Seconds of load per configuration.
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+        /// The receiver's link, in bytes per second.
+        #[arg(long, default_value_t = 40_000.0)]
+        link: f64,
     },
     /// Server RSS per registered idle peer.
     IdlePeers {
@@ -82,6 +112,47 @@ fn main() -> Result<()> {
                     println!("server CPU: {:.2} s", s.cpu_seconds()?);
                 }
             }
+            Cmd::Relay { calls, rate, seconds } => {
+                let o = relay::run(relay::Load { calls, rate, duration: Duration::from_secs(seconds) }).await?;
+                print_relay(calls, rate, &o);
+            }
+            Cmd::RelaySweep { seconds } => {
+                let d = Duration::from_secs(seconds);
+                println!("| calls | offered (frames/s) | delivered (frames/s) | loss | p50 ms | p99 ms | server CPU s | server RSS MiB |");
+                println!("|---|---|---|---|---|---|---|---|");
+                for calls in [1usize, 50] {
+                    let max = relay::run(relay::Load { calls, rate: None, duration: d }).await?;
+                    print_row(calls, "saturated", &max);
+                    let per_side = max.delivered_rate() / (2 * calls) as f64;
+                    for share in [0.5, 0.9] {
+                        let o = relay::run(relay::Load { calls, rate: Some(per_side * share), duration: d }).await?;
+                        print_row(calls, &format!("{:.0} ({:.0} % of max)", per_side * share * (2 * calls) as f64, share * 100.0), &o);
+                    }
+                }
+            }
+            Cmd::RelaySlow { seconds, link } => {
+                println!("| relay configuration | audio received | audio delay p50 ms | p99 ms | video packets received |");
+                println!("|---|---|---|---|---|");
+                for (name, section) in [
+                    ("default: adaptive ack window, SO_SNDBUF 64 KiB, TCP_NOTSENT_LOWAT 16 KiB", ""),
+                    ("kernel bound off (SO_SNDBUF and NOTSENT_LOWAT at kernel defaults)", "sndbuf = 0\nnotsent_lowat = 0"),
+                    (
+                        "both off (fixed window of 4096 frames, kernel defaults)",
+                        "sndbuf = 0\nnotsent_lowat = 0\nidle_limit = 4096\ntarget_delay_ms = 1000000\nmax_frames = 100000\nmax_bytes = 100000000\nmax_age_ms = 100000\naudio_deadline_ms = 100000",
+                    ),
+                ] {
+                    let o = relay::slow_receiver(section, link, Duration::from_secs(seconds)).await?;
+                    println!(
+                        "| {name} | {}/{} | {:.0} | {:.0} | {} of {} |",
+                        o.audio_delays_ms.len(),
+                        o.audio_sent,
+                        o.audio_ms(0.5),
+                        o.audio_ms(0.99),
+                        o.video_packets,
+                        o.video_sent * 9
+                    );
+                }
+            }
             Cmd::IdlePeers { count } => {
                 let s = server::Spawned::start()?;
                 let r = peers::idle(&s, count).await?;
@@ -96,4 +167,32 @@ fn main() -> Result<()> {
         }
         Ok(())
     })
+}
+
+fn print_relay(calls: usize, rate: Option<f64>, o: &relay::Outcome) {
+    println!(
+        "relay: {calls} calls, {} per side: sent {}, delivered {:.0} frames/s, loss {:.3} %, one-way latency p50 {:.3} ms p90 {:.3} ms p99 {:.3} ms p99.9 {:.3} ms; server CPU {:.2} s, RSS {} KiB",
+        rate.map_or("saturating".to_owned(), |r| format!("{r:.0} frames/s")),
+        o.sent,
+        o.delivered_rate(),
+        o.loss() * 100.0,
+        o.latency_ms(0.5),
+        o.latency_ms(0.9),
+        o.latency_ms(0.99),
+        o.latency_ms(0.999),
+        o.server_cpu,
+        o.server_rss / 1024
+    );
+}
+
+fn print_row(calls: usize, offered: &str, o: &relay::Outcome) {
+    println!(
+        "| {calls} | {offered} | {:.0} | {:.3} % | {:.3} | {:.3} | {:.2} | {:.1} |",
+        o.delivered_rate(),
+        o.loss() * 100.0,
+        o.latency_ms(0.5),
+        o.latency_ms(0.99),
+        o.server_cpu,
+        o.server_rss as f64 / (1024.0 * 1024.0)
+    );
 }

@@ -32,13 +32,27 @@ impl IdleResult {
 
 /// One identity signs for every peer: registration cost is the same, keygen is not the
 /// thing measured. Names differ, so each peer is its own registry entry.
-struct Signer {
+pub(crate) struct Signer {
     cert: Vec<u8>,
     key: EcdsaKeyPair,
     rng: SystemRandom,
 }
 
-async fn next_msg(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<ServerMsg> {
+impl Signer {
+    pub(crate) fn new() -> Result<Self> {
+        let key = rcgen::KeyPair::generate()?;
+        let cert = rcgen::CertificateParams::new(vec!["natcall.invalid".into()])?.self_signed(&key)?;
+        let rng = SystemRandom::new();
+        Ok(Self {
+            cert: cert.der().to_vec(),
+            key: EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &key.serialize_der(), &rng)
+                .map_err(|e| anyhow::anyhow!("key: {e}"))?,
+            rng,
+        })
+    }
+}
+
+pub(crate) async fn next_msg(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<ServerMsg> {
     let decoder = FrameDecoder::new(MAX_FRAME_LEN);
     loop {
         if let Some(raw) = decoder.decode(buf)? {
@@ -55,8 +69,9 @@ async fn next_msg(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<ServerMs
     }
 }
 
-async fn register(addr: SocketAddr, name: String, signer: &Signer) -> Result<TcpStream> {
+pub(crate) async fn register(addr: SocketAddr, name: String, signer: &Signer) -> Result<TcpStream> {
     let mut s = TcpStream::connect(addr).await.context("connecting")?;
+    s.set_nodelay(true)?; // as natcall clients do: no Nagle delay on small relay writes
     let mut out = BytesMut::new();
     frame::encode_hello(PROTOCOL_VERSION, &mut out);
     s.write_all(&out).await?;
@@ -88,15 +103,7 @@ async fn register(addr: SocketAddr, name: String, signer: &Signer) -> Result<Tcp
 
 /// Registers `count` peers that then stay idle, and measures within the idle timeout.
 pub async fn idle(server: &Spawned, count: usize) -> Result<IdleResult> {
-    let key = rcgen::KeyPair::generate()?;
-    let cert = rcgen::CertificateParams::new(vec!["natcall.invalid".into()])?.self_signed(&key)?;
-    let rng = SystemRandom::new();
-    let signer = std::sync::Arc::new(Signer {
-        cert: cert.der().to_vec(),
-        key: EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &key.serialize_der(), &rng)
-            .map_err(|e| anyhow::anyhow!("key: {e}"))?,
-        rng,
-    });
+    let signer = std::sync::Arc::new(Signer::new()?);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before = server.rss()?;
     let mut conns = Vec::with_capacity(count);

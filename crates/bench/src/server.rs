@@ -39,18 +39,27 @@ fn free_port() -> Result<u16> {
 }
 
 impl Spawned {
-    /// Starts the server with limits opened up for load (no per-connection frame rate cap).
+    /// Starts the server with limits opened up for load: no practical cap on connections or
+    /// on a connection's relay rate (the relay engine's own policy stays as configured).
     pub fn start() -> Result<Self> {
+        Self::start_with("")
+    }
+
+    /// [`Self::start`] with `relay_section` as the config file's `[relay]` table body.
+    pub fn start_with(relay_section: &str) -> Result<Self> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let config = std::env::temp_dir().join(format!("natcall-bench-{}.toml", std::process::id()));
+        std::fs::write(
+            &config,
+            format!(
+                "[limits]\nmax_connections = 1000000\nrelay_frames_per_sec = 10000000\nframes_per_sec = 100000\n\
+                 [relay]\n{relay_section}\n"
+            ),
+        )
+        .context("writing the bench server's config")?;
         let child = Command::new(server_binary()?)
-            .args([
-                "--listen",
-                &addr.to_string(),
-                "--log-level",
-                "warn",
-                "--max-connections",
-                "1000000",
-            ])
+            .args(["--listen", &addr.to_string(), "--log-level", "warn", "-c"])
+            .arg(&config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
