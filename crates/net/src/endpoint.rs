@@ -437,16 +437,29 @@ async fn stun_router(inner: std::sync::Weak<Inner>, mut rx: mpsc::Receiver<(Sock
     }
 }
 
+/// How long an incoming QUIC connection waits for its call to be set up locally: the peer may
+/// start QUIC (over the relay) a moment before this side has processed the server's `Start`.
+const QUIC_WAITER_GRACE: Duration = Duration::from_secs(2);
+
 async fn quic_acceptor(inner: std::sync::Weak<Inner>, quic: quinn::Endpoint) {
     while let Some(incoming) = quic.accept().await {
-        let Some(inner) = inner.upgrade() else { return };
-        let fake = incoming.remote_address();
-        let Some(waiter) = lock(&inner.quic_waiters).remove(&fake) else {
-            debug!(%fake, "QUIC connection for no waiting call refused");
-            incoming.refuse();
-            continue;
-        };
+        let inner = inner.clone();
         tokio::spawn(async move {
+            let fake = incoming.remote_address();
+            let deadline = tokio::time::Instant::now() + QUIC_WAITER_GRACE;
+            let waiter = loop {
+                let Some(strong) = inner.upgrade() else { return };
+                if let Some(w) = lock(&strong.quic_waiters).remove(&fake) {
+                    break w;
+                }
+                drop(strong);
+                if tokio::time::Instant::now() >= deadline {
+                    debug!(%fake, "QUIC connection for no waiting call refused");
+                    incoming.refuse();
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            };
             match incoming.await {
                 Ok(conn) => {
                     let _ = waiter.send(conn);
