@@ -1,0 +1,577 @@
+//! The sending side: per-track queues, packetization, sealing, pacing and priorities.
+//!
+//! Data flow:
+//! 1. [`Sender::handle_frame`] queues a frame on its track (video frames may be dropped here
+//!    while the sender waits for a key frame or when the queue is too deep).
+//! 2. [`Sender::poll_transmit`] picks the highest-priority track with data (audio, then video,
+//!    then data tracks by number), cuts the next fragment of its current frame, seals it, and
+//!    charges the token bucket. Audio is never held back by the bucket.
+//! 3. [`Sender::handle_feedback`] adapts the rate to the receiver's reports and, under
+//!    congestion, drops whole queued video frames up to the newest key frame.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, warn};
+
+use crate::crypto::PacketSealer;
+use crate::packet::{Flags, HEADER_LEN, MAX_FRAME, TAG_LEN, fragment_count, fragment_header, fragment_range};
+use crate::report::ReceiverReport;
+use crate::stats::SendStats;
+use crate::{Error, Track};
+
+/// Sender settings.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SenderConfig {
+    /// The initial pacing rate and the ceiling feedback may raise it to, in bit/s.
+    pub rate_bps: u64,
+    /// Feedback never lowers the rate below this.
+    pub min_rate_bps: u64,
+    /// The token bucket holds this much sending time at the current rate (at least one packet).
+    pub burst: Duration,
+    /// Video queued for longer than this (at the current rate) is dropped up to a key frame.
+    pub max_video_queue_delay: Duration,
+    /// Bytes queued per track; beyond, video drops frames and data tracks refuse them.
+    pub max_queue_bytes: usize,
+    /// Audio frames queued; the oldest is dropped beyond (only if `poll_transmit` is not drained).
+    pub max_audio_frames: usize,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        Self {
+            rate_bps: 2_000_000,
+            min_rate_bps: 100_000,
+            burst: Duration::from_millis(20),
+            max_video_queue_delay: Duration::from_millis(400),
+            max_queue_bytes: MAX_FRAME + MAX_FRAME / 2,
+            max_audio_frames: 50,
+        }
+    }
+}
+
+/// A frame to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Media clock in ms (the receiver's jitter buffer restores the spacing of timestamps).
+    pub timestamp: u32,
+    /// A frame that decodes on its own (video); the sender resumes at key frames.
+    pub key_frame: bool,
+    /// Up to [`MAX_FRAME`] bytes.
+    pub data: Vec<u8>,
+}
+
+impl Frame {
+    /// A frame that depends on earlier ones (or an audio/data frame).
+    pub fn new(timestamp: u32, data: Vec<u8>) -> Self {
+        Self {
+            timestamp,
+            key_frame: false,
+            data,
+        }
+    }
+
+    /// A key frame.
+    pub fn key(timestamp: u32, data: Vec<u8>) -> Self {
+        Self {
+            timestamp,
+            key_frame: true,
+            data,
+        }
+    }
+}
+
+/// A sealed media packet for the caller to send on the current path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Its track (audio and video map to the relay's traffic classes).
+    pub track: Track,
+    /// Its flags, bit-compatible with the relay header's flags.
+    pub flags: Flags,
+    /// The whole UDP payload, at most [`crate::MAX_PACKET`] bytes.
+    pub contents: Vec<u8>,
+}
+
+/// The sending half of a call's media.
+///
+/// # Drive contract
+/// After every [`handle_frame`](Self::handle_frame), [`handle_feedback`](Self::handle_feedback)
+/// and [`set_rate`](Self::set_rate), and whenever [`poll_timeout`](Self::poll_timeout) passes,
+/// drain [`poll_transmit`](Self::poll_transmit) with the current time until it returns `None`,
+/// then re-read `poll_timeout`.
+#[derive(Debug)]
+pub struct Sender {
+    config: SenderConfig,
+    sealer: PacketSealer,
+    rate_bps: u64,
+    ceiling_bps: u64,
+    tokens: f64,
+    last_refill: Instant,
+    tracks: BTreeMap<Track, SendTrack>,
+}
+
+#[derive(Debug, Default)]
+struct SendTrack {
+    queue: VecDeque<Frame>,
+    /// Frame bytes of the queue and the unsent part of the current frame.
+    queued_bytes: usize,
+    current: Option<Current>,
+    next_frame_id: u32,
+    waiting_for_key: bool,
+    exhausted: bool,
+    stats: SendStats,
+}
+
+#[derive(Debug)]
+struct Current {
+    frame: Frame,
+    id: u32,
+    next: u16,
+    count: u16,
+}
+
+/// Approximate wire bytes of a frame (data plus per-packet overhead).
+fn wire_bytes(len: usize) -> usize {
+    len + usize::from(fragment_count(len).unwrap_or(u16::MAX)) * (HEADER_LEN + TAG_LEN)
+}
+
+impl Sender {
+    /// A sender sealing with `sealer` (from [`crate::derive_keys`]).
+    pub fn new(config: SenderConfig, sealer: PacketSealer, now: Instant) -> Self {
+        let rate = config.rate_bps.max(config.min_rate_bps).max(1);
+        let mut sender = Self {
+            config,
+            sealer,
+            rate_bps: rate,
+            ceiling_bps: rate,
+            tokens: 0.0,
+            last_refill: now,
+            tracks: BTreeMap::new(),
+        };
+        sender.tokens = sender.burst_bytes();
+        sender
+    }
+
+    /// Queues a frame on `track`. Video frames may be dropped (and counted) instead; a data
+    /// track whose queue is full refuses the frame with [`Error::QueueFull`].
+    pub fn handle_frame(&mut self, track: Track, frame: Frame) -> Result<(), Error> {
+        if frame.data.len() > MAX_FRAME {
+            return Err(Error::FrameTooLarge {
+                len: frame.data.len(),
+                max: MAX_FRAME,
+            });
+        }
+        let (max_bytes, max_audio) = (self.config.max_queue_bytes, self.config.max_audio_frames.max(1));
+        let t = self.tracks.entry(track).or_default();
+        if t.exhausted {
+            return Err(Error::SequenceExhausted(track));
+        }
+        if track == Track::AUDIO {
+            t.push(frame);
+            while t.queue.len() > max_audio {
+                t.drop_front();
+            }
+        } else if track == Track::VIDEO {
+            if t.waiting_for_key && !frame.key_frame {
+                t.stats.frames_dropped += 1;
+                return Ok(());
+            }
+            t.waiting_for_key = false;
+            t.push(frame);
+            let delay_s = wire_bytes(t.queued_bytes) as f64 * 8.0 / self.rate_bps as f64;
+            if t.queued_bytes > max_bytes || delay_s > self.config.max_video_queue_delay.as_secs_f64() {
+                debug!(queued = t.queued_bytes, "video queue too deep, dropping to a key frame");
+                t.drop_until_key();
+            }
+        } else {
+            if t.queued_bytes + frame.data.len() > max_bytes {
+                return Err(Error::QueueFull(track));
+            }
+            t.push(frame);
+        }
+        Ok(())
+    }
+
+    /// Adapts to the receiver's report: lowers the rate and drops queued video up to the newest
+    /// key frame under congestion (loss above 10 % or delay growing by more than 25 ms),
+    /// raises it slowly (up to the [`set_rate`](Self::set_rate) ceiling) when the path is clean.
+    pub fn handle_feedback(&mut self, now: Instant, report: &ReceiverReport) {
+        self.refill(now);
+        let loss = report.loss_fraction.clamp(0.0, 1.0);
+        let rate = self.rate_bps as f64;
+        let new_rate = if loss > 0.1 || report.delay_trend_ms > 25.0 {
+            let factor = if loss > 0.1 { (1.0 - loss / 2.0).max(0.5) } else { 0.85 };
+            if let Some(video) = self.tracks.get_mut(&Track::VIDEO) {
+                video.drop_until_key();
+            }
+            rate * factor
+        } else if loss < 0.02 && report.delay_trend_ms <= 5.0 {
+            rate * 1.08 + 1_000.0
+        } else {
+            rate
+        };
+        let floor = self.config.min_rate_bps.min(self.ceiling_bps);
+        self.rate_bps = (new_rate as u64).clamp(floor, self.ceiling_bps).max(1);
+        debug!(
+            rate_bps = self.rate_bps,
+            loss,
+            trend_ms = report.delay_trend_ms,
+            "media rate adapted"
+        );
+    }
+
+    /// Sets the pacing rate and the ceiling feedback may raise it back to (what the path carries).
+    pub fn set_rate(&mut self, now: Instant, bps: u64) {
+        self.refill(now);
+        self.ceiling_bps = bps.max(1);
+        self.rate_bps = self.ceiling_bps;
+    }
+
+    /// The current pacing rate in bit/s.
+    pub fn rate_bps(&self) -> u64 {
+        self.rate_bps
+    }
+
+    /// The next packet to send now, if the pacer allows one. Audio always goes first and is
+    /// never held back; other tracks wait for tokens.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        self.refill(now);
+        let burst = self.burst_bytes();
+        let tracks: Vec<Track> = self.tracks.keys().copied().collect();
+        for track in tracks {
+            let Some(t) = self.tracks.get_mut(&track) else { continue };
+            if t.current.is_none() && t.queue.is_empty() {
+                continue;
+            }
+            if track != Track::AUDIO && self.tokens <= 0.0 {
+                return None;
+            }
+            match t.next_packet(track, &mut self.sealer) {
+                Ok(transmit) => {
+                    self.tokens = (self.tokens - transmit.contents.len() as f64).max(-burst);
+                    return Some(transmit);
+                }
+                Err(e) => {
+                    warn!(track = track.0, error = %e, "media track stopped");
+                    t.exhausted = true;
+                    t.current = None;
+                    while !t.queue.is_empty() {
+                        t.drop_front();
+                    }
+                    t.queued_bytes = 0;
+                }
+            }
+        }
+        None
+    }
+
+    /// When [`poll_transmit`](Self::poll_transmit) will next have a packet, if anything is queued.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let pending = |t: &SendTrack| t.current.is_some() || !t.queue.is_empty();
+        if self.tracks.get(&Track::AUDIO).is_some_and(pending)
+            || (self.tokens > 0.0 && self.tracks.values().any(pending))
+        {
+            return Some(self.last_refill);
+        }
+        if !self.tracks.values().any(pending) {
+            return None;
+        }
+        let wait_s = (1.0 - self.tokens) * 8.0 / self.rate_bps as f64;
+        Some(self.last_refill + Duration::from_secs_f64(wait_s.max(0.0)))
+    }
+
+    /// Statistics of `track`, if a frame was ever queued on it.
+    pub fn stats(&self, track: Track) -> Option<SendStats> {
+        self.tracks.get(&track).map(|t| SendStats {
+            frames_queued: (t.queue.len() + usize::from(t.current.is_some())) as u64,
+            bytes_queued: t.queued_bytes as u64,
+            ..t.stats.clone()
+        })
+    }
+
+    /// Whether video frames are being dropped until a key frame: ask the encoder for one.
+    pub fn needs_key_frame(&self, track: Track) -> bool {
+        self.tracks.get(&track).is_some_and(|t| t.waiting_for_key)
+    }
+
+    fn burst_bytes(&self) -> f64 {
+        (self.rate_bps as f64 / 8.0 * self.config.burst.as_secs_f64()).max(crate::MAX_PACKET as f64)
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last_refill).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate_bps as f64 / 8.0).min(self.burst_bytes());
+        self.last_refill = self.last_refill.max(now);
+    }
+}
+
+impl SendTrack {
+    fn push(&mut self, frame: Frame) {
+        self.queued_bytes += frame.data.len();
+        self.queue.push_back(frame);
+    }
+
+    fn drop_front(&mut self) {
+        if let Some(frame) = self.queue.pop_front() {
+            self.queued_bytes -= frame.data.len();
+            self.stats.frames_dropped += 1;
+        }
+    }
+
+    /// Drops queued (unstarted) frames before the newest queued key frame; without one, drops
+    /// them all and waits for the next key frame.
+    fn drop_until_key(&mut self) {
+        match self.queue.iter().rposition(|f| f.key_frame) {
+            Some(key) => (0..key).for_each(|_| self.drop_front()),
+            None if !self.queue.is_empty() => {
+                while !self.queue.is_empty() {
+                    self.drop_front();
+                }
+                self.waiting_for_key = true;
+            }
+            None => {}
+        }
+    }
+
+    fn next_packet(&mut self, track: Track, sealer: &mut PacketSealer) -> Result<Transmit, Error> {
+        if self.current.is_none() {
+            let frame = self.queue.pop_front().ok_or(Error::Malformed("empty send queue"))?;
+            let count = fragment_count(frame.data.len())?;
+            self.current = Some(Current {
+                frame,
+                id: self.next_frame_id,
+                next: 0,
+                count,
+            });
+            self.next_frame_id = self.next_frame_id.wrapping_add(1);
+        }
+        let Some(c) = self.current.as_mut() else {
+            return Err(Error::Malformed("no current frame"));
+        };
+        let header = fragment_header(track, c.id, c.frame.timestamp, c.frame.key_frame, c.next, c.count);
+        let range = fragment_range(c.frame.data.len(), c.next);
+        let payload_len = range.len();
+        let contents = sealer.seal(header, &c.frame.data[range])?;
+        c.next += 1;
+        self.queued_bytes -= payload_len;
+        if c.next == c.count {
+            self.current = None;
+            self.stats.frames_sent += 1;
+        }
+        self.stats.packets_sent += 1;
+        self.stats.bytes_sent += contents.len() as u64;
+        Ok(Transmit {
+            track,
+            flags: header.flags,
+            contents,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{Role, derive_keys};
+    use crate::packet::{Header, MAX_PACKET};
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn sender(rate_bps: u64) -> (Sender, Instant) {
+        let t0 = crate::test_origin();
+        let (sealer, _) = derive_keys(&[1; 32], Role::Caller);
+        let config = SenderConfig {
+            rate_bps,
+            min_rate_bps: 10_000,
+            ..SenderConfig::default()
+        };
+        (Sender::new(config, sealer, t0), t0)
+    }
+
+    fn drain(s: &mut Sender, now: Instant) -> Vec<Transmit> {
+        std::iter::from_fn(|| s.poll_transmit(now)).collect()
+    }
+
+    fn frame_ids(packets: &[Transmit]) -> Vec<u32> {
+        let mut ids: Vec<u32> = packets
+            .iter()
+            .map(|t| Header::decode(&t.contents).unwrap().0.frame_id)
+            .collect();
+        ids.dedup();
+        ids
+    }
+
+    #[test]
+    fn audio_is_never_delayed_by_video_under_a_low_rate() {
+        let (mut s, t0) = sender(64_000);
+        for i in 0..50 {
+            s.handle_frame(Track::VIDEO, Frame::key(i * 33, vec![0; 20_000]))
+                .unwrap();
+        }
+        let mut video_bytes = 0;
+        for tick in 0..2000u32 {
+            let now = t0 + MS * tick;
+            if tick % 20 == 0 {
+                s.handle_frame(Track::AUDIO, Frame::new(tick, vec![1; 80])).unwrap();
+                let first = s.poll_transmit(now).expect("audio goes out at once");
+                assert_eq!(first.track, Track::AUDIO, "tick {tick}");
+            }
+            for t in drain(&mut s, now) {
+                assert_ne!(t.track, Track::AUDIO);
+                assert!(t.contents.len() <= MAX_PACKET);
+                video_bytes += t.contents.len();
+            }
+        }
+        assert_eq!(s.stats(Track::AUDIO).unwrap().frames_sent, 100);
+        // video got roughly what audio (100 × 114 bytes) left of 2 s at 64 kbit/s (16 kB)
+        assert!((2_000..8_000).contains(&video_bytes), "{video_bytes}");
+    }
+
+    #[test]
+    fn pacing_follows_the_rate() {
+        let (mut s, t0) = sender(1_000_000);
+        for i in 0..10 {
+            s.handle_frame(Track::data(0).unwrap(), Frame::new(i, vec![0; 50_000]))
+                .unwrap();
+        }
+        let mut bytes = 0;
+        let mut now = t0;
+        while now < t0 + Duration::from_secs(1) {
+            bytes += drain(&mut s, now).iter().map(|t| t.contents.len()).sum::<usize>();
+            now = s.poll_timeout().unwrap().max(now + MS / 10);
+        }
+        assert!((125_000..=125_000 + 2_500 + MAX_PACKET).contains(&bytes), "{bytes}");
+    }
+
+    #[test]
+    fn poll_timeout_is_none_when_idle() {
+        let (mut s, t0) = sender(1_000_000);
+        assert_eq!(s.poll_timeout(), None);
+        s.handle_frame(Track::AUDIO, Frame::new(0, vec![])).unwrap();
+        assert_eq!(s.poll_timeout(), Some(t0));
+        assert_eq!(drain(&mut s, t0).len(), 1);
+        assert_eq!(s.poll_timeout(), None);
+    }
+
+    #[test]
+    fn congestion_lowers_the_rate_and_drops_video_to_the_newest_key_frame() {
+        let (mut s, t0) = sender(1_000_000);
+        s.handle_frame(Track::VIDEO, Frame::key(0, vec![0; 2000])).unwrap();
+        let sent = drain(&mut s, t0); // the key frame goes out within the burst
+        assert_eq!(frame_ids(&sent), [0]);
+        for (i, key) in [false, false, true, false].into_iter().enumerate() {
+            let ts = 33 * (i as u32 + 1);
+            let f = if key {
+                Frame::key(ts, vec![0; 3000])
+            } else {
+                Frame::new(ts, vec![0; 3000])
+            };
+            s.handle_frame(Track::VIDEO, f).unwrap();
+        }
+        let report = ReceiverReport {
+            loss_fraction: 0.3,
+            ..ReceiverReport::default()
+        };
+        s.handle_feedback(t0, &report);
+        assert_eq!(s.rate_bps(), 850_000);
+        assert_eq!(s.stats(Track::VIDEO).unwrap().frames_dropped, 2);
+        let mut later = Vec::new();
+        for ms in 1..500 {
+            later.extend(drain(&mut s, t0 + MS * ms));
+        }
+        // frame ids are given when a frame starts: the key frame is id 1, its successor 2
+        assert_eq!(frame_ids(&later), [1, 2]);
+        assert!(
+            Header::decode(&later[0].contents)
+                .unwrap()
+                .0
+                .flags
+                .has(Flags::KEY_FRAME)
+        );
+    }
+
+    #[test]
+    fn without_a_queued_key_frame_video_waits_for_the_next_one() {
+        let (mut s, t0) = sender(1_000_000);
+        s.handle_frame(Track::VIDEO, Frame::new(0, vec![0; 40_000])).unwrap();
+        s.handle_frame(Track::VIDEO, Frame::new(33, vec![0; 1000])).unwrap();
+        let _ = drain(&mut s, t0); // starts frame 0, which will be finished
+        s.handle_feedback(
+            t0,
+            &ReceiverReport {
+                delay_trend_ms: 40.0,
+                ..ReceiverReport::default()
+            },
+        );
+        assert!(s.needs_key_frame(Track::VIDEO));
+        s.handle_frame(Track::VIDEO, Frame::new(66, vec![0; 1000])).unwrap();
+        assert_eq!(s.stats(Track::VIDEO).unwrap().frames_dropped, 2);
+        s.handle_frame(Track::VIDEO, Frame::key(99, vec![0; 1000])).unwrap();
+        assert!(!s.needs_key_frame(Track::VIDEO));
+        let mut packets = Vec::new();
+        for ms in 0..10_000 {
+            packets.extend(drain(&mut s, t0 + MS * ms));
+        }
+        assert_eq!(frame_ids(&packets), [0, 1]);
+        assert_eq!(s.stats(Track::VIDEO).unwrap().frames_sent, 2);
+    }
+
+    #[test]
+    fn deep_video_queues_drop_to_a_key_frame() {
+        let (mut s, _) = sender(100_000);
+        // 400 ms at 100 kbit/s is 5 kB: the third 3 kB frame overflows
+        s.handle_frame(Track::VIDEO, Frame::new(0, vec![0; 3000])).unwrap();
+        s.handle_frame(Track::VIDEO, Frame::new(1, vec![0; 3000])).unwrap();
+        assert!(s.needs_key_frame(Track::VIDEO));
+        assert_eq!(s.stats(Track::VIDEO).unwrap().frames_dropped, 2);
+        assert_eq!(s.stats(Track::VIDEO).unwrap().bytes_queued, 0);
+    }
+
+    #[test]
+    fn clean_reports_raise_the_rate_up_to_the_ceiling() {
+        let (mut s, t0) = sender(1_000_000);
+        s.handle_feedback(
+            t0,
+            &ReceiverReport {
+                loss_fraction: 1.0,
+                ..ReceiverReport::default()
+            },
+        );
+        assert_eq!(s.rate_bps(), 500_000);
+        for _ in 0..50 {
+            s.handle_feedback(t0, &ReceiverReport::default());
+        }
+        assert_eq!(s.rate_bps(), 1_000_000);
+        s.set_rate(t0, 3_000_000);
+        assert_eq!(s.rate_bps(), 3_000_000);
+    }
+
+    #[test]
+    fn limits_are_errors_not_panics() {
+        let (mut s, _) = sender(1_000_000);
+        let huge = Frame::new(0, vec![0; MAX_FRAME + 1]);
+        assert!(matches!(
+            s.handle_frame(Track::VIDEO, huge),
+            Err(Error::FrameTooLarge { .. })
+        ));
+        let data = Track::data(3).unwrap();
+        s.handle_frame(data, Frame::new(0, vec![0; MAX_FRAME])).unwrap();
+        s.handle_frame(data, Frame::new(0, vec![0; MAX_FRAME / 2])).unwrap();
+        assert_eq!(
+            s.handle_frame(data, Frame::new(0, vec![0; 1])),
+            Err(Error::QueueFull(data))
+        );
+    }
+
+    #[test]
+    fn an_exhausted_track_stops_instead_of_reusing_nonces() {
+        let (mut s, t0) = sender(1_000_000);
+        s.sealer.set_next_sequence(Track::AUDIO, u32::MAX);
+        s.handle_frame(Track::AUDIO, Frame::new(0, vec![0; 1000])).unwrap();
+        assert_eq!(drain(&mut s, t0).len(), 1);
+        assert_eq!(
+            s.handle_frame(Track::AUDIO, Frame::new(0, vec![])),
+            Err(Error::SequenceExhausted(Track::AUDIO))
+        );
+    }
+}

@@ -1,0 +1,200 @@
+//! Per-track statistics and the estimators behind them (jitter, delay, bitrate).
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// What the receiver saw on one track. Counters are cumulative since the call started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Authenticated, non-duplicate packets (late ones included).
+    pub packets_received: u64,
+    /// Packets never received: the span of sequence numbers seen minus `packets_received`.
+    pub packets_lost: u64,
+    /// Packets that arrived after their frame was played out or given up.
+    pub packets_late: u64,
+    /// Packets whose sequence number was already received: network duplicates and replays.
+    pub packets_duplicated: u64,
+    /// Packets more than 64 sequence numbers behind the newest (dropped by the replay window).
+    pub packets_too_old: u64,
+    /// Packets that failed authentication (forged, corrupted or under another key).
+    pub packets_auth_failed: u64,
+    /// Bytes of received packets, headers and tags included.
+    pub bytes_received: u64,
+    /// Frames delivered by `poll_frame`.
+    pub frames_complete: u64,
+    /// Frames never delivered: fragments missing when a later frame played out, evicted
+    /// stale or for memory, or (frame ids never seen) lost entirely.
+    pub frames_incomplete: u64,
+    /// Frames that completed only after their playout time (the jitter buffer was too short).
+    pub frames_late: u64,
+    /// Interarrival jitter (RFC 3550 §6.4.1) over the first packet of each frame, in ms.
+    pub jitter_ms: f64,
+    /// One-way delay estimate in ms, relative: smoothed `arrival − timestamp` minus its
+    /// minimum (the clocks are not synchronised, so this is queueing delay above the best seen).
+    pub delay_ms: f64,
+    /// Received bitrate over the last second, in bit/s.
+    pub bitrate_bps: u64,
+}
+
+/// What the sender did on one track.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct SendStats {
+    /// Packets handed out by `poll_transmit`.
+    pub packets_sent: u64,
+    /// Bytes of those packets.
+    pub bytes_sent: u64,
+    /// Frames whose last packet was sent.
+    pub frames_sent: u64,
+    /// Frames dropped before sending (congestion, queue limits, waiting for a key frame).
+    pub frames_dropped: u64,
+    /// Frames waiting in the queue now (the one being sent included).
+    pub frames_queued: u64,
+    /// Bytes waiting in the queue now.
+    pub bytes_queued: u64,
+}
+
+/// Bytes over a sliding window, in ten buckets.
+#[derive(Debug, Clone)]
+pub(crate) struct RateMeter {
+    epoch: Instant,
+    bucket: Duration,
+    /// Index (since `epoch`) of the newest bucket.
+    head: u64,
+    bytes: [u64; 10],
+}
+
+impl RateMeter {
+    pub(crate) fn new(epoch: Instant, window: Duration) -> Self {
+        Self {
+            epoch,
+            bucket: (window / 10).max(Duration::from_millis(1)),
+            head: 0,
+            bytes: [0; 10],
+        }
+    }
+
+    fn advance(&mut self, now: Instant) {
+        let index = (now.saturating_duration_since(self.epoch).as_nanos() / self.bucket.as_nanos()) as u64;
+        if index <= self.head {
+            return;
+        }
+        let clear = (index - self.head).min(10);
+        for i in 1..=clear {
+            self.bytes[((self.head + i) % 10) as usize] = 0;
+        }
+        self.head = index;
+    }
+
+    pub(crate) fn add(&mut self, now: Instant, bytes: usize) {
+        self.advance(now);
+        self.bytes[(self.head % 10) as usize] += bytes as u64;
+    }
+
+    /// Bits per second over the window ending at `now`.
+    pub(crate) fn rate_bps(&self, now: Instant) -> u64 {
+        let mut meter = self.clone();
+        meter.advance(now);
+        let window = meter.bucket * 10;
+        (meter.bytes.iter().sum::<u64>() as f64 * 8.0 / window.as_secs_f64()) as u64
+    }
+}
+
+/// RFC 3550 interarrival jitter and the relative one-way delay, in microseconds.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DelayEstimator {
+    last_transit: Option<i64>,
+    jitter_us: f64,
+    /// Minimum transit of the current and previous window (a windowed minimum follows
+    /// clock drift).
+    min_current: Option<i64>,
+    min_previous: Option<i64>,
+    window_start_us: i64,
+    smoothed_us: Option<f64>,
+}
+
+/// How often the minimum transit starts afresh (two windows are kept).
+const MIN_WINDOW_US: i64 = 10_000_000;
+
+impl DelayEstimator {
+    /// A packet arrived at `arrival_us` (receiver clock) with media time `timestamp_us`.
+    pub(crate) fn on_packet(&mut self, arrival_us: i64, timestamp_us: i64, first_of_frame: bool) {
+        let transit = arrival_us - timestamp_us;
+        if arrival_us - self.window_start_us >= MIN_WINDOW_US {
+            self.min_previous = self.min_current.take();
+            self.window_start_us = arrival_us;
+        }
+        self.min_current = Some(self.min_current.map_or(transit, |m| m.min(transit)));
+        let relative = (transit - self.min_transit().unwrap_or(transit)) as f64;
+        self.smoothed_us = Some(match self.smoothed_us {
+            None => relative,
+            Some(s) => s + (relative - s) / 16.0,
+        });
+        if first_of_frame {
+            if let Some(last) = self.last_transit {
+                let d = (transit - last).abs() as f64;
+                self.jitter_us += (d - self.jitter_us) / 16.0;
+            }
+            self.last_transit = Some(transit);
+        }
+    }
+
+    /// The smallest `arrival − timestamp` seen recently.
+    pub(crate) fn min_transit(&self) -> Option<i64> {
+        match (self.min_current, self.min_previous) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub(crate) fn jitter_ms(&self) -> f64 {
+        self.jitter_us / 1000.0
+    }
+
+    pub(crate) fn delay_ms(&self) -> f64 {
+        self.smoothed_us.unwrap_or(0.0) / 1000.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_meter_forgets_after_the_window() {
+        let t0 = crate::test_origin();
+        let mut m = RateMeter::new(t0, Duration::from_secs(1));
+        for i in 0..10 {
+            m.add(t0 + Duration::from_millis(i * 100), 12_500);
+        }
+        let r = m.rate_bps(t0 + Duration::from_millis(950));
+        assert_eq!(r, 1_000_000);
+        assert_eq!(m.rate_bps(t0 + Duration::from_secs(3)), 0);
+    }
+
+    #[test]
+    fn constant_transit_has_no_jitter_and_delay_tracks_queueing() {
+        let mut d = DelayEstimator::default();
+        for i in 0..100 {
+            d.on_packet(5_000 + i * 20_000, i * 20_000, true);
+        }
+        assert_eq!(d.jitter_ms(), 0.0);
+        assert_eq!(d.delay_ms(), 0.0);
+        for i in 100..200 {
+            d.on_packet(45_000 + i * 20_000, i * 20_000, true);
+        }
+        assert!((d.delay_ms() - 40.0).abs() < 0.5, "{}", d.delay_ms());
+    }
+
+    #[test]
+    fn alternating_transit_gives_jitter() {
+        let mut d = DelayEstimator::default();
+        for i in 0..500 {
+            let extra = if i % 2 == 0 { 0 } else { 10_000 };
+            d.on_packet(extra + i * 20_000, i * 20_000, true);
+        }
+        assert!((d.jitter_ms() - 10.0).abs() < 0.5, "{}", d.jitter_ms());
+    }
+}
