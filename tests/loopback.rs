@@ -35,10 +35,24 @@ fn chat_call(policy: &str, alice_extra: &[&str]) -> (serde_json::Value, serde_js
         bob.say("yes, via the relay");
         alice.wait_chat("yes, via the relay");
     }
+    // Let the built-in media source run long enough for a statistics report (every 500 ms).
+    std::thread::sleep(Duration::from_millis(1500));
     alice.close_stdin();
     assert_eq!(alice.wait_exit(EXIT), 0, "alice's log:\n{}", alice.log_text());
     assert_eq!(bob.wait_exit(EXIT), 0, "bob's log:\n{}", bob.log_text());
-    (alice.report(), bob.report())
+    let (a, b) = (alice.report(), bob.report());
+    for r in [&a, &b] {
+        for track in ["audio", "video"] {
+            let got = &r["media"][track]["received"];
+            assert!(
+                got["frames_complete"].as_u64().unwrap_or(0) > 0,
+                "{} received no {track}: {r}",
+                r["name"]
+            );
+            assert_eq!(got["packets_auth_failed"], 0, "{r}");
+        }
+    }
+    (a, b)
 }
 
 #[test]

@@ -50,6 +50,8 @@ enum Cmd {
         duration: Option<f64>,
         #[command(flatten)]
         test: TestHooks,
+        #[command(flatten)]
+        media: MediaOpts,
     },
     /// Call NAME and chat.
     Call {
@@ -63,9 +65,23 @@ enum Cmd {
         duration: Option<f64>,
         #[command(flatten)]
         test: TestHooks,
+        #[command(flatten)]
+        media: MediaOpts,
     },
     /// Start a local rendezvous server and two peers on loopback, call, chat, report, exit.
     Demo,
+}
+
+/// The built-in media test source.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct MediaOpts {
+    /// Send no media (by default a built-in test source sends audio: 20 ms frames at about
+    /// 32 kbit/s, and video: 30 frames/s with a key frame every 2 s).
+    #[arg(long)]
+    pub no_media: bool,
+    /// Bitrate of the test video, in kbit/s.
+    #[arg(long, default_value_t = 1000)]
+    pub video_kbps: u32,
 }
 
 /// Hooks for end-to-end tests.
@@ -112,19 +128,37 @@ fn main() -> ExitCode {
     let result = rt.block_on(async move {
         match args.cmd {
             Cmd::Demo => demo::run(json).await,
-            Cmd::Listen { once, duration, test } => {
+            Cmd::Listen {
+                once,
+                duration,
+                test,
+                media,
+            } => {
                 let settings = config::Settings::resolve(args.server, args.name, args.home).await?;
-                session::listen(settings, json, once, secs(duration), test).await
+                let opts = session::Opts {
+                    json,
+                    duration: secs(duration),
+                    test,
+                    media,
+                };
+                session::listen(settings, opts, once).await
             }
             Cmd::Call {
                 ref peer,
                 policy,
                 duration,
                 test,
+                media,
             } => {
                 let settings =
                     config::Settings::resolve(args.server.clone(), args.name.clone(), args.home.clone()).await?;
-                session::call(settings, json, peer, policy, secs(duration), test).await
+                let opts = session::Opts {
+                    json,
+                    duration: secs(duration),
+                    test,
+                    media,
+                };
+                session::call(settings, opts, peer, policy).await
             }
         }
     });

@@ -5,14 +5,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use natcall::{Call, EndReason, Endpoint, EndpointConfig, Policy};
+use natcall::{Call, EndReason, Endpoint, EndpointConfig, Frame, Policy, Track};
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 
-use crate::TestHooks;
 use crate::config::Settings;
 use crate::output::{self, Exit};
+use crate::{MediaOpts, TestHooks};
 
 /// Lines typed on stdin, read by one task for the whole process.
 pub struct Stdin {
@@ -58,14 +58,8 @@ async fn bind(settings: &Settings, json: bool) -> Result<Endpoint> {
 }
 
 /// `natcall call PEER`.
-pub async fn call(
-    settings: Settings,
-    json: bool,
-    peer: &str,
-    policy: Policy,
-    duration: Option<Duration>,
-    test: TestHooks,
-) -> Result<Exit> {
+pub async fn call(settings: Settings, opts: Opts, peer: &str, policy: Policy) -> Result<Exit> {
+    let json = opts.json;
     let mut stdin = Stdin::spawn();
     let ep = bind(&settings, json).await?;
     output::status(&format!("calling {peer} ({policy})…"));
@@ -73,19 +67,14 @@ pub async fn call(
         c = ep.call(peer, policy) => c.with_context(|| format!("calling {peer}"))?,
         _ = tokio::signal::ctrl_c() => return Ok(Exit::Ok),
     };
-    let exit = run(&ep, call, json, duration, test, &mut stdin, true).await;
+    let exit = run(&ep, call, opts, &mut stdin, true).await;
     ep.close().await;
     exit
 }
 
 /// `natcall listen`.
-pub async fn listen(
-    settings: Settings,
-    json: bool,
-    once: bool,
-    duration: Option<Duration>,
-    test: TestHooks,
-) -> Result<Exit> {
+pub async fn listen(settings: Settings, opts: Opts, once: bool) -> Result<Exit> {
+    let json = opts.json;
     let mut stdin = Stdin::spawn();
     let mut ep = bind(&settings, json).await?;
     loop {
@@ -114,12 +103,10 @@ pub async fn listen(
             &format!("incoming call from {caller} ({policy}): accepting"),
         );
         let exit = match incoming.accept().await {
-            // A listener whose stdin is already closed (e.g. /dev/null) has nothing to say:
-            // its calls stay up until the peer, --duration or Ctrl-C ends them.
-            Ok(call) => {
-                let end_on_eof = !stdin.closed;
-                run(&ep, call, json, duration, test, &mut stdin, end_on_eof).await?
-            }
+            // A listener ends a call when its stdin closes only after it typed something in
+            // that call: a listener with nothing to say (stdin /dev/null, a service) keeps its
+            // calls up until the peer, --duration or Ctrl-C ends them.
+            Ok(call) => run(&ep, call, opts, &mut stdin, false).await?,
             Err(e) => {
                 let e = anyhow::Error::from(e).context(format!("accepting the call from {caller}"));
                 if once {
@@ -153,12 +140,24 @@ async fn reconnect(settings: &Settings, json: bool) -> Endpoint {
 }
 
 fn path_text(call: &Call, since: Instant) -> String {
+    let m = call.media_report();
+    let track = |name: &str, r: &natcall::TrackReport| match &r.received {
+        Some(s) => format!(
+            "  {name} {:.0} kbit/s loss {} jitter {:.1} ms",
+            s.bitrate_bps as f64 / 1000.0,
+            s.packets_lost,
+            s.jitter_ms
+        ),
+        None => String::new(),
+    };
     format!(
-        "[{}] path {}  rtt {:.1} ms  {:.0} s",
+        "[{}] path {}  rtt {:.1} ms  {:.0} s{}{}",
         call.peer(),
         call.path(),
         call.rtt().as_secs_f64() * 1000.0,
-        since.elapsed().as_secs_f64()
+        since.elapsed().as_secs_f64(),
+        track("audio", &m.audio),
+        track("video", &m.video),
     )
 }
 
@@ -170,15 +169,48 @@ async fn sleep_until_opt(t: Option<Instant>) {
 }
 
 /// Runs a connected call until it ends; prints the report; returns the exit code.
-async fn run(
-    ep: &Endpoint,
-    call: Call,
-    json: bool,
-    duration: Option<Duration>,
-    test: TestHooks,
-    stdin: &mut Stdin,
-    end_on_eof: bool,
-) -> Result<Exit> {
+/// How a session runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Opts {
+    pub json: bool,
+    pub duration: Option<Duration>,
+    pub test: TestHooks,
+    pub media: MediaOpts,
+}
+
+/// The built-in test source: audio (80-byte frames every 20 ms, 32 kbit/s) and video (30 frames/s
+/// at `video_kbps`, a key frame every 2 s). Runs until the call ends.
+async fn test_source(call: &Call, video_kbps: u32) {
+    let start = Instant::now();
+    let mut audio = tokio::time::interval(Duration::from_millis(20));
+    let mut video = tokio::time::interval(Duration::from_millis(33));
+    let video_bytes = (video_kbps as usize * 1000 / 8 / 30).max(1);
+    let mut n = 0u32;
+    loop {
+        let ts = start.elapsed().as_millis() as u32;
+        let sent = tokio::select! {
+            _ = audio.tick() => call.send_frame(Track::AUDIO, Frame::new(ts, vec![0x41; 80])).await,
+            _ = video.tick() => {
+                let frame = if n % 60 == 0 { Frame::key(ts, vec![0x4b; video_bytes]) } else { Frame::new(ts, vec![0x56; video_bytes]) };
+                n += 1;
+                call.send_frame(Track::VIDEO, frame).await
+            }
+        };
+        if sent.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// `caller`: stdin closing ends the call (after the lines typed so far are delivered); for a
+/// listener only once it has typed a line in this call.
+async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: bool) -> Result<Exit> {
+    let Opts {
+        json,
+        duration,
+        test,
+        media,
+    } = opts;
     let peer = call.peer().to_owned();
     let report = call.report();
     output::notice(
@@ -208,6 +240,19 @@ async fn run(
         }
     };
     tokio::pin!(chat_in);
+    let source = async {
+        if media.no_media {
+            std::future::pending::<()>().await;
+        }
+        test_source(&call, media.video_kbps).await;
+    };
+    tokio::pin!(source);
+    // Received media frames are played nowhere yet: they are counted in the statistics.
+    let sink = async {
+        while call.recv_frame().await.is_some() {}
+        std::future::pending::<()>().await;
+    };
+    tokio::pin!(sink);
     let ended = loop {
         tokio::select! {
             line = stdin.next(), if !stdin.closed => match line {
@@ -215,7 +260,7 @@ async fn run(
                     call.send_chat(&line).await?;
                     sent.fetch_add(1, Ordering::Relaxed);
                 }
-                None if end_on_eof => {
+                None if caller || sent.load(Ordering::Relaxed) > 0 => {
                     if let Err(e) = call.finish_chat().await {
                         tracing::warn!(error = %e, "not every chat line was acknowledged");
                     }
@@ -244,6 +289,8 @@ async fn run(
             }
             _ = tick.tick() => output::status(&path_text(&call, since)),
             _ = &mut chat_in => {}
+            _ = &mut source => {}
+            _ = &mut sink => {}
         }
     };
     // Lines the peer sent before hanging up may still be in our receive buffer.

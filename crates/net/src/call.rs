@@ -28,8 +28,10 @@ use tracing::{debug, info};
 use crate::Error;
 use crate::endpoint::{Inner, lock};
 use crate::identity::CERT_NAME;
+use crate::media::{Media, MediaReport};
 use crate::socket::{Route, fake_addr};
 use crate::tls;
+use natcall_media::{Frame, ReceivedFrame, Track};
 
 /// Header line of the chat stream.
 const CHAT_HELLO: &str = "natcall-chat/1";
@@ -199,6 +201,7 @@ pub struct Call {
     chat_rx: tokio::sync::Mutex<BufReader<quinn::RecvStream>>,
     connected_after: Duration,
     path_at_connect: Path,
+    media: Media,
 }
 
 fn relay_allowed(policy: Policy) -> bool {
@@ -213,6 +216,9 @@ pub(crate) async fn start(inner: Arc<Inner>, info: StartInfo, role: Role, t0: In
     }
     let (sig_tx, sig_rx) = mpsc::channel(256);
     lock(&inner.calls).insert(info.call, sig_tx);
+    // Media may arrive as soon as the peer is connected: route it from now on.
+    let (media_tx, media_rx) = mpsc::channel(1024);
+    lock(&inner.media_routes).insert(info.call, media_tx);
     let waiter = (role == Role::Callee).then(|| {
         let (tx, rx) = oneshot::channel();
         lock(&inner.quic_waiters).insert(fake, tx);
@@ -248,6 +254,21 @@ pub(crate) async fn start(inner: Arc<Inner>, info: StartInfo, role: Role, t0: In
             return Err(Error::Timeout(format!("the call to {} did not connect", info.peer)));
         }
     };
+    let media = match Media::start(
+        &conn,
+        role == Role::Caller,
+        info.call,
+        inner.socket.clone(),
+        fake,
+        media_rx,
+    ) {
+        Ok(m) => m,
+        Err(e) => {
+            conn.close(1u32.into(), b"media setup failed");
+            cleanup(&inner, &shared, &info, None);
+            return Err(e);
+        }
+    };
     let connected_after = t0.elapsed();
     let path_at_connect = *shared.path.borrow();
     info!(peer = %info.peer, path = %path_at_connect, ?connected_after, "call connected");
@@ -261,6 +282,7 @@ pub(crate) async fn start(inner: Arc<Inner>, info: StartInfo, role: Role, t0: In
         chat_rx: tokio::sync::Mutex::new(chat_rx),
         connected_after,
         path_at_connect,
+        media,
     })
 }
 
@@ -269,6 +291,7 @@ pub(crate) async fn start(inner: Arc<Inner>, info: StartInfo, role: Role, t0: In
 fn cleanup(inner: &Arc<Inner>, shared: &Shared, info: &StartInfo, conn: Option<quinn::Connection>) {
     shared.stop.send_replace(true);
     inner.end_call(info.call);
+    lock(&inner.media_routes).remove(&info.call);
     let fake = fake_addr(info.call);
     lock(&inner.quic_waiters).remove(&fake);
     if let Ok(mut a) = inner.allowed.write() {
@@ -281,22 +304,12 @@ fn cleanup(inner: &Arc<Inner>, shared: &Shared, info: &StartInfo, conn: Option<q
                 let _ = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 // A new call may have reused the id only if the server reissued it: check.
-                if !lock(&inner.calls).contains_key(&fake_call_id(fake)) {
+                if !lock(&inner.calls).contains_key(&crate::socket::call_of(fake)) {
                     inner.socket.remove(fake);
                 }
             });
         }
         _ => inner.socket.remove(fake),
-    }
-}
-
-fn fake_call_id(fake: SocketAddr) -> u32 {
-    match fake {
-        SocketAddr::V6(v6) => {
-            let o = v6.ip().octets();
-            u32::from_be_bytes([o[12], o[13], o[14], o[15]])
-        }
-        SocketAddr::V4(_) => 0,
     }
 }
 
@@ -614,6 +627,8 @@ pub struct CallReport {
     pub bytes_sent: u64,
     /// See `bytes_sent`.
     pub bytes_received: u64,
+    /// Media statistics per track (updated every 500 ms).
+    pub media: MediaReport,
 }
 
 impl Call {
@@ -657,7 +672,25 @@ impl Call {
             rtt_ms: self.conn.rtt().as_secs_f64() * 1000.0,
             bytes_sent: stats.udp_tx.bytes,
             bytes_received: stats.udp_rx.bytes,
+            media: self.media.report(),
         }
+    }
+
+    /// Queues a media frame on `track` (sealed, cut into packets of at most 512 bytes, paced,
+    /// audio first; under congestion whole video frames are dropped until a key frame).
+    pub async fn send_frame(&self, track: Track, frame: Frame) -> Result<(), Error> {
+        self.media.send(track, frame).await
+    }
+
+    /// The next complete media frame from the peer (after the jitter buffer), or `None` when the
+    /// call's media ended.
+    pub async fn recv_frame(&self) -> Option<ReceivedFrame> {
+        self.media.recv().await
+    }
+
+    /// Media statistics so far.
+    pub fn media_report(&self) -> MediaReport {
+        self.media.report()
     }
 
     /// Sends one chat line (no newline inside).

@@ -10,7 +10,7 @@ use natcall_proto::PROTOCOL_VERSION;
 use natcall_proto::codec::decode_control;
 use natcall_proto::control::{ClientMsg, Fingerprint, ServerMsg};
 use natcall_proto::frame::{self, ErrorFrame, Frame, FrameDecoder, LEN_PREFIX, MAX_FRAME_LEN};
-use natcall_proto::relay::RELAY_HEADER_LEN;
+use natcall_proto::relay::{RELAY_HEADER_LEN, TrafficClass};
 use natcall_proto::stun::TokenCredentials;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -34,6 +34,14 @@ pub(crate) struct Registration {
     pub(crate) relay_ack_every: u32,
     pub(crate) token: TokenCredentials,
     pub(crate) stun_addr: SocketAddr,
+}
+
+/// Where relayed packets go: QUIC packets to the socket adapter (and on to quinn), media packets
+/// to the calls' media sessions; each with the call's fake address.
+#[derive(Debug)]
+pub(crate) struct Inbound {
+    pub(crate) quic: mpsc::Sender<(SocketAddr, Bytes)>,
+    pub(crate) media: mpsc::Sender<(SocketAddr, Bytes)>,
 }
 
 /// What goes to the writer task.
@@ -106,7 +114,7 @@ pub(crate) async fn connect(
     identity: &Identity,
     name: &str,
     lan_addrs: Vec<SocketAddr>,
-    relay_in: mpsc::Sender<(SocketAddr, Bytes)>,
+    relay_in: Inbound,
     events: mpsc::Sender<ServerEvent>,
 ) -> Result<(mpsc::Sender<Outgoing>, Registration), Error> {
     let fut = async {
@@ -165,7 +173,7 @@ async fn read_loop(
     mut rd: OwnedReadHalf,
     mut buf: BytesMut,
     tx: mpsc::Sender<Outgoing>,
-    relay_in: mpsc::Sender<(SocketAddr, Bytes)>,
+    relay_in: Inbound,
     events: mpsc::Sender<ServerEvent>,
     ack_every: u32,
 ) {
@@ -185,7 +193,13 @@ async fn read_loop(
                         unacked = 0;
                     }
                     let payload = raw.into_wire().slice(LEN_PREFIX + 1 + RELAY_HEADER_LEN..);
-                    if relay_in.try_send((fake_addr(header.call), payload)).is_err() {
+                    // QUIC travels as control class; audio and video are the call's media.
+                    let queue = if header.class == TrafficClass::Control {
+                        &relay_in.quic
+                    } else {
+                        &relay_in.media
+                    };
+                    if queue.try_send((fake_addr(header.call), payload)).is_err() {
                         trace!(call = header.call, "relay inbound queue full: packet dropped");
                     }
                 }

@@ -142,6 +142,8 @@ pub(crate) struct Inner {
     pub(crate) allowed: Arc<RwLock<HashSet<Fingerprint>>>,
     pub(crate) calls: Mutex<HashMap<u32, mpsc::Sender<CallSignal>>>,
     pub(crate) quic_waiters: Mutex<HashMap<SocketAddr, oneshot::Sender<quinn::Connection>>>,
+    /// Media packets of each call (by call id), to its media session.
+    pub(crate) media_routes: Mutex<HashMap<u32, mpsc::Sender<Bytes>>>,
     pub(crate) udp_ok: AtomicBool,
     pub(crate) public: Mutex<Option<SocketAddr>>,
     pub(crate) seed: AtomicU64,
@@ -217,18 +219,30 @@ impl Endpoint {
         let port = udp.local_addr()?.port();
         let lan = lan_addresses(port, config.server);
         let (relay_tx, relay_rx) = mpsc::channel(4096);
+        let (media_tx, media_rx) = mpsc::channel(4096);
+        let inbound = control::Inbound {
+            quic: relay_tx,
+            media: media_tx.clone(),
+        };
         let (events_tx, events_rx) = mpsc::channel(256);
         let (control, reg) = control::connect(
             config.server,
             &config.identity,
             &config.name,
             lan.clone(),
-            relay_tx,
+            inbound,
             events_tx,
         )
         .await?;
         let (stun_tx, stun_rx) = mpsc::channel(1024);
-        let socket = Arc::new(MuxSocket::new(udp, reg.stun_addr, relay_rx, control.clone(), stun_tx));
+        let socket = Arc::new(MuxSocket::new(
+            udp,
+            reg.stun_addr,
+            relay_rx,
+            control.clone(),
+            stun_tx,
+            media_tx,
+        ));
         let allowed = Arc::new(RwLock::new(HashSet::new()));
         let mut ep_config = quinn::EndpointConfig::default();
         ep_config.grease_quic_bit(false); // the fixed bit is our demultiplexer
@@ -249,6 +263,7 @@ impl Endpoint {
             allowed,
             calls: Mutex::default(),
             quic_waiters: Mutex::default(),
+            media_routes: Mutex::default(),
             udp_ok: AtomicBool::new(true),
             public: Mutex::new(None),
             seed: AtomicU64::new(seed),
@@ -262,6 +277,7 @@ impl Endpoint {
         });
         let ep = Self { inner };
         tokio::spawn(stun_router(Arc::downgrade(&ep.inner), stun_rx));
+        tokio::spawn(media_router(Arc::downgrade(&ep.inner), media_rx));
         tokio::spawn(dispatch(ep.clone(), events_rx, incoming_tx));
         tokio::spawn(quic_acceptor(Arc::downgrade(&ep.inner), ep.inner.quic.clone()));
         ep.probe_public().await;
@@ -412,6 +428,18 @@ async fn stun_keeper(inner: std::sync::Weak<Inner>) {
             if old != Some(addr) {
                 info!(?old, new = %addr, "public address changed");
             }
+        }
+    }
+}
+
+/// Routes media packets (from the socket or the relay) to their call's media session.
+async fn media_router(inner: std::sync::Weak<Inner>, mut rx: mpsc::Receiver<(SocketAddr, Bytes)>) {
+    while let Some((fake, pkt)) = rx.recv().await {
+        let Some(inner) = inner.upgrade() else { return };
+        let route = lock(&inner.media_routes).get(&crate::socket::call_of(fake)).cloned();
+        if let Some(tx) = route {
+            // A session that cannot keep up loses packets, like a congested link.
+            let _ = tx.try_send(pkt);
         }
     }
 }

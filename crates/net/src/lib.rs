@@ -6,8 +6,9 @@
 //! - [`Endpoint`]: one UDP socket for everything (STUN, connectivity checks, QUIC, media;
 //!   demultiplexed by first byte) and one TCP connection to the server (control and relay);
 //! - [`Call`]: a QUIC connection to the peer, mutually authenticated by the key fingerprints
-//!   the server handed out, carrying a chat stream; its path changes as the traversal agent
-//!   ([`natcall_traversal`]) finds, loses and regains direct paths;
+//!   the server handed out, carrying a chat stream and a media session ([`natcall_media`]: sealed
+//!   packets of at most 512 bytes on the same path, keys from the QUIC session); its path
+//!   changes as the traversal agent ([`natcall_traversal`]) finds, loses and regains direct paths;
 //! - [`Identity`]: the peer's certificate and key, kept in its config directory.
 //!
 //! ```no_run
@@ -29,6 +30,7 @@ mod control;
 mod endpoint;
 mod error;
 mod identity;
+mod media;
 mod socket;
 mod tls;
 
@@ -36,4 +38,6 @@ pub use call::{Call, CallReport, EndReason, MAX_CHAT_LINE, Path, PathChange, Rol
 pub use endpoint::{Endpoint, EndpointConfig, IncomingCall};
 pub use error::Error;
 pub use identity::Identity;
+pub use media::{MediaReport, TrackReport};
+pub use natcall_media::{Frame, ReceivedFrame, Stats as MediaStats, Track};
 pub use natcall_proto::control::{Fingerprint, NameError, Policy, validate_name};

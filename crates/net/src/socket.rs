@@ -5,7 +5,8 @@
 //! Data flow:
 //! - inbound datagrams are demultiplexed by first byte (RFC 9443): STUN (0–3) goes to the
 //!   endpoint's STUN router; QUIC (64–127, 192–255) from an address validated for a call goes to
-//!   quinn as coming from that call's **fake address**; anything else is dropped;
+//!   quinn as coming from that call's **fake address**; media (16–63) from such an address goes
+//!   to the call's media session; anything else is dropped;
 //! - relay frames from the control connection arrive on a channel and reach quinn the same way;
 //! - quinn sends to a fake address; the route table says where it goes now: a real UDP address
 //!   (LAN or punched), the relay (a relay frame on the TCP control connection), or nowhere.
@@ -55,6 +56,17 @@ pub(crate) fn fake_addr(call: u32) -> SocketAddr {
     SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(o), 1, 0, 0))
 }
 
+/// The call id a fake address stands for.
+pub(crate) fn call_of(fake: SocketAddr) -> u32 {
+    match fake {
+        SocketAddr::V6(v6) => {
+            let o = v6.ip().octets();
+            u32::from_be_bytes([o[12], o[13], o[14], o[15]])
+        }
+        SocketAddr::V4(_) => 0,
+    }
+}
+
 #[derive(Debug, Default)]
 struct Routes {
     by_fake: HashMap<SocketAddr, Route>,
@@ -71,6 +83,8 @@ pub(crate) struct MuxSocket {
     relay_in: Mutex<mpsc::Receiver<(SocketAddr, Bytes)>>,
     relay_out: mpsc::Sender<Outgoing>,
     stun_tx: mpsc::Sender<(SocketAddr, Bytes)>,
+    /// Media packets (first byte 16–63) from validated addresses, with the call's fake address.
+    media_tx: mpsc::Sender<(SocketAddr, Bytes)>,
     /// The rendezvous server's UDP address: never blackholed.
     server: SocketAddr,
     /// Test hook: drop all UDP to and from everyone but the server (a dead direct path).
@@ -97,6 +111,7 @@ impl MuxSocket {
         relay_in: mpsc::Receiver<(SocketAddr, Bytes)>,
         relay_out: mpsc::Sender<Outgoing>,
         stun_tx: mpsc::Sender<(SocketAddr, Bytes)>,
+        media_tx: mpsc::Sender<(SocketAddr, Bytes)>,
     ) -> Self {
         Self {
             udp,
@@ -104,6 +119,7 @@ impl MuxSocket {
             relay_in: Mutex::new(relay_in),
             relay_out,
             stun_tx,
+            media_tx,
             server,
             blackhole: AtomicBool::new(false),
         }
@@ -177,6 +193,36 @@ impl MuxSocket {
             if self.relay_out.try_send(Outgoing::Frame(b.freeze())).is_err() {
                 trace!(call, "relay queue full: packet dropped");
             }
+        }
+    }
+
+    /// Sends a sealed media packet of `track` to the peer at `fake` on the current path: a UDP
+    /// datagram, or a relay frame of class audio (track 0) or video whose flags the server sees.
+    /// Never blocks: a full socket or queue drops the packet, as a congested link would.
+    pub(crate) fn send_media(&self, fake: SocketAddr, contents: &[u8], track: u8, flags: u8) {
+        match self.route(fake) {
+            Some(Route::Udp(real)) if !self.blackholed(real) => {
+                let _ = self.udp.try_send_to(contents, real);
+            }
+            Some(Route::Relay(call)) => {
+                let class = if track == 0 {
+                    TrafficClass::Audio
+                } else {
+                    TrafficClass::Video
+                };
+                let header = RelayHeader {
+                    call,
+                    class,
+                    flags: RelayFlags(flags),
+                };
+                let mut b = BytesMut::with_capacity(contents.len() + 16);
+                if frame::encode_relay(&header, contents, &mut b).is_ok()
+                    && self.relay_out.try_send(Outgoing::Frame(b.freeze())).is_err()
+                {
+                    trace!(call, "relay queue full: media packet dropped");
+                }
+            }
+            _ => {}
         }
     }
 
@@ -266,7 +312,16 @@ impl AsyncUdpSocket for MuxSocket {
                     };
                     return Poll::Ready(Ok(1));
                 }
-                PacketClass::Media | PacketClass::Unknown => trace!(%src, "datagram dropped"),
+                PacketClass::Media => {
+                    let fake = lock(&self.routes).by_real.get(&src).copied();
+                    match fake {
+                        Some(fake) => {
+                            let _ = self.media_tx.try_send((fake, Bytes::copy_from_slice(&buf[..n])));
+                        }
+                        None => trace!(%src, "media from an unvalidated address dropped"),
+                    }
+                }
+                PacketClass::Unknown => trace!(%src, "datagram dropped"),
             }
         }
     }
