@@ -183,3 +183,30 @@ fn a_listener_registers_again_after_the_server_restarts() {
     assert_eq!(alice.wait_exit(EXIT), 0);
     assert_eq!(bob.wait_exit(EXIT), 0);
 }
+
+/// The README's run command: `natcall demo` makes a real call on loopback with no configuration.
+#[test]
+fn the_demo_makes_a_real_call_with_chat_and_media() {
+    let out = std::process::Command::new(natcall_e2e::bin("natcall"))
+        .args(["demo", "--json"])
+        .env_remove("NATCALL_SERVER")
+        .output()
+        .expect("runs natcall demo");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().expect("a report line")).expect("JSON report");
+    assert_eq!(report["event"], "report");
+    assert_eq!(report["alice"]["path"], "lan", "{report}");
+    assert!(stdout.contains(r#"bob heard:   \"hello bob, alice here\""#), "{stdout}");
+    let bob = &report["bob"]["media"];
+    // 50 audio and 30 video frames were sent over loopback UDP: nearly all must arrive.
+    assert!(
+        bob["audio"]["received"]["frames_complete"].as_u64().unwrap_or(0) >= 45,
+        "{report}"
+    );
+    assert!(
+        bob["video"]["received"]["frames_complete"].as_u64().unwrap_or(0) >= 25,
+        "{report}"
+    );
+}

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use natcall::{Endpoint, EndpointConfig, Identity, Policy};
+use natcall::{Endpoint, EndpointConfig, Frame, Identity, Policy, Track};
 use natcall_rendezvous::{Config, Server, Sockets};
 use serde_json::json;
 
@@ -41,7 +41,14 @@ pub async fn run(json: bool) -> Result<Exit> {
         let call = incoming.accept().await?;
         let line = call.recv_chat().await?.context("alice sent nothing")?;
         call.send_chat("hello alice, bob here").await?;
-        let end = call.ended().await;
+        // Count the media alice sends (the statistics land in the report).
+        let end = tokio::select! {
+            end = call.ended() => end,
+            end = async {
+                while call.recv_frame().await.is_some() {}
+                std::future::pending::<natcall::EndReason>().await
+            } => end,
+        };
         anyhow::Ok((line, call.report(), end))
     });
     say(json, "alice calls bob (policy auto)…");
@@ -59,8 +66,29 @@ pub async fn run(json: bool) -> Result<Exit> {
         .await??
         .context("no reply")?;
     call.finish_chat().await?;
-    // Let the path settle on the best pair before the report (checks run while chat flows).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A second of media (50 audio frames of 80 bytes, 30 video frames of 4 kB, the first a key
+    // frame), sealed in packets of at most 512 bytes on the call's path.
+    say(json, "alice sends a second of test audio and video…");
+    for i in 0..50u32 {
+        call.send_frame(Track::AUDIO, Frame::new(i * 20, vec![0x41; 80]))
+            .await?;
+        if i % 5 < 3 {
+            let n = i / 5 * 3 + i % 5;
+            let data = vec![0x56; 4_000];
+            call.send_frame(
+                Track::VIDEO,
+                if n == 0 {
+                    Frame::key(i * 20, data)
+                } else {
+                    Frame::new(i * 20, data)
+                },
+            )
+            .await?;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the statistics report (every 500 ms) catch up before the reports.
+    tokio::time::sleep(Duration::from_millis(700)).await;
     let alice_report = call.report();
     call.hangup("demo done");
     let (heard, bob_report, bob_end) = bob_side.await??;
