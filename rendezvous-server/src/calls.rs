@@ -262,13 +262,6 @@ impl Calls {
         u32::from_be_bytes(b)
     }
 
-    fn password(&self) -> String {
-        let mut b = [0u8; 16];
-        // SystemRandom only fails when the OS has no randomness at all.
-        self.rng.fill(&mut b).expect("the OS random source works");
-        b.iter().map(|x| format!("{x:02x}")).collect()
-    }
-
     /// A nonzero id no live call has.
     fn fresh_id(&self, table: &Table) -> u32 {
         loop {
@@ -383,7 +376,7 @@ impl Calls {
         };
         call.state = State::Active;
         let (caller_delay, callee_delay) = start_delays(caller.rtt, callee.rtt);
-        let password = self.password();
+        let password = crate::registry::random_hex(&self.rng, 16);
         let start = |peer: &Member, info: &PeerInfo, controlling, delay_ms| ServerMsg::Start {
             call: id,
             peer: peer.name.clone(),

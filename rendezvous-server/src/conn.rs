@@ -237,7 +237,7 @@ impl Conn {
                 self.handle_relay(raw)
             } else {
                 match raw.parse() {
-                    Ok(frame) => self.charge(&frame).or_else(|| self.handle_frame(frame)),
+                    Ok(frame) => self.handle_frame(frame),
                     Err(e) => Some(self.protocol_error(&e)),
                 }
             };
@@ -247,14 +247,9 @@ impl Conn {
         }
     }
 
-    /// Takes a control-rate token for `frame`; a peer over its rate is shed. Relay health checks
-    /// are free: they are bounded by the relay frames the peer receives.
-    fn charge(&mut self, frame: &Frame<'_>) -> Option<End> {
-        if let Frame::Control(body) = frame {
-            if matches!(decode_control::<ClientMsg>(body), Ok(ClientMsg::RelayAck { .. })) {
-                return None;
-            }
-        }
+    /// Takes a control-rate token; a peer over its rate is shed. Relay health checks are not
+    /// charged (see `handle_frame`): they are bounded by the relay frames the peer receives.
+    fn charge(&mut self) -> Option<End> {
         if self.control_tokens.take(self.last_rx) {
             return None;
         }
@@ -304,6 +299,12 @@ impl Conn {
     }
 
     fn handle_frame(&mut self, frame: Frame<'_>) -> Option<End> {
+        // Control messages are charged once decoded (health checks are free).
+        if !matches!(frame, Frame::Control(_)) {
+            if let Some(end) = self.charge() {
+                return Some(end);
+            }
+        }
         match (&self.phase, frame) {
             (Phase::AwaitHello, Frame::Hello(h)) => {
                 if let Err(e) = h.check(PROTOCOL_VERSION) {
@@ -328,7 +329,11 @@ impl Conn {
                 expected: "expected hello first",
             })),
             (_, Frame::Control(body)) => match decode_control::<ClientMsg>(body) {
-                Ok(msg) => self.handle_msg(msg),
+                Ok(ClientMsg::RelayAck { frames }) if matches!(self.phase, Phase::Registered { .. }) => {
+                    self.outbox.ack(frames, self.last_rx.into_std());
+                    None
+                }
+                Ok(msg) => self.charge().or_else(|| self.handle_msg(msg)),
                 Err(e) => Some(self.protocol_error(&e)),
             },
             (_, f) => Some(self.protocol_error(&FrameError::Unexpected {
@@ -389,10 +394,6 @@ impl Conn {
             }
             (Phase::Registered { .. }, ClientMsg::Hangup { call, reason }) => {
                 self.shared.calls.hangup(self.id, call, &reason);
-                None
-            }
-            (Phase::Registered { .. }, ClientMsg::RelayAck { frames }) => {
-                self.outbox.ack(frames, self.last_rx.into_std());
                 None
             }
             (Phase::Registered { .. }, ClientMsg::CallPath { call, path }) => {

@@ -76,6 +76,14 @@ pub struct Registration {
     pub replaced: Option<PeerInfo>,
 }
 
+/// `bytes` random bytes from `rng`, as lowercase hex (tokens, passwords).
+pub(crate) fn random_hex(rng: &SystemRandom, bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    // SystemRandom only fails when the OS has no randomness at all.
+    rng.fill(&mut b).expect("the OS random source works");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave these maps half-updated in a way later
     // readers could trip over (every update is a single insert/remove), so poison is ignored.
@@ -92,13 +100,6 @@ impl Registry {
         })
     }
 
-    fn random_hex(&self, bytes: usize) -> String {
-        let mut b = vec![0u8; bytes];
-        // SystemRandom only fails when the OS has no randomness at all.
-        self.rng.fill(&mut b).expect("the OS random source works");
-        b.iter().map(|x| format!("{x:02x}")).collect()
-    }
-
     /// Registers `name` for `fingerprint` on connection `conn_id`.
     pub fn register(
         &self,
@@ -111,8 +112,8 @@ impl Registry {
     ) -> Result<Registration, RegisterError> {
         lock(&self.names).bind(name, fingerprint)?;
         let token = TokenCredentials {
-            username: format!("nc1:{}", self.random_hex(8)),
-            password: self.random_hex(16),
+            username: format!("nc1:{}", random_hex(&self.rng, 8)),
+            password: random_hex(&self.rng, 16),
         };
         let info = PeerInfo {
             conn_id,
