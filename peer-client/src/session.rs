@@ -247,9 +247,24 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
         test_source(&call, media.video_kbps).await;
     };
     tokio::pin!(source);
-    // Received media frames are played nowhere yet: they are counted in the statistics.
+    // Received media frames are played nowhere yet: they are counted in the statistics. The
+    // first frame of each track is announced (`first_media`, ms since the call was placed).
+    let placed_ms = report.time_to_connected_ms;
     let sink = async {
-        while call.recv_frame().await.is_some() {}
+        let mut seen = [false; 2];
+        while let Some(f) = call.recv_frame().await {
+            let i = usize::from(f.track == Track::VIDEO);
+            if !seen[i] {
+                seen[i] = true;
+                let name = if i == 0 { "audio" } else { "video" };
+                let at_ms = placed_ms + since.elapsed().as_secs_f64() * 1000.0;
+                output::notice(
+                    json,
+                    json!({"event": "first_media", "track": name, "at_ms": at_ms}),
+                    &format!("first {name} frame {at_ms:.1} ms after the call was placed"),
+                );
+            }
+        }
         std::future::pending::<()>().await;
     };
     tokio::pin!(sink);
