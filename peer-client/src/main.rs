@@ -5,6 +5,7 @@ mod config;
 mod demo;
 mod output;
 mod session;
+mod stream;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -72,16 +73,77 @@ enum Cmd {
     Demo,
 }
 
-/// The built-in media test source.
-#[derive(Debug, Clone, Copy, clap::Args)]
+/// What media a call sends and where received media goes.
+#[derive(Debug, Clone, clap::Args)]
 pub struct MediaOpts {
-    /// Send no media (by default a built-in test source sends audio: 20 ms frames at about
+    /// Send no test media (by default a built-in test source sends audio: 20 ms frames at about
     /// 32 kbit/s, and video: 30 frames/s with a key frame every 2 s).
     #[arg(long)]
     pub no_media: bool,
     /// Bitrate of the test video, in kbit/s.
     #[arg(long, default_value_t = 1000)]
     pub video_kbps: u32,
+    /// Send this byte stream as the audio track (a file, or - for stdin), instead of the test
+    /// source; the call ends once every --send-* input has ended and been delivered.
+    #[arg(long, value_name = "PATH|-")]
+    pub send_audio: Option<String>,
+    /// Send this byte stream (e.g. MPEG-TS from ffmpeg) as the video track; see --send-audio.
+    #[arg(long, value_name = "PATH|-")]
+    pub send_video: Option<String>,
+    /// Write the audio track that arrives to this file (emptied first), or - for stdout.
+    #[arg(long, value_name = "PATH|-")]
+    pub recv_audio: Option<String>,
+    /// Write the video track that arrives to this file (emptied first), or - for stdout.
+    #[arg(long, value_name = "PATH|-")]
+    pub recv_video: Option<String>,
+    /// Ceiling of the media sending rate, in kbit/s (congestion feedback keeps it lower when the
+    /// path carries less).
+    #[arg(long, default_value_t = 2000)]
+    pub media_kbps: u64,
+}
+
+impl MediaOpts {
+    /// Checks the combination, and empties the --recv-* files (so an unwritable path fails
+    /// before anything is called).
+    fn check(&self, json: bool) -> anyhow::Result<()> {
+        use anyhow::{Context, bail};
+        let stdin = |o: &Option<String>| o.as_deref() == Some("-");
+        if stdin(&self.send_audio) && stdin(&self.send_video) {
+            bail!("only one of --send-audio and --send-video can read stdin");
+        }
+        if stdin(&self.recv_audio) && stdin(&self.recv_video) {
+            bail!("only one of --recv-audio and --recv-video can write to stdout");
+        }
+        if json && (stdin(&self.recv_audio) || stdin(&self.recv_video)) {
+            bail!("--json prints its events on stdout: write received media to a file, not -");
+        }
+        if self.media_kbps == 0 {
+            bail!("--media-kbps must be at least 1");
+        }
+        for path in [&self.send_audio, &self.send_video].into_iter().flatten() {
+            if path != "-" {
+                std::fs::File::open(path).with_context(|| format!("cannot read {path}"))?;
+            }
+        }
+        for path in [&self.recv_audio, &self.recv_video].into_iter().flatten() {
+            if path != "-" {
+                std::fs::File::create(path).with_context(|| format!("cannot write {path}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a --send-* input replaces the test source.
+    pub fn has_inputs(&self) -> bool {
+        self.send_audio.is_some() || self.send_video.is_some()
+    }
+
+    /// Whether stdin carries media (so not chat).
+    pub fn reads_stdin(&self) -> bool {
+        [&self.send_audio, &self.send_video]
+            .iter()
+            .any(|o| o.as_deref() == Some("-"))
+    }
 }
 
 /// Hooks for end-to-end tests.
@@ -134,6 +196,7 @@ fn main() -> ExitCode {
                 test,
                 media,
             } => {
+                media.check(json)?;
                 let settings = config::Settings::resolve(args.server, args.name, args.home).await?;
                 let opts = session::Opts {
                     json,
@@ -150,6 +213,7 @@ fn main() -> ExitCode {
                 test,
                 media,
             } => {
+                media.check(json)?;
                 let settings =
                     config::Settings::resolve(args.server.clone(), args.name.clone(), args.home.clone()).await?;
                 let opts = session::Opts {

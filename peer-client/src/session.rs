@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::config::Settings;
 use crate::output::{self, Exit};
+use crate::stream;
 use crate::{MediaOpts, TestHooks};
 
 /// Lines typed on stdin, read by one task for the whole process.
@@ -21,6 +22,15 @@ pub struct Stdin {
 }
 
 impl Stdin {
+    /// Chat from stdin, unless a media input reads it.
+    fn for_chat(media: &MediaOpts) -> Self {
+        if media.reads_stdin() {
+            let (_, rx) = mpsc::channel(1);
+            return Self { rx, closed: true };
+        }
+        Self::spawn()
+    }
+
     fn spawn() -> Self {
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
@@ -60,7 +70,7 @@ async fn bind(settings: &Settings, json: bool) -> Result<Endpoint> {
 /// `natcall call PEER`.
 pub async fn call(settings: Settings, opts: Opts, peer: &str, policy: Policy) -> Result<Exit> {
     let json = opts.json;
-    let mut stdin = Stdin::spawn();
+    let mut stdin = Stdin::for_chat(&opts.media);
     let ep = bind(&settings, json).await?;
     output::status(&format!("calling {peer} ({policy})…"));
     let call = tokio::select! {
@@ -75,7 +85,7 @@ pub async fn call(settings: Settings, opts: Opts, peer: &str, policy: Policy) ->
 /// `natcall listen`.
 pub async fn listen(settings: Settings, opts: Opts, once: bool) -> Result<Exit> {
     let json = opts.json;
-    let mut stdin = Stdin::spawn();
+    let mut stdin = Stdin::for_chat(&opts.media);
     let mut ep = bind(&settings, json).await?;
     loop {
         output::status("waiting for calls…");
@@ -106,7 +116,7 @@ pub async fn listen(settings: Settings, opts: Opts, once: bool) -> Result<Exit> 
             // A listener ends a call when its stdin closes only after it typed something in
             // that call: a listener with nothing to say (stdin /dev/null, a service) keeps its
             // calls up until the peer, --duration or Ctrl-C ends them.
-            Ok(call) => run(&ep, call, opts, &mut stdin, false).await?,
+            Ok(call) => run(&ep, call, opts.clone(), &mut stdin, false).await?,
             Err(e) => {
                 let e = anyhow::Error::from(e).context(format!("accepting the call from {caller}"));
                 if once {
@@ -170,7 +180,7 @@ async fn sleep_until_opt(t: Option<Instant>) {
 
 /// Runs a connected call until it ends; prints the report; returns the exit code.
 /// How a session runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Opts {
     pub json: bool,
     pub duration: Option<Duration>,
@@ -202,6 +212,35 @@ async fn test_source(call: &Call, video_kbps: u32) {
     }
 }
 
+/// After the last media input was sent, how long the call stays up so the peer receives and
+/// plays out the tail (its jitter buffer holds 80 ms), on top of two round trips.
+const LINGER: Duration = Duration::from_millis(500);
+
+/// Sends every `--send-*` input until it ends, then waits until it was sent and delivered.
+async fn send_inputs(call: &Call, media: &MediaOpts, sent_bytes: &AtomicU64) -> Result<()> {
+    let one = |spec: Option<String>, track: Track, flag: &'static str| async move {
+        let Some(spec) = spec else { return Ok(0) };
+        let what = format!("{flag} {spec}");
+        let n = if spec == "-" {
+            stream::send(call, track, tokio::io::stdin(), &what).await?
+        } else {
+            let f = tokio::fs::File::open(&spec)
+                .await
+                .with_context(|| format!("opening {spec}"))?;
+            stream::send(call, track, f, &what).await?
+        };
+        sent_bytes.fetch_add(n, Ordering::Relaxed);
+        anyhow::Ok(n)
+    };
+    tokio::try_join!(
+        one(media.send_audio.clone(), Track::AUDIO, "--send-audio"),
+        one(media.send_video.clone(), Track::VIDEO, "--send-video"),
+    )?;
+    call.flush_media().await.context("sending the last media")?;
+    tokio::time::sleep(LINGER + call.rtt() * 2).await;
+    Ok(())
+}
+
 /// `caller`: stdin closing ends the call (after the lines typed so far are delivered); for a
 /// listener only once it has typed a line in this call.
 async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: bool) -> Result<Exit> {
@@ -225,6 +264,10 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
     let deadline = duration.map(|d| since + d);
     let mut kill_at = test.test_kill_udp_after.map(|s| since + Duration::from_secs_f64(s));
     let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (media_in, media_out) = (AtomicU64::new(0), AtomicU64::new(0));
+    if let Err(e) = call.set_media_rate(media.media_kbps.saturating_mul(1000)).await {
+        tracing::warn!(error = %e, "cannot set the media rate");
+    }
     let mut path_rx = call.watch_path();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let chat_in = async {
@@ -240,17 +283,31 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
         }
     };
     tokio::pin!(chat_in);
+    // The media inputs, sent until they end (then the call ends); else the test source.
     let source = async {
-        if media.no_media {
-            std::future::pending::<()>().await;
+        if media.has_inputs() {
+            return send_inputs(&call, &media, &media_in).await;
         }
-        test_source(&call, media.video_kbps).await;
+        if !media.no_media {
+            test_source(&call, media.video_kbps).await;
+        }
+        std::future::pending().await
     };
     tokio::pin!(source);
-    // Received media frames are played nowhere yet: they are counted in the statistics. The
-    // first frame of each track is announced (`first_media`, ms since the call was placed).
+    // Received media frames go to the --recv-* outputs (else they are only counted in the
+    // statistics). The first frame of each track is announced (`first_media`, ms since the call
+    // was placed). Ends when the call's media ends.
     let placed_ms = report.time_to_connected_ms;
     let sink = async {
+        let mut outs = [None, None];
+        for (slot, (spec, what)) in outs.iter_mut().zip([
+            (&media.recv_audio, "received audio"),
+            (&media.recv_video, "received video"),
+        ]) {
+            if let Some(spec) = spec {
+                *slot = Some(stream::Output::open(spec, what).await?);
+            }
+        }
         let mut seen = [false; 2];
         while let Some(f) = call.recv_frame().await {
             let i = usize::from(f.track == Track::VIDEO);
@@ -264,10 +321,17 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
                     &format!("first {name} frame {at_ms:.1} ms after the call was placed"),
                 );
             }
+            if let Some(out) = outs.get_mut(i).and_then(Option::as_mut) {
+                out.write(&f.data).await?;
+                out.flush().await?;
+                media_out.fetch_add(f.data.len() as u64, Ordering::Relaxed);
+            }
         }
-        std::future::pending::<()>().await;
+        anyhow::Ok(())
     };
     tokio::pin!(sink);
+    let mut sink_done = false;
+    let mut failure: Option<anyhow::Error> = None;
     let ended = loop {
         tokio::select! {
             line = stdin.next(), if !stdin.closed => match line {
@@ -275,7 +339,7 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
                     call.send_chat(&line).await?;
                     sent.fetch_add(1, Ordering::Relaxed);
                 }
-                None if caller || sent.load(Ordering::Relaxed) > 0 => {
+                None if (caller && !media.has_inputs()) || sent.load(Ordering::Relaxed) > 0 => {
                     if let Err(e) = call.finish_chat().await {
                         tracing::warn!(error = %e, "not every chat line was acknowledged");
                     }
@@ -304,10 +368,38 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
             }
             _ = tick.tick() => output::status(&path_text(&call, since)),
             _ = &mut chat_in => {}
-            _ = &mut source => {}
-            _ = &mut sink => {}
+            r = &mut source => {
+                let reason = match r {
+                    Ok(()) => "sent everything",
+                    Err(e) => {
+                        failure = Some(e);
+                        "media input failed"
+                    }
+                };
+                call.hangup(reason);
+                break EndReason::Local;
+            }
+            r = &mut sink, if !sink_done => {
+                sink_done = true;
+                if let Err(e) = r {
+                    failure = Some(e);
+                    call.hangup("media output failed");
+                    break EndReason::Local;
+                }
+            }
         }
     };
+    // Frames still on their way to the outputs: the media ends shortly after the call.
+    if !sink_done {
+        match tokio::time::timeout(Duration::from_secs(2), &mut sink).await {
+            Ok(Err(e)) => failure = failure.or(Some(e)),
+            Ok(Ok(())) => {}
+            Err(_) => tracing::warn!("received media still arriving 2 s after the call ended"),
+        }
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
     // Lines the peer sent before hanging up may still be in our receive buffer.
     let _ = tokio::time::timeout(Duration::from_millis(300), &mut chat_in).await;
     let exit = match &ended {
@@ -324,6 +416,8 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
             o.insert("ended".into(), serde_json::to_value(&ended)?);
             o.insert("chat_sent".into(), json!(sent));
             o.insert("chat_received".into(), json!(received));
+            o.insert("media_input_bytes".into(), json!(media_in.load(Ordering::Relaxed)));
+            o.insert("media_output_bytes".into(), json!(media_out.load(Ordering::Relaxed)));
             o.insert("exit_code".into(), json!(exit as u8));
         }
         output::line(&v);

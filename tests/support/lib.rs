@@ -3,7 +3,7 @@
 //!
 //! The binaries must be built first (`cargo build --workspace --bins`; `tests/run-all.sh` does).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -138,6 +138,34 @@ impl Peer {
         let stdin = self.stdin.as_mut().expect("stdin still open");
         writeln!(stdin, "{line}").expect("writes to natcall's stdin");
         stdin.flush().expect("flushes");
+    }
+
+    /// Copies `input` to the process's stdin (and to `tee` when given) on a thread, then closes
+    /// stdin: a pipe into `natcall`, like `ffmpeg … - | natcall call bob --send-video -`.
+    pub fn pipe_stdin(
+        &mut self,
+        mut input: impl Read + Send + 'static,
+        tee: Option<PathBuf>,
+    ) -> std::thread::JoinHandle<u64> {
+        let mut stdin = self.stdin.take().expect("stdin still open");
+        std::thread::spawn(move || {
+            let mut copy = tee.map(|p| std::fs::File::create(p).expect("tee file"));
+            let mut buf = vec![0u8; 32 * 1024];
+            let mut total = 0u64;
+            loop {
+                let n = match input.read(&mut buf) {
+                    Ok(0) | Err(_) => return total,
+                    Ok(n) => n,
+                };
+                if let Some(f) = copy.as_mut() {
+                    f.write_all(&buf[..n]).expect("writes the tee file");
+                }
+                if stdin.write_all(&buf[..n]).is_err() {
+                    return total;
+                }
+                total += n as u64;
+            }
+        })
     }
 
     /// Closes stdin (ends the call after delivering what was typed).

@@ -36,6 +36,10 @@ pub struct SenderConfig {
     pub max_queue_bytes: usize,
     /// Audio frames queued; the oldest is dropped beyond (only if `poll_transmit` is not drained).
     pub max_audio_frames: usize,
+    /// [`Sender::has_room`] keeps a track's backlog within this much sending time: enough to
+    /// keep the pacer busy, short enough that queuing is not mistaken for a growing path delay
+    /// (frame timestamps are taken when frames are queued).
+    pub stream_backlog: Duration,
 }
 
 impl Default for SenderConfig {
@@ -47,6 +51,7 @@ impl Default for SenderConfig {
             max_video_queue_delay: Duration::from_millis(400),
             max_queue_bytes: MAX_FRAME + MAX_FRAME / 2,
             max_audio_frames: 50,
+            stream_backlog: Duration::from_millis(20),
         }
     }
 }
@@ -281,6 +286,34 @@ impl Sender {
         Some(self.last_refill + Duration::from_secs_f64(wait_s.max(0.0)))
     }
 
+    /// Whether a frame of `len` bytes queued on `track` now would be sent without dropping
+    /// anything: with it, the track's backlog stays within `stream_backlog` at the current rate
+    /// and within `max_queue_bytes` (an empty track always has room). A source that
+    /// must not lose data (a file, a pipe) waits for room instead of queuing, so it is slowed to
+    /// the path's pace rather than cut.
+    pub fn has_room(&self, track: Track, len: usize) -> bool {
+        let Some(t) = self.tracks.get(&track) else {
+            return true;
+        };
+        if t.current.is_none() && t.queue.is_empty() {
+            return true;
+        }
+        let queued = t.queued_bytes + len;
+        let delay_s = wire_bytes(queued) as f64 * 8.0 / self.rate_bps as f64;
+        let audio_ok = track != Track::AUDIO || t.queue.len() < self.config.max_audio_frames;
+        let limit = self
+            .config
+            .stream_backlog
+            .min(self.config.max_video_queue_delay / 2)
+            .as_secs_f64();
+        audio_ok && queued <= self.config.max_queue_bytes && delay_s <= limit
+    }
+
+    /// Whether nothing is queued on any track: everything handed over has been sent (or dropped).
+    pub fn is_idle(&self) -> bool {
+        self.tracks.values().all(|t| t.current.is_none() && t.queue.is_empty())
+    }
+
     /// Statistics of `track`, if a frame was ever queued on it.
     pub fn stats(&self, track: Track) -> Option<SendStats> {
         self.tracks.get(&track).map(|t| SendStats {
@@ -399,6 +432,35 @@ mod tests {
             .collect();
         ids.dedup();
         ids
+    }
+
+    #[test]
+    fn a_source_that_waits_for_room_loses_nothing_and_is_paced() {
+        let (mut s, t0) = sender(1_000_000);
+        let (mut offered, mut sent_bytes) = (0usize, 0usize);
+        let mut now = t0;
+        // 2 s of a source that would produce far more than 1 Mbit/s: 1316-byte key frames
+        // queued only when there is room.
+        for tick in 0..2000u32 {
+            now = t0 + MS * tick;
+            while offered < 2_000_000 && s.has_room(Track::VIDEO, 1316) {
+                s.handle_frame(Track::VIDEO, Frame::key(tick, vec![7; 1316])).unwrap();
+                offered += 1316;
+            }
+            sent_bytes += drain(&mut s, now).iter().map(|t| t.contents.len()).sum::<usize>();
+        }
+        let stats = s.stats(Track::VIDEO).unwrap();
+        assert_eq!(stats.frames_dropped, 0, "{stats:?}");
+        let rate = sent_bytes as f64 * 8.0 / (now - t0).as_secs_f64();
+        assert!((800_000.0..1_100_000.0).contains(&rate), "paced at {rate:.0} bit/s");
+        // The backlog stays within 20 ms at the rate (one frame is always let in).
+        assert!(stats.bytes_queued <= 1_000_000 / 8 / 50 + 1316, "{stats:?}");
+        assert!(!s.is_idle());
+        for tick in 2000..4000u32 {
+            drain(&mut s, t0 + MS * tick);
+        }
+        assert!(s.is_idle());
+        assert!(s.has_room(Track::VIDEO, 4 << 20), "an empty track takes any frame");
     }
 
     #[test]

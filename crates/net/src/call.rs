@@ -682,6 +682,26 @@ impl Call {
         self.media.send(track, frame).await
     }
 
+    /// Sends a piece of a byte stream that must not lose data (a file, a pipe) as one frame on
+    /// `track`: waits until the sender can take it without dropping anything, so a fast source
+    /// is slowed to the path's pace instead of being cut. The frame is a key frame (usable on
+    /// its own) stamped when the sender takes it; under congestion queued video is still
+    /// dropped, frame by frame.
+    pub async fn send_stream(&self, track: Track, data: Vec<u8>) -> Result<(), Error> {
+        self.media.send_stream(track, data).await
+    }
+
+    /// Waits until every media frame queued so far has been sent (or dropped).
+    pub async fn flush_media(&self) -> Result<(), Error> {
+        self.media.flush().await
+    }
+
+    /// Sets the media sender's pacing rate, and the ceiling its congestion control may raise it
+    /// back to, in bit/s (default 2 Mbit/s).
+    pub async fn set_media_rate(&self, bps: u64) -> Result<(), Error> {
+        self.media.set_rate(bps).await
+    }
+
     /// The next complete media frame from the peer (after the jitter buffer), or `None` when the
     /// call's media ended.
     pub async fn recv_frame(&self) -> Option<ReceivedFrame> {

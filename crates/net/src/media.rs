@@ -16,7 +16,7 @@ use natcall_media::{
     Track, derive_keys,
 };
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, trace};
 
 use crate::socket::MuxSocket;
@@ -48,10 +48,23 @@ pub struct MediaReport {
     pub send_rate_bps: u64,
 }
 
+/// Requests that must be handled in order with stream frames.
+#[derive(Debug)]
+enum Ctl {
+    /// Stream bytes that must not be dropped for lack of queue room: admitted as a key frame
+    /// when there is room, stamped then.
+    Stream(Track, Vec<u8>),
+    /// Answered once everything queued before it has been sent.
+    Flush(oneshot::Sender<()>),
+    /// The sender's pacing rate and ceiling, bit/s.
+    Rate(u64),
+}
+
 /// The application's side of a call's media session.
 #[derive(Debug)]
 pub(crate) struct Media {
     frames_in: mpsc::Sender<(Track, Frame)>,
+    ctl: mpsc::Sender<Ctl>,
     frames_out: tokio::sync::Mutex<mpsc::Receiver<ReceivedFrame>>,
     report: Arc<Mutex<MediaReport>>,
 }
@@ -77,6 +90,7 @@ impl Media {
         let receiver = Receiver::new(ReceiverConfig::default(), opener, now);
         let (frames_in, app_rx) = mpsc::channel(QUEUE);
         let (app_tx, frames_out) = mpsc::channel(QUEUE);
+        let (ctl, ctl_rx) = mpsc::channel(4);
         let report = Arc::new(Mutex::new(MediaReport::default()));
         let driver = Driver {
             sender,
@@ -86,9 +100,10 @@ impl Media {
             conn: conn.clone(),
             report: report.clone(),
         };
-        tokio::spawn(driver.run(packets, app_rx, app_tx));
+        tokio::spawn(driver.run(packets, app_rx, ctl_rx, app_tx));
         Ok(Self {
             frames_in,
+            ctl,
             frames_out: tokio::sync::Mutex::new(frames_out),
             report,
         })
@@ -99,6 +114,24 @@ impl Media {
             .send((track, frame))
             .await
             .map_err(|_| crate::Error::Ended("the call ended".into()))
+    }
+
+    fn ended() -> crate::Error {
+        crate::Error::Ended("the call ended".into())
+    }
+
+    pub(crate) async fn send_stream(&self, track: Track, data: Vec<u8>) -> Result<(), crate::Error> {
+        self.ctl.send(Ctl::Stream(track, data)).await.map_err(|_| Self::ended())
+    }
+
+    pub(crate) async fn flush(&self) -> Result<(), crate::Error> {
+        let (tx, rx) = oneshot::channel();
+        self.ctl.send(Ctl::Flush(tx)).await.map_err(|_| Self::ended())?;
+        rx.await.map_err(|_| Self::ended())
+    }
+
+    pub(crate) async fn set_rate(&self, bps: u64) -> Result<(), crate::Error> {
+        self.ctl.send(Ctl::Rate(bps)).await.map_err(|_| Self::ended())
     }
 
     pub(crate) async fn recv(&self) -> Option<ReceivedFrame> {
@@ -124,13 +157,32 @@ impl Driver {
         mut self,
         mut packets: mpsc::Receiver<Bytes>,
         mut app_rx: mpsc::Receiver<(Track, Frame)>,
+        mut ctl_rx: mpsc::Receiver<Ctl>,
         app_tx: mpsc::Sender<ReceivedFrame>,
     ) {
-        let mut next_report = Instant::now() + REPORT_EVERY;
-        let mut app_open = true;
+        let origin = Instant::now();
+        let mut next_report = origin + REPORT_EVERY;
+        let (mut app_open, mut ctl_open) = (true, true);
+        // Stream bytes waiting for room in the sender, and who waits for the sender to drain.
+        let mut waiting: Option<(Track, Vec<u8>)> = None;
+        let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
         loop {
             let now = Instant::now();
             self.flush(now, &app_tx);
+            if let Some((track, data)) = waiting.take_if(|(t, d)| self.sender.has_room(*t, d.len())) {
+                // Stamped when taken, so time spent waiting for room is not mistaken by the
+                // receiver for a growing path delay.
+                let ts = now.duration_since(origin).as_millis() as u32;
+                if let Err(e) = self.sender.handle_frame(track, Frame::key(ts, data)) {
+                    debug!(error = %e, "media stream frame refused");
+                }
+                self.flush(now, &app_tx);
+            }
+            if waiting.is_none() && !flushes.is_empty() && self.sender.is_idle() {
+                flushes.drain(..).for_each(|f| {
+                    let _ = f.send(());
+                });
+            }
             let mut wake = next_report;
             for t in [self.sender.poll_timeout(), self.receiver.poll_timeout()]
                 .into_iter()
@@ -139,6 +191,12 @@ impl Driver {
                 wake = wake.min(t);
             }
             tokio::select! {
+                c = ctl_rx.recv(), if ctl_open && waiting.is_none() => match c {
+                    Some(Ctl::Stream(track, data)) => waiting = Some((track, data)),
+                    Some(Ctl::Flush(tx)) => flushes.push(tx),
+                    Some(Ctl::Rate(bps)) => self.sender.set_rate(Instant::now(), bps),
+                    None => ctl_open = false,
+                },
                 f = app_rx.recv(), if app_open => match f {
                     Some((track, frame)) => {
                         if let Err(e) = self.sender.handle_frame(track, frame) {
