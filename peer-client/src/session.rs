@@ -188,18 +188,24 @@ pub struct Opts {
     pub media: MediaOpts,
 }
 
-/// The built-in test source: audio (80-byte frames every 20 ms, 32 kbit/s) and video (30 frames/s
-/// at `video_kbps`, a key frame every 2 s). Runs until the call ends.
+/// The built-in test source: audio (80-byte frames every 20 ms, 32 kbit/s, each starting with
+/// its number, big-endian u32, so a `--recv-audio` file shows order and gaps) and video (30
+/// frames/s at `video_kbps`, a key frame every 2 s). Runs until the call ends.
 async fn test_source(call: &Call, video_kbps: u32) {
     let start = Instant::now();
     let mut audio = tokio::time::interval(Duration::from_millis(20));
     let mut video = tokio::time::interval(Duration::from_millis(33));
     let video_bytes = (video_kbps as usize * 1000 / 8 / 30).max(1);
-    let mut n = 0u32;
+    let (mut n, mut a) = (0u32, 0u32);
     loop {
         let ts = start.elapsed().as_millis() as u32;
         let sent = tokio::select! {
-            _ = audio.tick() => call.send_frame(Track::AUDIO, Frame::new(ts, vec![0x41; 80])).await,
+            _ = audio.tick() => {
+                let mut frame = vec![0x41; 80];
+                frame[..4].copy_from_slice(&a.to_be_bytes());
+                a = a.wrapping_add(1);
+                call.send_frame(Track::AUDIO, Frame::new(ts, frame)).await
+            }
             _ = video.tick() => {
                 let frame = if n % 60 == 0 { Frame::key(ts, vec![0x4b; video_bytes]) } else { Frame::new(ts, vec![0x56; video_bytes]) };
                 n += 1;

@@ -330,6 +330,9 @@ impl TrackState {
         self.stats.packets_received += 1;
         self.stats.bytes_received += len as u64;
         let s = header.sequence;
+        if self.seq_span.is_some_and(|(_, hi)| s < hi) {
+            self.stats.packets_reordered += 1;
+        }
         self.seq_span = Some(self.seq_span.map_or((s, s), |(lo, hi)| (lo.min(s), hi.max(s))));
         self.rate.add(now, len);
         let arrival_us = micros(now.saturating_duration_since(self.epoch));
@@ -575,6 +578,8 @@ mod tests {
             (stats.frames_complete, stats.frames_late, stats.packets_lost),
             (5, 0, 0)
         );
+        // 0, 2 and 1 arrived after 3.
+        assert_eq!(stats.packets_reordered, 3);
     }
 
     #[test]

@@ -14,6 +14,9 @@ pub struct Stats {
     pub packets_lost: u64,
     /// Packets that arrived after their frame was played out or given up.
     pub packets_late: u64,
+    /// Packets that arrived after a packet sent later than them (reordered on the way); the
+    /// jitter buffer puts their frames back in order.
+    pub packets_reordered: u64,
     /// Packets whose sequence number was already received: network duplicates and replays.
     pub packets_duplicated: u64,
     /// Packets more than 64 sequence numbers behind the newest (dropped by the replay window).

@@ -184,6 +184,9 @@ impl Driver {
                 });
             }
             let mut wake = next_report;
+            if waiting.is_some() {
+                wake = wake.min(self.sender.budget_at());
+            }
             for t in [self.sender.poll_timeout(), self.receiver.poll_timeout()]
                 .into_iter()
                 .flatten()
