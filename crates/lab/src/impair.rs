@@ -12,16 +12,20 @@
 //!
 //!   The device's address and its MAC move from `eth0` to `nltap0`; `eth0` and `nltap1` are
 //!   bridged. Every frame read from one TAP is dropped with probability `loss_pct` or written
-//!   to the other after `delay ± jitter` (uniform; both from a seeded RNG), in order (a frame
-//!   never overtakes the previous one, as netem without reordering), through a bounded queue
-//!   ([`QUEUE_FRAMES`]; a full queue drops the frame, like a full router buffer). Both
-//!   directions are impaired: a round trip grows by about `2 × delay`.
+//!   to the other after `delay ± jitter` (uniform; both from a seeded RNG), through a bounded
+//!   queue ([`QUEUE_FRAMES`]; a full queue drops the frame, like a full router buffer). By
+//!   default frames stay in order (a frame never overtakes the previous one, as netem without
+//!   reordering); with [`Impairment::reorder`] each frame keeps its own draw, so a frame drawn
+//!   shorter overtakes earlier ones (as netem's jitter does). Both directions are impaired: a
+//!   round trip grows by about `2 × delay`.
 //!
 //! Loss is not done with an nftables `drop` in the device's output hook: a local drop there
 //! makes the sender's `sendmsg` fail with `EPERM`, which a real lossy link never does (natcall
 //! logged "Operation not permitted" and its chat stalled). Frames the forwarder drops vanish
 //! silently, as on a wire.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,7 +41,7 @@ use crate::process::{run_in, run_in_output};
 
 /// Frames waiting in one direction of the forwarder before new ones are dropped.
 pub const QUEUE_FRAMES: usize = 4096;
-const HOST_TAP: &str = "nltap0";
+pub(crate) const HOST_TAP: &str = "nltap0";
 const WIRE_TAP: &str = "nltap1";
 const BRIDGE: &str = "nlbr0";
 
@@ -52,6 +56,9 @@ pub struct Impairment {
     pub loss_pct: f64,
     /// Seed of the forwarder's delay draws.
     pub seed: u64,
+    /// Each frame is delayed by its own draw, so frames overtake each other (TAP forwarder
+    /// only; without it the order is kept).
+    pub reorder: bool,
 }
 
 /// Which mechanism carries the delay.
@@ -131,7 +138,13 @@ impl Impairment {
             .name()
             .to_owned();
         let (ready_tx, ready_rx) = oneshot::channel();
-        let (delay, jitter, seed, loss) = (self.delay, self.jitter, self.seed, self.loss_pct / 100.0);
+        let shape = Shape {
+            delay: self.delay,
+            jitter: self.jitter,
+            loss: self.loss_pct / 100.0,
+            reorder: self.reorder,
+        };
+        let seed = self.seed;
         let task = device
             .spawn(async move |_| {
                 let taps = (open_tap(HOST_TAP), open_tap(WIRE_TAP));
@@ -143,8 +156,8 @@ impl Impairment {
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
-                let up = pump(host.clone(), wire.clone(), delay, jitter, loss, seed);
-                let down = pump(wire, host, delay, jitter, loss, seed.wrapping_add(1));
+                let up = pump(host.clone(), wire.clone(), shape, seed);
+                let down = pump(wire, host, shape, seed.wrapping_add(1));
                 tokio::join!(up, down);
             })
             .map_err(Error::Lab)?;
@@ -254,15 +267,47 @@ fn rewire(device: &Device, iface: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// What one direction of the forwarder does to frames.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    delay: Duration,
+    jitter: Duration,
+    loss: f64,
+    reorder: bool,
+}
+
 /// Moves frames `from` → `to`: each dropped with probability `loss`, or sent after its own
-/// delay, in order, through a bounded queue.
-async fn pump(from: Arc<AsyncDevice>, to: Arc<AsyncDevice>, delay: Duration, jitter: Duration, loss: f64, seed: u64) {
+/// delay (in order unless `reorder`), through a bounded queue.
+async fn pump(from: Arc<AsyncDevice>, to: Arc<AsyncDevice>, shape: Shape, seed: u64) {
+    let Shape {
+        delay,
+        jitter,
+        loss,
+        reorder,
+    } = shape;
     let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(QUEUE_FRAMES);
     let writer = async move {
-        while let Some((at, frame)) = rx.recv().await {
-            tokio::time::sleep_until(at).await;
-            if let Err(e) = to.send(&frame).await {
-                tracing::debug!(error = %e, "TAP forwarder: write failed");
+        // Frames by due time (then arrival): in order they are due in arrival order anyway.
+        let mut due: BinaryHeap<Reverse<(Instant, u64, Vec<u8>)>> = BinaryHeap::new();
+        let mut n = 0u64;
+        let mut open = true;
+        while open || !due.is_empty() {
+            let next = due.peek().map(|Reverse((at, _, _))| *at);
+            tokio::select! {
+                f = rx.recv(), if open && due.len() < QUEUE_FRAMES => match f {
+                    Some((at, frame)) => {
+                        due.push(Reverse((at, n, frame)));
+                        n += 1;
+                    }
+                    None => open = false,
+                },
+                () = sleep_until_opt(next) => {
+                    if let Some(Reverse((_, _, frame))) = due.pop()
+                        && let Err(e) = to.send(&frame).await
+                    {
+                        tracing::debug!(error = %e, "TAP forwarder: write failed");
+                    }
+                }
             }
         }
     };
@@ -281,7 +326,10 @@ async fn pump(from: Arc<AsyncDevice>, to: Arc<AsyncDevice>, delay: Duration, jit
             if loss > 0.0 && rng.random_bool(loss.min(1.0)) {
                 continue;
             }
-            let at = (Instant::now() + draw(&mut rng, delay, jitter)).max(last);
+            let mut at = Instant::now() + draw(&mut rng, delay, jitter);
+            if !reorder {
+                at = at.max(last);
+            }
             last = at;
             if tx.try_send((at, buf[..n].to_vec())).is_err() {
                 tracing::trace!("TAP forwarder: queue full, frame dropped");
@@ -291,6 +339,13 @@ async fn pump(from: Arc<AsyncDevice>, to: Arc<AsyncDevice>, delay: Duration, jit
     tokio::select! {
         () = reader => {}
         () = writer => {}
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

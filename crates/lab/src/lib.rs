@@ -9,11 +9,14 @@
 //! - [`Scenario`] and its oracle [`Scenario::expected`]: which path (LAN, direct, relay) a call
 //!   between two kinds must end on;
 //! - [`Impairment`]: delay, jitter and loss on a peer's uplink that work on kernels without
-//!   `netem` (loss in nftables, delay and jitter by a TAP forwarder, [`impair`]);
+//!   `netem` (a TAP forwarder with delay, jitter, loss and optional reordering, [`impair`]);
 //! - [`run_scenario`]: builds one lab, starts the server and two peers in it, calls, chats both
 //!   ways, hangs up and returns an [`Outcome`] (reports, times, logs kept on failure);
 //! - [`matrix`]: every pair of kinds, run concurrently in separate labs, and the table.
 //! - [`probe`]: plain-UDP checks that an emulated router really maps and filters as named.
+//! - [`call`]: one call with the peers' arguments chosen by the caller (media inputs and
+//!   outputs, policy, duration), optionally captured on the caller's interface with
+//!   [`capture`] (tcpdump and a pcap reader), for tests of what flows on the wire.
 //!
 //! # Drive loop
 //! Everything is async (patchbay builds labs on tokio). The scenario driver runs the peer
@@ -33,6 +36,8 @@
 //! ```
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod call;
+pub mod capture;
 mod error;
 pub mod impair;
 mod kind;

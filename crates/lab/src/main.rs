@@ -79,6 +79,9 @@ enum Cmd {
         /// Packet loss on each peer's uplink, each direction, percent.
         #[arg(long, default_value_t = 0.0)]
         loss: f64,
+        /// Let packets overtake each other (each keeps its own jitter draw).
+        #[arg(long)]
+        reorder: bool,
         /// Keep the logs in DIR/<scenario>/ (default: a temporary folder, printed).
         #[arg(long)]
         keep_logs: Option<PathBuf>,
@@ -152,6 +155,7 @@ fn run(args: Args) -> Result<bool> {
                 delay,
                 jitter,
                 loss,
+                reorder,
                 keep_logs,
                 json,
             } => {
@@ -160,6 +164,7 @@ fn run(args: Args) -> Result<bool> {
                     jitter: Duration::from_millis(jitter),
                     loss_pct: loss,
                     seed: 1,
+                    reorder,
                 };
                 let opts = RunOptions {
                     impair_a: Some(imp),

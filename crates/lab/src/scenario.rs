@@ -242,13 +242,7 @@ fn converse(
     let srv_args = args(&["--listen", &addr.to_string(), "--log-level", "debug"]);
     procs.push(Proc::spawn(server, dir, "rendezvous", &bins.rendezvous, &srv_args).map_err(|e| e.to_string())?);
     wait_listening(server, addr)?;
-    let peer = |name: &str, cmd: &[&str]| {
-        let home = dir.join(format!("{name}-home"));
-        let mut v = args(&["--json", "--server", &addr.to_string(), "--name", name, "--home"]);
-        v.push(home.display().to_string());
-        v.extend(args(cmd));
-        v
-    };
+    let peer = |name: &str, cmd: &[&str]| peer_args(addr, dir, name, &args(cmd));
     procs.push(
         Proc::spawn(b, dir, "bob", &bins.natcall, &peer("bob", &["listen", "--once"])).map_err(|e| e.to_string())?,
     );
@@ -274,8 +268,21 @@ fn converse(
     Ok(())
 }
 
+/// `natcall`'s arguments for `name` in `--json` mode against the server at `addr`, its home in
+/// `dir`, then `cmd`.
+pub(crate) fn peer_args(addr: SocketAddr, dir: &FsPath, name: &str, cmd: &[String]) -> Vec<String> {
+    let home = dir.join(format!("{name}-home"));
+    let mut v: Vec<String> = ["--json", "--server", &addr.to_string(), "--name", name, "--home"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    v.push(home.display().to_string());
+    v.extend_from_slice(cmd);
+    v
+}
+
 /// Waits (at most 10 s) until the server accepts TCP, connecting from its own namespace.
-fn wait_listening(server: &Device, addr: SocketAddr) -> Result<(), String> {
+pub(crate) fn wait_listening(server: &Device, addr: SocketAddr) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let ok = server

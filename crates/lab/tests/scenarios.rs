@@ -85,6 +85,7 @@ async fn port_restricted_x_cgnat_goes_direct_over_slow_lossy_links() {
         jitter: Duration::from_millis(5),
         loss_pct: 2.0,
         seed: 7,
+        reorder: false,
     };
     let opts = RunOptions {
         impair_a: Some(imp),

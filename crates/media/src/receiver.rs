@@ -24,8 +24,11 @@ use crate::{Error, Track};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Playout {
-    /// `timestamp + min(arrival − timestamp) + target_delay`: restores the sender's spacing,
-    /// so the buffer absorbs jitter up to the target delay (needs a real media clock).
+    /// `timestamp + min(arrival − timestamp) + target`: restores the sender's spacing, so the
+    /// buffer absorbs jitter up to the target (needs a real media clock). The target is
+    /// `target_delay`, raised to the delay spread seen recently (the largest `arrival −
+    /// timestamp` above the minimum, plus 5 ms) up to `max_target_delay`: an adaptive jitter
+    /// buffer.
     #[default]
     Timestamp,
     /// Arrival of the frame's first packet + target delay (ignores timestamps).
@@ -36,8 +39,11 @@ pub enum Playout {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ReceiverConfig {
-    /// How long the jitter buffer holds frames to wait for late and reordered packets.
+    /// How long the jitter buffer holds frames at least, to wait for late and reordered
+    /// packets (it holds them longer when the path's delay varies more; see [`Playout`]).
     pub target_delay: Duration,
+    /// The most the jitter buffer's target grows to.
+    pub max_target_delay: Duration,
     /// How playout times are computed.
     pub playout: Playout,
     /// A partial frame at the head of a track is given up after this long.
@@ -54,6 +60,7 @@ impl Default for ReceiverConfig {
     fn default() -> Self {
         Self {
             target_delay: Duration::from_millis(80),
+            max_target_delay: Duration::from_millis(300),
             playout: Playout::Timestamp,
             reassembly_timeout: Duration::from_secs(1),
             max_frames_per_track: 256,
@@ -175,7 +182,7 @@ impl Receiver {
 
     /// Statistics of `track`, if any packet of it arrived.
     pub fn stats(&self, track: Track, now: Instant) -> Option<Stats> {
-        self.tracks.get(&track).map(|t| t.snapshot(now))
+        self.tracks.get(&track).map(|t| t.snapshot(now, &self.config))
     }
 
     /// The tracks seen so far.
@@ -304,8 +311,9 @@ impl TrackState {
         self.seq_span.map_or(0, |(lo, hi)| u64::from(hi - lo) + 1)
     }
 
-    fn snapshot(&self, now: Instant) -> Stats {
+    fn snapshot(&self, now: Instant, config: &ReceiverConfig) -> Stats {
         Stats {
+            target_delay_ms: self.target(config).as_secs_f64() * 1000.0,
             packets_lost: self.expected().saturating_sub(self.stats.packets_received),
             jitter_ms: self.delay.jitter_ms(),
             delay_ms: self.delay.delay_ms(),
@@ -341,12 +349,23 @@ impl TrackState {
             .on_packet(arrival_us, timestamp_us, header.fragment_index == 0);
     }
 
+    /// The jitter buffer's current target: the configured one, raised to the delay spread
+    /// (with timestamp playout; arrival playout has no media clock to measure a spread by).
+    fn target(&self, config: &ReceiverConfig) -> Duration {
+        if config.playout == Playout::Arrival {
+            return config.target_delay;
+        }
+        let spread = Duration::from_micros(u64::try_from(self.delay.spread_us()).unwrap_or(0));
+        (spread + SPREAD_MARGIN).clamp(config.target_delay, config.max_target_delay.max(config.target_delay))
+    }
+
     fn playout(&self, frame: &Assembly, config: &ReceiverConfig) -> Instant {
+        let target = self.target(config);
         match config.playout {
-            Playout::Arrival => frame.first_arrival + config.target_delay,
+            Playout::Arrival => frame.first_arrival + target,
             Playout::Timestamp => {
                 let min_transit = self.delay.min_transit().unwrap_or(0);
-                let due_us = frame.timestamp_us + min_transit + micros(config.target_delay);
+                let due_us = frame.timestamp_us + min_transit + micros(target);
                 self.epoch + Duration::from_micros(u64::try_from(due_us).unwrap_or(0))
             }
         }
@@ -510,6 +529,9 @@ impl TrackState {
         Some(due.map_or(stale, |due| due.min(stale)))
     }
 }
+
+/// Added to the delay spread seen when the jitter buffer's target grows.
+const SPREAD_MARGIN: Duration = Duration::from_millis(5);
 
 fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)

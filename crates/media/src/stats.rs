@@ -39,6 +39,9 @@ pub struct Stats {
     pub delay_ms: f64,
     /// Received bitrate over the last second, in bit/s.
     pub bitrate_bps: u64,
+    /// How long the jitter buffer currently holds frames beyond the fastest transit, in ms:
+    /// the configured target, raised to cover the delay spread seen (up to the maximum).
+    pub target_delay_ms: f64,
 }
 
 /// What the sender did on one track.
@@ -114,6 +117,10 @@ pub(crate) struct DelayEstimator {
     /// clock drift).
     min_current: Option<i64>,
     min_previous: Option<i64>,
+    /// Largest transit above the minimum, in the current and previous window: the delay
+    /// spread the jitter buffer must cover.
+    spread_current: i64,
+    spread_previous: i64,
     window_start_us: i64,
     smoothed_us: Option<f64>,
 }
@@ -127,10 +134,13 @@ impl DelayEstimator {
         let transit = arrival_us - timestamp_us;
         if arrival_us - self.window_start_us >= MIN_WINDOW_US {
             self.min_previous = self.min_current.take();
+            self.spread_previous = std::mem::take(&mut self.spread_current);
             self.window_start_us = arrival_us;
         }
         self.min_current = Some(self.min_current.map_or(transit, |m| m.min(transit)));
-        let relative = (transit - self.min_transit().unwrap_or(transit)) as f64;
+        let relative_us = transit - self.min_transit().unwrap_or(transit);
+        self.spread_current = self.spread_current.max(relative_us);
+        let relative = relative_us as f64;
         self.smoothed_us = Some(match self.smoothed_us {
             None => relative,
             Some(s) => s + (relative - s) / 16.0,
@@ -150,6 +160,11 @@ impl DelayEstimator {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    /// The largest transit above the minimum seen recently (10–20 s), in µs.
+    pub(crate) fn spread_us(&self) -> i64 {
+        self.spread_current.max(self.spread_previous)
     }
 
     pub(crate) fn jitter_ms(&self) -> f64 {
@@ -189,6 +204,21 @@ mod tests {
             d.on_packet(45_000 + i * 20_000, i * 20_000, true);
         }
         assert!((d.delay_ms() - 40.0).abs() < 0.5, "{}", d.delay_ms());
+    }
+
+    #[test]
+    fn the_spread_is_the_largest_transit_above_the_minimum_and_is_forgotten() {
+        let mut d = DelayEstimator::default();
+        for i in 0..100 {
+            let extra = [0, 70_000, 10_000, 35_000][i as usize % 4];
+            d.on_packet(extra + i * 20_000, i * 20_000, true);
+        }
+        assert_eq!(d.spread_us(), 70_000);
+        // Two quiet windows later the spread is gone.
+        for i in 100..1200 {
+            d.on_packet(i * 20_000, i * 20_000, true);
+        }
+        assert_eq!(d.spread_us(), 0);
     }
 
     #[test]

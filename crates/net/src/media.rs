@@ -153,12 +153,25 @@ struct Driver {
 }
 
 impl Driver {
+    /// Runs the session until the call's media ends, then publishes the final statistics (so a
+    /// report read after the call has ended is exact, not up to 500 ms old).
     async fn run(
         mut self,
+        packets: mpsc::Receiver<Bytes>,
+        app_rx: mpsc::Receiver<(Track, Frame)>,
+        ctl_rx: mpsc::Receiver<Ctl>,
+        app_tx: mpsc::Sender<ReceivedFrame>,
+    ) {
+        self.drive(packets, app_rx, ctl_rx, &app_tx).await;
+        self.publish(Instant::now());
+    }
+
+    async fn drive(
+        &mut self,
         mut packets: mpsc::Receiver<Bytes>,
         mut app_rx: mpsc::Receiver<(Track, Frame)>,
         mut ctl_rx: mpsc::Receiver<Ctl>,
-        app_tx: mpsc::Sender<ReceivedFrame>,
+        app_tx: &mpsc::Sender<ReceivedFrame>,
     ) {
         let origin = Instant::now();
         let mut next_report = origin + REPORT_EVERY;
@@ -168,7 +181,7 @@ impl Driver {
         let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
         loop {
             let now = Instant::now();
-            self.flush(now, &app_tx);
+            self.flush(now, app_tx);
             if let Some((track, data)) = waiting.take_if(|(t, d)| self.sender.has_room(*t, d.len())) {
                 // Stamped when taken, so time spent waiting for room is not mistaken by the
                 // receiver for a growing path delay.
@@ -176,7 +189,7 @@ impl Driver {
                 if let Err(e) = self.sender.handle_frame(track, Frame::key(ts, data)) {
                     debug!(error = %e, "media stream frame refused");
                 }
-                self.flush(now, &app_tx);
+                self.flush(now, app_tx);
             }
             if waiting.is_none() && !flushes.is_empty() && self.sender.is_idle() {
                 flushes.drain(..).for_each(|f| {
