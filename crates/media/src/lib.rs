@@ -41,13 +41,23 @@
 //! new video frame until a key frame: see [`Sender::needs_key_frame`]); a frame already being
 //! sent is finished. Too deep a video queue triggers the same drop.
 //!
+//! A source that must not lose data (a file, a pipe) asks [`Sender::has_room`] before queuing
+//! each frame (the pacer has budget and the backlog stays within
+//! [`SenderConfig::stream_backlog`]) and, when there is none, waits until
+//! [`Sender::budget_at`]: it is slowed to the pace instead of being cut.
+//!
+//! # Jitter buffer
+//! Frames play at `timestamp + min(arrival − timestamp) + target`, in frame-id order per track.
+//! The target adapts: [`ReceiverConfig::target_delay`] at least, raised to the delay spread seen
+//! in the last 10–20 s (+ 5 ms), at most [`ReceiverConfig::max_target_delay`].
+//!
 //! # Statistics
 //! [`Stats`] per track at the receiver: packets received / lost (gaps in sequence numbers) /
 //! late (after their frame was played or given up) / duplicated (replays included) / too old /
 //! auth-failed, bytes, frames complete / incomplete / late (completed after their playout time),
 //! RFC 3550 interarrival jitter, a relative one-way delay (arrival − timestamp above its
 //! minimum: queueing delay, since the clocks are not synchronised) and the bitrate over the
-//! last second. [`SendStats`] per track at the sender: packets, bytes, frames sent and dropped,
+//! last second; also packets reordered and the jitter buffer's current target. [`SendStats`] per track at the sender: packets, bytes, frames sent and dropped,
 //! what is queued. Both are `serde::Serialize` for the CLI's JSON report.
 //!
 //! # Architecture invariant
