@@ -187,7 +187,9 @@ fn main() -> ExitCode {
         }
     };
     let json = args.json;
-    let result = rt.block_on(async move {
+    // The session runs as a task on the runtime's workers, not on this thread: media frames
+    // then pass between tasks on the same workers instead of waking this thread per frame.
+    let session = rt.spawn(async move {
         match args.cmd {
             Cmd::Demo => demo::run(json).await,
             Cmd::Listen {
@@ -207,7 +209,7 @@ fn main() -> ExitCode {
                 session::listen(settings, opts, once).await
             }
             Cmd::Call {
-                ref peer,
+                peer,
                 policy,
                 duration,
                 test,
@@ -222,10 +224,13 @@ fn main() -> ExitCode {
                     test,
                     media,
                 };
-                session::call(settings, opts, peer, policy).await
+                session::call(settings, opts, &peer, policy).await
             }
         }
     });
+    let result = rt
+        .block_on(session)
+        .unwrap_or_else(|e| Err(anyhow::anyhow!("the session stopped: {e}")));
     // Do not wait for the thread blocked reading stdin: the session is over.
     rt.shutdown_background();
     match result {

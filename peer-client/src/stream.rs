@@ -3,10 +3,11 @@
 //! --recv-video PATH|-` write the frames that arrive, in order, to a file or stdout.
 //!
 //! # Framing
-//! A frame is what one read returns, at most [`FRAME_MAX`] bytes. When the stream is MPEG-TS
-//! (the sync byte `0x47` every 188 bytes from the start), frames hold whole 188-byte TS packets
-//! (at most 7, as in MPEG-TS over UDP) and the rest of a read waits for the next one, so a lost
-//! frame loses whole TS packets and a decoder resynchronises at the next. Every stream frame is
+//! A frame is what one read returns, at most [`FRAME_MAX`] bytes (three full media packets).
+//! When the stream is MPEG-TS (the sync byte `0x47` every 188 bytes from the start), frames hold
+//! whole 188-byte TS packets (at most 7, as in MPEG-TS over UDP: [`TS_FRAME_MAX`]) and the rest
+//! of a read waits for the next one, so a lost frame loses whole TS packets and a decoder
+//! resynchronises at the next. Every stream frame is
 //! a key frame: each one is usable on its own, so losing one never makes the sender or the relay
 //! skip the frames after it.
 //!
@@ -20,8 +21,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// MPEG-TS packet size and sync byte.
 const TS_PACKET: usize = 188;
 const TS_SYNC: u8 = 0x47;
-/// Largest frame cut from a byte stream: 7 TS packets (three media packets).
-pub const FRAME_MAX: usize = 7 * TS_PACKET;
+/// Largest frame cut from a byte stream: three full media packets of 478 payload bytes.
+pub const FRAME_MAX: usize = 3 * 478;
+/// Largest frame cut from an MPEG-TS stream: 7 TS packets (three media packets).
+pub const TS_FRAME_MAX: usize = 7 * TS_PACKET;
 
 /// Cuts a byte stream into frames.
 #[derive(Debug, Default)]
@@ -45,9 +48,13 @@ impl Cutter {
                 return Vec::new();
             }
         }
-        let unit = if self.ts == Some(true) { TS_PACKET } else { 1 };
+        let (unit, max) = if self.ts == Some(true) {
+            (TS_PACKET, TS_FRAME_MAX)
+        } else {
+            (1, FRAME_MAX)
+        };
         let usable = self.buf.len() / unit * unit;
-        let frames = self.buf[..usable].chunks(FRAME_MAX).map(<[u8]>::to_vec).collect();
+        let frames = self.buf[..usable].chunks(max).map(<[u8]>::to_vec).collect();
         self.buf.drain(..usable);
         frames
     }
@@ -153,7 +160,7 @@ mod tests {
         frames.extend(c.finish());
         for f in &frames {
             assert_eq!(f.len() % TS_PACKET, 0, "a frame of {} bytes", f.len());
-            assert!(f.len() <= FRAME_MAX);
+            assert!(f.len() <= TS_FRAME_MAX);
             assert_eq!(f[0], TS_SYNC);
         }
         assert_eq!(frames.concat(), stream);
@@ -163,7 +170,7 @@ mod tests {
     fn other_streams_are_cut_by_reads_and_a_short_stream_survives() {
         let mut c = Cutter::default();
         let frames = c.push(&[1u8; 3000]);
-        assert_eq!(frames.iter().map(Vec::len).collect::<Vec<_>>(), [1316, 1316, 368]);
+        assert_eq!(frames.iter().map(Vec::len).collect::<Vec<_>>(), [1434, 1434, 132]);
         assert_eq!(c.finish(), None);
 
         // A stream shorter than one TS packet that starts like one is sent at the end.

@@ -2,9 +2,12 @@
 //! separate process over loopback. Every run is bounded in count and time.
 //!
 //! - `stun`: Binding requests answered per second, one in flight and saturated;
-//! - `idle-peers`: server memory (RSS) per registered idle peer.
+//! - `idle-peers`: server memory (RSS) per registered idle peer;
+//! - `media-path`: media between two `natcall` processes on the direct path (packets/s, Mbit/s,
+//!   loss, CPU per Mbit).
 
 mod media;
+mod media_path;
 mod peers;
 mod relay;
 mod server;
@@ -74,6 +77,16 @@ enum Cmd {
         /// Packets to seal and open.
         #[arg(long, default_value_t = 2_000_000)]
         packets: u64,
+    },
+    /// Media on the direct path between two `natcall` processes: packets/s and Mbit/s at
+    /// 512-byte packets, loss and CPU per Mbit, for each media rate ceiling.
+    MediaPath {
+        /// Rate ceilings to try, Mbit/s.
+        #[arg(long, value_delimiter = ',', default_values_t = [25.0, 50.0, 100.0, 200.0, 400.0, 800.0])]
+        mbit: Vec<f64>,
+        /// Seconds per call.
+        #[arg(long, default_value_t = 4)]
+        seconds: u64,
     },
     /// Server RSS per registered idle peer.
     IdlePeers {
@@ -170,6 +183,26 @@ fn main() -> Result<()> {
                     o.open_mbit_per_s(),
                     o.open_us_per_mbit()
                 );
+            }
+            Cmd::MediaPath { mbit, seconds } => {
+                println!(
+                    "{:>9} {:>10} {:>10} {:>9} {:>7} {:>14} {:>14}",
+                    "ceiling", "sent pkt/s", "recv pkt/s", "Mbit/s", "loss", "send µs/Mbit", "recv µs/Mbit"
+                );
+                for m in mbit {
+                    let o = tokio::task::spawn_blocking(move || media_path::run(m, seconds)).await??;
+                    let (tx_cpu, rx_cpu) = o.cpu_us_per_mbit();
+                    println!(
+                        "{:>9.0} {:>10.0} {:>10.0} {:>9.1} {:>6.2}% {:>14.0} {:>14.0}",
+                        o.ceiling_mbit,
+                        o.packets_sent as f64 / o.seconds,
+                        o.received_pps(),
+                        o.received_mbit(),
+                        o.loss_pct(),
+                        tx_cpu,
+                        rx_cpu
+                    );
+                }
             }
             Cmd::IdlePeers { count } => {
                 let s = server::Spawned::start()?;

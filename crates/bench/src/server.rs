@@ -95,17 +95,23 @@ impl Spawned {
 
     /// User + system CPU seconds used so far.
     pub fn cpu_seconds(&self) -> Result<f64> {
-        let stat = self.proc_file("stat")?;
-        // Fields after the command name (which is in parentheses and may hold spaces).
-        let rest = stat
-            .rsplit_once(')')
-            .map(|(_, r)| r)
-            .context("parsing /proc/PID/stat")?;
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = f.get(11).and_then(|u| u.parse().ok()).unwrap_or(0)
-            + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
-        Ok(ticks as f64 / 100.0) // USER_HZ is 100 on Linux
+        proc_cpu_seconds(self.child.id())
     }
+}
+
+/// User + system CPU seconds process `pid` used so far (from `/proc/PID/stat`).
+pub fn proc_cpu_seconds(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("parsing /proc/PID/stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|u| u.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+    Ok(ticks as f64 / 100.0) // USER_HZ is 100 on Linux
 }
 
 impl Drop for Spawned {
