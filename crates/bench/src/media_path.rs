@@ -6,7 +6,7 @@
 //! cipher).
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::server::{Spawned, proc_cpu_seconds};
+use crate::server::{Spawned, proc_cpu_seconds, sibling_binary};
 
 /// What one rate measured.
 #[derive(Debug)]
@@ -131,21 +131,9 @@ impl Drop for Peer {
     }
 }
 
-fn natcall_binary() -> Result<PathBuf> {
-    let me = std::env::current_exe().context("locating natcall-bench")?;
-    let bin = me.with_file_name("natcall");
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it first (cargo build --release -p natcall-peer)",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
 /// One call of `seconds` with the media rate ceiling at `ceiling_mbit`.
 pub fn run(ceiling_mbit: f64, seconds: u64) -> Result<PathOutcome> {
-    let bin = natcall_binary()?;
+    let bin = sibling_binary("natcall", "natcall-peer")?;
     let server = Spawned::start()?;
     let home = std::env::temp_dir().join(format!("natcall-bench-media-{}", std::process::id()));
     std::fs::create_dir_all(&home).context("creating the peers' homes")?;

@@ -14,13 +14,14 @@ pub struct Spawned {
     pub addr: SocketAddr,
 }
 
-/// The server binary next to this one (both are built into the same target directory).
-fn server_binary() -> Result<PathBuf> {
+/// The binary `name` of package `package` next to this one (all are built into the same
+/// target directory).
+pub fn sibling_binary(name: &str, package: &str) -> Result<PathBuf> {
     let me = std::env::current_exe().context("locating natcall-bench")?;
-    let bin = me.with_file_name("natcall-rendezvous");
+    let bin = me.with_file_name(name);
     if !bin.exists() {
         bail!(
-            "{} not found: build it first (cargo build --release -p natcall-rendezvous)",
+            "{} not found: build it first (cargo build --release -p {package})",
             bin.display()
         );
     }
@@ -57,7 +58,7 @@ impl Spawned {
             ),
         )
         .context("writing the bench server's config")?;
-        let child = Command::new(server_binary()?)
+        let child = Command::new(sibling_binary("natcall-rendezvous", "natcall-rendezvous")?)
             .args(["--listen", &addr.to_string(), "--log-level", "warn", "-c"])
             .arg(&config)
             .stdin(Stdio::null())
