@@ -14,6 +14,8 @@
 //!   ways, hangs up and returns an [`Outcome`] (reports, times, logs kept on failure);
 //! - [`matrix`]: every pair of kinds, run concurrently in separate labs, and the table.
 //! - [`probe`]: plain-UDP checks that an emulated router really maps and filters as named.
+//! - [`setup_bench`]: the call-setup benchmark (time to connected and to first audio, per pair
+//!   and delay, next to the protocol's floor).
 //!
 //! # Drive loop
 //! Everything is async (patchbay builds labs on tokio). The scenario driver runs the peer
@@ -40,6 +42,7 @@ pub mod matrix;
 pub mod probe;
 mod process;
 mod scenario;
+pub mod setup_bench;
 pub mod topology;
 
 pub use error::{Error, preflight};

@@ -275,7 +275,7 @@ fn converse(
 }
 
 /// Waits (at most 10 s) until the server accepts TCP, connecting from its own namespace.
-fn wait_listening(server: &Device, addr: SocketAddr) -> Result<(), String> {
+pub(crate) fn wait_listening(server: &Device, addr: SocketAddr) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let ok = server
