@@ -410,45 +410,49 @@ fn number(v: &Value, key: &str) -> Result<f64, String> {
     v[key].as_f64().ok_or_else(|| format!("no number {key:?} in {v}"))
 }
 
-/// The results as a Markdown table: per cell the median / p90 of each figure, its floor and
+/// The results as a Markdown table: per cell median / p90 / max of each figure, its floor and
 /// median − floor.
 pub fn table(cells: &[Cell]) -> String {
     let mut out = String::from(
-        "| pair | one-way delay | calls | wall → connected, median / p90 | floor | − floor | \
-         registration (wall − in-process), median | floor | in-process → connected, median / p90 | floor | − floor | \
-         first audio, median / p90 | floor | − floor | → direct, median |\n\
+        "| pair | one-way delay | calls | wall → connected | floor | − floor | registration | floor | \
+         in-process → connected | floor | − floor | first audio | floor | − floor | → direct |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
-    let mp = |s: Option<Summary>| s.map_or("-".into(), |s| format!("{:.1} / {:.1}", s.median, s.p90));
+    let mpm = |s: Option<Summary>| s.map_or("-".into(), |s| format!("{:.1} / {:.1} / {:.1}", s.median, s.p90, s.max));
+    let med = |s: Option<Summary>| s.map_or("-".into(), |s| format!("{:.1}", s.median));
     let diff = |s: Option<Summary>, floor: f64| s.map_or("-".into(), |s| format!("{:+.1}", s.median - floor));
     for c in cells {
         let [wall, conn, audio, direct] = c.summaries();
         let reg = Summary::of(c.samples.iter().map(|s| s.wall_connected_ms - s.connected_ms));
         let f = c.floor;
+        let failed = if c.errors.is_empty() {
+            String::new()
+        } else {
+            format!(" ({} failed)", c.errors.len())
+        };
         out.push_str(&format!(
-            "| {} | {} ms | {}{} | {} | {:.0} | {} | {} | {:.0} | {} | {:.0} | {} | {} | {:.0} | {} | {} |\n",
+            "| {} | {} ms | {}{failed} | {} | {:.0} | {} | {} | {:.0} | {} | {:.0} | {} | {} | {:.0} | {} | {} |\n",
             c.pair.label(),
             c.delay_ms,
             c.samples.len(),
-            if c.errors.is_empty() {
-                String::new()
-            } else {
-                format!(" ({} failed)", c.errors.len())
-            },
-            mp(wall),
+            mpm(wall),
             f.wall_connected_ms,
             diff(wall, f.wall_connected_ms),
-            reg.map_or("-".into(), |s| format!("{:.1}", s.median)),
+            med(reg),
             f.registration_ms,
-            mp(conn),
+            mpm(conn),
             f.connected_ms,
             diff(conn, f.connected_ms),
-            mp(audio),
+            mpm(audio),
             f.first_audio_ms,
             diff(audio, f.first_audio_ms),
-            direct.map_or("-".into(), |s| format!("{:.1}", s.median)),
+            med(direct),
         ));
     }
+    out.push_str(
+        "\nms; figures median / p90 / max, \"− floor\" from the median; registration = wall − in-process \
+         (median); → direct = placing the call → path direct (median, policy auto).",
+    );
     out
 }
 
