@@ -773,7 +773,7 @@ impl Call {
 
     /// Hangs up: tells the server and the peer, and releases the call's resources.
     ///
-    /// The server hears of it just after the QUIC close has left (at most [`HANGUP_HOLD`]
+    /// The server hears of it just after the QUIC close has left (at most 50 ms
     /// later): on the relay, a hang-up that overtook the close would end the call at the server
     /// first, the server would drop the close, and the peer would wait for it in vain.
     pub fn hangup(&self, reason: &str) {

@@ -10,6 +10,9 @@
 //! - relay frames from the control connection arrive on a channel and reach quinn the same way;
 //! - quinn sends to a fake address; the route table says where it goes now: a real UDP address
 //!   (LAN or punched), the relay (a relay frame on the TCP control connection), or nowhere.
+//! - a control frame can be held until quinn's next packet to a fake address has gone out
+//!   ([`MuxSocket::hold`]): a hang-up follows its call's QUIC close, which on the relay the
+//!   server forwards only while the call is active.
 //!
 //! QUIC never sees a path change, so relay → direct and direct → relay switches need no new
 //! handshake. Fake addresses are IPv6 ULAs, so quinn's local address is reported as IPv6.
