@@ -84,6 +84,8 @@ fn a_relay_only_call_carries_the_same_chat_over_the_relay() {
     assert_eq!(alice["path"], "relay", "{alice}");
     assert_eq!(bob["path"], "relay", "{bob}");
     assert_eq!(alice["path_changes"].as_array().map(Vec::len), Some(1));
+    // The hang-up reaches the server after alice's QUIC close, so the relay still forwards it.
+    assert_eq!(bob["ended"], serde_json::json!({"by": "peer", "reason": "done"}));
 }
 
 #[test]

@@ -276,19 +276,15 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
     }
     let mut path_rx = call.watch_path();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // Ends when the peer finished talking or the stream broke (the call's end says why).
     let chat_in = async {
-        loop {
-            match call.recv_chat().await {
-                Ok(Some(line)) => {
-                    received.fetch_add(1, Ordering::Relaxed);
-                    output::chat(json, &peer, &line);
-                }
-                // The peer finished talking, or the stream broke: the call's end says why.
-                Ok(None) | Err(_) => std::future::pending::<()>().await,
-            }
+        while let Ok(Some(line)) = call.recv_chat().await {
+            received.fetch_add(1, Ordering::Relaxed);
+            output::chat(json, &peer, &line);
         }
     };
     tokio::pin!(chat_in);
+    let mut chat_open = true;
     // The media inputs, sent until they end (then the call ends); else the test source.
     let source = async {
         if media.has_inputs() {
@@ -373,7 +369,7 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
                 output::notice(json, json!({"event": "path", "to": to, "at_s": since.elapsed().as_secs_f64()}), &format!("path changed to {to}"));
             }
             _ = tick.tick() => output::status(&path_text(&call, since)),
-            _ = &mut chat_in => {}
+            _ = &mut chat_in, if chat_open => chat_open = false,
             r = &mut source => {
                 let reason = match r {
                     Ok(()) => "sent everything",
@@ -406,8 +402,12 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
     if let Some(e) = failure {
         return Err(e);
     }
-    // Lines the peer sent before hanging up may still be in our receive buffer.
-    let _ = tokio::time::timeout(Duration::from_millis(300), &mut chat_in).await;
+    // Lines the peer sent before hanging up may still be in our receive buffer: read on until
+    // its stream ends (at once after a graceful hang-up), for at most 300 ms. Waiting the full
+    // 300 ms every time kept a listener from taking its next call for that long.
+    if chat_open {
+        let _ = tokio::time::timeout(Duration::from_millis(300), &mut chat_in).await;
+    }
     let exit = match &ended {
         EndReason::Local | EndReason::Peer(_) | EndReason::Server(_) => Exit::Ok,
         EndReason::Lost(_) | EndReason::Failed(_) => Exit::Dropped,

@@ -17,6 +17,8 @@
 //! - [`call`]: one call with the peers' arguments chosen by the caller (media inputs and
 //!   outputs, policy, duration), optionally captured on the caller's interface with
 //!   [`capture`] (tcpdump and a pcap reader), for tests of what flows on the wire.
+//! - [`setup_bench`]: the call-setup benchmark (time to connected and to first audio, per pair
+//!   and delay, next to the protocol's floor).
 //!
 //! # Drive loop
 //! Everything is async (patchbay builds labs on tokio). The scenario driver runs the peer
@@ -45,6 +47,7 @@ pub mod matrix;
 pub mod probe;
 mod process;
 mod scenario;
+pub mod setup_bench;
 pub mod topology;
 
 pub use error::{Error, preflight};

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use natcall_lab::setup_bench::{self, BenchOptions};
 use natcall_lab::{Binaries, Impairment, Kind, RunOptions, Scenario, matrix};
 
 const KINDS_HELP: &str = "\
@@ -88,6 +89,25 @@ enum Cmd {
         /// Print the outcome as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Call-setup benchmark: sequential calls per pair (public, port-restricted, relay-only) and
+    /// one-way delay; time to connected and to first audio next to the protocol's floor.
+    SetupBench {
+        /// Counted calls per cell (after one warm-up call).
+        #[arg(long)]
+        calls: Option<usize>,
+        /// One-way delays between the peers, ms (each access link gets half; comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        delays: Option<Vec<u64>>,
+        /// 2 calls per cell, delays 0 and 20 ms (unless --calls/--delays say otherwise).
+        #[arg(long)]
+        quick: bool,
+        /// Print the cells as JSON instead of a Markdown table.
+        #[arg(long)]
+        json: bool,
+        /// Keep every cell's logs in DIR/<pair>-<delay>ms/ (failed cells are always kept).
+        #[arg(long)]
+        keep_logs: Option<PathBuf>,
     },
 }
 
@@ -183,6 +203,37 @@ fn run(args: Args) -> Result<bool> {
                     println!("{}", outcome.diagnostics());
                 }
                 Ok(outcome.passed())
+            }
+            Cmd::SetupBench {
+                calls,
+                delays,
+                quick,
+                json,
+                keep_logs,
+            } => {
+                let mut opts = if quick {
+                    BenchOptions::quick()
+                } else {
+                    BenchOptions::full()
+                };
+                opts.calls = calls.unwrap_or(opts.calls).clamp(1, 1000);
+                opts.delays_ms = delays.unwrap_or(opts.delays_ms);
+                opts.keep_logs = keep_logs;
+                let started = Instant::now();
+                let cells = setup_bench::run(&bins, &opts).await;
+                for c in cells.iter().filter(|c| !c.errors.is_empty()) {
+                    eprintln!("{} at {} ms: {}", c.pair.label(), c.delay_ms, c.errors.join("; "));
+                    if let Some(dir) = &c.log_dir {
+                        eprintln!("  (logs kept in {})", dir.display());
+                    }
+                }
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&cells)?);
+                } else {
+                    println!("{}", setup_bench::table(&cells));
+                    println!("wall time {:.1} s", started.elapsed().as_secs_f64());
+                }
+                Ok(cells.iter().all(|c| c.errors.is_empty()))
             }
         }
     })

@@ -40,6 +40,8 @@ pub const MAX_CHAT_LINE: usize = 4096;
 /// First retry of direct after falling back to the relay; doubles up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_secs(5);
 const RETRY_MAX: Duration = Duration::from_secs(300);
+/// Longest a hang-up waits for the call's QUIC close to be sent first ([`Call::hangup`]).
+const HANGUP_HOLD: Duration = Duration::from_millis(50);
 
 /// Which side of the call this peer is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -790,12 +792,19 @@ impl Call {
     }
 
     /// Hangs up: tells the server and the peer, and releases the call's resources.
+    ///
+    /// The server hears of it just after the QUIC close has left (at most 50 ms
+    /// later): on the relay, a hang-up that overtook the close would end the call at the server
+    /// first, the server would drop the close, and the peer would wait for it in vain.
     pub fn hangup(&self, reason: &str) {
         self.conn.close(0u32.into(), reason.as_bytes());
-        let _ = self.inner.send(&ClientMsg::Hangup {
+        let hangup = ClientMsg::Hangup {
             call: self.info.call,
             reason: reason.to_owned(),
-        });
+        };
+        if let Ok(frame) = crate::control::control_frame(&hangup) {
+            self.inner.socket.hold(fake_addr(self.info.call), frame, HANGUP_HOLD);
+        }
         cleanup(&self.inner, &self.shared, &self.info, Some(self.conn.clone()));
     }
 }

@@ -10,6 +10,9 @@
 //! - relay frames from the control connection arrive on a channel and reach quinn the same way;
 //! - quinn sends to a fake address; the route table says where it goes now: a real UDP address
 //!   (LAN or punched), the relay (a relay frame on the TCP control connection), or nowhere.
+//! - a control frame can be held until quinn's next packet to a fake address has gone out
+//!   ([`MuxSocket::hold`]): a hang-up follows its call's QUIC close, which on the relay the
+//!   server forwards only while the call is active.
 //!
 //! QUIC never sees a path change, so relay → direct and direct → relay switches need no new
 //! handshake. Fake addresses are IPv6 ULAs, so quinn's local address is reported as IPv6.
@@ -74,6 +77,8 @@ struct Routes {
     by_real: HashMap<SocketAddr, SocketAddr>,
     /// Last QUIC packet from each real address (liveness for the traversal agent).
     last_rx: HashMap<SocketAddr, Instant>,
+    /// Control frames waiting for quinn's next packet to a fake address ([`MuxSocket::hold`]).
+    held: HashMap<SocketAddr, Bytes>,
 }
 
 /// The shared UDP socket with its route table.
@@ -148,8 +153,45 @@ impl MuxSocket {
         lock(&self.routes).last_rx.get(&real).copied()
     }
 
+    /// Queues the control frame `frame` right after quinn's next packet to `fake`, or after
+    /// `at_most`, whichever comes first. A hang-up waits for the call's CONNECTION_CLOSE this
+    /// way: on the relay both share the control connection, and the server forwards relay
+    /// frames only while the call is active, so a hang-up sent first would drop the close.
+    pub(crate) fn hold(self: &Arc<Self>, fake: SocketAddr, frame: Bytes, at_most: std::time::Duration) {
+        if let Some(older) = lock(&self.routes).held.insert(fake, frame) {
+            self.queue_control(older);
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let socket = Arc::downgrade(self);
+                rt.spawn(async move {
+                    tokio::time::sleep(at_most).await;
+                    if let Some(socket) = socket.upgrade() {
+                        socket.release(fake);
+                    }
+                });
+            }
+            Err(_) => self.release(fake),
+        }
+    }
+
+    /// Queues the frame held for `fake`, if any.
+    fn release(&self, fake: SocketAddr) {
+        let held = lock(&self.routes).held.remove(&fake);
+        if let Some(frame) = held {
+            self.queue_control(frame);
+        }
+    }
+
+    fn queue_control(&self, frame: Bytes) {
+        if self.relay_out.try_send(Outgoing::Frame(frame)).is_err() {
+            trace!("control queue full: held frame dropped");
+        }
+    }
+
     /// Forgets everything about `fake`.
     pub(crate) fn remove(&self, fake: SocketAddr) {
+        self.release(fake);
         let mut r = lock(&self.routes);
         r.by_fake.remove(&fake);
         let reals: Vec<SocketAddr> = r
@@ -249,7 +291,16 @@ impl AsyncUdpSocket for MuxSocket {
     }
 
     fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
-        match self.route(transmit.destination) {
+        let (route, held) = {
+            let mut r = lock(&self.routes);
+            let held = if r.held.is_empty() {
+                None
+            } else {
+                r.held.remove(&transmit.destination)
+            };
+            (r.by_fake.get(&transmit.destination).copied(), held)
+        };
+        let sent = match route {
             Some(Route::Udp(real)) if !self.blackholed(real) => {
                 self.udp.try_send_to(transmit.contents, real).map(|_| ())
             }
@@ -259,7 +310,11 @@ impl AsyncUdpSocket for MuxSocket {
             }
             // No path yet, blackholed, or unknown: the packet is lost; QUIC retransmits.
             _ => Ok(()),
+        };
+        if let Some(frame) = held {
+            self.queue_control(frame);
         }
+        sent
     }
 
     fn poll_recv(
@@ -342,5 +397,64 @@ struct Writable(Arc<UdpSocket>);
 impl UdpPoller for Writable {
     fn poll_writable(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.0.poll_send_ready(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn socket() -> (Arc<MuxSocket>, mpsc::Receiver<Outgoing>) {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind on loopback");
+        udp.set_nonblocking(true).expect("non-blocking");
+        let udp = Arc::new(UdpSocket::from_std(udp).expect("tokio socket"));
+        let (_relay_in_tx, relay_in) = mpsc::channel(8);
+        let (relay_out, out) = mpsc::channel(8);
+        let (stun_tx, _) = mpsc::channel(8);
+        let (media_tx, _) = mpsc::channel(8);
+        let server = SocketAddr::from(([127, 0, 0, 1], 9));
+        let s = MuxSocket::new(udp, server, relay_in, relay_out, stun_tx, media_tx);
+        (Arc::new(s), out)
+    }
+
+    fn frame(o: Option<Outgoing>) -> Bytes {
+        match o {
+            Some(Outgoing::Frame(f)) => f,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_held_hangup_follows_the_next_relayed_packet() {
+        let (s, mut out) = socket();
+        let fake = fake_addr(7);
+        s.set_route(fake, Route::Relay(7));
+        s.hold(fake, Bytes::from_static(b"hangup"), std::time::Duration::from_secs(5));
+        assert!(out.try_recv().is_err(), "held until quinn sends");
+        let close = [0x40u8; 40];
+        let t = Transmit {
+            destination: fake,
+            ecn: None,
+            contents: &close,
+            segment_size: None,
+            src_ip: None,
+        };
+        s.try_send(&t).expect("relayed");
+        let relayed = frame(out.try_recv().ok());
+        assert!(relayed.ends_with(&close), "the close goes first");
+        assert_eq!(frame(out.try_recv().ok()), Bytes::from_static(b"hangup"));
+    }
+
+    #[tokio::test]
+    async fn a_held_frame_is_released_after_the_deadline_without_a_packet() {
+        let (s, mut out) = socket();
+        let fake = fake_addr(8);
+        s.hold(
+            fake,
+            Bytes::from_static(b"hangup"),
+            std::time::Duration::from_millis(50),
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+        assert_eq!(frame(out.recv().await), Bytes::from_static(b"hangup"));
     }
 }
