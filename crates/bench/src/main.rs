@@ -1,16 +1,38 @@
 //! `natcall-bench`: load generators that drive a real `natcall-rendezvous` process from a
 //! separate process over loopback. Every run is bounded in count and time.
 //!
+//! Side by side with Debian's coturn (`turnserver`, started the same way on loopback) where
+//! the figure exists for both.
+//!
+//! - `compare`: every figure below for natcall, coturn (UDP and TCP clients) and the direct
+//!   baseline, runs alternating, medians with spread and ratios natcall/coturn, and the
+//!   latency-vs-load chart; `compare --quick` is the smoke test CI runs;
 //! - `stun`: Binding requests answered per second, one in flight and saturated;
+//! - `relay`: N calls × R packets/s each way through natcall, coturn (`--path`) or direct;
+//! - `relay-sweep`: natcall's relay maximum, then latency at 50 % and 90 % of it;
+//! - `relay-slow`: delay to a receiver slower than its sender, with the relay engine's bounds
+//!   on and off;
+//! - `media-crypto`: CPU cost of sealing and opening media packets;
 //! - `idle-peers`: server memory (RSS) per registered idle peer.
+//!
+//! Modules: [`load`] (pacing, stamping, latency: shared by every path), [`relay`] (natcall
+//! clients), [`turn`] (a TURN client), [`coturn`] (the coturn process and its load),
+//! [`direct`] (no relay), [`compare`], [`chart`].
 
+mod chart;
+mod compare;
+mod coturn;
+mod direct;
+mod load;
 mod media;
 mod peers;
 mod relay;
 mod server;
 mod stun;
+mod turn;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -40,8 +62,24 @@ enum Cmd {
         #[arg(long, default_value_t = 32)]
         window: usize,
     },
-    /// Relayed 512-byte frames: throughput and one-way latency through a real server.
+    /// natcall vs coturn side by side: STUN, relay at a call-like load, raw UDP ceiling, a
+    /// latency-vs-load sweep with its chart, memory. Prints Markdown.
+    Compare {
+        /// Every comparison once with tiny counts (a smoke test, well under a minute).
+        #[arg(long)]
+        quick: bool,
+        /// Runs per figure (alternating natcall, coturn, ...).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Where to write the latency-vs-load chart (PNG).
+        #[arg(long)]
+        chart: Option<PathBuf>,
+    },
+    /// Relayed 512-byte packets: throughput and one-way latency through a real server.
     Relay {
+        /// natcall, coturn-udp, coturn-tcp or direct (no relay).
+        #[arg(long, value_enum, default_value = "natcall")]
+        path: compare::Path,
         /// Concurrent relayed calls.
         #[arg(long, default_value_t = 1)]
         calls: usize,
@@ -119,8 +157,16 @@ fn main() -> Result<()> {
                     println!("server CPU: {:.2} s", s.cpu_seconds()?);
                 }
             }
-            Cmd::Relay { calls, rate, seconds } => {
-                let o = relay::run(relay::Load { calls, rate, duration: Duration::from_secs(seconds) }).await?;
+            Cmd::Compare { quick, runs, chart } => {
+                let plan = if quick {
+                    compare::Plan::quick(chart)
+                } else {
+                    compare::Plan::full(runs.max(1), chart)
+                };
+                compare::run(plan).await?;
+            }
+            Cmd::Relay { path, calls, rate, seconds } => {
+                let o = path.run(load::Load { calls, rate, duration: Duration::from_secs(seconds) }).await?;
                 print_relay(calls, rate, &o);
             }
             Cmd::RelaySweep { seconds } => {
@@ -128,11 +174,11 @@ fn main() -> Result<()> {
                 println!("| calls | offered (frames/s) | delivered (frames/s) | loss | p50 ms | p99 ms | server CPU s | server RSS MiB |");
                 println!("|---|---|---|---|---|---|---|---|");
                 for calls in [1usize, 50] {
-                    let max = relay::run(relay::Load { calls, rate: None, duration: d }).await?;
+                    let max = relay::run(load::Load { calls, rate: None, duration: d }).await?;
                     print_row(calls, "saturated", &max);
                     let per_side = max.delivered_rate() / (2 * calls) as f64;
                     for share in [0.5, 0.9] {
-                        let o = relay::run(relay::Load { calls, rate: Some(per_side * share), duration: d }).await?;
+                        let o = relay::run(load::Load { calls, rate: Some(per_side * share), duration: d }).await?;
                         print_row(calls, &format!("{:.0} ({:.0} % of max)", per_side * share * (2 * calls) as f64, share * 100.0), &o);
                     }
                 }
@@ -187,9 +233,9 @@ fn main() -> Result<()> {
     })
 }
 
-fn print_relay(calls: usize, rate: Option<f64>, o: &relay::Outcome) {
+fn print_relay(calls: usize, rate: Option<f64>, o: &load::Outcome) {
     println!(
-        "relay: {calls} calls, {} per side: sent {}, delivered {:.0} frames/s, loss {:.3} %, one-way latency p50 {:.3} ms p90 {:.3} ms p99 {:.3} ms p99.9 {:.3} ms; server CPU {:.2} s, RSS {} KiB",
+        "relay: {calls} calls, {} per side: sent {}, delivered {:.0} frames/s, loss {:.3} %, one-way latency p50 {:.3} ms p90 {:.3} ms p99 {:.3} ms p99.9 {:.3} ms; server CPU {:.2} s, peak RSS {} KiB",
         rate.map_or("saturating".to_owned(), |r| format!("{r:.0} frames/s")),
         o.sent,
         o.delivered_rate(),
@@ -203,7 +249,7 @@ fn print_relay(calls: usize, rate: Option<f64>, o: &relay::Outcome) {
     );
 }
 
-fn print_row(calls: usize, offered: &str, o: &relay::Outcome) {
+fn print_row(calls: usize, offered: &str, o: &load::Outcome) {
     println!(
         "| {calls} | {offered} | {:.0} | {:.3} % | {:.3} | {:.3} | {:.2} | {:.1} |",
         o.delivered_rate(),
