@@ -216,6 +216,7 @@ struct Figures {
     cpu: Vec<f64>,
     cpu_per_packet: Vec<f64>,
     rss_mib: Vec<f64>,
+    client_cpu: Vec<f64>,
 }
 
 impl Figures {
@@ -229,6 +230,7 @@ impl Figures {
         self.cpu.push(o.server_cpu);
         self.cpu_per_packet.push(o.cpu_us_per_packet());
         self.rss_mib.push(o.server_rss as f64 / (1024.0 * 1024.0));
+        self.client_cpu.push(o.client_cpu);
     }
 }
 
@@ -260,7 +262,7 @@ async fn headline(plan: &Plan) -> Result<()> {
     );
     println!("|---|---|---|---|---|---|---|");
     type Get = fn(&Figures) -> &Vec<f64>;
-    let rows: [(&str, Get, usize, bool); 9] = [
+    let rows: [(&str, Get, usize, bool); 10] = [
         ("delivered packets/s", |f| &f.delivered, 0, false),
         ("loss %", |f| &f.loss, 3, false),
         ("one-way p50 ms", |f| &f.p50, 3, false),
@@ -270,6 +272,7 @@ async fn headline(plan: &Plan) -> Result<()> {
         ("server CPU s", |f| &f.cpu, 2, true),
         ("server CPU µs per packet", |f| &f.cpu_per_packet, 1, true),
         ("server peak RSS MiB", |f| &f.rss_mib, 1, true),
+        ("load generator CPU s (all clients)", |f| &f.client_cpu, 2, false),
     ];
     for (name, get, d, server_only) in rows {
         let direct = if server_only {

@@ -20,7 +20,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
 
-use crate::load::{Load, Out, Outcome, PAYLOAD, Recorder, Sender, receive_udp, send_all};
+use crate::load::{Load, Out, Outcome, PAYLOAD, Recorder, Sender, receive_udp, self_cpu, send_all};
 use crate::server::{cpu_seconds, free_port, status_kib};
 use crate::turn::{self, Allocation, CHANNEL, CHANNEL_HEADER, Conn, Credentials};
 
@@ -140,6 +140,7 @@ pub async fn run(load: Load, tcp: bool) -> Result<Outcome> {
     let pairs = setup(&server, load.calls, tcp).await?;
     let base = Instant::now();
     let cpu0 = server.cpu_seconds()?;
+    let me0 = self_cpu()?;
     let started = Instant::now();
     let end = started + load.duration;
     let drain = end + Duration::from_millis(500);
@@ -188,6 +189,7 @@ pub async fn run(load: Load, tcp: bool) -> Result<Outcome> {
     drop(keep);
     let mut o = Outcome::new(sent, elapsed, latencies_us);
     o.server_cpu = server.cpu_seconds()? - cpu0;
+    o.client_cpu = self_cpu()? - me0;
     o.server_rss = server.peak_rss()?;
     Ok(o)
 }

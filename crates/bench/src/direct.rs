@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::load::{Load, Out, Outcome, PAYLOAD, Recorder, Sender, receive_udp, send_all, udp_bound};
+use crate::load::{Load, Out, Outcome, PAYLOAD, Recorder, Sender, receive_udp, self_cpu, send_all, udp_bound};
 
 /// The whole datagram is the payload.
 fn whole(d: &[u8]) -> Option<&[u8]> {
@@ -18,6 +18,7 @@ fn whole(d: &[u8]) -> Option<&[u8]> {
 /// Runs `load` peer to peer: each call is two connected UDP sockets.
 pub async fn run(load: Load) -> Result<Outcome> {
     let base = Instant::now();
+    let me0 = self_cpu()?;
     let started = Instant::now();
     let end = started + load.duration;
     let drain = end + Duration::from_millis(500);
@@ -50,7 +51,9 @@ pub async fn run(load: Load) -> Result<Outcome> {
     for r in receivers {
         latencies_us.extend(r.await??);
     }
-    Ok(Outcome::new(sent, elapsed, latencies_us))
+    let mut o = Outcome::new(sent, elapsed, latencies_us);
+    o.client_cpu = self_cpu()? - me0;
+    Ok(o)
 }
 
 /// The raw ceiling: one thread sends 512-byte datagrams as fast as it can for `duration`,

@@ -60,6 +60,8 @@ pub struct Outcome {
     pub server_cpu: f64,
     /// Server peak RSS (VmHWM), bytes.
     pub server_rss: u64,
+    /// CPU seconds of this process (the load generator: every client) during the load.
+    pub client_cpu: f64,
 }
 
 impl Outcome {
@@ -254,6 +256,11 @@ pub async fn receive_udp(
             () = &mut deadline => return Ok(rec.latencies_us),
         }
     }
+}
+
+/// CPU seconds this process has used so far (all threads).
+pub fn self_cpu() -> Result<f64> {
+    crate::server::cpu_seconds(std::process::id())
 }
 
 /// Median, minimum and maximum of `v` (NaN for an empty slice).

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Mutex;
 
-use crate::load::{Load, Out, Outcome, PAYLOAD, Recorder, Sender, send_all};
+use crate::load::{Load, Out, Outcome, PAYLOAD, Recorder, Sender, self_cpu, send_all};
 use crate::peers::{Signer, next_msg, register};
 use crate::server::Spawned;
 
@@ -178,6 +178,7 @@ pub async fn run(load: Load) -> Result<Outcome> {
     let pairs = setup(server.addr, load.calls).await?;
     let base = Instant::now();
     let cpu0 = server.cpu_seconds()?;
+    let me0 = self_cpu()?;
     let started = Instant::now();
     let end = started + load.duration;
     let drain = end + Duration::from_millis(500);
@@ -205,6 +206,7 @@ pub async fn run(load: Load) -> Result<Outcome> {
     }
     let mut o = Outcome::new(sent, elapsed, latencies_us);
     o.server_cpu = server.cpu_seconds()? - cpu0;
+    o.client_cpu = self_cpu()? - me0;
     o.server_rss = server.peak_rss()?;
     Ok(o)
 }
