@@ -64,6 +64,7 @@ pub struct Plan {
     pub calls: usize,
     pub rate: f64,
     pub sweep_calls: usize,
+    pub sweep_seconds: Duration,
     /// Offered packets/s (both directions, all calls) per sweep point.
     pub sweep_offered: Vec<f64>,
     pub idle_peers: usize,
@@ -80,8 +81,9 @@ impl Plan {
             calls: 200,
             rate: 50.0,
             sweep_calls: 100,
+            sweep_seconds: Duration::from_secs(3),
             sweep_offered: vec![
-                5_000.0, 10_000.0, 20_000.0, 40_000.0, 60_000.0, 80_000.0, 100_000.0, 140_000.0,
+                5_000.0, 10_000.0, 20_000.0, 30_000.0, 40_000.0, 50_000.0, 60_000.0, 80_000.0, 100_000.0, 140_000.0,
             ],
             idle_peers: 10_000,
             idle_calls: 2_500,
@@ -98,6 +100,7 @@ impl Plan {
             calls: 4,
             rate: 50.0,
             sweep_calls: 2,
+            sweep_seconds: Duration::from_millis(400),
             sweep_offered: vec![400.0, 1_600.0],
             idle_peers: 50,
             idle_calls: 20,
@@ -327,7 +330,7 @@ async fn sweep(plan: &Plan) -> Result<()> {
         let load = Load {
             calls: plan.sweep_calls,
             rate: Some(offered / (2.0 * plan.sweep_calls as f64)),
-            duration: plan.seconds,
+            duration: plan.sweep_seconds,
         };
         for _ in 0..plan.runs {
             for (i, p) in Path::ALL.into_iter().enumerate() {
@@ -340,7 +343,7 @@ async fn sweep(plan: &Plan) -> Result<()> {
     println!(
         "## Sweep: latency and loss against offered load ({} calls, {} s per point, {} runs, medians)\n",
         plan.sweep_calls,
-        plan.seconds.as_secs_f64(),
+        plan.sweep_seconds.as_secs_f64(),
         plan.runs
     );
     println!("| offered packets/s | path | delivered packets/s | loss % | p50 ms | p99 ms | server CPU µs/packet |");

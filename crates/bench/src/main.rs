@@ -125,112 +125,169 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // On Ctrl-C or SIGTERM the work future is dropped, and with it every spawned server
+    // (their guards kill the processes).
     rt.block_on(async {
-        match args.cmd {
-            Cmd::Stun {
-                server: addr,
-                seconds,
-                sockets,
-                window,
-            } => {
-                let spawned = match addr {
-                    Some(_) => None,
-                    None => Some(server::Spawned::start()?),
-                };
-                let target = addr
-                    .or(spawned.as_ref().map(|s| s.addr))
-                    .expect("one of the two is set");
-                let d = Duration::from_secs(seconds);
-                let one = stun::load(target, 1, 1, d).await?;
-                println!(
-                    "stun 1-in-flight: {:.0} bindings/s, median RTT {:?}",
-                    one.rate(),
-                    one.median_rtt()
-                );
-                let sat = stun::load(target, sockets, window, d).await?;
-                println!(
-                    "stun saturated ({sockets} sockets x {window} in flight): {:.0} bindings/s, lost {}",
-                    sat.rate(),
-                    sat.lost
-                );
-                if let Some(s) = spawned {
-                    println!("server CPU: {:.2} s", s.cpu_seconds()?);
-                }
+        tokio::select! {
+            r = work(args.cmd) => r,
+            () = interrupted() => anyhow::bail!("interrupted; the servers this run started are stopped"),
+        }
+    })
+}
+
+async fn interrupted() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn work(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Stun {
+            server: addr,
+            seconds,
+            sockets,
+            window,
+        } => {
+            let spawned = match addr {
+                Some(_) => None,
+                None => Some(server::Spawned::start()?),
+            };
+            let target = addr
+                .or(spawned.as_ref().map(|s| s.addr))
+                .expect("one of the two is set");
+            let d = Duration::from_secs(seconds);
+            let one = stun::load(target, 1, 1, d).await?;
+            println!(
+                "stun 1-in-flight: {:.0} bindings/s, median RTT {:?}",
+                one.rate(),
+                one.median_rtt()
+            );
+            let sat = stun::load(target, sockets, window, d).await?;
+            println!(
+                "stun saturated ({sockets} sockets x {window} in flight): {:.0} bindings/s, lost {}",
+                sat.rate(),
+                sat.lost
+            );
+            if let Some(s) = spawned {
+                println!("server CPU: {:.2} s", s.cpu_seconds()?);
             }
-            Cmd::Compare { quick, runs, chart } => {
-                let plan = if quick {
-                    compare::Plan::quick(chart)
-                } else {
-                    compare::Plan::full(runs.max(1), chart)
-                };
-                compare::run(plan).await?;
-            }
-            Cmd::Relay { path, calls, rate, seconds } => {
-                let o = path.run(load::Load { calls, rate, duration: Duration::from_secs(seconds) }).await?;
-                print_relay(calls, rate, &o);
-            }
-            Cmd::RelaySweep { seconds } => {
-                let d = Duration::from_secs(seconds);
-                println!("| calls | offered (frames/s) | delivered (frames/s) | loss | p50 ms | p99 ms | server CPU s | server RSS MiB |");
-                println!("|---|---|---|---|---|---|---|---|");
-                for calls in [1usize, 50] {
-                    let max = relay::run(load::Load { calls, rate: None, duration: d }).await?;
-                    print_row(calls, "saturated", &max);
-                    let per_side = max.delivered_rate() / (2 * calls) as f64;
-                    for share in [0.5, 0.9] {
-                        let o = relay::run(load::Load { calls, rate: Some(per_side * share), duration: d }).await?;
-                        print_row(calls, &format!("{:.0} ({:.0} % of max)", per_side * share * (2 * calls) as f64, share * 100.0), &o);
-                    }
-                }
-            }
-            Cmd::RelaySlow { seconds, link } => {
-                println!("| relay configuration | audio received | audio delay p50 ms | p99 ms | video packets received |");
-                println!("|---|---|---|---|---|");
-                for (name, section) in [
-                    ("default: adaptive ack window, SO_SNDBUF 64 KiB, TCP_NOTSENT_LOWAT 16 KiB", ""),
-                    ("kernel bound off (SO_SNDBUF and NOTSENT_LOWAT at kernel defaults)", "sndbuf = 0\nnotsent_lowat = 0"),
-                    (
-                        "both off (fixed window of 4096 frames, kernel defaults)",
-                        "sndbuf = 0\nnotsent_lowat = 0\nidle_limit = 4096\ntarget_delay_ms = 1000000\nmax_frames = 100000\nmax_bytes = 100000000\nmax_age_ms = 100000\naudio_deadline_ms = 100000",
-                    ),
-                ] {
-                    let o = relay::slow_receiver(section, link, Duration::from_secs(seconds)).await?;
-                    println!(
-                        "| {name} | {}/{} | {:.0} | {:.0} | {} of {} |",
-                        o.audio_delays_ms.len(),
-                        o.audio_sent,
-                        o.audio_ms(0.5),
-                        o.audio_ms(0.99),
-                        o.video_packets,
-                        o.video_sent * 9
+        }
+        Cmd::Compare { quick, runs, chart } => {
+            let plan = if quick {
+                compare::Plan::quick(chart)
+            } else {
+                compare::Plan::full(runs.max(1), chart)
+            };
+            compare::run(plan).await?;
+        }
+        Cmd::Relay {
+            path,
+            calls,
+            rate,
+            seconds,
+        } => {
+            let o = path
+                .run(load::Load {
+                    calls,
+                    rate,
+                    duration: Duration::from_secs(seconds),
+                })
+                .await?;
+            print_relay(calls, rate, &o);
+        }
+        Cmd::RelaySweep { seconds } => {
+            let d = Duration::from_secs(seconds);
+            println!(
+                "| calls | offered (frames/s) | delivered (frames/s) | loss | p50 ms | p99 ms | server CPU s | server RSS MiB |"
+            );
+            println!("|---|---|---|---|---|---|---|---|");
+            for calls in [1usize, 50] {
+                let max = relay::run(load::Load {
+                    calls,
+                    rate: None,
+                    duration: d,
+                })
+                .await?;
+                print_row(calls, "saturated", &max);
+                let per_side = max.delivered_rate() / (2 * calls) as f64;
+                for share in [0.5, 0.9] {
+                    let o = relay::run(load::Load {
+                        calls,
+                        rate: Some(per_side * share),
+                        duration: d,
+                    })
+                    .await?;
+                    print_row(
+                        calls,
+                        &format!(
+                            "{:.0} ({:.0} % of max)",
+                            per_side * share * (2 * calls) as f64,
+                            share * 100.0
+                        ),
+                        &o,
                     );
                 }
             }
-            Cmd::MediaCrypto { packets } => {
-                let o = media::run(packets)?;
+        }
+        Cmd::RelaySlow { seconds, link } => {
+            println!("| relay configuration | audio received | audio delay p50 ms | p99 ms | video packets received |");
+            println!("|---|---|---|---|---|");
+            for (name, section) in [
+                (
+                    "default: adaptive ack window, SO_SNDBUF 64 KiB, TCP_NOTSENT_LOWAT 16 KiB",
+                    "",
+                ),
+                (
+                    "kernel bound off (SO_SNDBUF and NOTSENT_LOWAT at kernel defaults)",
+                    "sndbuf = 0\nnotsent_lowat = 0",
+                ),
+                (
+                    "both off (fixed window of 4096 frames, kernel defaults)",
+                    "sndbuf = 0\nnotsent_lowat = 0\nidle_limit = 4096\ntarget_delay_ms = 1000000\nmax_frames = 100000\nmax_bytes = 100000000\nmax_age_ms = 100000\naudio_deadline_ms = 100000",
+                ),
+            ] {
+                let o = relay::slow_receiver(section, link, Duration::from_secs(seconds)).await?;
                 println!(
-                    "media crypto: {} packets of 478 payload bytes; seal {:.0} Mbit/s per core ({:.0} µs CPU per Mbit), open {:.0} Mbit/s per core ({:.0} µs CPU per Mbit)",
-                    o.packets,
-                    o.seal_mbit_per_s(),
-                    o.seal_us_per_mbit(),
-                    o.open_mbit_per_s(),
-                    o.open_us_per_mbit()
-                );
-            }
-            Cmd::IdlePeers { count } => {
-                let s = server::Spawned::start()?;
-                let r = peers::idle(&s, count).await?;
-                println!(
-                    "idle peers: {} registered; server RSS {} KiB before, {} KiB after; {:.0} bytes per peer",
-                    r.count,
-                    r.rss_before / 1024,
-                    r.rss_after / 1024,
-                    r.per_peer()
+                    "| {name} | {}/{} | {:.0} | {:.0} | {} of {} |",
+                    o.audio_delays_ms.len(),
+                    o.audio_sent,
+                    o.audio_ms(0.5),
+                    o.audio_ms(0.99),
+                    o.video_packets,
+                    o.video_sent * 9
                 );
             }
         }
-        Ok(())
-    })
+        Cmd::MediaCrypto { packets } => {
+            let o = media::run(packets)?;
+            println!(
+                "media crypto: {} packets of 478 payload bytes; seal {:.0} Mbit/s per core ({:.0} µs CPU per Mbit), open {:.0} Mbit/s per core ({:.0} µs CPU per Mbit)",
+                o.packets,
+                o.seal_mbit_per_s(),
+                o.seal_us_per_mbit(),
+                o.open_mbit_per_s(),
+                o.open_us_per_mbit()
+            );
+        }
+        Cmd::IdlePeers { count } => {
+            let s = server::Spawned::start()?;
+            let r = peers::idle(&s, count).await?;
+            println!(
+                "idle peers: {} registered; server RSS {} KiB before, {} KiB after; {:.0} bytes per peer",
+                r.count,
+                r.rss_before / 1024,
+                r.rss_after / 1024,
+                r.per_peer()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn print_relay(calls: usize, rate: Option<f64>, o: &load::Outcome) {
