@@ -30,7 +30,7 @@ pub const WINDOW: u64 = 256;
 /// Tasks that share the senders (the load generator has the same two cores as the server).
 pub const SEND_TASKS: usize = 2;
 /// Most packets one side sends per 1 ms tick.
-const MAX_BURST: u64 = 64;
+const MAX_BURST: u64 = 128;
 
 /// How to load a relay.
 #[derive(Debug, Clone, Copy)]
@@ -199,9 +199,11 @@ async fn send_group(group: Vec<(usize, Sender)>, sides: usize, load: Load, base:
         for (s, owed, seq, batch) in &mut state {
             let n = match load.rate {
                 Some(rate) => {
-                    *owed += rate * dt;
+                    // What a tick cannot send is owed to the next ones, up to a bound: past it the
+                    // client cannot send the offered rate, and `sent` shows what it did send.
+                    *owed = (*owed + rate * dt).min(8.0 * MAX_BURST as f64);
                     let n = owed.floor().min(MAX_BURST as f64);
-                    *owed -= owed.floor();
+                    *owed -= n;
                     n as u64
                 }
                 None => WINDOW

@@ -217,21 +217,23 @@ async fn work(cmd: Cmd) -> Result<()> {
                 print_row(calls, "saturated", &max);
                 let per_side = max.delivered_rate() / (2 * calls) as f64;
                 for share in [0.5, 0.9] {
-                    let o = relay::run(load::Load {
+                    let offered = format!(
+                        "{:.0} ({:.0} % of max)",
+                        per_side * share * (2 * calls) as f64,
+                        share * 100.0
+                    );
+                    // Past what the clients can read, the relay engine sheds a receiver that
+                    // makes no progress: a result of the run, not a failure of the tool.
+                    match relay::run(load::Load {
                         calls,
                         rate: Some(per_side * share),
                         duration: d,
                     })
-                    .await?;
-                    print_row(
-                        calls,
-                        &format!(
-                            "{:.0} ({:.0} % of max)",
-                            per_side * share * (2 * calls) as f64,
-                            share * 100.0
-                        ),
-                        &o,
-                    );
+                    .await
+                    {
+                        Ok(o) => print_row(calls, &offered, &o),
+                        Err(e) => println!("| {calls} | {offered} | run ended: {e:#} | | | | | |"),
+                    }
                 }
             }
         }
