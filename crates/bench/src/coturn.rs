@@ -31,6 +31,8 @@ pub const BINARY: &str = "turnserver";
 #[derive(Debug)]
 pub struct Coturn {
     child: Child,
+    /// Its pid file and user database, removed on drop.
+    files: [std::path::PathBuf; 2],
     pub addr: SocketAddr,
     pub cred: Credentials,
 }
@@ -52,6 +54,9 @@ impl Coturn {
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         // For debugging the bench: NATCALL_BENCH_COTURN_LOG=path keeps coturn's log.
         let log = std::env::var("NATCALL_BENCH_COTURN_LOG").unwrap_or_else(|_| "/dev/null".into());
+        // Its pid file and user database go to the temp dir, not the system's paths.
+        let tmp = std::env::temp_dir().join(format!("natcall-bench-coturn-{}-{port}", std::process::id()));
+        let (pidfile, userdb) = (tmp.with_extension("pid"), tmp.with_extension("db"));
         let child = Command::new(BINARY)
             .args(["-n", "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1"])
             .args(["--listening-port", &port.to_string()])
@@ -60,6 +65,10 @@ impl Coturn {
             .args(["--total-quota", "0", "--user-quota", "0"])
             .args(["--relay-threads", &threads.to_string()])
             .args(["--log-file", &log, "--simple-log", "--no-software-attribute"])
+            .arg("--pidfile")
+            .arg(&pidfile)
+            .arg("--userdb")
+            .arg(&userdb)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -67,6 +76,7 @@ impl Coturn {
             .context("starting turnserver (is coturn installed? apt-get install coturn)")?;
         let s = Self {
             child,
+            files: [pidfile, userdb],
             addr,
             cred: Credentials {
                 user: "bench".into(),
@@ -109,6 +119,9 @@ impl Drop for Coturn {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
     }
 }
 
