@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: installs the system packages the tests use if they are missing
-# (coturn for an external STUN client, nftables and iproute2 for the namespace lab, ffmpeg for
-# real media through a call, tcpdump for the on-the-wire capture), then runs every test of the
-# workspace.
+# (coturn for an external STUN client and the side-by-side bench, nftables and iproute2 for the
+# namespace lab, ffmpeg for real media through a call, tcpdump for the on-the-wire capture, a
+# font for the bench's chart), then runs every test of the workspace and the bench's smoke test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +12,7 @@ command -v nft >/dev/null || need+=(nftables)
 command -v ip >/dev/null || need+=(iproute2)
 command -v ffprobe >/dev/null || need+=(ffmpeg)
 command -v tcpdump >/dev/null || need+=(tcpdump)
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing ${need[*]}" >&2
     SUDO=""
@@ -23,3 +24,12 @@ fi
 # The end-to-end tests run the real binaries: build them first.
 cargo build --workspace --bins --locked
 cargo test --workspace --locked "$@"
+
+# Smoke test of the benchmarks (not a measurement: tiny counts, no timing thresholds): every
+# comparison with natcall and coturn runs once on the debug binaries built above and must
+# deliver packets and print figures; it fails (non-zero) otherwise.
+chart_dir=$(mktemp -d)
+trap 'rm -rf "$chart_dir"' EXIT
+cargo run -q --locked -p natcall-bench -- compare --quick --chart "$chart_dir/chart.png"
+test -s "$chart_dir/chart.png"
+echo "bench-smoke: 1 passed, 0 failed"

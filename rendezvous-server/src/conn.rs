@@ -74,7 +74,12 @@ struct Conn {
     last_rx: Instant,
     ping: Option<(u64, Instant)>,
     rtt: Option<Duration>,
+    /// Has sent a relay frame: its read buffer keeps room for a burst (see `read_loop`).
+    relaying: bool,
 }
+
+/// Free room a relaying connection's read buffer keeps before each read.
+const RELAY_READ_ROOM: usize = 4096;
 
 /// A token bucket refilled at `rate` per second, holding at most one second's worth.
 #[derive(Debug)]
@@ -151,6 +156,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
         last_rx: now,
         ping: None,
         rtt: None,
+        relaying: false,
     };
     let mut drain = conn.shared.drain.clone();
     let (rd, end) = conn.read_loop(rd, &mut drain, stalled).await;
@@ -177,12 +183,32 @@ impl Conn {
         let decoder = FrameDecoder::new(limits.max_frame_len);
         let mut buf = BytesMut::with_capacity(256);
         let mut next_ping = Instant::now() + limits.ping_interval();
+        // The timers and watches live across iterations: re-creating them for every read cost a
+        // timer registration and two watch subscriptions per relayed frame. The idle timer is
+        // reset lazily: when it fires before the (moving) deadline, it is set to the deadline.
+        let idle_after = |phase: &Phase| match phase {
+            Phase::Registered { .. } => limits.idle_timeout(),
+            _ => limits.hello_timeout(),
+        };
+        let ping = sleep_until(next_ping);
+        let idle = sleep_until(self.last_rx + idle_after(&self.phase));
+        let drained = drain.wait_for(|d| *d);
+        let stall = stalled.wait_for(|s| *s);
+        tokio::pin!(ping, idle, drained, stall);
+        let mut was_registered = false;
         loop {
-            let deadline = match self.phase {
-                Phase::Registered { .. } => self.last_rx + limits.idle_timeout(),
-                _ => self.last_rx + limits.hello_timeout(),
-            };
             let registered = matches!(self.phase, Phase::Registered { .. });
+            if registered != was_registered {
+                was_registered = registered;
+                idle.as_mut().reset(self.last_rx + idle_after(&self.phase));
+            }
+            // A read that fills the buffer's free room leaves the socket marked readable, and the
+            // next read only finds it empty (EAGAIN): with 256 B of room a 518-byte relay frame
+            // took three reads. A connection that relays keeps room for a burst, so one read
+            // usually takes what is there; idle peers keep their small buffer.
+            if self.relaying && buf.capacity() - buf.len() < RELAY_READ_ROOM / 2 {
+                buf.reserve(RELAY_READ_ROOM);
+            }
             let end = tokio::select! {
                 r = rd.read_buf(&mut buf) => match r {
                     Ok(0) => Some(End::PeerClosed),
@@ -192,21 +218,28 @@ impl Conn {
                         Some(End::PeerClosed)
                     }
                 },
-                _ = sleep_until(next_ping), if registered => {
+                () = &mut ping, if registered => {
                     next_ping += limits.ping_interval();
+                    ping.as_mut().reset(next_ping);
                     self.send_ping()
                 }
-                _ = sleep_until(deadline) => {
-                    let what = if registered { "no message" } else { "no hello and registration" };
-                    let secs = if registered { limits.idle_timeout() } else { limits.hello_timeout() };
-                    self.shared.metrics.disconnect(Disconnect::Timeout);
-                    Some(End::Graceful(error_frame(ErrorCode::Timeout, &format!("{what} within {secs:?}; closing"))))
+                () = &mut idle => {
+                    let deadline = self.last_rx + idle_after(&self.phase);
+                    if Instant::now() < deadline {
+                        idle.as_mut().reset(deadline);
+                        None
+                    } else {
+                        let what = if registered { "no message" } else { "no hello and registration" };
+                        let secs = idle_after(&self.phase);
+                        self.shared.metrics.disconnect(Disconnect::Timeout);
+                        Some(End::Graceful(error_frame(ErrorCode::Timeout, &format!("{what} within {secs:?}; closing"))))
+                    }
                 }
-                _ = drain.wait_for(|d| *d) => {
+                _ = &mut drained => {
                     self.shared.metrics.disconnect(Disconnect::Drain);
                     Some(End::Graceful(going_away("server is shutting down")))
                 }
-                _ = stalled.wait_for(|s| *s) => {
+                _ = &mut stall => {
                     let msg = format!(
                         "relay receiver made no progress for {:?}: it cannot keep up; closing",
                         self.shared.config.relay.overload_timeout()
@@ -289,6 +322,7 @@ impl Conn {
         self.shared
             .calls
             .relay(self.id, &header, raw.into_wire(), self.last_rx.into_std());
+        self.relaying = true;
         None
     }
 
@@ -557,14 +591,22 @@ async fn write_loop(mut wr: OwnedWriteHalf, outbox: Arc<Outbox>, stall_after: Du
             stalled.send_replace(true);
         }
         match outbox.take(Instant::now().into_std(), &mut batch) {
-            Take::Frames => match tokio::time::timeout(stall_after, write_all(&mut wr, &mut batch)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
+            // Most batches fit in the socket at once: written without arming a timer.
+            Take::Frames => match try_write(&wr, &mut batch) {
+                Ok(true) => {}
+                Ok(false) => match tokio::time::timeout(stall_after, write_all(&mut wr, &mut batch)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "write failed");
+                        return;
+                    }
+                    Err(_) => {
+                        stalled.send_replace(true);
+                        return;
+                    }
+                },
+                Err(e) => {
                     debug!(error = %e, "write failed");
-                    return;
-                }
-                Err(_) => {
-                    stalled.send_replace(true);
                     return;
                 }
             },
@@ -594,33 +636,70 @@ async fn write_loop(mut wr: OwnedWriteHalf, outbox: Arc<Outbox>, stall_after: Du
     }
 }
 
+/// Drops the first `n` written bytes from `batch`: whole frames, then the front of a partial one.
+fn advance(batch: &mut Vec<Bytes>, mut n: usize) {
+    let whole = batch
+        .iter()
+        .take_while(|b| {
+            let fits = n >= b.len();
+            if fits {
+                n -= b.len();
+            }
+            fits
+        })
+        .count();
+    batch.drain(..whole);
+    if n > 0 {
+        if let Some(first) = batch.first_mut() {
+            *first = first.slice(n..);
+        }
+    }
+}
+
+/// Writes what the socket takes now without waiting; `Ok(true)` when all of `batch` went out
+/// (it is then empty), `Ok(false)` when the rest must wait for the socket.
+fn try_write(wr: &OwnedWriteHalf, batch: &mut Vec<Bytes>) -> std::io::Result<bool> {
+    while !batch.is_empty() {
+        let slices: Vec<std::io::IoSlice<'_>> = batch.iter().map(|b| std::io::IoSlice::new(b)).collect();
+        match wr.try_write_vectored(&slices) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => advance(batch, n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
 /// Writes every frame in `batch` (emptying it) with as few vectored writes as the kernel allows.
 async fn write_all(wr: &mut OwnedWriteHalf, batch: &mut Vec<Bytes>) -> std::io::Result<()> {
-    let mut first = 0; // index of the first frame not fully written
-    let mut offset = 0; // bytes of it already written
-    while first < batch.len() {
+    while !batch.is_empty() {
         let n = {
-            let mut slices = Vec::with_capacity(batch.len() - first);
-            slices.push(std::io::IoSlice::new(&batch[first][offset..]));
-            slices.extend(batch[first + 1..].iter().map(|b| std::io::IoSlice::new(b)));
+            let slices: Vec<std::io::IoSlice<'_>> = batch.iter().map(|b| std::io::IoSlice::new(b)).collect();
             wr.write_vectored(&slices).await?
         };
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        let mut left = n;
-        while left > 0 && first < batch.len() {
-            let rest = batch[first].len() - offset;
-            if left >= rest {
-                left -= rest;
-                first += 1;
-                offset = 0;
-            } else {
-                offset += left;
-                left = 0;
-            }
-        }
+        advance(batch, n);
     }
-    batch.clear();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advance_drops_written_frames_and_the_front_of_a_partial_one() {
+        let mut batch = vec![
+            Bytes::from_static(b"abc"),
+            Bytes::from_static(b"defg"),
+            Bytes::from_static(b"h"),
+        ];
+        advance(&mut batch, 5);
+        assert_eq!(batch, vec![Bytes::from_static(b"fg"), Bytes::from_static(b"h")]);
+        advance(&mut batch, 3);
+        assert!(batch.is_empty());
+    }
 }

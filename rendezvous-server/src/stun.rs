@@ -22,8 +22,19 @@ use crate::server::Shared;
 /// An unauthenticated response is at most this many times the request's size.
 pub const AMPLIFICATION_LIMIT: usize = 3;
 
-/// Answers STUN on `socket` until the task is aborted.
+/// Answers STUN on `socket` until the task is aborted: one responder per core on the same
+/// socket (as coturn runs one UDP thread per core), so a flood is answered by every core.
 pub(crate) async fn respond(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
+    let responders = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Aborting this task drops the set, which aborts every responder.
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..responders {
+        set.spawn(respond_one(socket.clone(), shared.clone()));
+    }
+    while set.join_next().await.is_some() {}
+}
+
+async fn respond_one(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
     let mut buf = vec![0u8; 2048];
     let mut out = [0u8; 256];
     loop {

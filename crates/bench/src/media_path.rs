@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::server::{Spawned, proc_cpu_seconds, sibling_binary};
+use crate::server::{Spawned, cpu_seconds, sibling_binary};
 
 /// What one rate measured.
 #[derive(Debug)]
@@ -118,7 +118,7 @@ impl Peer {
             if Instant::now() > deadline {
                 bail!("natcall did not exit within {within:?}");
             }
-            cpu = proc_cpu_seconds(self.child.id()).unwrap_or(cpu);
+            cpu = cpu_seconds(self.child.id()).unwrap_or(cpu);
             std::thread::sleep(Duration::from_millis(50));
         }
     }

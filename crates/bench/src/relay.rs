@@ -3,12 +3,11 @@
 //! them) with a sequence number and a send timestamp, reading the other side's frames and
 //! acknowledging them as a real client does (the relay engine's health checks).
 //!
-//! Paced mode sends `rate` frames/s per side in 1 ms slices; saturated mode keeps at most
-//! `WINDOW` frames per side unreceived, so the load runs at what the relay can carry.
+//! Pacing, stamping and latency statistics are shared with the other relays ([`crate::load`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -22,60 +21,15 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Mutex;
 
+use crate::load::{Load, Out, Outcome, PAYLOAD, Recorder, Sender, self_cpu, send_all};
 use crate::peers::{Signer, next_msg, register};
 use crate::server::Spawned;
 
-/// Relay payload bytes per frame.
-pub const PAYLOAD: usize = 512;
-/// Saturated mode: frames in flight per side.
-const WINDOW: u64 = 256;
 /// A client acknowledges every this many relay frames (the server says so at registration; the
 /// default is used for the raw clients here).
 const ACK_EVERY: u32 = 4;
 
-/// How to load the relay.
-#[derive(Debug, Clone, Copy)]
-pub struct Load {
-    pub calls: usize,
-    /// Frames per second per side; `None` saturates.
-    pub rate: Option<f64>,
-    pub duration: Duration,
-}
-
-/// What a run measured.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    pub sent: u64,
-    pub received: u64,
-    pub elapsed: Duration,
-    pub latencies_us: Vec<u32>,
-    pub server_cpu: f64,
-    pub server_rss: u64,
-}
-
-impl Outcome {
-    pub fn delivered_rate(&self) -> f64 {
-        self.received as f64 / self.elapsed.as_secs_f64()
-    }
-
-    pub fn loss(&self) -> f64 {
-        if self.sent == 0 {
-            0.0
-        } else {
-            1.0 - self.received as f64 / self.sent as f64
-        }
-    }
-
-    /// The `q` quantile (0..1) of one-way latency, in ms.
-    pub fn latency_ms(&self, q: f64) -> f64 {
-        let mut l = self.latencies_us.clone();
-        l.sort_unstable();
-        let i = ((l.len() as f64 * q) as usize).min(l.len().saturating_sub(1));
-        l.get(i).map_or(f64::NAN, |us| f64::from(*us) / 1000.0)
-    }
-}
-
-struct Side {
+pub struct Side {
     call: u32,
     writer: Arc<Mutex<OwnedWriteHalf>>,
     reader: OwnedReadHalf,
@@ -143,7 +97,7 @@ async fn pair(addr: SocketAddr, i: usize, signer: &Signer) -> Result<(Side, Side
     Ok((side(a), side(b)))
 }
 
-fn frame_template(call: u32) -> Result<BytesMut> {
+fn frame_template(call: u32) -> Result<Vec<u8>> {
     let header = RelayHeader {
         call,
         class: TrafficClass::Control,
@@ -151,83 +105,29 @@ fn frame_template(call: u32) -> Result<BytesMut> {
     };
     let mut b = BytesMut::new();
     frame::encode_relay(&header, &[0u8; PAYLOAD], &mut b)?;
-    Ok(b)
+    Ok(b.to_vec())
 }
 
 const PAYLOAD_AT: usize = LEN_PREFIX + 1 + RELAY_HEADER_LEN;
 
-/// Sends paced or saturating load until `end`; returns frames sent.
-async fn send(
-    writer: Arc<Mutex<OwnedWriteHalf>>,
-    call: u32,
-    base: Instant,
-    load: Load,
-    end: Instant,
-    peer_received: Arc<AtomicU64>,
-) -> Result<u64> {
-    let template = frame_template(call)?;
-    let mut batch = BytesMut::with_capacity(template.len() * 64);
-    let mut seq = 0u64;
-    let mut owed = 0.0f64;
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut last = Instant::now();
-    while Instant::now() < end {
-        tick.tick().await;
-        let n = match load.rate {
-            Some(rate) => {
-                let now = Instant::now();
-                owed += rate * now.duration_since(last).as_secs_f64();
-                last = now;
-                let n = owed.floor();
-                owed -= n;
-                n as u64
-            }
-            None => (WINDOW.saturating_sub(seq.saturating_sub(peer_received.load(Ordering::Relaxed)))).min(64),
-        };
-        if n == 0 {
-            continue;
-        }
-        batch.clear();
-        for _ in 0..n {
-            let start = batch.len();
-            batch.extend_from_slice(&template);
-            let p = &mut batch[start + PAYLOAD_AT..start + PAYLOAD_AT + 16];
-            p[..8].copy_from_slice(&seq.to_be_bytes());
-            p[8..].copy_from_slice(&(base.elapsed().as_nanos() as u64).to_be_bytes());
-            seq += 1;
-        }
-        writer
-            .lock()
-            .await
-            .write_all(&batch)
-            .await
-            .context("sending relay frames")?;
-    }
-    Ok(seq)
-}
-
-/// Reads until `end`, recording one-way latency of every relay frame; acknowledges and answers
-/// pings. Returns the latencies (µs).
+/// Reads until `end`, recording every relay frame; acknowledges and answers pings as a natcall
+/// client does. Returns the latencies (µs).
 async fn receive(
     mut reader: OwnedReadHalf,
     writer: Arc<Mutex<OwnedWriteHalf>>,
-    base: Instant,
+    mut rec: Recorder,
     end: Instant,
-    received: Arc<AtomicU64>,
 ) -> Result<Vec<u32>> {
     let decoder = FrameDecoder::new(MAX_FRAME_LEN);
     let mut buf = BytesMut::with_capacity(64 * 1024);
-    let mut lat = Vec::with_capacity(1 << 16);
     let mut unacked = 0u32;
+    let deadline = tokio::time::sleep_until(end.into());
+    tokio::pin!(deadline);
     loop {
         while let Some(raw) = decoder.decode(&mut buf)? {
             match raw.parse()? {
                 Frame::Relay { payload, .. } => {
-                    let sent = u64::from_be_bytes(payload[8..16].try_into()?);
-                    let now = base.elapsed().as_nanos() as u64;
-                    lat.push((now.saturating_sub(sent) / 1000) as u32);
-                    received.fetch_add(1, Ordering::Relaxed);
+                    rec.record(payload);
                     unacked += 1;
                 }
                 Frame::Control(body) => {
@@ -251,29 +151,34 @@ async fn receive(
                 .await?;
             unacked = 0;
         }
-        let left = end.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Ok(lat);
-        }
-        match tokio::time::timeout(left, reader.read_buf(&mut buf)).await {
-            Ok(Ok(0)) => bail!("the server closed a relay client"),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => return Ok(lat),
+        tokio::select! {
+            r = reader.read_buf(&mut buf) => match r {
+                Ok(0) => bail!("the server closed a relay client"),
+                Ok(_) => {}
+                Err(e) => return Err(e.into()),
+            },
+            () = &mut deadline => return Ok(rec.latencies_us),
         }
     }
+}
+
+/// Sets up `calls` relayed calls on `server`.
+pub async fn setup(addr: SocketAddr, calls: usize) -> Result<Vec<(Side, Side)>> {
+    let signer = Signer::new()?;
+    let mut pairs = Vec::with_capacity(calls);
+    for i in 0..calls {
+        pairs.push(pair(addr, i, &signer).await.context("setting up a relayed call")?);
+    }
+    Ok(pairs)
 }
 
 /// Runs one load against a fresh server.
 pub async fn run(load: Load) -> Result<Outcome> {
     let server = Spawned::start()?;
-    let signer = Signer::new()?;
-    let mut pairs = Vec::with_capacity(load.calls);
-    for i in 0..load.calls {
-        pairs.push(pair(server.addr, i, &signer).await?);
-    }
+    let pairs = setup(server.addr, load.calls).await?;
     let base = Instant::now();
     let cpu0 = server.cpu_seconds()?;
+    let me0 = self_cpu()?;
     let started = Instant::now();
     let end = started + load.duration;
     let drain = end + Duration::from_millis(500);
@@ -281,36 +186,41 @@ pub async fn run(load: Load) -> Result<Outcome> {
     let mut receivers = Vec::new();
     for (a, b) in pairs {
         for (me, peer) in [(&a, &b), (&b, &a)] {
-            senders.push(tokio::spawn(send(
-                me.writer.clone(),
-                me.call,
-                base,
-                load,
-                end,
-                peer.received.clone(),
-            )));
+            senders.push(Sender {
+                out: Out::Tcp(me.writer.clone()),
+                template: frame_template(me.call)?,
+                payload_at: PAYLOAD_AT,
+                peer_received: peer.received.clone(),
+            });
         }
         for s in [a, b] {
-            receivers.push(tokio::spawn(receive(s.reader, s.writer, base, drain, s.received)));
+            let rec = Recorder::new(base, s.received);
+            receivers.push(tokio::spawn(receive(s.reader, s.writer, rec, drain)));
         }
     }
-    let mut sent = 0;
-    for s in senders {
-        sent += s.await??;
-    }
+    let sent = send_all(senders, load, base, end).await?;
     let elapsed = started.elapsed();
     let mut latencies_us = Vec::new();
     for r in receivers {
         latencies_us.extend(r.await??);
     }
-    Ok(Outcome {
-        sent,
-        received: latencies_us.len() as u64,
-        elapsed,
-        latencies_us,
-        server_cpu: server.cpu_seconds()? - cpu0,
-        server_rss: server.rss()?,
-    })
+    let mut o = Outcome::new(sent, elapsed, latencies_us);
+    o.server_cpu = server.cpu_seconds()? - cpu0;
+    o.client_cpu = self_cpu()? - me0;
+    o.server_rss = server.peak_rss()?;
+    Ok(o)
+}
+
+/// Server RSS (bytes) before and one second after setting up `calls` idle relayed calls.
+pub async fn idle_calls(calls: usize) -> Result<(u64, u64)> {
+    let server = Spawned::start()?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = server.rss()?;
+    let pairs = setup(server.addr, calls).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = server.rss()?;
+    drop(pairs);
+    Ok((before, after))
 }
 
 /// What a slow receiver saw.

@@ -28,7 +28,8 @@ pub fn sibling_binary(name: &str, package: &str) -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn free_port() -> Result<u16> {
+/// A loopback port free for both TCP and UDP.
+pub fn free_port() -> Result<u16> {
     for _ in 0..100 {
         let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
         let port = tcp.local_addr()?.port();
@@ -77,33 +78,42 @@ impl Spawned {
         Ok(s)
     }
 
-    fn proc_file(&self, name: &str) -> Result<String> {
-        let path = format!("/proc/{}/{name}", self.child.id());
-        std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))
-    }
-
     /// Resident set size in bytes.
     pub fn rss(&self) -> Result<u64> {
-        let status = self.proc_file("status")?;
-        let kb = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .context("VmRSS in /proc/PID/status")?;
-        Ok(kb * 1024)
+        status_kib(self.child.id(), "VmRSS:")
+    }
+
+    /// Peak resident set size (VmHWM) in bytes.
+    pub fn peak_rss(&self) -> Result<u64> {
+        status_kib(self.child.id(), "VmHWM:")
     }
 
     /// User + system CPU seconds used so far.
     pub fn cpu_seconds(&self) -> Result<f64> {
-        proc_cpu_seconds(self.child.id())
+        cpu_seconds(self.child.id())
     }
 }
 
-/// User + system CPU seconds process `pid` used so far (from `/proc/PID/stat`).
-pub fn proc_cpu_seconds(pid: u32) -> Result<f64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+fn proc_file(pid: u32, name: &str) -> Result<String> {
+    let path = format!("/proc/{pid}/{name}");
+    std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))
+}
+
+/// A `kB` field of `/proc/PID/status` (`VmRSS:`, `VmHWM:`), in bytes.
+pub fn status_kib(pid: u32, field: &str) -> Result<u64> {
+    let status = proc_file(pid, "status")?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .with_context(|| format!("{field} in /proc/{pid}/status"))?;
+    Ok(kb * 1024)
+}
+
+/// User + system CPU seconds a process (all its threads) has used so far.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = proc_file(pid, "stat")?;
     // Fields after the command name (which is in parentheses and may hold spaces).
     let rest = stat
         .rsplit_once(')')

@@ -1,5 +1,7 @@
-//! STUN Binding load: `sockets` UDP sockets, each keeping `window` requests in flight.
+//! STUN Binding load: `sockets` UDP sockets, each keeping `window` requests in flight
+//! (answers matched by transaction id, in any order).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,7 +39,7 @@ pub async fn load(server: SocketAddr, sockets: usize, window: usize, duration: D
     for i in 0..sockets {
         let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
         sock.connect(server).await?;
-        tasks.push(tokio::spawn(one_socket(sock, window, end, i as u32)));
+        tasks.push(tokio::spawn(one_socket(sock, window, end, i as u64)));
     }
     let mut total = StunLoad::default();
     for t in tasks {
@@ -57,54 +59,42 @@ fn tid(socket: u32, seq: u64) -> [u8; 12] {
     t
 }
 
-async fn one_socket(sock: Arc<UdpSocket>, window: usize, end: Instant, id: u32) -> Result<StunLoad> {
+/// A request unanswered this long is lost (and replaced, keeping the window full).
+const LOST_AFTER: Duration = Duration::from_millis(200);
+
+/// Keeps `window` requests in flight on `sock` until `end`. Answers are matched by transaction
+/// id, in any order (a server answering from several threads may reorder them).
+async fn one_socket(sock: Arc<UdpSocket>, window: usize, end: Instant, id: u64) -> Result<StunLoad> {
     let mut out = StunLoad::default();
     let mut req = [0u8; 64];
     let mut buf = [0u8; 256];
     let mut seq = 0u64;
-    let mut sent_at = std::collections::VecDeque::new();
-    let send =
-        |seq: u64, req: &mut [u8; 64]| -> Result<usize> { Ok(stun::encode_binding_request(&tid(id, seq), None, req)?) };
-    for _ in 0..window {
-        let n = send(seq, &mut req)?;
-        sock.send(&req[..n]).await?;
-        sent_at.push_back((seq, Instant::now()));
-        seq += 1;
-    }
+    let mut in_flight: HashMap<u64, Instant> = HashMap::with_capacity(window * 2);
+    let mut last_sweep = Instant::now();
     while Instant::now() < end {
-        match tokio::time::timeout(Duration::from_millis(200), sock.recv(&mut buf)).await {
-            Ok(Ok(n)) => {
+        while in_flight.len() < window {
+            let n = stun::encode_binding_request(&tid(id as u32, seq), None, &mut req)?;
+            sock.send(&req[..n]).await?;
+            in_flight.insert(seq, Instant::now());
+            seq += 1;
+        }
+        if let Ok(Ok(n)) = tokio::time::timeout(LOST_AFTER, sock.recv(&mut buf)).await {
+            if n >= 20 {
                 let got = u64::from_be_bytes(buf[12..20].try_into()?);
-                if n >= 20 {
-                    while let Some((s, at)) = sent_at.pop_front() {
-                        if s == got {
-                            out.answered += 1;
-                            if out.rtts.len() < 100_000 {
-                                out.rtts.push(at.elapsed());
-                            }
-                            break;
-                        }
-                        out.lost += 1;
+                if let Some(at) = in_flight.remove(&got) {
+                    out.answered += 1;
+                    if out.rtts.len() < 100_000 {
+                        out.rtts.push(at.elapsed());
                     }
                 }
             }
-            Ok(Err(_)) | Err(_) => {
-                // Everything in flight is lost; start the window again.
-                out.lost += sent_at.len() as u64;
-                sent_at.clear();
-                for _ in 0..window {
-                    let n = send(seq, &mut req)?;
-                    sock.send(&req[..n]).await?;
-                    sent_at.push_back((seq, Instant::now()));
-                    seq += 1;
-                }
-                continue;
-            }
         }
-        let n = send(seq, &mut req)?;
-        sock.send(&req[..n]).await?;
-        sent_at.push_back((seq, Instant::now()));
-        seq += 1;
+        if last_sweep.elapsed() >= LOST_AFTER {
+            last_sweep = Instant::now();
+            let before = in_flight.len();
+            in_flight.retain(|_, at| at.elapsed() < LOST_AFTER);
+            out.lost += (before - in_flight.len()) as u64;
+        }
     }
     Ok(out)
 }
