@@ -49,7 +49,9 @@ pub async fn run(json: bool) -> Result<Exit> {
                 std::future::pending::<natcall::EndReason>().await
             } => end,
         };
-        anyhow::Ok((line, call.report(), end))
+        let report = call.report();
+        drop(call);
+        anyhow::Ok((line, report, end, bob))
     });
     say(json, "alice calls bob (policy auto)…");
     let call = alice.call("bob", Policy::Auto).await?;
@@ -91,7 +93,12 @@ pub async fn run(json: bool) -> Result<Exit> {
     tokio::time::sleep(Duration::from_millis(700)).await;
     let alice_report = call.report();
     call.hangup("demo done");
-    let (heard, bob_report, bob_end) = bob_side.await??;
+    let (heard, bob_report, bob_end, bob) = bob_side.await??;
+    drop(call);
+    // Both peers leave before the server stops (else they would see it go away and say so).
+    alice.close().await;
+    bob.close().await;
+    drop((alice, bob));
     say(json, &format!("bob heard:   {heard:?}"));
     say(json, &format!("alice heard: {reply:?}"));
     say(json, &format!("bob saw the call end: {bob_end}"));

@@ -51,6 +51,8 @@ pub(crate) enum Outgoing {
     Frame(Bytes),
     /// Answer once everything queued before it is written.
     Flush(tokio::sync::oneshot::Sender<()>),
+    /// Write what is queued, then half-close (FIN): the server answers by closing its side.
+    Close,
 }
 
 /// What the reader passes to the endpoint.
@@ -235,14 +237,16 @@ async fn read_loop(
 async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Outgoing>) {
     let mut batch = BytesMut::new();
     let mut flushed = Vec::new();
+    let mut closing = false;
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(out) = next.take() {
             match out {
                 Outgoing::Frame(f) => batch.extend_from_slice(&f),
                 Outgoing::Flush(done) => flushed.push(done),
+                Outgoing::Close => closing = true,
             }
-            if batch.len() < 64 * 1024 {
+            if batch.len() < 64 * 1024 && !closing {
                 next = rx.try_recv().ok();
             }
         }
@@ -252,6 +256,9 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Outgoing>) {
         batch.clear();
         for done in flushed.drain(..) {
             let _ = done.send(());
+        }
+        if closing {
+            break;
         }
     }
     let _ = wr.shutdown().await;

@@ -154,6 +154,8 @@ pub(crate) struct Inner {
     stun_pending: Mutex<HashMap<[u8; 12], oneshot::Sender<Bytes>>>,
     incoming: tokio::sync::Mutex<mpsc::Receiver<IncomingCall>>,
     server_lost: watch::Sender<Option<String>>,
+    /// [`Endpoint::close`] was called: the control connection's end is expected.
+    closing: AtomicBool,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -294,6 +296,7 @@ impl Endpoint {
             stun_pending: Mutex::default(),
             incoming: tokio::sync::Mutex::new(incoming_rx),
             server_lost: watch::channel(None).0,
+            closing: AtomicBool::new(false),
         });
         let ep = Self { inner };
         tokio::spawn(stun_router(Arc::downgrade(&ep.inner), stun_rx));
@@ -358,18 +361,25 @@ impl Endpoint {
         }
     }
 
-    /// Closes every call and waits (up to a second) until the peers have been told and the
-    /// server has every message queued for it. Call before exiting the process.
+    /// Closes every call, then the connection to the server, gracefully: waits (up to a
+    /// second) until the peers have been told and the server has every message queued for it,
+    /// half-closes the control connection and waits for the server to close its side. Call
+    /// before exiting the process (or dropping the endpoint).
     pub async fn close(&self) {
+        self.inner.closing.store(true, Ordering::Relaxed);
         self.inner.quic.close(0u32.into(), b"endpoint closed");
+        let mut lost = self.inner.server_lost();
         let (done, flushed) = oneshot::channel();
-        let flush = async {
+        let control = async {
             if self.inner.control.send(Outgoing::Flush(done)).await.is_ok() {
                 let _ = flushed.await;
             }
+            if self.inner.control.send(Outgoing::Close).await.is_ok() {
+                let _ = lost.wait_for(Option::is_some).await;
+            }
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            tokio::join!(self.inner.quic.wait_idle(), flush);
+            tokio::join!(self.inner.quic.wait_idle(), control);
         })
         .await;
     }
@@ -591,7 +601,11 @@ async fn dispatch(ep: Endpoint, mut events: mpsc::Receiver<ServerEvent>, incomin
             }
             ServerEvent::Msg(other) => trace!(?other, "unhandled server message"),
             ServerEvent::Closed(reason) => {
-                warn!(%reason, "control connection closed");
+                if inner.closing.load(Ordering::Relaxed) {
+                    debug!(%reason, "control connection closed (endpoint closing)");
+                } else {
+                    warn!(%reason, "control connection closed");
+                }
                 for (_, (ring, _)) in lock(&inner.ringing).drain() {
                     let _ = ring.send(Err(Error::ServerLost(reason.clone())));
                 }

@@ -164,6 +164,17 @@ async fn calling_an_offline_name_is_a_clear_error() {
 }
 
 #[tokio::test]
+async fn a_closed_endpoint_leaves_the_server_at_once() {
+    let lab = server().await;
+    let (alice, bob) = (peer(&lab, "alice").await, peer(&lab, "bob").await);
+    bob.close().await;
+    // The server saw bob's half-close and closed its side: bob is offline for everyone at once
+    // (not after an idle timeout).
+    let e = alice.call("bob", Policy::Auto).await.expect_err("offline");
+    assert!(matches!(e, Error::Offline(_)), "{e}");
+}
+
+#[tokio::test]
 async fn a_declined_call_says_so() {
     let lab = server().await;
     let (alice, bob) = (peer(&lab, "alice").await, peer(&lab, "bob").await);
