@@ -78,6 +78,7 @@ fn send_pattern(dir: &Path, policy: &str, from_file: bool) -> (serde_json::Value
         &["listen", "--once", "--no-media", "--recv-video", &recv_arg],
     );
     bob.wait_event("registered", EXIT, |_| true);
+    let mut pipe = None;
     let mut alice = if from_file {
         let sent_arg = sent.display().to_string();
         let mut alice = Peer::spawn(
@@ -98,14 +99,18 @@ fn send_pattern(dir: &Path, policy: &str, from_file: bool) -> (serde_json::Value
             &["call", "bob", "--policy", policy, "--send-video", "-"],
         );
         let piped = alice.pipe_stdin(ffmpeg.stdout.take().expect("piped"), Some(sent.clone()));
-        assert!(ffmpeg.wait().expect("ffmpeg runs").success(), "ffmpeg failed");
-        assert!(piped.join().expect("pipe thread") > 0, "ffmpeg produced nothing");
+        pipe = Some((ffmpeg, piped));
         alice
     };
     alice.wait_event("connected", EXIT, |_| true);
-    // The call ends by itself once the input has ended and been delivered.
+    // The call ends by itself once the input has ended and been delivered. (Waiting for alice
+    // first bounds the test: ffmpeg only finishes if alice reads.)
     assert_eq!(alice.wait_exit(EXIT), 0, "alice's log:\n{}", alice.log_text());
     assert_eq!(bob.wait_exit(EXIT), 0, "bob's log:\n{}", bob.log_text());
+    if let Some((mut ffmpeg, piped)) = pipe {
+        assert!(ffmpeg.wait().expect("ffmpeg runs").success(), "ffmpeg failed");
+        assert!(piped.join().expect("pipe thread") > 0, "ffmpeg produced nothing");
+    }
     let (a, b) = (alice.report(), bob.report());
     let sent_len = std::fs::metadata(&sent).expect("sent file").len();
     assert_eq!(a["media_input_bytes"], sent_len, "{a}");

@@ -114,8 +114,11 @@ impl MediaOpts {
         if stdin(&self.recv_audio) && stdin(&self.recv_video) {
             bail!("only one of --recv-audio and --recv-video can write to stdout");
         }
-        if json && (stdin(&self.recv_audio) || stdin(&self.recv_video)) {
-            bail!("--json prints its events on stdout: write received media to a file, not -");
+        if stdin(&self.recv_audio) || stdin(&self.recv_video) {
+            if json {
+                bail!("--json prints its events on stdout: write received media to a file, not -");
+            }
+            output::MEDIA_ON_STDOUT.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         if self.media_kbps == 0 {
             bail!("--media-kbps must be at least 1");

@@ -1,6 +1,7 @@
 //! What the user sees: chat lines, the status line, the final report, errors and exit codes.
 //!
-//! Human mode: chat on stdout (`bob: hello`), status and summaries on stderr.
+//! Human mode: chat on stdout (`bob: hello`; on stderr when stdout carries received media),
+//! status and summaries on stderr.
 //! `--json` mode: stdout is JSON lines — `{"event":"chat",...}`, `{"event":"path",...}`, and
 //! last `{"event":"report",...}` (or `{"event":"error",...}`); nothing else goes to stdout.
 
@@ -70,12 +71,18 @@ pub fn line(value: &impl Serialize) {
 pub fn chat(json: bool, from: &str, text: &str) {
     if json {
         line(&json!({"event": "chat", "from": from, "text": text}));
+    } else if MEDIA_ON_STDOUT.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("{from}: {text}");
     } else {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{from}: {text}");
         let _ = out.flush();
     }
 }
+
+/// Set when stdout carries received media (`--recv-audio -`, `--recv-video -`): chat lines then
+/// go to stderr, so they never land inside the media stream.
+pub static MEDIA_ON_STDOUT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// A one-off notice (connected, path change, ended).
 pub fn notice(json: bool, event: serde_json::Value, text: &str) {

@@ -197,16 +197,20 @@ async fn test_source(call: &Call, video_kbps: u32) {
     let mut video = tokio::time::interval(Duration::from_millis(33));
     let video_bytes = (video_kbps as usize * 1000 / 8 / 30).max(1);
     let (mut n, mut a) = (0u32, 0u32);
+    // Each frame is stamped when its tick fires (not before waiting for it), so the
+    // timestamps carry no scheduling skew into the peer's jitter and delay estimates.
+    let stamp = || start.elapsed().as_millis() as u32;
     loop {
-        let ts = start.elapsed().as_millis() as u32;
         let sent = tokio::select! {
             _ = audio.tick() => {
+                let ts = stamp();
                 let mut frame = vec![0x41; 80];
                 frame[..4].copy_from_slice(&a.to_be_bytes());
                 a = a.wrapping_add(1);
                 call.send_frame(Track::AUDIO, Frame::new(ts, frame)).await
             }
             _ = video.tick() => {
+                let ts = stamp();
                 let frame = if n % 60 == 0 { Frame::key(ts, vec![0x4b; video_bytes]) } else { Frame::new(ts, vec![0x56; video_bytes]) };
                 n += 1;
                 call.send_frame(Track::VIDEO, frame).await
@@ -218,8 +222,9 @@ async fn test_source(call: &Call, video_kbps: u32) {
     }
 }
 
-/// After the last media input was sent, how long the call stays up so the peer receives and
-/// plays out the tail (its jitter buffer holds 80 ms), on top of two round trips.
+/// After the last media input was handed to the socket or the relay, how long the call stays up
+/// so the tail reaches the peer, on top of two round trips (what the peer's jitter buffer still
+/// holds when the call ends is delivered to its outputs then).
 const LINGER: Duration = Duration::from_millis(500);
 
 /// Sends every `--send-*` input until it ends, then waits until it was sent and delivered.
@@ -228,14 +233,13 @@ async fn send_inputs(call: &Call, media: &MediaOpts, sent_bytes: &AtomicU64) -> 
         let Some(spec) = spec else { return Ok(0) };
         let what = format!("{flag} {spec}");
         let n = if spec == "-" {
-            stream::send(call, track, tokio::io::stdin(), &what).await?
+            stream::send(call, track, tokio::io::stdin(), &what, sent_bytes).await?
         } else {
             let f = tokio::fs::File::open(&spec)
                 .await
                 .with_context(|| format!("opening {spec}"))?;
-            stream::send(call, track, f, &what).await?
+            stream::send(call, track, f, &what, sent_bytes).await?
         };
-        sent_bytes.fetch_add(n, Ordering::Relaxed);
         anyhow::Ok(n)
     };
     tokio::try_join!(
@@ -245,6 +249,12 @@ async fn send_inputs(call: &Call, media: &MediaOpts, sent_bytes: &AtomicU64) -> 
     call.flush_media().await.context("sending the last media")?;
     tokio::time::sleep(LINGER + call.rtt() * 2).await;
     Ok(())
+}
+
+/// Whether `e` comes from the call having ended (not from the input itself).
+fn ended_under(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|c| matches!(c.downcast_ref::<natcall::Error>(), Some(natcall::Error::Ended(_))))
 }
 
 /// `caller`: stdin closing ends the call (after the lines typed so far are delivered); for a
@@ -370,17 +380,19 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
             }
             _ = tick.tick() => output::status(&path_text(&call, since)),
             _ = &mut chat_in, if chat_open => chat_open = false,
-            r = &mut source => {
-                let reason = match r {
-                    Ok(()) => "sent everything",
-                    Err(e) => {
-                        failure = Some(e);
-                        "media input failed"
-                    }
-                };
-                call.hangup(reason);
-                break EndReason::Local;
-            }
+            r = &mut source => match r {
+                Ok(()) => {
+                    call.hangup("sent everything");
+                    break EndReason::Local;
+                }
+                // The call ended under the input (the peer hung up, the path died): say why.
+                Err(e) if ended_under(&e) => break call.ended().await,
+                Err(e) => {
+                    failure = Some(e);
+                    call.hangup("media input failed");
+                    break EndReason::Local;
+                }
+            },
             r = &mut sink, if !sink_done => {
                 sink_done = true;
                 if let Err(e) = r {

@@ -1,5 +1,6 @@
 //! Byte streams as media: `--send-audio/--send-video PATH|-` cut a stream (a file, or stdin —
-//! e.g. MPEG-TS piped from ffmpeg) into frames and send them without losing any; `--recv-audio/
+//! e.g. MPEG-TS piped from ffmpeg) into frames on a lossless track (the sender drops none;
+//! media is not retransmitted, so loss on the path stays loss); `--recv-audio/
 //! --recv-video PATH|-` write the frames that arrive, in order, to a file or stdout.
 //!
 //! # Framing
@@ -13,6 +14,8 @@
 //!
 //! The sender waits for room before queuing a frame (see `Call::send_stream`): a file is
 //! read as fast as the path carries it (up to `--media-kbps`), a live pipe at its own pace.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
 use natcall::{Call, Track};
@@ -65,8 +68,15 @@ impl Cutter {
     }
 }
 
-/// Sends `input` on `track` until it ends; returns the bytes sent.
-pub async fn send(call: &Call, track: Track, mut input: impl AsyncRead + Unpin, what: &str) -> Result<u64> {
+/// Sends `input` on `track` until it ends; returns the bytes sent (also added to `counter` as
+/// they go, so a report made mid-stream counts them).
+pub async fn send(
+    call: &Call,
+    track: Track,
+    mut input: impl AsyncRead + Unpin,
+    what: &str,
+    counter: &AtomicU64,
+) -> Result<u64> {
     let mut cutter = Cutter::default();
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
@@ -78,10 +88,12 @@ pub async fn send(call: &Call, track: Track, mut input: impl AsyncRead + Unpin, 
             cutter.push(&buf[..n])
         };
         for f in frames {
-            total += f.len() as u64;
+            let len = f.len() as u64;
             call.send_stream(track, f)
                 .await
                 .with_context(|| format!("sending {what}"))?;
+            total += len;
+            counter.fetch_add(len, Ordering::Relaxed);
         }
         if n == 0 {
             return Ok(total);

@@ -285,7 +285,8 @@ async fn pump(from: Arc<AsyncDevice>, to: Arc<AsyncDevice>, shape: Shape, seed: 
         loss,
         reorder,
     } = shape;
-    let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(QUEUE_FRAMES);
+    // A short hand-over to the writer, which holds up to QUEUE_FRAMES by due time.
+    let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(64);
     let writer = async move {
         // Frames by due time (then arrival): in order they are due in arrival order anyway.
         let mut due: BinaryHeap<Reverse<(Instant, u64, Vec<u8>)>> = BinaryHeap::new();

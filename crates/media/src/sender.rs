@@ -125,6 +125,8 @@ struct SendTrack {
     next_frame_id: u32,
     waiting_for_key: bool,
     exhausted: bool,
+    /// Fed by a source that waits for room: never dropped for congestion or depth.
+    lossless: bool,
     stats: SendStats,
 }
 
@@ -177,7 +179,7 @@ impl Sender {
             while t.queue.len() > max_audio {
                 t.drop_front();
             }
-        } else if track == Track::VIDEO {
+        } else if track == Track::VIDEO && !t.lossless {
             if t.waiting_for_key && !frame.key_frame {
                 t.stats.frames_dropped += 1;
                 return Ok(());
@@ -207,7 +209,7 @@ impl Sender {
         let rate = self.rate_bps as f64;
         let new_rate = if loss > 0.1 || report.delay_trend_ms > 25.0 {
             let factor = if loss > 0.1 { (1.0 - loss / 2.0).max(0.5) } else { 0.85 };
-            if let Some(video) = self.tracks.get_mut(&Track::VIDEO) {
+            if let Some(video) = self.tracks.get_mut(&Track::VIDEO).filter(|v| !v.lossless) {
                 video.drop_until_key();
             }
             rate * factor
@@ -321,6 +323,13 @@ impl Sender {
         }
         let wait_s = (1.0 - self.tokens) * 8.0 / self.rate_bps as f64;
         self.last_refill + Duration::from_secs_f64(wait_s)
+    }
+
+    /// Makes `track` lossless: its frames are never dropped for congestion or queue depth (a
+    /// lower rate only slows it). For tracks fed by a source that waits for
+    /// [`has_room`](Self::has_room) — a file, a pipe — whose every byte matters.
+    pub fn set_lossless(&mut self, track: Track) {
+        self.tracks.entry(track).or_default().lossless = true;
     }
 
     /// Whether nothing is queued on any track: everything handed over has been sent (or dropped).
@@ -474,6 +483,28 @@ mod tests {
         }
         assert!(s.is_idle());
         assert!(s.has_room(Track::VIDEO, 4 << 20), "an empty track takes any frame");
+    }
+
+    #[test]
+    fn congestion_slows_a_lossless_track_but_drops_nothing() {
+        let (mut s, t0) = sender(1_000_000);
+        s.set_lossless(Track::VIDEO);
+        for i in 0..4 {
+            s.handle_frame(Track::VIDEO, Frame::key(i, vec![1; 1434])).unwrap();
+        }
+        let congested = ReceiverReport {
+            loss_fraction: 0.3,
+            delay_trend_ms: 60.0,
+            ..ReceiverReport::default()
+        };
+        s.handle_feedback(t0, &congested);
+        assert!(s.rate_bps() < 1_000_000);
+        let mut n = 0;
+        for tick in 0..1000u32 {
+            n += drain(&mut s, t0 + MS * tick).len();
+        }
+        let stats = s.stats(Track::VIDEO).unwrap();
+        assert_eq!((stats.frames_dropped, stats.frames_sent, n), (0, 4, 12));
     }
 
     #[test]

@@ -685,15 +685,18 @@ impl Call {
     }
 
     /// Sends a piece of a byte stream that must not lose data (a file, a pipe) as one frame on
-    /// `track`: waits until the sender can take it without dropping anything, so a fast source
-    /// is slowed to the path's pace instead of being cut. The frame is a key frame (usable on
-    /// its own) stamped when the sender takes it; under congestion queued video is still
-    /// dropped, frame by frame.
+    /// `track`, which becomes lossless: the sender never drops its frames (congestion only
+    /// slows it) and takes each piece only when it has room, so a fast source is slowed to the
+    /// path's pace instead of being cut — this returns once the piece is handed over (up to 64
+    /// pieces wait ahead of the sender). The frame is a key frame stamped when the sender takes
+    /// it. Loss on the path itself is not repaired (media is not retransmitted), and through the
+    /// relay audio older than its deadline may still be dropped by the server.
     pub async fn send_stream(&self, track: Track, data: Vec<u8>) -> Result<(), Error> {
         self.media.send_stream(track, data).await
     }
 
-    /// Waits until every media frame queued so far has been sent (or dropped).
+    /// Waits until every media frame and stream piece queued so far has been sent (or dropped)
+    /// — handed to the socket or the relay, not yet received.
     pub async fn flush_media(&self) -> Result<(), Error> {
         self.media.flush().await
     }

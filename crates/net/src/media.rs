@@ -124,6 +124,13 @@ impl Media {
     }
 
     pub(crate) async fn send_stream(&self, track: Track, data: Vec<u8>) -> Result<(), crate::Error> {
+        if data.len() > natcall_media::MAX_FRAME {
+            return Err(crate::Error::Protocol(format!(
+                "a stream piece of {} bytes is over the {} bytes of a media frame",
+                data.len(),
+                natcall_media::MAX_FRAME
+            )));
+        }
         self.ctl.send(Ctl::Stream(track, data)).await.map_err(|_| Self::ended())
     }
 
@@ -166,7 +173,14 @@ impl Driver {
         app_tx: mpsc::Sender<ReceivedFrame>,
     ) {
         self.drive(packets, app_rx, ctl_rx, &app_tx).await;
-        self.publish(Instant::now());
+        // Complete frames still in the jitter buffer go to the application now rather than
+        // being lost with the call (partial ones are given up).
+        let now = Instant::now();
+        self.receiver.handle_timeout(now + Duration::from_secs(3600));
+        while let Some(f) = self.receiver.poll_frame() {
+            let _ = app_tx.try_send(f);
+        }
+        self.publish(now);
     }
 
     async fn drive(
@@ -194,6 +208,15 @@ impl Driver {
                 }
                 self.flush(now, app_tx);
             }
+            if waiting.is_none() && !flushes.is_empty() {
+                // Frames the application queued before asking are part of what it waits for.
+                while let Ok((track, frame)) = app_rx.try_recv() {
+                    if let Err(e) = self.sender.handle_frame(track, frame) {
+                        debug!(error = %e, "media frame refused");
+                    }
+                }
+                self.flush(now, app_tx);
+            }
             if waiting.is_none() && !flushes.is_empty() && self.sender.is_idle() {
                 flushes.drain(..).for_each(|f| {
                     let _ = f.send(());
@@ -211,7 +234,10 @@ impl Driver {
             }
             tokio::select! {
                 c = ctl_rx.recv(), if ctl_open && waiting.is_none() => match c {
-                    Some(Ctl::Stream(track, data)) => waiting = Some((track, data)),
+                    Some(Ctl::Stream(track, data)) => {
+                        self.sender.set_lossless(track);
+                        waiting = Some((track, data));
+                    }
                     Some(Ctl::Flush(tx)) => flushes.push(tx),
                     Some(Ctl::Rate(bps)) => self.sender.set_rate(Instant::now(), bps),
                     None => ctl_open = false,
