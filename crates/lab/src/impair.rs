@@ -39,7 +39,8 @@ use tun_rs::{AsyncDevice, DeviceBuilder, Layer};
 use crate::Error;
 use crate::process::{run_in, run_in_output};
 
-/// Frames waiting in one direction of the forwarder before new ones are dropped.
+/// Frames waiting in one direction of the forwarder before new ones are dropped: this many in
+/// the hand-over from the reader, and this many more held by the writer until they are due.
 pub const QUEUE_FRAMES: usize = 4096;
 pub(crate) const HOST_TAP: &str = "nltap0";
 const WIRE_TAP: &str = "nltap1";
@@ -285,8 +286,9 @@ async fn pump(from: Arc<AsyncDevice>, to: Arc<AsyncDevice>, shape: Shape, seed: 
         loss,
         reorder,
     } = shape;
-    // A short hand-over to the writer, which holds up to QUEUE_FRAMES by due time.
-    let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(64);
+    // The hand-over to the writer absorbs scheduling stalls (a short one lost frames under
+    // load); the writer holds up to QUEUE_FRAMES more by due time.
+    let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(QUEUE_FRAMES);
     let writer = async move {
         // Frames by due time (then arrival): in order they are due in arrival order anyway.
         let mut due: BinaryHeap<Reverse<(Instant, u64, Vec<u8>)>> = BinaryHeap::new();
