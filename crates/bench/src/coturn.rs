@@ -20,7 +20,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
 
-use crate::load::{Load, Out, Outcome, PAYLOAD, Recorder, Sender, receive_udp, self_cpu, send_all};
+use crate::load::{Load, Out, Outcome, PAYLOAD, Recorder, Sender, Window, receive_udp};
 use crate::server::{cpu_seconds, free_port, status_kib};
 use crate::turn::{self, Allocation, CHANNEL, CHANNEL_HEADER, Conn, Credentials};
 
@@ -151,12 +151,8 @@ pub async fn setup(c: &Coturn, calls: usize, tcp: bool) -> Result<Vec<(Allocatio
 pub async fn run(load: Load, tcp: bool) -> Result<Outcome> {
     let server = Coturn::start().await?;
     let pairs = setup(&server, load.calls, tcp).await?;
-    let base = Instant::now();
     let cpu0 = server.cpu_seconds()?;
-    let me0 = self_cpu()?;
-    let started = Instant::now();
-    let end = started + load.duration;
-    let drain = end + Duration::from_millis(500);
+    let win = Window::start(&load)?;
     let template = turn::channel_data(CHANNEL, &[0u8; PAYLOAD]);
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
@@ -164,21 +160,21 @@ pub async fn run(load: Load, tcp: bool) -> Result<Outcome> {
     for (a, b) in pairs {
         let (ra, rb) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         for (alloc, mine, peers) in [(a, &ra, &rb), (b, &rb, &ra)] {
-            let rec = Recorder::new(base, mine.clone());
+            let rec = Recorder::new(win.base, mine.clone());
             let out = match alloc.conn {
                 Conn::Udp(sock) => {
                     let sock = Arc::new(sock);
                     receivers.push(tokio::spawn(receive_udp(
                         sock.clone(),
                         rec,
-                        drain,
+                        win.drain,
                         turn::channel_payload,
                     )));
                     Out::Udp(sock)
                 }
                 Conn::Tcp { stream, buf } => {
                     let (r, w) = stream.into_split();
-                    receivers.push(tokio::spawn(receive_tcp(r, buf, rec, drain)));
+                    receivers.push(tokio::spawn(receive_tcp(r, buf, rec, win.drain)));
                     Out::Tcp(Arc::new(tokio::sync::Mutex::new(w)))
                 }
             };
@@ -193,16 +189,9 @@ pub async fn run(load: Load, tcp: bool) -> Result<Outcome> {
             });
         }
     }
-    let sent = send_all(senders, load, base, end).await?;
-    let elapsed = started.elapsed();
-    let mut latencies_us = Vec::new();
-    for r in receivers {
-        latencies_us.extend(r.await??);
-    }
+    let mut o = win.finish(senders, receivers, load).await?;
     drop(keep);
-    let mut o = Outcome::new(sent, elapsed, latencies_us);
     o.server_cpu = server.cpu_seconds()? - cpu0;
-    o.client_cpu = self_cpu()? - me0;
     o.server_rss = server.peak_rss()?;
     Ok(o)
 }

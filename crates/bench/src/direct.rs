@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::load::{Load, Out, Outcome, PAYLOAD, Recorder, Sender, receive_udp, self_cpu, send_all, udp_bound};
+use crate::load::{Load, Out, Outcome, PAYLOAD, Recorder, Sender, Window, receive_udp, udp_bound};
 
 /// The whole datagram is the payload.
 fn whole(d: &[u8]) -> Option<&[u8]> {
@@ -17,11 +17,7 @@ fn whole(d: &[u8]) -> Option<&[u8]> {
 
 /// Runs `load` peer to peer: each call is two connected UDP sockets.
 pub async fn run(load: Load) -> Result<Outcome> {
-    let base = Instant::now();
-    let me0 = self_cpu()?;
-    let started = Instant::now();
-    let end = started + load.duration;
-    let drain = end + Duration::from_millis(500);
+    let w = Window::start(&load)?;
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
     for _ in 0..load.calls {
@@ -33,8 +29,8 @@ pub async fn run(load: Load) -> Result<Outcome> {
         for (sock, mine, peers) in [(&a, &ra, &rb), (&b, &rb, &ra)] {
             receivers.push(tokio::spawn(receive_udp(
                 sock.clone(),
-                Recorder::new(base, mine.clone()),
-                drain,
+                Recorder::new(w.base, mine.clone()),
+                w.drain,
                 whole,
             )));
             senders.push(Sender {
@@ -45,15 +41,7 @@ pub async fn run(load: Load) -> Result<Outcome> {
             });
         }
     }
-    let sent = send_all(senders, load, base, end).await?;
-    let elapsed = started.elapsed();
-    let mut latencies_us = Vec::new();
-    for r in receivers {
-        latencies_us.extend(r.await??);
-    }
-    let mut o = Outcome::new(sent, elapsed, latencies_us);
-    o.client_cpu = self_cpu()? - me0;
-    Ok(o)
+    w.finish(senders, receivers, load).await
 }
 
 /// The raw ceiling: one thread sends 512-byte datagrams as fast as it can for `duration`,

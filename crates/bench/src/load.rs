@@ -22,6 +22,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UdpSocket;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
 
 /// Payload bytes per packet (the relayed size: a full natcall media packet).
 pub const PAYLOAD: usize = 512;
@@ -257,6 +258,49 @@ pub async fn receive_udp(
             }
             () = &mut deadline => return Ok(rec.latencies_us),
         }
+    }
+}
+
+/// The clock of one run, started just before the load: receivers record latency against
+/// `base`, senders stop at `end`, receivers at `drain` (half a second later, for the packets
+/// still on their way).
+pub struct Window {
+    pub base: Instant,
+    pub end: Instant,
+    pub drain: Instant,
+    cpu0: f64,
+}
+
+impl Window {
+    pub fn start(load: &Load) -> Result<Self> {
+        let cpu0 = self_cpu()?;
+        let base = Instant::now();
+        let end = base + load.duration;
+        Ok(Self {
+            base,
+            end,
+            drain: end + Duration::from_millis(500),
+            cpu0,
+        })
+    }
+
+    /// Sends from `senders` until the end, waits for every receiver, and measures (this
+    /// process's CPU as the clients'; the server's figures are the caller's to add).
+    pub async fn finish(
+        self,
+        senders: Vec<Sender>,
+        receivers: Vec<JoinHandle<Result<Vec<u32>>>>,
+        load: Load,
+    ) -> Result<Outcome> {
+        let sent = send_all(senders, load, self.base, self.end).await?;
+        let elapsed = self.base.elapsed();
+        let mut latencies_us = Vec::new();
+        for r in receivers {
+            latencies_us.extend(r.await??);
+        }
+        let mut o = Outcome::new(sent, elapsed, latencies_us);
+        o.client_cpu = self_cpu()? - self.cpu0;
+        Ok(o)
     }
 }
 

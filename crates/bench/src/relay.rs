@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Mutex;
 
-use crate::load::{Load, Out, Outcome, PAYLOAD, Recorder, Sender, self_cpu, send_all};
+use crate::load::{Load, Out, Outcome, PAYLOAD, Recorder, Sender, Window};
 use crate::peers::{Signer, next_msg, register};
 use crate::server::Spawned;
 
@@ -112,6 +112,17 @@ const PAYLOAD_AT: usize = LEN_PREFIX + 1 + RELAY_HEADER_LEN;
 
 /// Reads until `end`, recording every relay frame; acknowledges and answers pings as a natcall
 /// client does. Returns the latencies (µs).
+/// The client's health check, as natcall clients send it: a `RelayAck` once `ACK_EVERY`
+/// frames have been read since the last one.
+async fn ack_if_due(writer: &Mutex<OwnedWriteHalf>, unacked: &mut u32) -> Result<()> {
+    if *unacked >= ACK_EVERY {
+        let ack = control(&ClientMsg::RelayAck { frames: *unacked })?;
+        writer.lock().await.write_all(&ack).await?;
+        *unacked = 0;
+    }
+    Ok(())
+}
+
 async fn receive(
     mut reader: OwnedReadHalf,
     writer: Arc<Mutex<OwnedWriteHalf>>,
@@ -143,14 +154,7 @@ async fn receive(
                 Frame::Hello(_) => {}
             }
         }
-        if unacked >= ACK_EVERY {
-            writer
-                .lock()
-                .await
-                .write_all(&control(&ClientMsg::RelayAck { frames: unacked })?)
-                .await?;
-            unacked = 0;
-        }
+        ack_if_due(&writer, &mut unacked).await?;
         tokio::select! {
             r = reader.read_buf(&mut buf) => match r {
                 Ok(0) => bail!("the server closed a relay client"),
@@ -176,12 +180,8 @@ pub async fn setup(addr: SocketAddr, calls: usize) -> Result<Vec<(Side, Side)>> 
 pub async fn run(load: Load) -> Result<Outcome> {
     let server = Spawned::start()?;
     let pairs = setup(server.addr, load.calls).await?;
-    let base = Instant::now();
     let cpu0 = server.cpu_seconds()?;
-    let me0 = self_cpu()?;
-    let started = Instant::now();
-    let end = started + load.duration;
-    let drain = end + Duration::from_millis(500);
+    let w = Window::start(&load)?;
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
     for (a, b) in pairs {
@@ -194,19 +194,12 @@ pub async fn run(load: Load) -> Result<Outcome> {
             });
         }
         for s in [a, b] {
-            let rec = Recorder::new(base, s.received);
-            receivers.push(tokio::spawn(receive(s.reader, s.writer, rec, drain)));
+            let rec = Recorder::new(w.base, s.received);
+            receivers.push(tokio::spawn(receive(s.reader, s.writer, rec, w.drain)));
         }
     }
-    let sent = send_all(senders, load, base, end).await?;
-    let elapsed = started.elapsed();
-    let mut latencies_us = Vec::new();
-    for r in receivers {
-        latencies_us.extend(r.await??);
-    }
-    let mut o = Outcome::new(sent, elapsed, latencies_us);
+    let mut o = w.finish(senders, receivers, load).await?;
     o.server_cpu = server.cpu_seconds()? - cpu0;
-    o.client_cpu = self_cpu()? - me0;
     o.server_rss = server.peak_rss()?;
     Ok(o)
 }
@@ -321,14 +314,7 @@ async fn read_paced(
                     TrafficClass::Control => {}
                 }
             }
-            if unacked >= ACK_EVERY {
-                writer
-                    .lock()
-                    .await
-                    .write_all(&control(&ClientMsg::RelayAck { frames: unacked })?)
-                    .await?;
-                unacked = 0;
-            }
+            ack_if_due(&writer, &mut unacked).await?;
         }
         let left = end.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, reader.read_buf(&mut buf)).await {
