@@ -46,13 +46,8 @@ enum Cmd {
         /// Exit after the first call.
         #[arg(long)]
         once: bool,
-        /// End each call after this many seconds.
-        #[arg(long)]
-        duration: Option<f64>,
         #[command(flatten)]
-        test: TestHooks,
-        #[command(flatten)]
-        media: MediaOpts,
+        session: SessionArgs,
     },
     /// Call NAME and chat.
     Call {
@@ -61,16 +56,36 @@ enum Cmd {
         /// Which paths the call may use: auto, direct-only, relay-only, lan-only.
         #[arg(long, default_value = "auto")]
         policy: Policy,
-        /// End the call after this many seconds.
-        #[arg(long)]
-        duration: Option<f64>,
         #[command(flatten)]
-        test: TestHooks,
-        #[command(flatten)]
-        media: MediaOpts,
+        session: SessionArgs,
     },
     /// Start a local rendezvous server and two peers on loopback, call, chat, report, exit.
     Demo,
+}
+
+/// How a call runs, for `listen` and `call` alike.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SessionArgs {
+    /// End a call after this many seconds.
+    #[arg(long)]
+    duration: Option<f64>,
+    #[command(flatten)]
+    test: TestHooks,
+    #[command(flatten)]
+    media: MediaOpts,
+}
+
+impl SessionArgs {
+    /// Checks the media flags and makes the session's options.
+    fn into_opts(self, json: bool) -> anyhow::Result<session::Opts> {
+        self.media.check(json)?;
+        Ok(session::Opts {
+            json,
+            duration: secs(self.duration),
+            test: self.test,
+            media: self.media,
+        })
+    }
 }
 
 /// What media a call sends and where received media goes.
@@ -195,38 +210,18 @@ fn main() -> ExitCode {
     let session = rt.spawn(async move {
         match args.cmd {
             Cmd::Demo => demo::run(json).await,
-            Cmd::Listen {
-                once,
-                duration,
-                test,
-                media,
-            } => {
-                media.check(json)?;
+            Cmd::Listen { once, session: how } => {
+                let opts = how.into_opts(json)?;
                 let settings = config::Settings::resolve(args.server, args.name, args.home).await?;
-                let opts = session::Opts {
-                    json,
-                    duration: secs(duration),
-                    test,
-                    media,
-                };
                 session::listen(settings, opts, once).await
             }
             Cmd::Call {
                 peer,
                 policy,
-                duration,
-                test,
-                media,
+                session: how,
             } => {
-                media.check(json)?;
-                let settings =
-                    config::Settings::resolve(args.server.clone(), args.name.clone(), args.home.clone()).await?;
-                let opts = session::Opts {
-                    json,
-                    duration: secs(duration),
-                    test,
-                    media,
-                };
+                let opts = how.into_opts(json)?;
+                let settings = config::Settings::resolve(args.server, args.name, args.home).await?;
                 session::call(settings, opts, &peer, policy).await
             }
         }
