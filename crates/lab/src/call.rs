@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::capture::{Capture, Packet};
 use crate::impair::HOST_TAP;
 use crate::process::{Binaries, Proc};
-use crate::scenario::{peer_args, wait_listening};
+use crate::scenario::{peer_args, start_server};
 use crate::topology::{self, SERVER_PORT};
 use crate::{Error, Impairment, Scenario};
 
@@ -106,12 +106,7 @@ pub async fn run_call(bins: &Binaries, spec: &CallSpec, dir: &FsPath) -> Result<
         let mut capture = None;
         let (srv, a, b) = (&devices.0, &devices.1, &devices.2);
         let result = (|| -> Result<(), String> {
-            let srv_args: Vec<String> = ["--listen", &server.to_string(), "--log-level", "debug"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-            procs.push(Proc::spawn(srv, &dir, "rendezvous", &bins.rendezvous, &srv_args).map_err(|e| e.to_string())?);
-            wait_listening(srv, server)?;
+            procs.push(start_server(&bins, &dir, srv, server)?);
             if spec.capture_a {
                 let pcap = dir.join("alice.pcap");
                 capture = Some(Capture::start(a, &iface, &pcap).map_err(|e| e.to_string())?);

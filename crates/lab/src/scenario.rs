@@ -238,10 +238,8 @@ fn converse(
 ) -> Result<(), String> {
     let ip = server.ip().ok_or("the server device has no IPv4 address")?;
     let addr = SocketAddr::from((ip, SERVER_PORT));
+    procs.push(start_server(bins, dir, server, addr)?);
     let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let srv_args = args(&["--listen", &addr.to_string(), "--log-level", "debug"]);
-    procs.push(Proc::spawn(server, dir, "rendezvous", &bins.rendezvous, &srv_args).map_err(|e| e.to_string())?);
-    wait_listening(server, addr)?;
     let peer = |name: &str, cmd: &[&str]| peer_args(addr, dir, name, &args(cmd));
     procs.push(
         Proc::spawn(b, dir, "bob", &bins.natcall, &peer("bob", &["listen", "--once"])).map_err(|e| e.to_string())?,
@@ -266,6 +264,18 @@ fn converse(
     out.exit_codes[0] = Some(alice.wait_exit(STEP)?);
     out.exit_codes[1] = Some(bob.wait_exit(STEP)?);
     Ok(())
+}
+
+/// Starts `natcall-rendezvous` on `addr` in `device`'s namespace (logging to
+/// `dir/rendezvous.log`) and waits until it accepts TCP.
+pub(crate) fn start_server(bins: &Binaries, dir: &FsPath, device: &Device, addr: SocketAddr) -> Result<Proc, String> {
+    let args: Vec<String> = ["--listen", &addr.to_string(), "--log-level", "debug"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let server = Proc::spawn(device, dir, "rendezvous", &bins.rendezvous, &args).map_err(|e| e.to_string())?;
+    wait_listening(device, addr)?;
+    Ok(server)
 }
 
 /// `natcall`'s arguments for `name` in `--json` mode against the server at `addr`, its home in

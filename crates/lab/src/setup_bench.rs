@@ -333,16 +333,9 @@ fn drive(
 ) -> Result<(), String> {
     let ip = server.ip().ok_or("the server device has no IPv4 address")?;
     let addr = SocketAddr::from((ip, SERVER_PORT));
+    let _server = crate::scenario::start_server(bins, dir, server, addr)?;
     let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let srv_args = strings(&["--listen", &addr.to_string(), "--log-level", "debug"]);
-    let _server = Proc::spawn(server, dir, "rendezvous", &bins.rendezvous, &srv_args).map_err(|e| e.to_string())?;
-    crate::scenario::wait_listening(server, addr)?;
-    let peer = |name: &str, cmd: &[&str]| {
-        let mut v = strings(&["--json", "--server", &addr.to_string(), "--name", name, "--home"]);
-        v.push(dir.join(format!("{name}-home")).display().to_string());
-        v.extend(strings(cmd));
-        v
-    };
+    let peer = |name: &str, cmd: &[&str]| crate::scenario::peer_args(addr, dir, name, &strings(cmd));
     let mut bob = Proc::spawn(b, dir, "bob", &bins.natcall, &peer("bob", &["listen"])).map_err(|e| e.to_string())?;
     bob.wait_event("registered", CONNECT_WAIT, |_| true)?;
     let alice_args = peer("alice", &["call", "bob", "--policy", pair.policy()]);
