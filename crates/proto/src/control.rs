@@ -113,8 +113,10 @@ pub enum ClientMsg {
     Lookup { name: String },
     /// Answer to [`ServerMsg::Ping`].
     Pong { nonce: u64 },
-    /// Call `callee`. Answered by [`ServerMsg::Ringing`] or [`ServerMsg::CallFailed`].
-    Call { callee: String, policy: Policy },
+    /// Call `callee`. `request` is the caller's own id for this attempt (any value, unique
+    /// among its attempts in flight), so two calls to one name are told apart. Answered by
+    /// [`ServerMsg::Ringing`] or [`ServerMsg::CallFailed`] with the same `request`.
+    Call { request: u32, callee: String, policy: Policy },
     /// Accept or decline the incoming call `call`.
     Answer { call: u32, accept: bool },
     /// End call `call` (or withdraw it while it rings).
@@ -124,7 +126,18 @@ pub enum ClientMsg {
     RelayAck { frames: u32 },
     /// The path call `call` runs on now, as this peer sees it (for the server's metrics).
     CallPath { call: u32, path: PathKind },
+    /// Re-announce call `call` (its id on the server that last knew it) with `peer`, after this
+    /// peer registered again (a new or restarted server, or the other member's connection
+    /// ended: [`ServerMsg::CallSuspended`]). `proof` is a secret both members derive from their
+    /// authenticated QUIC session ([`RESUME_PROOF_LABEL`]); the server never saw it before and
+    /// re-creates the call once both members, registered under the names each gave, sent the
+    /// same proof. Answered by [`ServerMsg::Resumed`] or [`ServerMsg::ResumeFailed`].
+    Resume { call: u32, peer: String, proof: [u8; 32] },
 }
+
+/// The TLS exporter label of a call's resume proof ([`ClientMsg::Resume`]); the context is
+/// the call's id on the server that started it, big-endian.
+pub const RESUME_PROOF_LABEL: &[u8] = b"EXPORTER-natcall-resume";
 
 /// A call's path, as peers report it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -247,10 +260,14 @@ pub enum ServerMsg {
     Ping { nonce: u64, rtt_us: Option<u64> },
     /// The server is shutting down: finish, close, reconnect after `reconnect_after_ms`.
     GoingAway { reason: String, reconnect_after_ms: u32 },
-    /// Your call to `callee` rings; it has id `call`.
-    Ringing { call: u32, callee: String },
-    /// Your call to `callee` could not be placed.
-    CallFailed { callee: String, failure: CallFailure },
+    /// Your call request `request` rings; the call has id `call`.
+    Ringing { request: u32, call: u32 },
+    /// Your call request `request` (to `callee`) could not be placed.
+    CallFailed {
+        request: u32,
+        callee: String,
+        failure: CallFailure,
+    },
     /// `caller` (key `fingerprint`) calls you with `policy`; answer with [`ClientMsg::Answer`].
     Incoming {
         call: u32,
@@ -258,20 +275,41 @@ pub enum ServerMsg {
         fingerprint: Fingerprint,
         policy: Policy,
     },
-    /// Call `call` is accepted: connect to `peer` (key `fingerprint`) at `candidates`, checks
-    /// authenticated with `password`; the controlling side nominates. Begin after `delay_ms`,
-    /// so both sides start within a fraction of an RTT. Relay frames for `call` are forwarded
-    /// from now on.
-    Start {
-        call: u32,
-        peer: String,
-        fingerprint: Fingerprint,
-        candidates: Candidates,
-        password: String,
-        controlling: bool,
-        delay_ms: u32,
-        policy: Policy,
-    },
-    /// Call `call` ended (declined, hung up, or the other peer left).
+    /// A call is accepted: see [`CallStart`]. Relay frames for its id are forwarded from now on.
+    Start(CallStart),
+    /// Call `call` ended (declined, hung up, or not answered).
     CallEnded { call: u32, reason: String },
+    /// The other member of call `call` lost its connection to this server without hanging up:
+    /// the server has forgotten the call (no relay for it). The peers may still reach each
+    /// other directly; to get the call back (and its relay) send [`ClientMsg::Resume`].
+    CallSuspended { call: u32 },
+    /// Call `call` (the id given in [`ClientMsg::Resume`]) is active again on this server with
+    /// id `id`: relay frames use `id` from now on.
+    Resumed { call: u32, id: u32 },
+    /// Call `call` could not be resumed here (the other member did not resume it in time, or
+    /// the names or proofs do not match); the reason is for a person.
+    ResumeFailed { call: u32, reason: String },
+}
+
+/// What the server sends both members when a call is accepted: connect to `peer` (key
+/// `fingerprint`) at `candidates`, checks authenticated with `password`; the controlling side
+/// nominates. Begin after `delay_ms`, so both sides start within a fraction of an RTT.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallStart {
+    /// The call's id on this server.
+    pub call: u32,
+    /// The other member's name.
+    pub peer: String,
+    /// The other member's key.
+    pub fingerprint: Fingerprint,
+    /// Where the other member may be reached.
+    pub candidates: Candidates,
+    /// The password of the connectivity checks (the same for both members).
+    pub password: String,
+    /// Whether this member nominates (the caller).
+    pub controlling: bool,
+    /// How long to wait before the first check.
+    pub delay_ms: u32,
+    /// The caller's policy.
+    pub policy: Policy,
 }

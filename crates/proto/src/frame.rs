@@ -418,6 +418,13 @@ pub fn encode_control<T: Serialize>(msg: &T, out: &mut BytesMut) -> Result<(), F
     encode_with(FrameKind::Control, out, |o| codec::encode_control_body(msg, o))
 }
 
+/// A control message as one whole frame (both sides' writers queue frames like this).
+pub fn control_frame<T: Serialize>(msg: &T) -> Result<Bytes, FrameError> {
+    let mut out = BytesMut::new();
+    encode_control(msg, &mut out)?;
+    Ok(out.freeze())
+}
+
 /// Appends a relay frame.
 pub fn encode_relay(header: &RelayHeader, payload: &[u8], out: &mut BytesMut) -> Result<(), FrameError> {
     encode_with(FrameKind::Relay, out, |o| {

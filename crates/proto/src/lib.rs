@@ -49,4 +49,4 @@ pub use frame::FrameError;
 
 /// The protocol version spoken on the TCP control channel. Bump it on any incompatible change to
 /// [`control`] messages or the [`frame`] layout.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::BytesMut;
 use natcall_proto::codec::decode_control;
-use natcall_proto::control::{CallFailure, Candidates, ClientMsg, Fingerprint, PathKind, Policy, ServerMsg};
+use natcall_proto::control::{CallFailure, CallStart, Candidates, ClientMsg, Fingerprint, PathKind, Policy, ServerMsg};
 use natcall_proto::frame::{self, DEFAULT_MAX_FRAME_LEN, ErrorCode, Frame, FrameDecoder, FrameError, MAX_ERROR_TEXT};
 use natcall_proto::relay::{RelayFlags, RelayHeader, TrafficClass};
 use natcall_proto::stun::{self, StunError, TokenCredentials};
@@ -34,7 +34,11 @@ fn client_msg() -> impl Strategy<Value = ClientMsg> {
             }),
         "\\PC{0,40}".prop_map(|name| ClientMsg::Lookup { name }),
         any::<u64>().prop_map(|nonce| ClientMsg::Pong { nonce }),
-        ("[a-z]{1,32}", policy()).prop_map(|(callee, policy)| ClientMsg::Call { callee, policy }),
+        (any::<u32>(), "[a-z]{1,32}", policy()).prop_map(|(request, callee, policy)| ClientMsg::Call {
+            request,
+            callee,
+            policy
+        }),
         (any::<u32>(), any::<bool>()).prop_map(|(call, accept)| ClientMsg::Answer { call, accept }),
         (any::<u32>(), "\\PC{0,40}").prop_map(|(call, reason)| ClientMsg::Hangup { call, reason }),
         any::<u32>().prop_map(|frames| ClientMsg::RelayAck { frames }),
@@ -43,6 +47,11 @@ fn client_msg() -> impl Strategy<Value = ClientMsg> {
             prop_oneof![Just(PathKind::Lan), Just(PathKind::Direct), Just(PathKind::Relay)]
         )
             .prop_map(|(call, path)| ClientMsg::CallPath { call, path }),
+        (any::<u32>(), "[a-z]{1,32}", any::<[u8; 32]>()).prop_map(|(call, peer, proof)| ClientMsg::Resume {
+            call,
+            peer,
+            proof
+        }),
     ]
 }
 
@@ -84,8 +93,9 @@ fn server_msg() -> impl Strategy<Value = ServerMsg> {
             reason,
             reconnect_after_ms
         }),
-        (any::<u32>(), "[a-z]{1,32}").prop_map(|(call, callee)| ServerMsg::Ringing { call, callee }),
+        (any::<u32>(), any::<u32>()).prop_map(|(request, call)| ServerMsg::Ringing { request, call }),
         (
+            any::<u32>(),
             "[a-z]{1,32}",
             prop_oneof![
                 Just(CallFailure::Offline),
@@ -93,7 +103,11 @@ fn server_msg() -> impl Strategy<Value = ServerMsg> {
                 Just(CallFailure::Busy)
             ]
         )
-            .prop_map(|(callee, failure)| ServerMsg::CallFailed { callee, failure }),
+            .prop_map(|(request, callee, failure)| ServerMsg::CallFailed {
+                request,
+                callee,
+                failure
+            }),
         (any::<u32>(), "[a-z]{1,32}", any::<[u8; 32]>(), policy()).prop_map(|(call, caller, fp, policy)| {
             ServerMsg::Incoming {
                 call,
@@ -109,7 +123,7 @@ fn server_msg() -> impl Strategy<Value = ServerMsg> {
         )
             .prop_map(
                 |((call, peer, fp), (public, lan), (password, controlling, delay_ms, policy))| {
-                    ServerMsg::Start {
+                    ServerMsg::Start(CallStart {
                         call,
                         peer,
                         fingerprint: Fingerprint(fp),
@@ -118,10 +132,13 @@ fn server_msg() -> impl Strategy<Value = ServerMsg> {
                         controlling,
                         delay_ms,
                         policy,
-                    }
+                    })
                 }
             ),
         (any::<u32>(), "\\PC{0,40}").prop_map(|(call, reason)| ServerMsg::CallEnded { call, reason }),
+        any::<u32>().prop_map(|call| ServerMsg::CallSuspended { call }),
+        (any::<u32>(), any::<u32>()).prop_map(|(call, id)| ServerMsg::Resumed { call, id }),
+        (any::<u32>(), "\\PC{0,40}").prop_map(|(call, reason)| ServerMsg::ResumeFailed { call, reason }),
     ]
 }
 
