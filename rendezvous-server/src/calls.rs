@@ -26,7 +26,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use natcall_proto::control::{CallFailure, Candidates, PathKind, Policy, ServerMsg};
+use natcall_proto::control::{CallFailure, CallStart, Candidates, PathKind, Policy, ServerMsg};
 use natcall_proto::relay::RelayHeader;
 use ring::rand::{SecureRandom, SystemRandom};
 use tracing::{debug, info, warn};
@@ -272,19 +272,22 @@ impl Calls {
         }
     }
 
-    /// Handles `Call { callee, policy }` from `caller`. Returns the new call's id and serial.
+    /// Handles `Call { request, callee, policy }` from `caller`. Returns the new call's id and
+    /// serial.
     pub(crate) fn place(
         &self,
         registry: &Registry,
         caller: Member,
+        request: u32,
         callee: &str,
         policy: Policy,
     ) -> Option<(u32, u64)> {
         let fail = |failure| {
-            debug!(peer = %caller.name, %callee, ?failure, "call refused");
+            debug!(peer = %caller.name, %callee, request, ?failure, "call refused");
             deliver(
                 &caller,
                 &ServerMsg::CallFailed {
+                    request,
                     callee: callee.to_owned(),
                     failure,
                 },
@@ -314,13 +317,7 @@ impl Calls {
             conn_id: callee_info.conn_id,
             outbox: callee_info.outbox,
         };
-        deliver(
-            &caller,
-            &ServerMsg::Ringing {
-                call: id,
-                callee: callee.name.clone(),
-            },
-        );
+        deliver(&caller, &ServerMsg::Ringing { request, call: id });
         deliver(
             &callee,
             &ServerMsg::Incoming {
@@ -377,15 +374,17 @@ impl Calls {
         call.state = State::Active;
         let (caller_delay, callee_delay) = start_delays(caller.rtt, callee.rtt);
         let password = crate::registry::random_hex(&self.rng, 16);
-        let start = |peer: &Member, info: &PeerInfo, controlling, delay_ms| ServerMsg::Start {
-            call: id,
-            peer: peer.name.clone(),
-            fingerprint: info.fingerprint,
-            candidates: candidates(info),
-            password: password.clone(),
-            controlling,
-            delay_ms,
-            policy: call.policy,
+        let start = |peer: &Member, info: &PeerInfo, controlling, delay_ms| {
+            ServerMsg::Start(CallStart {
+                call: id,
+                peer: peer.name.clone(),
+                fingerprint: info.fingerprint,
+                candidates: candidates(info),
+                password: password.clone(),
+                controlling,
+                delay_ms,
+                policy: call.policy,
+            })
         };
         deliver(&call.caller, &start(&call.callee, &callee, true, caller_delay));
         deliver(&call.callee, &start(&call.caller, &caller, false, callee_delay));
@@ -499,8 +498,8 @@ fn truncate(s: &str, max: usize) -> &str {
 }
 
 /// Places a call for `caller` and arms its ring timer.
-pub(crate) fn handle_call(shared: &Arc<Shared>, caller: Member, callee: &str, policy: Policy) {
-    let Some((id, serial)) = shared.calls.place(&shared.registry, caller, callee, policy) else {
+pub(crate) fn handle_call(shared: &Arc<Shared>, caller: Member, request: u32, callee: &str, policy: Policy) {
+    let Some((id, serial)) = shared.calls.place(&shared.registry, caller, request, callee, policy) else {
         return;
     };
     let weak = Arc::downgrade(shared);

@@ -413,13 +413,20 @@ impl Conn {
                     fingerprint: peer.map(|p| p.fingerprint),
                 })
             }
-            (Phase::Registered { name }, ClientMsg::Call { callee, policy }) => {
+            (
+                Phase::Registered { name },
+                ClientMsg::Call {
+                    request,
+                    callee,
+                    policy,
+                },
+            ) => {
                 let me = Member {
                     name: name.clone(),
                     conn_id: self.id,
                     outbox: self.outbox.clone(),
                 };
-                calls::handle_call(&self.shared, me, &callee, policy);
+                calls::handle_call(&self.shared, me, request, &callee, policy);
                 None
             }
             (Phase::Registered { .. }, ClientMsg::Answer { call, accept }) => {

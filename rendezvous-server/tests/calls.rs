@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use common::{Client, Got, Identity, Running, eventually, relay_frame, stun_with_token, test_config};
-use natcall_proto::control::{CallFailure, Candidates, ClientMsg, Fingerprint, Policy, ServerMsg};
+use natcall_proto::control::{CallFailure, CallStart, Candidates, ClientMsg, Fingerprint, Policy, ServerMsg};
 use natcall_rendezvous::{Config, RelayCounts, start_delays};
 
 /// Nothing arrives within this: used to show a frame was dropped.
@@ -30,15 +30,17 @@ async fn peer(srv: &Running, name: &str) -> Peer {
 
 /// `caller` calls `callee`; both see the call ring. Returns the call id.
 async fn ring(caller: &mut Client, callee: &mut Client, callee_name: &str, policy: Policy) -> u32 {
+    let request = rand_request();
     caller
         .send(&ClientMsg::Call {
+            request,
             callee: callee_name.into(),
             policy,
         })
         .await;
     let call = match caller.next_msg().await {
-        ServerMsg::Ringing { call, callee } => {
-            assert_eq!(callee, callee_name);
+        ServerMsg::Ringing { request: r, call } => {
+            assert_eq!(r, request, "the caller's request id comes back");
             call
         }
         other => panic!("expected ringing, got {other:?}"),
@@ -53,12 +55,19 @@ async fn ring(caller: &mut Client, callee: &mut Client, callee_name: &str, polic
     call
 }
 
+/// A request id as a client would pick it (any value; distinct per attempt in these tests).
+fn rand_request() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(1000);
+    NEXT.fetch_add(7, Ordering::Relaxed)
+}
+
 /// Rings and accepts; both sides get `Start`. Returns the call id.
 async fn connect(caller: &mut Client, callee: &mut Client, callee_name: &str) -> u32 {
     let call = ring(caller, callee, callee_name, Policy::Auto).await;
     callee.send(&ClientMsg::Answer { call, accept: true }).await;
     for c in [caller, callee] {
-        assert!(matches!(c.next_msg().await, ServerMsg::Start { call: id, .. } if id == call));
+        assert!(matches!(c.next_msg().await, ServerMsg::Start(s) if s.call == call));
     }
     call
 }
@@ -74,14 +83,20 @@ async fn expect_ended(c: &mut Client, call: u32) -> String {
 }
 
 async fn expect_failed(c: &mut Client, callee: &str, policy: Policy) -> CallFailure {
+    let request = rand_request();
     c.send(&ClientMsg::Call {
+        request,
         callee: callee.into(),
         policy,
     })
     .await;
     match c.next_msg().await {
-        ServerMsg::CallFailed { callee: name, failure } => {
-            assert_eq!(name, callee);
+        ServerMsg::CallFailed {
+            request: r,
+            callee: name,
+            failure,
+        } => {
+            assert_eq!((r, name.as_str()), (request, callee));
             failure
         }
         other => panic!("expected call failed, got {other:?}"),
@@ -124,31 +139,29 @@ async fn an_accepted_call_starts_both_sides_with_each_others_key_candidates_and_
     bob.send(&ClientMsg::Answer { call, accept: true }).await;
     let start_a = alice.next_msg().await;
     let start_b = bob.next_msg().await;
-    let (
-        ServerMsg::Start {
-            call: call_a,
-            peer: peer_a,
-            fingerprint: key_a,
-            candidates: cand_a,
-            password: pw_a,
-            controlling: ctl_a,
-            delay_ms: delay_a,
-            policy: policy_a,
-        },
-        ServerMsg::Start {
-            call: call_b,
-            peer: peer_b,
-            fingerprint: key_b,
-            candidates: cand_b,
-            password: pw_b,
-            controlling: ctl_b,
-            delay_ms: delay_b,
-            policy: policy_b,
-        },
-    ) = (start_a, start_b)
-    else {
+    let (ServerMsg::Start(start_a), ServerMsg::Start(start_b)) = (start_a, start_b) else {
         panic!("both sides get Start");
     };
+    let CallStart {
+        call: call_a,
+        peer: peer_a,
+        fingerprint: key_a,
+        candidates: cand_a,
+        password: pw_a,
+        controlling: ctl_a,
+        delay_ms: delay_a,
+        policy: policy_a,
+    } = start_a;
+    let CallStart {
+        call: call_b,
+        peer: peer_b,
+        fingerprint: key_b,
+        candidates: cand_b,
+        password: pw_b,
+        controlling: ctl_b,
+        delay_ms: delay_b,
+        policy: policy_b,
+    } = start_b;
     assert_eq!((call_a, call_b), (call, call));
     assert_eq!((peer_a.as_str(), peer_b.as_str()), ("bob", "alice"));
     assert_eq!(key_a, Fingerprint::of_cert(&bob_id.cert));
@@ -188,7 +201,7 @@ async fn an_accepted_call_starts_both_sides_with_each_others_key_candidates_and_
     })
     .await;
     match alice.next_msg().await {
-        ServerMsg::Start { password, .. } => assert_ne!(password, pw_a),
+        ServerMsg::Start(s) => assert_ne!(s.password, pw_a),
         other => panic!("expected start, got {other:?}"),
     }
     srv.shutdown().await;
@@ -217,6 +230,7 @@ async fn the_incoming_call_carries_the_callers_key() {
     alice
         .client
         .send(&ClientMsg::Call {
+            request: 1,
             callee: "bob".into(),
             policy: Policy::RelayOnly,
         })
@@ -282,8 +296,8 @@ async fn answers_from_anyone_but_the_callee_are_ignored() {
     still_served(&mut carol.client).await;
     // Still ringing: bob can accept it.
     bob.client.send(&ClientMsg::Answer { call, accept: true }).await;
-    assert!(matches!(alice.client.next_msg().await, ServerMsg::Start { .. }));
-    assert!(matches!(bob.client.next_msg().await, ServerMsg::Start { .. }));
+    assert!(matches!(alice.client.next_msg().await, ServerMsg::Start(_)));
+    assert!(matches!(bob.client.next_msg().await, ServerMsg::Start(_)));
     srv.shutdown().await;
 }
 
@@ -416,9 +430,9 @@ async fn relay_frames_from_outside_the_call_are_dropped_without_closing() {
     a.send_relay(call, b"too early").await;
     eventually("the early frame is dropped", || counts(&srv).dropped_not_in_call == 1).await;
     b.send(&ClientMsg::Answer { call, accept: true }).await;
-    assert!(matches!(a.next_msg().await, ServerMsg::Start { .. }));
+    assert!(matches!(a.next_msg().await, ServerMsg::Start(_)));
     assert!(
-        matches!(b.next_msg().await, ServerMsg::Start { .. }),
+        matches!(b.next_msg().await, ServerMsg::Start(_)),
         "no relay frame first"
     );
 

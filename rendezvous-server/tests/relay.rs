@@ -27,6 +27,7 @@ async fn registered(srv: &Running, name: &str) -> Client {
 /// Places and accepts a call from `a` to `b` (named `b_name`); returns its id.
 async fn call(a: &mut Client, b: &mut Client, b_name: &str) -> u32 {
     a.send(&ClientMsg::Call {
+        request: 1,
         callee: b_name.into(),
         policy: Policy::RelayOnly,
     })
@@ -37,7 +38,7 @@ async fn call(a: &mut Client, b: &mut Client, b_name: &str) -> u32 {
     assert!(matches!(b.next_msg().await, ServerMsg::Incoming { .. }));
     b.send(&ClientMsg::Answer { call, accept: true }).await;
     for c in [a, b] {
-        assert!(matches!(c.next_msg().await, ServerMsg::Start { .. }));
+        assert!(matches!(c.next_msg().await, ServerMsg::Start(_)));
     }
     call
 }

@@ -119,7 +119,7 @@ async fn a_version_mismatch_is_refused_naming_both_versions() {
     assert_eq!(e.code, ErrorCode::VersionMismatch);
     assert_eq!(
         e.message,
-        "protocol version mismatch: this side speaks version 2, the other side version 999"
+        "protocol version mismatch: this side speaks version 3, the other side version 999"
     );
     c.expect_eof().await;
     srv.shutdown().await;

@@ -67,6 +67,7 @@ async fn pair(addr: SocketAddr, i: usize, signer: &Signer) -> Result<(Side, Side
     let mut b = register(addr, bn.clone(), signer).await?;
     let (mut abuf, mut bbuf) = (BytesMut::new(), BytesMut::new());
     a.write_all(&control(&ClientMsg::Call {
+        request: 1,
         callee: bn,
         policy: Policy::RelayOnly,
     })?)
@@ -83,7 +84,7 @@ async fn pair(addr: SocketAddr, i: usize, signer: &Signer) -> Result<(Side, Side
     b.write_all(&control(&ClientMsg::Answer { call, accept: true })?)
         .await?;
     for (s, buf) in [(&mut a, &mut abuf), (&mut b, &mut bbuf)] {
-        expect(s, buf, "start", |m| matches!(m, ServerMsg::Start { .. })).await?;
+        expect(s, buf, "start", |m| matches!(m, ServerMsg::Start(_))).await?;
     }
     let side = |s: TcpStream| {
         let (r, w) = s.into_split();
