@@ -22,20 +22,20 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use natcall_proto::control::{CallFailure, CallStart, Candidates, PathKind, Policy, ServerMsg};
+use natcall_proto::frame::control_frame;
 use natcall_proto::relay::RelayHeader;
 use ring::rand::{SecureRandom, SystemRandom};
 use tracing::{debug, info, warn};
 
-use crate::conn::control_frame;
+use crate::config::Limits;
 use crate::metrics::{DropReason, Metrics};
 use crate::outbox::Outbox;
 use crate::registry::{PeerInfo, Registry};
-use crate::server::Shared;
 
 /// The longest hang-up reason passed on to the other peer (bytes; longer ones are cut).
 pub const MAX_REASON_LEN: usize = 256;
@@ -148,14 +148,18 @@ impl RelayStats {
     }
 }
 
-/// The call table.
+/// The call table. It arms its own timers (ring timeouts), which hold it weakly: they do
+/// nothing once the table is gone.
 #[derive(Debug)]
 pub struct Calls {
     table: RwLock<Table>,
     max_per_peer: usize,
+    ring_timeout: Duration,
     rng: SystemRandom,
     stats: RelayStats,
     metrics: Metrics,
+    /// This table, for its timers.
+    me: Weak<Calls>,
 }
 
 fn read(t: &RwLock<Table>) -> RwLockReadGuard<'_, Table> {
@@ -204,15 +208,30 @@ pub fn start_delays(rtt_a: Option<Duration>, rtt_b: Option<Duration>) -> (u32, u
 }
 
 impl Calls {
-    /// An empty table allowing `max_per_peer` calls per connection.
-    pub fn new(max_per_peer: usize, metrics: Metrics) -> Self {
-        Self {
+    /// An empty table with the call limits of `limits` (`max_calls_per_peer`,
+    /// `ring_timeout_ms`).
+    pub fn new(limits: &Limits, metrics: Metrics) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
             table: RwLock::default(),
-            max_per_peer,
+            max_per_peer: limits.max_calls_per_peer,
+            ring_timeout: limits.ring_timeout(),
             rng: SystemRandom::new(),
             stats: RelayStats::default(),
             metrics,
-        }
+            me: me.clone(),
+        })
+    }
+
+    /// Runs `then` on this table after `after`, if the table still exists. Needs a tokio
+    /// runtime (every caller runs on one).
+    fn arm(&self, after: Duration, then: impl FnOnce(&Calls) + Send + 'static) {
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            if let Some(calls) = me.upgrade() {
+                then(&calls);
+            }
+        });
     }
 
     /// Publishes the number of calls by path.
@@ -272,9 +291,16 @@ impl Calls {
         }
     }
 
-    /// Handles `Call { request, callee, policy }` from `caller`. Returns the new call's id and
-    /// serial.
-    pub(crate) fn place(
+    /// Handles `Call { request, callee, policy }` from `caller`: refuses it, or rings and arms
+    /// the ring timer.
+    pub(crate) fn place(&self, registry: &Registry, caller: Member, request: u32, callee: &str, policy: Policy) {
+        if let Some((id, serial)) = self.ring(registry, caller, request, callee, policy) {
+            self.arm(self.ring_timeout, move |calls| calls.expire(id, serial));
+        }
+    }
+
+    /// Refuses a call (`CallFailed`) or creates it ringing. Returns its id and serial.
+    fn ring(
         &self,
         registry: &Registry,
         caller: Member,
@@ -440,7 +466,7 @@ impl Calls {
     }
 
     /// Ends call `id` if it is the same call (`serial`) and still ringing.
-    pub(crate) fn expire(&self, id: u32, serial: u64) {
+    fn expire(&self, id: u32, serial: u64) {
         let mut table = write(&self.table);
         let ringing = table
             .calls
@@ -495,21 +521,6 @@ fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
-}
-
-/// Places a call for `caller` and arms its ring timer.
-pub(crate) fn handle_call(shared: &Arc<Shared>, caller: Member, request: u32, callee: &str, policy: Policy) {
-    let Some((id, serial)) = shared.calls.place(&shared.registry, caller, request, callee, policy) else {
-        return;
-    };
-    let weak = Arc::downgrade(shared);
-    let after = shared.config.limits.ring_timeout();
-    tokio::spawn(async move {
-        tokio::time::sleep(after).await;
-        if let Some(shared) = weak.upgrade() {
-            shared.calls.expire(id, serial);
-        }
-    });
 }
 
 #[cfg(test)]

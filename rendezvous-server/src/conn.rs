@@ -6,18 +6,22 @@
 //!    their own budget, `limits.relay_frames_per_sec` (over it: dropped), and go to
 //!    [`crate::calls`], which forwards them untouched to the other member of an active call;
 //! 3. anything to send — replies, pings, messages from other tasks, relay frames — goes into
-//!    the connection's [`Outbox`] (the relay engine's per-client buffer); its writer task takes
-//!    batches and writes each with one vectored write (no copy of the frames);
+//!    the connection's [`Outbox`] (the relay engine's per-client buffer); its writer task
+//!    ([`crate::outbox::writer`]) takes batches and writes each with one vectored write (no copy
+//!    of the frames), and reports how it ended;
 //! 4. a relay receiver that makes no progress for `relay.overload_timeout_ms` is shed, and the
 //!    other members of its calls are told why;
-//! 5. the connection ends one of three ways (and its calls with it):
+//! 5. the connection ends one of these ways (and its calls with it):
 //!    - **graceful** (protocol error, timeout, server drain): queue an error or "going away"
 //!      frame, let the writer flush it and half-close (`shutdown(Write)`), and keep reading until
 //!      the peer closes its side or the drain deadline passes, so nothing either side already
 //!      sent is lost to a reset;
 //!    - **peer closed**: flush and half-close in turn;
-//!    - **shed** (abusive: flooding, or still sending after a graceful close's deadline):
-//!      `SO_LINGER = 0`, a reset.
+//!    - **reset by the peer** (`ECONNRESET`/`EPIPE` on a read or a write): counted as `reset`;
+//!    - **replaced** by a newer registration of the same peer (that connection queued our
+//!      "going away" and closed our outbox): read until the peer closes, as after a graceful end;
+//!    - **shed** (abusive: flooding, a stalled relay receiver, or still sending after a graceful
+//!      close's deadline): `SO_LINGER = 0`, a reset.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,21 +32,33 @@ use natcall_proto::PROTOCOL_VERSION;
 use natcall_proto::auth::verify_registration;
 use natcall_proto::codec::decode_control;
 use natcall_proto::control::{ClientMsg, MAX_LAN_ADDRS, ServerMsg, validate_name};
-use natcall_proto::frame::{self, ErrorCode, Frame, FrameDecoder, FrameError, FrameKind, RawFrame};
+use natcall_proto::frame::{self, ErrorCode, Frame, FrameDecoder, FrameError, FrameKind, RawFrame, control_frame};
 use ring::rand::{SecureRandom, SystemRandom};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, info, trace, warn};
 
-use crate::calls::{self, Member};
-use crate::metrics::{Disconnect, DropReason};
-use crate::outbox::{Outbox, Take};
-use crate::registry::RegisterError;
-use crate::server::Shared;
+use crate::calls::{Calls, Member};
+use crate::config::Config;
+use crate::metrics::{Disconnect, DropReason, Metrics};
+use crate::outbox::Outbox;
+use crate::outbox::writer::{self, Status};
+use crate::registry::{RegisterError, Registry};
 use crate::sockopt;
+
+/// What every connection of one server shares.
+#[derive(Debug)]
+pub(crate) struct Context {
+    pub(crate) config: Config,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) calls: Arc<Calls>,
+    pub(crate) metrics: Metrics,
+    /// Turns true when the server drains for shutdown.
+    pub(crate) drain: watch::Receiver<bool>,
+}
 
 /// How the read loop ended.
 #[derive(Debug)]
@@ -51,6 +67,11 @@ enum End {
     Graceful(Bytes),
     /// The peer half-closed or vanished.
     PeerClosed,
+    /// The peer reset the connection (counted).
+    Reset,
+    /// A newer connection of the same peer took over: it already queued our last frame and
+    /// closed our outbox; read until the peer closes.
+    Replaced,
     /// Shed with a reset.
     Shed(Disconnect, &'static str),
 }
@@ -62,7 +83,7 @@ enum Phase {
 }
 
 struct Conn {
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
     id: u64,
     addr: SocketAddr,
     outbox: Arc<Outbox>,
@@ -118,37 +139,31 @@ fn error_frame(code: ErrorCode, message: &str) -> Bytes {
     b.freeze()
 }
 
-pub(crate) fn control_frame(msg: &ServerMsg) -> Result<Bytes, FrameError> {
-    let mut b = BytesMut::new();
-    frame::encode_control(msg, &mut b)?;
-    Ok(b.freeze())
-}
-
 /// Serves one accepted connection until it ends.
-pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAddr, id: u64) {
-    if let Err(e) = sockopt::configure_peer(&stream, &shared.config.relay) {
+pub(crate) async fn serve(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr, id: u64) {
+    if let Err(e) = sockopt::configure_peer(&stream, &ctx.config.relay) {
         warn!(%addr, error = %e, "cannot set socket options; closing");
         return;
     }
     let (rd, wr) = stream.into_split();
     let outbox = Arc::new(Outbox::new(
-        shared.config.relay.clone(),
-        shared.metrics.clone(),
-        shared.config.limits.outbound_queue,
+        ctx.config.relay.clone(),
+        ctx.metrics.clone(),
+        ctx.config.limits.outbound_queue,
     ));
-    let (stalled_tx, stalled) = watch::channel(false);
-    let writer = tokio::spawn(write_loop(
+    let (status_tx, status) = watch::channel(Status::Writing);
+    let writer = tokio::spawn(writer::run(
         wr,
         outbox.clone(),
-        shared.config.relay.overload_timeout(),
-        stalled_tx,
+        ctx.config.relay.overload_timeout(),
+        status_tx,
     ));
     let now = Instant::now();
-    let limits = &shared.config.limits;
+    let limits = &ctx.config.limits;
     let mut conn = Conn {
         control_tokens: TokenBucket::new(limits.frames_per_sec, now),
         relay_tokens: TokenBucket::new(limits.relay_frames_per_sec, now),
-        shared,
+        ctx,
         id,
         addr,
         outbox,
@@ -158,14 +173,14 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream, addr: SocketAd
         rtt: None,
         relaying: false,
     };
-    let mut drain = conn.shared.drain.clone();
-    let (rd, end) = conn.read_loop(rd, &mut drain, stalled).await;
+    let mut drain = conn.ctx.drain.clone();
+    let (rd, end) = conn.read_loop(rd, &mut drain, status).await;
     if let Phase::Registered { name } = &conn.phase {
-        conn.shared.registry.unregister(name, id);
-        conn.shared.metrics.set_registered(conn.shared.registry.online_count());
+        conn.ctx.registry.unregister(name, id);
+        conn.ctx.metrics.set_registered(conn.ctx.registry.online_count());
         let why = matches!(end, End::Shed(Disconnect::Stalled, _))
             .then(|| format!("{name}'s connection could not keep up with the relay and was closed"));
-        conn.shared.calls.end_all(id, why);
+        conn.ctx.calls.end_all(id, why);
         info!(peer = %name, %addr, "peer left");
     }
     conn.finish(rd, end).await;
@@ -177,9 +192,9 @@ impl Conn {
         &mut self,
         mut rd: OwnedReadHalf,
         drain: &mut watch::Receiver<bool>,
-        mut stalled: watch::Receiver<bool>,
+        mut writer: watch::Receiver<Status>,
     ) -> (OwnedReadHalf, End) {
-        let limits = self.shared.config.limits.clone();
+        let limits = self.ctx.config.limits.clone();
         let decoder = FrameDecoder::new(limits.max_frame_len);
         let mut buf = BytesMut::with_capacity(256);
         let mut next_ping = Instant::now() + limits.ping_interval();
@@ -193,8 +208,8 @@ impl Conn {
         let ping = sleep_until(next_ping);
         let idle = sleep_until(self.last_rx + idle_after(&self.phase));
         let drained = drain.wait_for(|d| *d);
-        let stall = stalled.wait_for(|s| *s);
-        tokio::pin!(ping, idle, drained, stall);
+        let written = writer.wait_for(|s| *s != Status::Writing);
+        tokio::pin!(ping, idle, drained, written);
         let mut was_registered = false;
         loop {
             let registered = matches!(self.phase, Phase::Registered { .. });
@@ -215,7 +230,7 @@ impl Conn {
                     Ok(_) => self.handle_bytes(&decoder, &mut buf),
                     Err(e) => {
                         debug!(addr = %self.addr, error = %e, "read failed");
-                        Some(End::PeerClosed)
+                        Some(self.peer_gone(sockopt::is_reset(&e)))
                     }
                 },
                 () = &mut ping, if registered => {
@@ -231,21 +246,18 @@ impl Conn {
                     } else {
                         let what = if registered { "no message" } else { "no hello and registration" };
                         let secs = idle_after(&self.phase);
-                        self.shared.metrics.disconnect(Disconnect::Timeout);
+                        self.ctx.metrics.disconnect(Disconnect::Timeout);
                         Some(End::Graceful(error_frame(ErrorCode::Timeout, &format!("{what} within {secs:?}; closing"))))
                     }
                 }
                 _ = &mut drained => {
-                    self.shared.metrics.disconnect(Disconnect::Drain);
+                    self.ctx.metrics.disconnect(Disconnect::Drain);
                     Some(End::Graceful(going_away("server is shutting down")))
                 }
-                _ = &mut stall => {
-                    let msg = format!(
-                        "relay receiver made no progress for {:?}: it cannot keep up; closing",
-                        self.shared.config.relay.overload_timeout()
-                    );
-                    self.outbox.push_server(error_frame(ErrorCode::RateLimited, &msg));
-                    Some(End::Shed(Disconnect::Stalled, "relay receiver stalled"))
+                status = &mut written => {
+                    // The sender is dropped only if the writer panicked: a failed write.
+                    let status = status.map_or(Status::Failed, |s| *s);
+                    Some(self.writer_ended(status))
                 }
             };
             if let Some(end) = end {
@@ -254,6 +266,34 @@ impl Conn {
             if buf.is_empty() && buf.capacity() > 64 * 1024 {
                 buf = BytesMut::with_capacity(256); // give back a burst's worth of memory
             }
+        }
+    }
+
+    /// The peer is gone: it reset the connection (counted), or closed or vanished.
+    fn peer_gone(&self, reset: bool) -> End {
+        if reset {
+            self.ctx.metrics.disconnect(Disconnect::Reset);
+            End::Reset
+        } else {
+            End::PeerClosed
+        }
+    }
+
+    /// The writer stopped writing (see [`Status`]).
+    fn writer_ended(&self, status: Status) -> End {
+        match status {
+            Status::Stalled => {
+                let msg = format!(
+                    "relay receiver made no progress for {:?}: it cannot keep up; closing",
+                    self.ctx.config.relay.overload_timeout()
+                );
+                self.outbox.push_server(error_frame(ErrorCode::RateLimited, &msg));
+                End::Shed(Disconnect::Stalled, "relay receiver stalled")
+            }
+            Status::Reset => self.peer_gone(true),
+            Status::Failed | Status::Writing => self.peer_gone(false),
+            // Only another connection closes our outbox while we read: a newer registration.
+            Status::Closed => End::Replaced,
         }
     }
 
@@ -313,13 +353,13 @@ impl Conn {
             }
         }
         if !self.relay_tokens.take(self.last_rx) {
-            self.shared.calls.relay_stats().count_rate_drop();
+            self.ctx.calls.relay_stats().count_rate_drop();
             let len = raw.wire().len();
-            self.shared.metrics.dropped(header.class, DropReason::RateLimit, 1, len);
+            self.ctx.metrics.dropped(header.class, DropReason::RateLimit, 1, len);
             trace!(addr = %self.addr, call = header.call, "relay frame over the relay rate dropped");
             return None;
         }
-        self.shared
+        self.ctx
             .calls
             .relay(self.id, &header, raw.into_wire(), self.last_rx.into_std());
         self.relaying = true;
@@ -328,7 +368,7 @@ impl Conn {
 
     fn protocol_error(&self, e: &FrameError) -> End {
         debug!(addr = %self.addr, error = %e, "protocol error; closing");
-        self.shared.metrics.disconnect(Disconnect::ProtocolError);
+        self.ctx.metrics.disconnect(Disconnect::ProtocolError);
         End::Graceful(error_frame(ErrorCode::from(e), &e.to_string()))
     }
 
@@ -386,7 +426,7 @@ impl Conn {
                     self.rtt = Some(rtt);
                     self.ping = None;
                     if let Phase::Registered { name } = &self.phase {
-                        self.shared.registry.record_rtt(name, self.id, rtt);
+                        self.ctx.registry.record_rtt(name, self.id, rtt);
                     }
                     trace!(addr = %self.addr, nonce = n, ?rtt, "pong");
                 }
@@ -405,7 +445,7 @@ impl Conn {
                 self.register(challenge, name, &cert, &signature, lan_addrs)
             }
             (Phase::Registered { .. }, ClientMsg::Lookup { name }) => {
-                let peer = self.shared.registry.peer(&name);
+                let peer = self.ctx.registry.peer(&name);
                 let online = peer.is_some();
                 self.send_msg(&ServerMsg::Presence {
                     name,
@@ -426,19 +466,19 @@ impl Conn {
                     conn_id: self.id,
                     outbox: self.outbox.clone(),
                 };
-                calls::handle_call(&self.shared, me, request, &callee, policy);
+                self.ctx.calls.place(&self.ctx.registry, me, request, &callee, policy);
                 None
             }
             (Phase::Registered { .. }, ClientMsg::Answer { call, accept }) => {
-                self.shared.calls.answer(&self.shared.registry, self.id, call, accept);
+                self.ctx.calls.answer(&self.ctx.registry, self.id, call, accept);
                 None
             }
             (Phase::Registered { .. }, ClientMsg::Hangup { call, reason }) => {
-                self.shared.calls.hangup(self.id, call, &reason);
+                self.ctx.calls.hangup(self.id, call, &reason);
                 None
             }
             (Phase::Registered { .. }, ClientMsg::CallPath { call, path }) => {
-                self.shared.calls.set_path(self.id, call, path);
+                self.ctx.calls.set_path(self.id, call, path);
                 None
             }
             (Phase::Registered { .. }, ClientMsg::Register { .. }) => Some(End::Graceful(error_frame(
@@ -473,7 +513,7 @@ impl Conn {
         };
         let reg =
             match self
-                .shared
+                .ctx
                 .registry
                 .register(&name, fingerprint, lan_addrs, self.addr, self.id, self.outbox.clone())
             {
@@ -499,18 +539,18 @@ impl Conn {
             old.outbox
                 .push_server(going_away("replaced by a newer connection of the same peer"));
             old.outbox.close(false);
-            self.shared.calls.end_all(old.conn_id, None);
+            self.ctx.calls.end_all(old.conn_id, None);
         }
         info!(peer = %name, addr = %self.addr, key = %fingerprint.short(), "peer registered");
-        self.shared.metrics.set_registered(self.shared.registry.online_count());
+        self.ctx.metrics.set_registered(self.ctx.registry.online_count());
         self.phase = Phase::Registered { name: name.clone() };
-        let stun_addr = self.shared.config.public_addr;
+        let stun_addr = self.ctx.config.public_addr;
         self.send_msg(&ServerMsg::Registered {
             name,
             fingerprint,
             token: reg.token,
             stun_addr,
-            relay_ack_every: self.shared.config.relay.ack_every,
+            relay_ack_every: self.ctx.config.relay.ack_every,
         })
     }
 
@@ -541,32 +581,38 @@ impl Conn {
     }
 
     /// Ends the connection as `end` says.
-    async fn finish(&self, mut rd: OwnedReadHalf, end: End) {
+    async fn finish(&self, rd: OwnedReadHalf, end: End) {
         match end {
-            End::PeerClosed => self.outbox.close(false),
+            End::PeerClosed | End::Reset => self.outbox.close(false),
             End::Shed(kind, why) => {
                 warn!(addr = %self.addr, why, "shedding connection with a reset");
-                self.shared.metrics.disconnect(kind);
+                self.ctx.metrics.disconnect(kind);
                 let _ = sockopt::arm_reset(rd.as_ref());
                 self.outbox.close(true);
             }
             End::Graceful(last) => {
                 self.outbox.push_server(last);
                 self.outbox.close(false);
-                // Read (and drop) until the peer closes its side, so our close never meets
-                // unread data, which would turn it into a reset that can destroy what we sent.
-                let deadline = Instant::now() + self.shared.config.limits.drain_timeout();
-                let mut sink = vec![0u8; 4096]; // on the heap: idle connections should not carry it
-                loop {
-                    match tokio::time::timeout_at(deadline, rd.read(&mut sink)).await {
-                        Ok(Ok(0)) | Ok(Err(_)) => break,
-                        Ok(Ok(_)) => continue,
-                        Err(_) => {
-                            debug!(addr = %self.addr, "peer did not close in time; resetting");
-                            let _ = sockopt::arm_reset(rd.as_ref());
-                            break;
-                        }
-                    }
+                self.read_until_closed(rd).await;
+            }
+            End::Replaced => self.read_until_closed(rd).await,
+        }
+    }
+
+    /// Reads (and drops) until the peer closes its side or the drain deadline passes, so our
+    /// close never meets unread data, which would turn it into a reset that can destroy what we
+    /// sent.
+    async fn read_until_closed(&self, mut rd: OwnedReadHalf) {
+        let deadline = Instant::now() + self.ctx.config.limits.drain_timeout();
+        let mut sink = vec![0u8; 4096]; // on the heap: idle connections should not carry it
+        loop {
+            match tokio::time::timeout_at(deadline, rd.read(&mut sink)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => continue,
+                Err(_) => {
+                    debug!(addr = %self.addr, "peer did not close in time; resetting");
+                    let _ = sockopt::arm_reset(rd.as_ref());
+                    break;
                 }
             }
         }
@@ -587,126 +633,4 @@ fn random_challenge() -> [u8; 32] {
     // SystemRandom only fails when the OS has no randomness at all.
     SystemRandom::new().fill(&mut c).expect("the OS random source works");
     c
-}
-
-/// Writes what the outbox hands out, each batch with vectored writes (the frames are not
-/// copied). A write or an ack that does not come within `stall_after` marks the client stalled.
-async fn write_loop(mut wr: OwnedWriteHalf, outbox: Arc<Outbox>, stall_after: Duration, stalled: watch::Sender<bool>) {
-    let mut batch: Vec<Bytes> = Vec::with_capacity(32);
-    loop {
-        if outbox.overflowed() {
-            stalled.send_replace(true);
-        }
-        match outbox.take(Instant::now().into_std(), &mut batch) {
-            // Most batches fit in the socket at once: written without arming a timer.
-            Take::Frames => match try_write(&wr, &mut batch) {
-                Ok(true) => {}
-                Ok(false) => match tokio::time::timeout(stall_after, write_all(&mut wr, &mut batch)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        debug!(error = %e, "write failed");
-                        return;
-                    }
-                    Err(_) => {
-                        stalled.send_replace(true);
-                        return;
-                    }
-                },
-                Err(e) => {
-                    debug!(error = %e, "write failed");
-                    return;
-                }
-            },
-            Take::Idle => {
-                let now = Instant::now();
-                match outbox.stalled_for(now.into_std()) {
-                    Some(d) if d >= stall_after => {
-                        stalled.send_replace(true);
-                        outbox.wait().await; // the reader closes us: wait for the close
-                    }
-                    Some(d) => {
-                        let _ = tokio::time::timeout(stall_after - d, outbox.wait()).await;
-                    }
-                    None => outbox.wait().await,
-                }
-            }
-            Take::Close(true) => {
-                let _ = sockopt::arm_reset(wr.as_ref());
-                wr.forget(); // no FIN: the socket closes with a reset when the reader drops
-                return;
-            }
-            Take::Close(false) => {
-                let _ = wr.shutdown().await;
-                return;
-            }
-        }
-    }
-}
-
-/// Drops the first `n` written bytes from `batch`: whole frames, then the front of a partial one.
-fn advance(batch: &mut Vec<Bytes>, mut n: usize) {
-    let whole = batch
-        .iter()
-        .take_while(|b| {
-            let fits = n >= b.len();
-            if fits {
-                n -= b.len();
-            }
-            fits
-        })
-        .count();
-    batch.drain(..whole);
-    if n > 0 {
-        if let Some(first) = batch.first_mut() {
-            *first = first.slice(n..);
-        }
-    }
-}
-
-/// Writes what the socket takes now without waiting; `Ok(true)` when all of `batch` went out
-/// (it is then empty), `Ok(false)` when the rest must wait for the socket.
-fn try_write(wr: &OwnedWriteHalf, batch: &mut Vec<Bytes>) -> std::io::Result<bool> {
-    while !batch.is_empty() {
-        let slices: Vec<std::io::IoSlice<'_>> = batch.iter().map(|b| std::io::IoSlice::new(b)).collect();
-        match wr.try_write_vectored(&slices) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => advance(batch, n),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(true)
-}
-
-/// Writes every frame in `batch` (emptying it) with as few vectored writes as the kernel allows.
-async fn write_all(wr: &mut OwnedWriteHalf, batch: &mut Vec<Bytes>) -> std::io::Result<()> {
-    while !batch.is_empty() {
-        let n = {
-            let slices: Vec<std::io::IoSlice<'_>> = batch.iter().map(|b| std::io::IoSlice::new(b)).collect();
-            wr.write_vectored(&slices).await?
-        };
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        advance(batch, n);
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn advance_drops_written_frames_and_the_front_of_a_partial_one() {
-        let mut batch = vec![
-            Bytes::from_static(b"abc"),
-            Bytes::from_static(b"defg"),
-            Bytes::from_static(b"h"),
-        ];
-        advance(&mut batch, 5);
-        assert_eq!(batch, vec![Bytes::from_static(b"fg"), Bytes::from_static(b"h")]);
-        advance(&mut batch, 3);
-        assert!(batch.is_empty());
-    }
 }

@@ -61,7 +61,8 @@ impl DropReason {
     }
 }
 
-/// Why the server closed a connection (normal ends by the peer are not counted).
+/// Why a connection ended, when it was not a normal close by the peer (those are not counted):
+/// the server closed it, or the peer reset it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disconnect {
     /// A relay receiver made no progress for `relay.overload_timeout_ms`.
@@ -78,10 +79,12 @@ pub enum Disconnect {
     Refused,
     /// The server drained for shutdown.
     Drain,
+    /// The peer reset the connection (`ECONNRESET`/`EPIPE` on a read or a write).
+    Reset,
 }
 
 impl Disconnect {
-    const ALL: [Disconnect; 7] = [
+    const ALL: [Disconnect; 8] = [
         Self::Stalled,
         Self::RateLimited,
         Self::Timeout,
@@ -89,6 +92,7 @@ impl Disconnect {
         Self::QueueOverflow,
         Self::Refused,
         Self::Drain,
+        Self::Reset,
     ];
 
     fn as_str(self) -> &'static str {
@@ -100,6 +104,7 @@ impl Disconnect {
             Self::QueueOverflow => "queue_overflow",
             Self::Refused => "refused",
             Self::Drain => "drain",
+            Self::Reset => "reset",
         }
     }
 }
@@ -117,7 +122,7 @@ struct Inner {
     dropped_frames: [[Counter; 5]; 3],
     dropped_bytes: [[Counter; 5]; 3],
     queued: Gauge,
-    disconnects: [Counter; 7],
+    disconnects: [Counter; 8],
     stun: Counter,
 }
 
@@ -240,7 +245,10 @@ fn describe(rec: &PrometheusRecorder) {
             "natcall_relay_queued_frames",
             "Relay frames waiting in receivers' buffers",
         ),
-        ("natcall_disconnects_total", "Connections the server closed, by reason"),
+        (
+            "natcall_disconnects_total",
+            "Connections that ended other than by the peer's close, by reason (closed by the server, or reset by the peer)",
+        ),
         ("natcall_stun_answered_total", "STUN Binding requests answered"),
     ] {
         rec.describe_counter(name.into(), None, help.into());

@@ -29,7 +29,9 @@
 //!   stay.
 //!
 //! A client that makes no progress (busy with frames waiting, or a write blocked) for
-//! `overload_timeout` is **stalled**: the connection is closed with a reason and its calls end.
+//! `overload_timeout` is **stalled**: the connection is closed with a reason.
+//!
+//! The connection's [`writer`] task is the one consumer: it takes batches and writes them.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -42,6 +44,8 @@ use tokio::sync::Notify;
 
 use crate::config::RelayConfig;
 use crate::metrics::{DropReason, Metrics};
+
+pub(crate) mod writer;
 
 /// Control frames may hold up to this many times `max_bytes` before the client is disconnected.
 const CONTROL_CAP_FACTOR: usize = 4;

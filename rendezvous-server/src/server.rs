@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::calls::Calls;
 use crate::config::Config;
-use crate::conn;
+use crate::conn::{self, Context};
 use crate::metrics::{self, Metrics};
 use crate::registry::Registry;
 use crate::sockopt::Sockets;
@@ -45,20 +45,10 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
-/// State shared by every task of one server.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) config: Config,
-    pub(crate) registry: Registry,
-    pub(crate) calls: Calls,
-    pub(crate) metrics: Metrics,
-    pub(crate) drain: watch::Receiver<bool>,
-}
-
 /// A rendezvous server. Cheap to clone; clones share one registry and call table.
 #[derive(Debug, Clone)]
 pub struct Server {
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
     drain_tx: Arc<watch::Sender<bool>>,
 }
 
@@ -70,11 +60,11 @@ impl Server {
             Registry::new(config.state_file.as_deref(), config.limits.max_names).map_err(ServerError::State)?;
         let (drain_tx, drain) = watch::channel(false);
         let metrics = Metrics::new();
-        let calls = Calls::new(config.limits.max_calls_per_peer, metrics.clone());
+        let calls = Calls::new(&config.limits, metrics.clone());
         Ok(Self {
-            shared: Arc::new(Shared {
+            ctx: Arc::new(Context {
                 config,
-                registry,
+                registry: Arc::new(registry),
                 calls,
                 metrics,
                 drain,
@@ -85,25 +75,25 @@ impl Server {
 
     /// The registry of online peers.
     pub fn registry(&self) -> &Registry {
-        &self.shared.registry
+        &self.ctx.registry
     }
 
     /// The call table (ringing and active calls, relay counters).
     pub fn calls(&self) -> &Calls {
-        &self.shared.calls
+        &self.ctx.calls
     }
 
     /// The server's metrics.
     pub fn metrics(&self) -> &Metrics {
-        &self.shared.metrics
+        &self.ctx.metrics
     }
 
     /// The `/health` document: status and a few counts.
     pub fn health(&self) -> String {
         format!(
             "{{\"status\":\"ok\",\"registered_peers\":{},\"calls\":{}}}\n",
-            self.shared.registry.online_count(),
-            self.shared.calls.len()
+            self.ctx.registry.online_count(),
+            self.ctx.calls.len()
         )
     }
 
@@ -112,20 +102,24 @@ impl Server {
         let Sockets { tcp, udp } = sockets;
         let local = tcp.local_addr()?;
         info!(%local, "rendezvous server listening (TCP control/relay, UDP STUN)");
-        let stun_task = tokio::spawn(stun::respond(Arc::new(udp), self.shared.clone()));
-        let metrics_task = match self.shared.config.metrics_listen {
+        let stun_task = tokio::spawn(stun::respond(
+            Arc::new(udp),
+            self.ctx.registry.clone(),
+            self.ctx.metrics.clone(),
+        ));
+        let metrics_task = match self.ctx.config.metrics_listen {
             Some(addr) => {
                 let listener = metrics::bind(addr).await.map_err(ServerError::Metrics)?;
                 let me = self.clone();
                 Some(tokio::spawn(metrics::serve(
                     listener,
-                    self.shared.metrics.clone(),
+                    self.ctx.metrics.clone(),
                     move || me.health(),
                 )))
             }
             None => None,
         };
-        let permits = Arc::new(Semaphore::new(self.shared.config.limits.max_connections));
+        let permits = Arc::new(Semaphore::new(self.ctx.config.limits.max_connections));
         let next_id = AtomicU64::new(1);
         let mut conns = JoinSet::new();
         tokio::pin!(shutdown);
@@ -137,9 +131,9 @@ impl Server {
                         let id = next_id.fetch_add(1, Ordering::Relaxed);
                         match permits.clone().try_acquire_owned() {
                             Ok(permit) => {
-                                let shared = self.shared.clone();
+                                let ctx = self.ctx.clone();
                                 conns.spawn(async move {
-                                    conn::serve(shared, stream, addr, id).await;
+                                    conn::serve(ctx, stream, addr, id).await;
                                     drop(permit);
                                 });
                             }

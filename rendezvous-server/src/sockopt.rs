@@ -103,6 +103,12 @@ pub fn arm_reset(stream: &TcpStream) -> io::Result<()> {
     SockRef::from(stream).set_linger(Some(Duration::ZERO))
 }
 
+/// Whether `e` says the peer reset the connection: `ECONNRESET`, or `EPIPE` (a write after the
+/// reset was seen).
+pub fn is_reset(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

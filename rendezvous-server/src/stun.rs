@@ -17,24 +17,26 @@ use natcall_proto::stun::{self as wire, MAX_STUN_MESSAGE};
 use tokio::net::UdpSocket;
 use tracing::{debug, trace};
 
-use crate::server::Shared;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
 
 /// An unauthenticated response is at most this many times the request's size.
 pub const AMPLIFICATION_LIMIT: usize = 3;
 
 /// Answers STUN on `socket` until the task is aborted: one responder per core on the same
 /// socket (as coturn runs one UDP thread per core), so a flood is answered by every core.
-pub(crate) async fn respond(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
+/// Token bindings are looked up in, and recorded into, `registry`.
+pub(crate) async fn respond(socket: Arc<UdpSocket>, registry: Arc<Registry>, metrics: Metrics) {
     let responders = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Aborting this task drops the set, which aborts every responder.
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..responders {
-        set.spawn(respond_one(socket.clone(), shared.clone()));
+        set.spawn(respond_one(socket.clone(), registry.clone(), metrics.clone()));
     }
     while set.join_next().await.is_some() {}
 }
 
-async fn respond_one(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
+async fn respond_one(socket: Arc<UdpSocket>, registry: Arc<Registry>, metrics: Metrics) {
     let mut buf = vec![0u8; 2048];
     let mut out = [0u8; 256];
     loop {
@@ -46,7 +48,8 @@ async fn respond_one(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
                 continue;
             }
         };
-        if let Some(len) = answer(&shared, &buf[..n], src, &mut out) {
+        if let Some(len) = answer(&registry, &buf[..n], src, &mut out) {
+            metrics.stun_answered();
             if let Err(e) = socket.send_to(&out[..len], src).await {
                 trace!(%src, error = %e, "udp send failed");
             }
@@ -55,7 +58,7 @@ async fn respond_one(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
 }
 
 /// The response to the datagram `req` from `src`, written into `out`, if it deserves one.
-pub(crate) fn answer(shared: &Shared, req: &[u8], src: SocketAddr, out: &mut [u8]) -> Option<usize> {
+pub(crate) fn answer(registry: &Registry, req: &[u8], src: SocketAddr, out: &mut [u8]) -> Option<usize> {
     if req.len() > MAX_STUN_MESSAGE {
         trace!(%src, len = req.len(), "oversized datagram dropped");
         return None;
@@ -69,7 +72,7 @@ pub(crate) fn answer(shared: &Shared, req: &[u8], src: SocketAddr, out: &mut [u8
     };
     let password = match (&parsed.username, parsed.has_integrity) {
         (Some(user), true) => {
-            let Some(password) = shared.registry.token_password(user) else {
+            let Some(password) = registry.token_password(user) else {
                 debug!(%src, "binding with an unknown token dropped");
                 return None;
             };
@@ -77,7 +80,7 @@ pub(crate) fn answer(shared: &Shared, req: &[u8], src: SocketAddr, out: &mut [u8
                 debug!(%src, "binding with a bad integrity dropped");
                 return None;
             }
-            if let Some(name) = shared.registry.record_public_udp(user, src) {
+            if let Some(name) = registry.record_public_udp(user, src) {
                 trace!(peer = %name, public = %src, "public address recorded");
             }
             Some(password)
@@ -90,6 +93,5 @@ pub(crate) fn answer(shared: &Shared, req: &[u8], src: SocketAddr, out: &mut [u8
         return None;
     }
     trace!(%src, authenticated = password.is_some(), "binding answered");
-    shared.metrics.stun_answered();
     Some(len)
 }
