@@ -77,16 +77,21 @@ impl Args {
     }
 }
 
-async fn shutdown_signal() {
+/// Completes on SIGTERM or SIGINT. The handlers are installed when this is called, not when the
+/// future is first polled: a signal that comes once the port is open must already drain.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        // Without signal handlers the server still runs; it just cannot drain on a signal.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    let signals = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        let (Ok(mut term), Ok(mut int)) = signals else {
+            // Without signal handlers the server still runs; it just cannot drain on a signal.
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }
 
@@ -104,9 +109,10 @@ async fn main() -> Result<()> {
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(error = %e, "cannot raise the open-file limit");
     }
+    let shutdown = shutdown_signal();
     let sockets =
         Sockets::bind(config.listen).with_context(|| format!("cannot listen on {} (TCP and UDP)", config.listen))?;
-    natcall_rendezvous::run(sockets, config, shutdown_signal())
+    natcall_rendezvous::run(sockets, config, shutdown)
         .await
         .context("server failed")?;
     Ok(())
