@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use natcall::{Call, EndReason, Endpoint, EndpointConfig, Frame, Policy, Track};
+use natcall::{Call, EndReason, Endpoint, EndpointConfig, Frame, Policy, ServerState, Track};
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
@@ -64,7 +64,30 @@ async fn bind(settings: &Settings, json: bool) -> Result<Endpoint> {
         json!({"event": "registered", "name": name, "server": server.to_string(), "public_addr": ep.public_addr()}),
         &format!("registered as {name} at {server}; public UDP address {public}"),
     );
+    tokio::spawn(report_server(ep.clone(), name, server, json));
     Ok(ep)
+}
+
+/// Says when the server is lost and when the endpoint is registered again (calls go on
+/// meanwhile: direct ones untouched, relayed ones resume when the server is back).
+async fn report_server(ep: Endpoint, name: String, server: std::net::SocketAddr, json: bool) {
+    let mut seen = ServerState::Up;
+    loop {
+        seen = ep.server_changed(&seen).await;
+        match &seen {
+            ServerState::Up => output::notice(
+                json,
+                json!({"event": "registered", "name": name, "server": server.to_string(), "public_addr": ep.public_addr(), "again": true}),
+                &format!("registered as {name} at {server} again"),
+            ),
+            ServerState::Reconnecting(reason) => output::notice(
+                json,
+                json!({"event": "server_lost", "reason": reason}),
+                &format!("lost the server: {reason}; reconnecting (calls go on)"),
+            ),
+            _ => return,
+        }
+    }
 }
 
 /// `natcall call PEER`.
@@ -86,23 +109,13 @@ pub async fn call(settings: Settings, opts: Opts, peer: &str, policy: Policy) ->
 pub async fn listen(settings: Settings, opts: Opts, once: bool) -> Result<Exit> {
     let json = opts.json;
     let mut stdin = Stdin::for_chat(&opts.media);
-    let mut ep = bind(&settings, json).await?;
+    let ep = bind(&settings, json).await?;
     loop {
         output::status("waiting for calls…");
+        // The endpoint registers again by itself when the server goes away (restart, network);
+        // `accept` fails only when it cannot (its name went to another key).
         let incoming = tokio::select! {
-            c = ep.accept() => match c {
-                Ok(c) => c,
-                // The server went away (restart, network): register again, backing off.
-                Err(natcall::Error::ServerLost(reason)) => {
-                    output::notice(json, json!({"event": "server_lost", "reason": reason}), &format!("lost the server: {reason}; reconnecting"));
-                    ep = tokio::select! {
-                        ep = reconnect(&settings, json) => ep,
-                        _ = tokio::signal::ctrl_c() => return Ok(Exit::Ok),
-                    };
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            },
+            c = ep.accept() => c.context("waiting for calls")?,
             _ = tokio::signal::ctrl_c() => return Ok(Exit::Ok),
         };
         let caller = incoming.caller().to_owned();
@@ -130,21 +143,6 @@ pub async fn listen(settings: Settings, opts: Opts, once: bool) -> Result<Exit> 
         if once {
             ep.close().await;
             return Ok(exit);
-        }
-    }
-}
-
-/// Registers again after losing the server: 1 s, doubling to 30 s between attempts.
-async fn reconnect(settings: &Settings, json: bool) -> Endpoint {
-    let mut wait = Duration::from_secs(1);
-    loop {
-        tokio::time::sleep(wait).await;
-        match bind(settings, json).await {
-            Ok(ep) => return ep,
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), retry_in = ?wait, "reconnecting failed");
-                wait = (wait * 2).min(Duration::from_secs(30));
-            }
         }
     }
 }
@@ -374,8 +372,7 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
                 ep.simulate_dead_udp(true);
                 kill_at = None;
             }
-            Ok(()) = path_rx.changed() => {
-                let to = *path_rx.borrow_and_update();
+            Some(to) = path_rx.changed() => {
                 output::notice(json, json!({"event": "path", "to": to, "at_s": since.elapsed().as_secs_f64()}), &format!("path changed to {to}"));
             }
             _ = tick.tick() => output::status(&path_text(&call, since)),

@@ -1,35 +1,34 @@
-//! [`Call`]: one connected call, and the driver task that runs its traversal agent and moves
-//! its QUIC connection between paths.
+//! [`Call`]: one connected call — its QUIC connection to the peer (pinned to the key the server
+//! vouched for), the chat stream, the media session — over whatever path the peer core routes
+//! its fake address to.
 //!
-//! Setup, after the server's `Start`:
-//! 1. the peer's fake address gets a route: the relay at once under `auto` and `relay-only`
-//!    (QUIC connects over it immediately), nowhere yet under `direct-only` and `lan-only`;
-//! 2. after the server's `delay_ms`, the traversal agent starts checking the candidates the
-//!    policy allows;
-//! 3. the caller opens QUIC (pinned to the callee's key) once a route exists; the callee
-//!    waits for it; the caller opens the chat stream.
+//! Setup ([`establish`]), after the core has the call:
+//! 1. wait for the server's `Start` (the core routes the fake address: the relay at once under
+//!    `auto` and `relay-only`, nowhere yet under `direct-only` and `lan-only`, and starts the
+//!    checks after the start delay);
+//! 2. the caller opens QUIC (pinned to the callee's key) once a route exists; the callee takes
+//!    the connection the acceptor parked in its call; the caller opens the chat stream;
+//! 3. the resume proof is derived from the QUIC session, and the media session starts.
 //!
-//! During the call the driver acts on the agent's events: a selected pair becomes the route
-//! (relay → direct with no new handshake); a lost path falls back to the relay (if the policy
-//! allows) and direct is retried later with backoff.
+//! A call whose setup fails is released in the core, which tells the server (hang-up), so the
+//! server never counts a call nobody has.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::Bytes;
-use natcall_proto::control::{Candidates, ClientMsg, Fingerprint, PathKind as WirePath, Policy};
-use natcall_traversal::{Agent, Candidate, Credentials, Event, PathKind, RelayReason};
+use natcall_proto::control::{CallStart, RESUME_PROOF_LABEL};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, info};
+use tracing::info;
 
 use crate::Error;
-use crate::endpoint::{Inner, lock};
+use crate::core::{self, CallEnd, CallId, CallView, FakeAddr, Phase};
+pub use crate::core::{Path, PathChange, Role};
+use crate::driver::Shared;
+use crate::endpoint::Inner;
 use crate::identity::CERT_NAME;
 use crate::media::{Media, MediaReport};
-use crate::socket::{Route, fake_addr};
 use crate::tls;
 use natcall_media::{Frame, ReceivedFrame, Track};
 
@@ -37,68 +36,8 @@ use natcall_media::{Frame, ReceivedFrame, Track};
 const CHAT_HELLO: &str = "natcall-chat/1";
 /// Longest chat line accepted.
 pub const MAX_CHAT_LINE: usize = 4096;
-/// First retry of direct after falling back to the relay; doubles up to [`RETRY_MAX`].
-const RETRY_FIRST: Duration = Duration::from_secs(5);
-const RETRY_MAX: Duration = Duration::from_secs(300);
-/// Longest a hang-up waits for the call's QUIC close to be sent first ([`Call::hangup`]).
-const HANGUP_HOLD: Duration = Duration::from_millis(50);
-
-/// Which side of the call this peer is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Placed the call (controls nomination, opens QUIC).
-    Caller,
-    /// Accepted it.
-    Callee,
-}
-
-/// The path carrying a call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Path {
-    /// No path yet.
-    Connecting,
-    /// Private LAN addresses.
-    Lan,
-    /// Hole-punched public addresses.
-    Direct,
-    /// The server's TCP relay.
-    Relay,
-}
-
-impl std::fmt::Display for Path {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Path::Connecting => "connecting",
-            Path::Lan => "lan",
-            Path::Direct => "direct",
-            Path::Relay => "relay",
-        })
-    }
-}
-
-impl From<PathKind> for Path {
-    fn from(k: PathKind) -> Self {
-        match k {
-            PathKind::Lan => Path::Lan,
-            _ => Path::Direct,
-        }
-    }
-}
-
-/// One change of path, timed from when the call was placed or received.
-#[derive(Debug, Clone, Serialize)]
-pub struct PathChange {
-    /// Milliseconds since the call started.
-    pub at_ms: f64,
-    /// Previous path.
-    pub from: Path,
-    /// New path.
-    pub to: Path,
-    /// The peer's address on the new path (none for the relay).
-    pub remote: Option<SocketAddr>,
-}
+/// How long setup may take beyond the traversal budget (QUIC's handshake, the chat stream).
+const SETUP_SLACK: Duration = Duration::from_secs(15);
 
 /// Why a call ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -127,157 +66,108 @@ impl std::fmt::Display for EndReason {
     }
 }
 
-/// What the server said to start a call.
-#[derive(Debug, Clone)]
-pub(crate) struct StartInfo {
-    pub(crate) call: u32,
-    pub(crate) peer: String,
-    pub(crate) fingerprint: Fingerprint,
-    pub(crate) candidates: Candidates,
-    pub(crate) password: String,
-    pub(crate) controlling: bool,
-    pub(crate) delay_ms: u32,
-    pub(crate) policy: Policy,
-}
-
-/// What the endpoint routes to a call's driver.
-#[derive(Debug)]
-pub(crate) enum CallSignal {
-    Stun(SocketAddr, Bytes),
-    Ended(String),
-}
-
-#[derive(Debug)]
-struct Shared {
-    /// To report path changes to the server (for its metrics).
-    inner: std::sync::Weak<Inner>,
-    call: u32,
-    t0: Instant,
-    path: watch::Sender<Path>,
-    changes: Mutex<Vec<PathChange>>,
-    failure: watch::Sender<Option<String>>,
-    ended: watch::Sender<Option<String>>,
-    stop: watch::Sender<bool>,
-}
-
-impl Shared {
-    fn set_path(&self, to: Path, remote: Option<SocketAddr>) {
-        let from = *self.path.borrow();
-        if from == to {
-            return;
-        }
-        let at_ms = self.t0.elapsed().as_secs_f64() * 1000.0;
-        info!(%from, %to, ?remote, at_ms, "path changed");
-        lock(&self.changes).push(PathChange {
-            at_ms,
-            from,
-            to,
-            remote,
-        });
-        self.path.send_replace(to);
-        let reported = match to {
-            Path::Lan => Some(WirePath::Lan),
-            Path::Direct => Some(WirePath::Direct),
-            Path::Relay => Some(WirePath::Relay),
-            Path::Connecting => None,
-        };
-        if let (Some(path), Some(inner)) = (reported, self.inner.upgrade()) {
-            let _ = inner.send(&ClientMsg::CallPath { call: self.call, path });
-        }
-    }
-
-    fn fail(&self, why: String) {
-        self.failure.send_replace(Some(why));
+/// The error a call that ended before it connected gives.
+fn setup_error(end: &CallEnd, peer: &str) -> Error {
+    match end {
+        CallEnd::Refused(f) => core::refusal(*f, peer),
+        CallEnd::Ended(r) | CallEnd::NotResumed(r) => Error::Ended(r.clone()),
+        CallEnd::NoAnswer => Error::Timeout(format!("{peer} did not answer")),
+        CallEnd::ServerLost(r) => Error::ServerLost(r.clone()),
+        CallEnd::WrongKey => Error::WrongPeerKey(peer.to_owned()),
+        CallEnd::NoPath(w) => Error::NoPath(w.clone()),
     }
 }
 
-/// A connected call.
+/// Releases a call in the core when dropped (setup failed, or the [`Call`] is gone).
 #[derive(Debug)]
-pub struct Call {
-    inner: Arc<Inner>,
+struct Release {
     shared: Arc<Shared>,
-    info: StartInfo,
-    role: Role,
-    conn: quinn::Connection,
-    chat_tx: tokio::sync::Mutex<quinn::SendStream>,
-    chat_rx: tokio::sync::Mutex<BufReader<quinn::RecvStream>>,
-    connected_after: Duration,
-    path_at_connect: Path,
-    media: Media,
+    id: CallId,
+    reason: &'static str,
 }
 
-fn relay_allowed(policy: Policy) -> bool {
-    matches!(policy, Policy::Auto | Policy::RelayOnly)
+impl Drop for Release {
+    fn drop(&mut self) {
+        let (id, reason) = (self.id, self.reason);
+        self.shared.with(|core, now| core.release(now, id, reason));
+    }
 }
 
-/// Sets up the call the server started; returns when QUIC is connected and the chat stream open.
-pub(crate) async fn start(inner: Arc<Inner>, info: StartInfo, role: Role, t0: Instant) -> Result<Call, Error> {
-    let fake = fake_addr(info.call);
-    if let Ok(mut a) = inner.allowed.write() {
-        a.insert(info.fingerprint);
+/// Reads call `id`'s view with `f`; `Err` if the core no longer has it.
+fn read<T>(shared: &Shared, id: CallId, f: impl FnOnce(&CallView) -> T) -> Result<T, Error> {
+    shared
+        .lock()
+        .call(id)
+        .map(f)
+        .ok_or_else(|| Error::Ended("the call is gone".into()))
+}
+
+/// Waits until call `id` ended (any reason the core knows).
+async fn ended_in_core(shared: &Shared, id: CallId) -> CallEnd {
+    shared
+        .wait(|core| match core.call(id) {
+            None => Some(CallEnd::Ended("the call is gone".into())),
+            Some(v) => v.end.clone(),
+        })
+        .await
+}
+
+/// Runs `fut` unless call `id` ends first.
+async fn or_end<T>(
+    shared: &Shared,
+    id: CallId,
+    peer: &str,
+    fut: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::select! {
+        r = fut => r,
+        e = ended_in_core(shared, id) => Err(setup_error(&e, peer)),
     }
-    let (sig_tx, sig_rx) = mpsc::channel(256);
-    lock(&inner.calls).insert(info.call, sig_tx);
-    // Media may arrive as soon as the peer is connected: route it from now on.
-    let (media_tx, media_rx) = mpsc::channel(1024);
-    lock(&inner.media_routes).insert(info.call, media_tx);
-    let waiter = (role == Role::Callee).then(|| {
-        let (tx, rx) = oneshot::channel();
-        lock(&inner.quic_waiters).insert(fake, tx);
-        rx
-    });
-    let shared = Arc::new(Shared {
-        inner: Arc::downgrade(&inner),
-        call: info.call,
-        t0,
-        path: watch::channel(Path::Connecting).0,
-        changes: Mutex::default(),
-        failure: watch::channel(None).0,
-        ended: watch::channel(None).0,
-        stop: watch::channel(false).0,
-    });
-    if relay_allowed(info.policy) {
-        inner.socket.set_route(fake, Route::Relay(info.call));
-        shared.set_path(Path::Relay, None);
-    } else {
-        inner.socket.set_route(fake, Route::Void);
+}
+
+type Connected = (quinn::Connection, quinn::SendStream, BufReader<quinn::RecvStream>);
+
+/// Sets up call `id` (placed or accepted in the core); returns when QUIC is connected and the
+/// chat stream open.
+pub(crate) async fn establish(inner: Arc<Inner>, id: CallId, role: Role) -> Result<Call, Error> {
+    let shared = inner.shared.clone();
+    let mut release = Release {
+        shared: shared.clone(),
+        id,
+        reason: "call setup failed",
+    };
+    let peer = read(&shared, id, |v| v.peer.clone())?;
+    let start = shared
+        .wait(|core| match core.call(id) {
+            None => Some(Err(Error::Ended("the call is gone".into()))),
+            Some(v) => match (&v.end, &v.start) {
+                (Some(end), _) => Some(Err(setup_error(end, &v.peer))),
+                (None, Some(s)) if v.phase == Phase::Running => Some(Ok(s.clone())),
+                _ => None,
+            },
+        })
+        .await?;
+    // Media may arrive as soon as the peer is connected: take it from now on.
+    let (media_tx, media_rx) = tokio::sync::mpsc::channel(1024);
+    if let Some(link) = shared.lock().link_mut(id) {
+        link.media = Some(media_tx);
     }
-    tokio::spawn(drive(inner.clone(), shared.clone(), sig_rx, info.clone()));
-    let budget = inner.traversal.budget + Duration::from_secs(15);
-    let connected = tokio::time::timeout(budget, connect(&inner, &shared, &info, role, waiter)).await;
-    let (conn, chat_tx, chat_rx) = match connected {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            cleanup(&inner, &shared, &info, None);
-            return Err(e);
-        }
-        Err(_) => {
-            cleanup(&inner, &shared, &info, None);
-            return Err(Error::Timeout(format!("the call to {} did not connect", info.peer)));
-        }
-    };
-    let media = match Media::start(
-        &conn,
-        role == Role::Caller,
-        info.call,
-        inner.socket.clone(),
-        fake,
-        media_rx,
-    ) {
-        Ok(m) => m,
-        Err(e) => {
-            conn.close(1u32.into(), b"media setup failed");
-            cleanup(&inner, &shared, &info, None);
-            return Err(e);
-        }
-    };
-    let connected_after = t0.elapsed();
-    let path_at_connect = *shared.path.borrow();
-    info!(peer = %info.peer, path = %path_at_connect, ?connected_after, "call connected");
+    let budget = inner.traversal_budget + SETUP_SLACK;
+    let (conn, chat_tx, chat_rx) = tokio::time::timeout(budget, connect(&inner, id, &peer, &start, role))
+        .await
+        .map_err(|_| Error::Timeout(format!("the call to {peer} did not connect")))??;
+    let mut proof = [0u8; 32];
+    conn.export_keying_material(&mut proof, RESUME_PROOF_LABEL, &start.call.to_be_bytes())
+        .map_err(|_| Error::Quic("cannot export the resume proof from the QUIC session".into()))?;
+    let fake = FakeAddr::of(id);
+    shared.with(|core, _| core.set_proof(id, proof));
+    let media = Media::start(&conn, role == Role::Caller, start.call, shared.clone(), fake, media_rx)?;
+    let (connected_after, path_at_connect) = read(&shared, id, |v| (v.t0.elapsed(), v.path))?;
+    info!(%peer, path = %path_at_connect, ?connected_after, "call connected");
+    release.reason = "hung up";
     Ok(Call {
-        inner,
-        shared,
-        info,
+        release,
+        start,
         role,
         conn,
         chat_tx: tokio::sync::Mutex::new(chat_tx),
@@ -288,82 +178,37 @@ pub(crate) async fn start(inner: Arc<Inner>, info: StartInfo, role: Role, t0: In
     })
 }
 
-/// Releases what a call holds. Its route stays until `conn` (if any) has closed, so the
-/// CONNECTION_CLOSE that tells the peer still finds its path.
-fn cleanup(inner: &Arc<Inner>, shared: &Shared, info: &StartInfo, conn: Option<quinn::Connection>) {
-    shared.stop.send_replace(true);
-    inner.end_call(info.call);
-    lock(&inner.media_routes).remove(&info.call);
-    let fake = fake_addr(info.call);
-    lock(&inner.quic_waiters).remove(&fake);
-    if let Ok(mut a) = inner.allowed.write() {
-        a.remove(&info.fingerprint);
-    }
-    match (conn, tokio::runtime::Handle::try_current()) {
-        (Some(conn), Ok(rt)) => {
-            let inner = inner.clone();
-            rt.spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                // A new call may have reused the id only if the server reissued it: check.
-                if !lock(&inner.calls).contains_key(&crate::socket::call_of(fake)) {
-                    inner.socket.remove(fake);
-                }
-            });
-        }
-        _ => inner.socket.remove(fake),
-    }
-}
-
-/// Waits for `fut` unless the call fails or is ended first.
-async fn or_failure<T>(shared: &Shared, fut: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
-    let mut failure = shared.failure.subscribe();
-    let mut ended = shared.ended.subscribe();
-    tokio::select! {
-        r = fut => r,
-        f = failure.wait_for(|f| f.is_some()) => Err(Error::NoPath(f.ok().and_then(|f| f.clone()).unwrap_or_default())),
-        e = ended.wait_for(|e| e.is_some()) => Err(Error::Ended(e.ok().and_then(|e| e.clone()).unwrap_or_default())),
-    }
-}
-
-type Connected = (quinn::Connection, quinn::SendStream, BufReader<quinn::RecvStream>);
-
-async fn connect(
-    inner: &Inner,
-    shared: &Shared,
-    info: &StartInfo,
-    role: Role,
-    waiter: Option<oneshot::Receiver<quinn::Connection>>,
-) -> Result<Connected, Error> {
-    let fake = fake_addr(info.call);
-    let conn = match (role, waiter) {
-        (Role::Callee, Some(waiter)) => {
-            or_failure(shared, async {
-                waiter.await.map_err(|_| Error::Quic("the endpoint closed".into()))
+async fn connect(inner: &Inner, id: CallId, peer: &str, start: &CallStart, role: Role) -> Result<Connected, Error> {
+    let shared = &inner.shared;
+    let conn = match role {
+        Role::Callee => {
+            or_end(shared, id, peer, async {
+                Ok(shared
+                    .wait(|core| core.link_mut(id).and_then(|l| l.accepted.take()))
+                    .await)
             })
             .await?
         }
-        _ => {
+        Role::Caller => {
             // No route yet (direct-only, lan-only): wait for the first selected path.
-            let mut path = shared.path.subscribe();
-            or_failure(shared, async {
-                path.wait_for(|p| *p != Path::Connecting)
-                    .await
-                    .map_err(|_| Error::Quic("call ended".into()))?;
+            or_end(shared, id, peer, async {
+                shared
+                    .wait(|core| core.call(id).filter(|v| v.path != Path::Connecting).map(|_| ()))
+                    .await;
                 Ok(())
             })
             .await?;
-            let config = tls::client_config(&inner.identity, info.fingerprint)?;
+            let config = tls::client_config(&inner.identity, start.fingerprint)?;
             let connecting = inner
                 .quic
-                .connect_with(config, fake, CERT_NAME)
+                .connect_with(config, FakeAddr::of(id).socket(), CERT_NAME)
                 .map_err(|e| Error::Quic(e.to_string()))?;
-            or_failure(shared, async { connecting.await.map_err(Error::from) }).await?
+            or_end(shared, id, peer, async { connecting.await.map_err(Error::from) }).await?
         }
     };
-    if tls::peer_fingerprint(&conn) != Some(info.fingerprint) {
+    if tls::peer_fingerprint(&conn) != Some(start.fingerprint) {
         conn.close(1u32.into(), b"wrong key");
-        return Err(Error::WrongPeerKey(info.peer.clone()));
+        return Err(Error::WrongPeerKey(peer.to_owned()));
     }
     let (tx, rx) = match role {
         Role::Caller => {
@@ -374,7 +219,7 @@ async fn connect(
             (tx, BufReader::new(rx))
         }
         Role::Callee => {
-            let (tx, rx) = or_failure(shared, async { conn.accept_bi().await.map_err(Error::from) }).await?;
+            let (tx, rx) = or_end(shared, id, peer, async { conn.accept_bi().await.map_err(Error::from) }).await?;
             let mut rx = BufReader::new(rx);
             let mut hello = String::new();
             rx.read_line(&mut hello).await.map_err(|e| Error::Quic(e.to_string()))?;
@@ -388,219 +233,55 @@ async fn connect(
     Ok((conn, tx, rx))
 }
 
-/// The candidates the policy allows, and whether LAN is tried first.
-fn candidates(inner: &Inner, info: &StartInfo) -> (Vec<Candidate>, bool) {
-    let mine = *lock(&inner.public);
-    let same_public = matches!((mine, info.candidates.public), (Some(a), Some(b)) if a.ip() == b.ip());
-    let lan = info.candidates.lan.iter().map(|a| Candidate::lan(*a));
-    let public = info.candidates.public.map(Candidate::server_reflexive);
-    match info.policy {
-        Policy::LanOnly => (lan.collect(), true),
-        Policy::DirectOnly => (public.into_iter().collect(), false),
-        Policy::Auto if same_public => (lan.chain(public).collect(), true),
-        _ => (public.into_iter().collect(), false),
-    }
+/// A connected call.
+#[derive(Debug)]
+pub struct Call {
+    release: Release,
+    start: CallStart,
+    role: Role,
+    conn: quinn::Connection,
+    chat_tx: tokio::sync::Mutex<quinn::SendStream>,
+    chat_rx: tokio::sync::Mutex<BufReader<quinn::RecvStream>>,
+    connected_after: Duration,
+    path_at_connect: Path,
+    media: Media,
 }
 
-fn new_agent(inner: &Inner, info: &StartInfo) -> Result<Agent, Error> {
-    let credentials = Credentials::new(&info.password, inner.name.clone(), info.peer.clone())
-        .map_err(|e| Error::Protocol(e.to_string()))?;
-    let (remote, try_lan) = candidates(inner, info);
-    let mut config = inner.traversal.clone();
-    config.rng_seed = inner
-        .seed
-        .fetch_add(0x9e37_79b9_7f4a_7c15, std::sync::atomic::Ordering::Relaxed);
-    let role = if info.controlling {
-        natcall_traversal::Role::Controlling
-    } else {
-        natcall_traversal::Role::Controlled
-    };
-    debug!(peer = %info.peer, ?remote, try_lan, "starting connectivity checks");
-    Ok(Agent::new(config, role, credentials, remote, try_lan, Instant::now()))
-}
-
-/// The per-call driver state.
-struct Driver {
-    inner: Arc<Inner>,
+/// Changes of a call's path as they happen ([`Call::watch_path`]).
+#[derive(Debug)]
+pub struct PathWatch {
     shared: Arc<Shared>,
-    info: StartInfo,
-    fake: SocketAddr,
-    selected: Option<SocketAddr>,
-    last_activity: Option<Instant>,
-    restart_at: Option<Instant>,
-    backoff: Duration,
-    lost_retries: u32,
+    id: CallId,
+    seen: usize,
 }
 
-async fn drive(inner: Arc<Inner>, shared: Arc<Shared>, mut sig: mpsc::Receiver<CallSignal>, info: StartInfo) {
-    let mut stop = shared.stop.subscribe();
-    let fake = fake_addr(info.call);
-    let mut d = Driver {
-        inner,
-        shared,
-        info,
-        fake,
-        selected: None,
-        last_activity: None,
-        restart_at: None,
-        backoff: RETRY_FIRST,
-        lost_retries: 0,
-    };
-    tokio::time::sleep(Duration::from_millis(u64::from(d.info.delay_ms))).await;
-    let mut agent = match d.info.policy {
-        Policy::RelayOnly => None,
-        _ => match new_agent(&d.inner, &d.info) {
-            Ok(a) => Some(a),
-            Err(e) => {
-                d.shared.fail(e.to_string());
-                return;
-            }
-        },
-    };
-    if let Some(a) = agent.as_mut() {
-        if !d.inner.udp_ok.load(std::sync::atomic::Ordering::Relaxed) {
-            a.handle_udp_unusable(Instant::now());
-        }
-    }
-    loop {
-        if let Some(a) = agent.as_mut() {
-            d.flush(a).await;
-        }
-        let now = Instant::now();
-        let mut next = now + Duration::from_secs(1);
-        if let Some(t) = agent.as_ref().and_then(|a| a.poll_timeout()) {
-            next = next.min(t);
-        }
-        if let Some(t) = d.restart_at {
-            next = next.min(t);
-        }
-        tokio::select! {
-            s = sig.recv() => match s {
-                Some(CallSignal::Stun(src, pkt)) => {
-                    if let Some(a) = agent.as_mut() {
-                        a.handle_input(Instant::now(), src, &pkt);
-                    }
-                }
-                Some(CallSignal::Ended(reason)) => {
-                    d.shared.ended.send_replace(Some(reason));
-                    break;
-                }
-                None => break,
-            },
-            _ = tokio::time::sleep_until(next.into()) => {
-                if let Some(a) = agent.as_mut() {
-                    d.tick(a);
-                }
-            }
-            _ = stop.changed() => break,
-        }
-    }
-}
-
-impl Driver {
-    fn tick(&mut self, agent: &mut Agent) {
-        let now = Instant::now();
-        if let Some(remote) = self.selected {
-            if let Some(t) = self.inner.socket.last_rx(remote) {
-                if self.last_activity != Some(t) {
-                    agent.handle_activity(t, remote);
-                    self.last_activity = Some(t);
-                }
-            }
-        }
-        agent.handle_timeout(now);
-        if self.restart_at.is_some_and(|t| now >= t) {
-            self.restart_at = None;
-            debug!(peer = %self.info.peer, "retrying a direct path");
-            agent.restart(now);
-        }
+impl PathWatch {
+    /// The next path change (the path it changed to); `None` once the call is gone.
+    pub async fn changed(&mut self) -> Option<Path> {
+        let (id, seen) = (self.id, self.seen);
+        let next = self
+            .shared
+            .wait(|core| match core.call(id) {
+                None => Some(None),
+                Some(v) => v.changes.get(seen).map(|c| Some(c.to)),
+            })
+            .await;
+        self.seen += 1;
+        next
     }
 
-    async fn flush(&mut self, agent: &mut Agent) {
-        while let Some(t) = agent.poll_transmit() {
-            if let Err(e) = self.inner.socket.send_to(&t.contents, t.destination).await {
-                debug!(to = %t.destination, error = %e, "check not sent");
-            }
-        }
-        while let Some(ev) = agent.poll_event() {
-            self.handle_event(agent, ev);
-        }
-    }
-
-    fn handle_event(&mut self, agent: &mut Agent, ev: Event) {
-        let socket = &self.inner.socket;
-        let relay_ok = relay_allowed(self.info.policy);
-        match ev {
-            Event::PairValidated { remote, .. } => {
-                socket.allow_remote(remote, self.fake);
-                if socket.route(self.fake) == Some(Route::Void) {
-                    socket.set_route(self.fake, Route::Udp(remote)); // so QUIC can answer at once
-                }
-            }
-            Event::Selected { remote, kind, rtt } => {
-                debug!(peer = %self.info.peer, %remote, ?kind, ?rtt, "pair selected");
-                socket.allow_remote(remote, self.fake);
-                socket.set_route(self.fake, Route::Udp(remote));
-                self.selected = Some(remote);
-                self.backoff = RETRY_FIRST;
-                self.shared.set_path(kind.into(), Some(remote));
-            }
-            Event::PathLost { remote } => {
-                info!(peer = %self.info.peer, %remote, "direct path lost");
-                self.selected = None;
-                if relay_ok {
-                    socket.set_route(self.fake, Route::Relay(self.info.call));
-                    self.shared.set_path(Path::Relay, None);
-                    self.schedule_retry();
-                } else if self.lost_retries == 0 {
-                    self.lost_retries += 1;
-                    agent.restart(Instant::now());
-                } else {
-                    self.shared.fail(format!(
-                        "the path to {} died and the {} policy forbids the relay",
-                        self.info.peer, self.info.policy
-                    ));
-                }
-            }
-            Event::UseRelay { reason } => self.use_relay(reason, relay_ok),
-            _ => {}
-        }
-    }
-
-    fn use_relay(&mut self, reason: RelayReason, relay_ok: bool) {
-        let why = match reason {
-            RelayReason::UdpUnusable => "UDP to the rendezvous server is blocked here".to_owned(),
-            RelayReason::NoValidPair { after } => {
-                format!(
-                    "no {} path to {} answered within {after:?}",
-                    self.wanted(),
-                    self.info.peer
-                )
-            }
-            _ => "no path answered".to_owned(),
-        };
-        if relay_ok {
-            debug!(peer = %self.info.peer, %why, "staying on the relay");
-            if matches!(reason, RelayReason::NoValidPair { .. }) {
-                self.schedule_retry();
-            }
-        } else {
-            self.shared
-                .fail(format!("{why}, and the {} policy forbids the relay", self.info.policy));
-        }
-    }
-
-    fn wanted(&self) -> &'static str {
-        match self.info.policy {
-            Policy::LanOnly => "LAN",
-            Policy::DirectOnly => "direct",
-            _ => "LAN or direct",
-        }
-    }
-
-    fn schedule_retry(&mut self) {
-        self.restart_at = Some(Instant::now() + self.backoff);
-        self.backoff = (self.backoff * 2).min(RETRY_MAX);
+    /// Waits until the path satisfies `f` (now or after a change); `None` if the call is gone.
+    pub async fn wait_for(&mut self, f: impl Fn(&Path) -> bool) -> Option<Path> {
+        let id = self.id;
+        let path = self
+            .shared
+            .wait(|core| match core.call(id) {
+                None => Some(None),
+                Some(v) => f(&v.path).then_some(Some(v.path)),
+            })
+            .await;
+        self.seen = read(&self.shared, id, |v| v.changes.len()).unwrap_or(self.seen);
+        path
     }
 }
 
@@ -634,9 +315,17 @@ pub struct CallReport {
 }
 
 impl Call {
+    fn id(&self) -> CallId {
+        self.release.id
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.release.shared
+    }
+
     /// The other peer's name.
     pub fn peer(&self) -> &str {
-        &self.info.peer
+        &self.start.peer
     }
 
     /// This side's role.
@@ -646,12 +335,29 @@ impl Call {
 
     /// The current path.
     pub fn path(&self) -> Path {
-        *self.shared.path.borrow()
+        read(self.shared(), self.id(), |v| v.path).unwrap_or(Path::Connecting)
     }
 
-    /// Changes of path as they happen.
-    pub fn watch_path(&self) -> watch::Receiver<Path> {
-        self.shared.path.subscribe()
+    /// Changes of path as they happen, from now on.
+    pub fn watch_path(&self) -> PathWatch {
+        PathWatch {
+            shared: self.shared().clone(),
+            id: self.id(),
+            seen: read(self.shared(), self.id(), |v| v.changes.len()).unwrap_or(0),
+        }
+    }
+
+    /// The peer's address on the current path (`None` on the relay).
+    pub fn remote_addr(&self) -> Option<SocketAddr> {
+        read(self.shared(), self.id(), |v| v.changes.last().and_then(|c| c.remote))
+            .ok()
+            .flatten()
+    }
+
+    /// Whether the server that this endpoint is registered with knows the call now (`false`
+    /// while the server is down, or until the call is resumed on a new one).
+    pub fn server_knows(&self) -> bool {
+        self.shared().lock().server_knows(self.id())
     }
 
     /// Round-trip time as QUIC measures it.
@@ -662,15 +368,17 @@ impl Call {
     /// The call's statistics and path history.
     pub fn report(&self) -> CallReport {
         let stats = self.conn.stats();
+        let (path, path_changes) =
+            read(self.shared(), self.id(), |v| (v.path, v.changes.clone())).unwrap_or((Path::Connecting, Vec::new()));
         CallReport {
-            peer: self.info.peer.clone(),
+            peer: self.start.peer.clone(),
             role: self.role,
-            policy: self.info.policy.to_string(),
-            call_id: self.info.call,
+            policy: self.start.policy.to_string(),
+            call_id: self.start.call,
             time_to_connected_ms: self.connected_after.as_secs_f64() * 1000.0,
             path_at_connect: self.path_at_connect,
-            path: self.path(),
-            path_changes: lock(&self.shared.changes).clone(),
+            path,
+            path_changes,
             rtt_ms: self.conn.rtt().as_secs_f64() * 1000.0,
             bytes_sent: stats.udp_tx.bytes,
             bytes_received: stats.udp_rx.bytes,
@@ -768,24 +476,24 @@ impl Call {
 
     /// Resolves when the call ends for any reason but a local hang-up.
     pub async fn ended(&self) -> EndReason {
-        let mut failure = self.shared.failure.subscribe();
-        let mut ended = self.shared.ended.subscribe();
         let closed = |e: quinn::ConnectionError| match e {
             quinn::ConnectionError::ApplicationClosed(c) => {
                 EndReason::Peer(String::from_utf8_lossy(&c.reason).into_owned())
             }
             quinn::ConnectionError::LocallyClosed => EndReason::Local,
             quinn::ConnectionError::TimedOut => {
-                EndReason::Lost(format!("nothing heard from {} for 15 s", self.info.peer))
+                EndReason::Lost(format!("nothing heard from {} for 15 s", self.start.peer))
             }
             other => EndReason::Lost(other.to_string()),
         };
         let server_reason = tokio::select! {
             e = self.conn.closed() => return closed(e),
-            f = failure.wait_for(|f| f.is_some()) => {
-                return EndReason::Failed(f.ok().and_then(|f| f.clone()).unwrap_or_default());
-            }
-            e = ended.wait_for(|e| e.is_some()) => e.ok().and_then(|e| e.clone()).unwrap_or_default(),
+            e = ended_in_core(self.shared(), self.id()) => match e {
+                CallEnd::NoPath(why) => return EndReason::Failed(why),
+                CallEnd::NotResumed(why) => return EndReason::Lost(why),
+                CallEnd::Ended(reason) => reason,
+                other => return EndReason::Lost(setup_error(&other, &self.start.peer).to_string()),
+            },
         };
         // The peer's own close usually follows on the call's path: prefer its words.
         match tokio::time::timeout(Duration::from_millis(300), self.conn.closed()).await {
@@ -794,26 +502,14 @@ impl Call {
         }
     }
 
-    /// Hangs up: tells the server and the peer, and releases the call's resources.
+    /// Hangs up: closes the QUIC connection (the peer hears `reason`) and releases the call.
     ///
-    /// The server hears of it just after the QUIC close has left (at most 50 ms
-    /// later): on the relay, a hang-up that overtook the close would end the call at the server
-    /// first, the server would drop the close, and the peer would wait for it in vain.
+    /// The server hears of it just after the QUIC close has left (at most 50 ms later): on the
+    /// relay, a hang-up that overtook the close would end the call at the server first, the
+    /// server would drop the close, and the peer would wait for it in vain.
     pub fn hangup(&self, reason: &str) {
         self.conn.close(0u32.into(), reason.as_bytes());
-        let hangup = ClientMsg::Hangup {
-            call: self.info.call,
-            reason: reason.to_owned(),
-        };
-        if let Ok(frame) = crate::control::control_frame(&hangup) {
-            self.inner.socket.hold(fake_addr(self.info.call), frame, HANGUP_HOLD);
-        }
-        cleanup(&self.inner, &self.shared, &self.info, Some(self.conn.clone()));
-    }
-}
-
-impl Drop for Call {
-    fn drop(&mut self) {
-        cleanup(&self.inner, &self.shared, &self.info, Some(self.conn.clone()));
+        let id = self.id();
+        self.shared().with(|core, now| core.release(now, id, reason));
     }
 }

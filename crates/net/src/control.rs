@@ -1,73 +1,97 @@
-//! The TCP control connection to the rendezvous server: hello, registration, then a reader task
-//! (pings answered, relay frames to the socket, control messages to the endpoint) and a writer
-//! task (one bounded queue, batched writes).
+//! The TCP control connection to the rendezvous server: hello and registration
+//! ([`connect`]), then a reader task (pings answered, relay frames to the peer core and on to
+//! quinn or the call's media, control messages to the core) and a writer task with **two
+//! lanes**: control (health checks, pongs, hang-ups, signalling) always before relay frames, so
+//! a busy relay upload never delays or drops what the server counts on.
+//!
+//! The lanes outlive connections: each new connection's writer takes them over
+//! ([`LaneReceivers`]), dropping what was queued for the old one.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use natcall_proto::PROTOCOL_VERSION;
 use natcall_proto::codec::decode_control;
-use natcall_proto::control::{ClientMsg, Fingerprint, ServerMsg};
+use natcall_proto::control::{ClientMsg, ServerMsg};
 use natcall_proto::frame::{self, ErrorFrame, Frame, FrameDecoder, LEN_PREFIX, MAX_FRAME_LEN};
 use natcall_proto::relay::{RELAY_HEADER_LEN, TrafficClass};
-use natcall_proto::stun::TokenCredentials;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, trace};
 
 use crate::Error;
+use crate::core::{FakeAddr, Registered};
+use crate::driver::Shared;
 use crate::identity::Identity;
-use crate::socket::fake_addr;
 
-/// Frames queued towards the server (relay packets included) before new ones are dropped.
-const WRITE_QUEUE: usize = 4096;
+/// Control frames queued towards the server at most (a full lane means a stuck connection).
+const CONTROL_QUEUE: usize = 1024;
+/// Relay frames queued towards the server before new ones are dropped (congestion).
+const RELAY_QUEUE: usize = 4096;
 /// How long connecting and registering may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes written in one batch at most.
+const BATCH: usize = 64 * 1024;
 
-/// What the server said when registration succeeded.
-#[derive(Debug, Clone)]
-pub(crate) struct Registration {
-    pub(crate) fingerprint: Fingerprint,
-    pub(crate) relay_ack_every: u32,
-    pub(crate) token: TokenCredentials,
-    pub(crate) stun_addr: SocketAddr,
-}
-
-/// Where relayed packets go: QUIC packets to the socket adapter (and on to quinn), media packets
-/// to the calls' media sessions; each with the call's fake address.
-#[derive(Debug)]
-pub(crate) struct Inbound {
-    pub(crate) quic: mpsc::Sender<(SocketAddr, Bytes)>,
-    pub(crate) media: mpsc::Sender<(SocketAddr, Bytes)>,
-}
-
-/// What goes to the writer task.
+/// What goes to the writer's control lane.
 #[derive(Debug)]
 pub(crate) enum Outgoing {
     /// An encoded frame.
     Frame(Bytes),
     /// Answer once everything queued before it is written.
-    Flush(tokio::sync::oneshot::Sender<()>),
+    Flush(oneshot::Sender<()>),
     /// Write what is queued, then half-close (FIN): the server answers by closing its side.
     Close,
+    /// The connection is stuck: drop it (the endpoint reconnects).
+    Abort,
 }
 
-/// What the reader passes to the endpoint.
+/// The senders of the two lanes.
+#[derive(Debug, Clone)]
+pub(crate) struct Lanes {
+    pub(crate) control: mpsc::Sender<Outgoing>,
+    pub(crate) relay: mpsc::Sender<Bytes>,
+}
+
+/// The receivers of the two lanes, taken by the current connection's writer.
 #[derive(Debug)]
-pub(crate) enum ServerEvent {
-    Msg(ServerMsg),
-    /// The connection ended; the reason is for a person.
-    Closed(String),
+pub(crate) struct LaneReceivers {
+    control: mpsc::Receiver<Outgoing>,
+    relay: mpsc::Receiver<Bytes>,
 }
 
-/// Encodes a control message as a frame.
-pub(crate) fn control_frame(msg: &ClientMsg) -> Result<Bytes, Error> {
-    let mut b = BytesMut::new();
-    frame::encode_control(msg, &mut b).map_err(|e| Error::Protocol(e.to_string()))?;
-    Ok(b.freeze())
+/// Both lanes.
+pub(crate) fn lanes() -> (Lanes, LaneReceivers) {
+    let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
+    let (relay, relay_rx) = mpsc::channel(RELAY_QUEUE);
+    (
+        Lanes { control, relay },
+        LaneReceivers {
+            control: control_rx,
+            relay: relay_rx,
+        },
+    )
+}
+
+/// Who this peer registers as.
+#[derive(Debug, Clone)]
+pub(crate) struct Credentials {
+    pub(crate) server: SocketAddr,
+    pub(crate) identity: Identity,
+    pub(crate) name: String,
+    pub(crate) lan_addrs: Vec<SocketAddr>,
+}
+
+/// A registered connection, before its tasks start.
+#[derive(Debug)]
+pub(crate) struct Connected {
+    stream: TcpStream,
+    buf: BytesMut,
+    pub(crate) registered: Registered,
 }
 
 struct Handshake {
@@ -109,157 +133,221 @@ fn refused(e: &ErrorFrame) -> Error {
     }
 }
 
-/// Connects to `server`, registers `name`, and starts the reader and writer tasks.
-/// Returns the writer queue and what the server said.
-pub(crate) async fn connect(
-    server: SocketAddr,
-    identity: &Identity,
-    name: &str,
-    lan_addrs: Vec<SocketAddr>,
-    relay_in: Inbound,
-    events: mpsc::Sender<ServerEvent>,
-) -> Result<(mpsc::Sender<Outgoing>, Registration), Error> {
+fn encode(msg: &ClientMsg) -> Result<Bytes, Error> {
+    frame::control_frame(msg).map_err(|e| Error::Protocol(e.to_string()))
+}
+
+/// Connects to the server and registers.
+pub(crate) async fn connect(who: &Credentials) -> Result<Connected, Error> {
+    let server = who.server;
     let fut = async {
         let stream = TcpStream::connect(server)
             .await
             .map_err(|source| Error::Unreachable { addr: server, source })?;
         stream.set_nodelay(true)?;
-        let mut hs = Handshake {
+        let mut conn = Handshake {
             stream,
             buf: BytesMut::new(),
         };
         let mut out = BytesMut::new();
         frame::encode_hello(PROTOCOL_VERSION, &mut out);
-        hs.stream.write_all(&out).await?;
-        let ServerMsg::Welcome { challenge, .. } = hs.next().await? else {
+        conn.stream.write_all(&out).await?;
+        let ServerMsg::Welcome { challenge, .. } = conn.next().await? else {
             return Err(Error::Protocol("expected a welcome from the server".into()));
         };
-        let signature = identity.sign_registration(&challenge, name)?;
+        let signature = who.identity.sign_registration(&challenge, &who.name)?;
         let register = ClientMsg::Register {
-            name: name.to_owned(),
-            cert: identity.cert_der().to_vec(),
+            name: who.name.clone(),
+            cert: who.identity.cert_der().to_vec(),
             signature,
-            lan_addrs,
+            lan_addrs: who.lan_addrs.clone(),
         };
-        hs.stream.write_all(&control_frame(&register)?).await?;
-        match hs.next().await? {
+        conn.stream.write_all(&encode(&register)?).await?;
+        match conn.next().await? {
             ServerMsg::Registered {
-                fingerprint,
                 token,
                 stun_addr,
                 relay_ack_every,
                 ..
-            } => Ok((
-                hs,
-                Registration {
-                    fingerprint,
-                    relay_ack_every,
-                    token,
+            } => {
+                let registered = Registered {
                     stun_addr: stun_addr.unwrap_or(server),
-                },
-            )),
+                    token,
+                    relay_ack_every,
+                };
+                Ok(Connected {
+                    stream: conn.stream,
+                    buf: conn.buf,
+                    registered,
+                })
+            }
             other => Err(Error::Protocol(format!("expected registration, got {other:?}"))),
         }
     };
-    let (hs, reg) = tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
         .await
-        .map_err(|_| Error::Protocol(format!("the server at {server} did not complete registration in time")))??;
-    let (rd, wr) = hs.stream.into_split();
-    let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-    tokio::spawn(write_loop(wr, rx));
-    tokio::spawn(read_loop(rd, hs.buf, tx.clone(), relay_in, events, reg.relay_ack_every));
-    Ok((tx, reg))
+        .map_err(|_| Error::Protocol(format!("the server at {server} did not complete registration in time")))?
 }
 
-async fn read_loop(
-    mut rd: OwnedReadHalf,
-    mut buf: BytesMut,
-    tx: mpsc::Sender<Outgoing>,
-    relay_in: Inbound,
-    events: mpsc::Sender<ServerEvent>,
-    ack_every: u32,
-) {
+/// Starts the reader and writer of a registered connection and tells the core. The returned
+/// handle ends with the reason the connection ended.
+pub(crate) fn start(
+    shared: &Arc<Shared>,
+    lanes: Arc<tokio::sync::Mutex<LaneReceivers>>,
+    conn: Connected,
+) -> tokio::task::JoinHandle<String> {
+    let Connected {
+        stream,
+        buf,
+        registered,
+    } = conn;
+    let (rd, wr) = stream.into_split();
+    let (stop_tx, stop_rx) = oneshot::channel();
+    // The writer takes the lanes only after the old writer let them go; what was queued for
+    // the old connection (stale acks, relay frames for old call ids) is dropped first.
+    let writer = tokio::spawn(async move {
+        let mut rx = lanes.lock().await;
+        while rx.control.try_recv().is_ok() {}
+        while rx.relay.try_recv().is_ok() {}
+        write_loop(wr, &mut rx, stop_rx).await;
+    });
+    shared.with(|core, now| core.handle_registered(now, registered));
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let reason = read_loop(rd, buf, &shared).await;
+        let _ = stop_tx.send(());
+        let _ = writer.await;
+        debug!(%reason, "control connection ended");
+        reason
+    })
+}
+
+async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, shared: &Shared) -> String {
     let decoder = FrameDecoder::new(MAX_FRAME_LEN);
-    // The relay engine's health check: after every `ack_every` relay frames read, tell the
-    // server so it can send more (see the server's outbox).
-    let mut unacked = 0u32;
-    let reason = loop {
+    loop {
         match decoder.decode(&mut buf) {
             Ok(Some(raw)) => match raw.parse() {
                 Ok(Frame::Relay { header, .. }) => {
-                    unacked += 1;
-                    if unacked >= ack_every.max(1) {
-                        if let Ok(f) = control_frame(&ClientMsg::RelayAck { frames: unacked }) {
-                            let _ = tx.try_send(Outgoing::Frame(f));
-                        }
-                        unacked = 0;
-                    }
                     let payload = raw.into_wire().slice(LEN_PREFIX + 1 + RELAY_HEADER_LEN..);
-                    // QUIC travels as control class; audio and video are the call's media.
-                    let queue = if header.class == TrafficClass::Control {
-                        &relay_in.quic
-                    } else {
-                        &relay_in.media
+                    let (into, ack) = {
+                        let mut core = shared.lock();
+                        let r = core.handle_relay(header.call);
+                        if let (Some(id), false) = (r.call, header.class == TrafficClass::Control) {
+                            Shared::deliver_media(&mut core, id, &payload);
+                        }
+                        (r.call.filter(|_| header.class == TrafficClass::Control), r.ack)
                     };
-                    if queue.try_send((fake_addr(header.call), payload)).is_err() {
-                        trace!(call = header.call, "relay inbound queue full: packet dropped");
+                    if let Some(frames) = ack {
+                        // The relay's health check: never dropped, first in the control lane.
+                        if let Ok(f) = encode(&ClientMsg::RelayAck { frames }) {
+                            if shared.lanes.control.send(Outgoing::Frame(f)).await.is_err() {
+                                return "the endpoint closed".into();
+                            }
+                        }
+                    }
+                    // QUIC travels as control class; a full queue is a congested link.
+                    if let Some(id) = into {
+                        if shared.relay_quic.try_send((FakeAddr::of(id), payload)).is_err() {
+                            trace!(call = header.call, "relay inbound queue full: packet dropped");
+                        }
                     }
                 }
                 Ok(Frame::Control(body)) => match decode_control::<ServerMsg>(body) {
                     Ok(ServerMsg::Ping { nonce, .. }) => {
-                        if let Ok(f) = control_frame(&ClientMsg::Pong { nonce }) {
-                            let _ = tx.try_send(Outgoing::Frame(f));
+                        if let Ok(f) = encode(&ClientMsg::Pong { nonce }) {
+                            if shared.lanes.control.send(Outgoing::Frame(f)).await.is_err() {
+                                return "the endpoint closed".into();
+                            }
                         }
                     }
                     Ok(msg) => {
-                        if events.send(ServerEvent::Msg(msg)).await.is_err() {
-                            return;
-                        }
+                        shared.with(|core, now| core.handle_server_msg(now, msg));
                     }
-                    Err(e) => break format!("the server sent a malformed message: {e}"),
+                    Err(e) => return format!("the server sent a malformed message: {e}"),
                 },
-                Ok(Frame::Error(e)) => break format!("the server closed the connection: {}", e.message),
+                Ok(Frame::Error(e)) => return format!("the server closed the connection: {}", e.message),
                 Ok(Frame::Hello(_)) => {}
-                Err(e) => break format!("the server sent a bad frame: {e}"),
+                Err(e) => return format!("the server sent a bad frame: {e}"),
             },
             Ok(None) => match rd.read_buf(&mut buf).await {
-                Ok(0) => break "the server closed the connection".to_owned(),
+                Ok(0) => return "the server closed the connection".to_owned(),
                 Ok(_) => {}
-                Err(e) => break format!("lost the connection to the server: {e}"),
+                Err(e) => return format!("lost the connection to the server: {e}"),
             },
-            Err(e) => break format!("the server sent a bad frame: {e}"),
+            Err(e) => return format!("the server sent a bad frame: {e}"),
         }
-    };
-    debug!(%reason, "control connection ended");
-    let _ = events.send(ServerEvent::Closed(reason)).await;
+    }
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Outgoing>) {
+/// Writes batches, the control lane's frames first in each, until the connection fails, is
+/// closed, or `stop` fires.
+async fn write_loop(mut wr: OwnedWriteHalf, rx: &mut LaneReceivers, mut stop: oneshot::Receiver<()>) {
     let mut batch = BytesMut::new();
     let mut flushed = Vec::new();
-    let mut closing = false;
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(out) = next.take() {
-            match out {
-                Outgoing::Frame(f) => batch.extend_from_slice(&f),
-                Outgoing::Flush(done) => flushed.push(done),
-                Outgoing::Close => closing = true,
-            }
-            if batch.len() < 64 * 1024 && !closing {
-                next = rx.try_recv().ok();
+    loop {
+        let mut end = None;
+        tokio::select! {
+            biased;
+            _ = &mut stop => return,
+            c = rx.control.recv() => match c {
+                Some(out) => end = take(out, &mut batch, &mut flushed),
+                None => return,
+            },
+            r = rx.relay.recv() => match r {
+                Some(f) => batch.extend_from_slice(&f),
+                None => return,
+            },
+        }
+        // Everything the control lane holds goes first, then relay frames up to the batch size.
+        while batch.len() < BATCH && end.is_none() {
+            match rx.control.try_recv() {
+                Ok(out) => end = take(out, &mut batch, &mut flushed),
+                Err(_) => break,
             }
         }
-        if !batch.is_empty() && wr.write_all(&batch).await.is_err() {
+        while batch.len() < BATCH && end.is_none() {
+            match rx.relay.try_recv() {
+                Ok(f) => batch.extend_from_slice(&f),
+                Err(_) => break,
+            }
+        }
+        if end == Some(End::Abort) {
             return;
         }
+        let started = Instant::now();
+        if !batch.is_empty() {
+            tokio::select! {
+                r = wr.write_all(&batch) => if r.is_err() { return },
+                _ = &mut stop => return,
+            }
+        }
+        trace!(bytes = batch.len(), took = ?started.elapsed(), "control batch written");
         batch.clear();
         for done in flushed.drain(..) {
             let _ = done.send(());
         }
-        if closing {
-            break;
+        if end == Some(End::Close) {
+            let _ = wr.shutdown().await;
+            // Keep the lanes until the reader sees the server's close.
+            let _ = stop.await;
+            return;
         }
     }
-    let _ = wr.shutdown().await;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Close,
+    Abort,
+}
+
+/// Adds `out` to the batch; says whether the connection is to end after it.
+fn take(out: Outgoing, batch: &mut BytesMut, flushed: &mut Vec<oneshot::Sender<()>>) -> Option<End> {
+    match out {
+        Outgoing::Frame(f) => batch.extend_from_slice(&f),
+        Outgoing::Flush(done) => flushed.push(done),
+        Outgoing::Close => return Some(End::Close),
+        Outgoing::Abort => return Some(End::Abort),
+    }
+    None
 }

@@ -1,40 +1,44 @@
 //! [`Endpoint`]: one registered peer — its UDP socket, its control connection to the server,
-//! its QUIC endpoint — and the background tasks that route what arrives.
+//! its QUIC endpoint, its [`PeerCore`](crate::core::PeerCore) — and the tasks that move bytes
+//! and time for the core.
 //!
 //! Tasks, each started by [`Endpoint::bind`]:
-//! - **dispatcher**: control messages from the server → waiting calls, incoming offers;
-//! - **STUN router**: STUN datagrams from the server's address → the public-address probe;
-//!   from anyone else → the traversal agents of the active calls;
-//! - **STUN keeper**: a token binding to the server every 20 s, which records and keeps alive
-//!   this peer's public address (its NAT mapping);
-//! - **QUIC acceptor**: incoming QUIC connections → the call waiting for that fake address.
+//! - **driver** ([`crate::driver::drive`]): the core's timers and outputs;
+//! - **control reader and writer** ([`crate::control`]), one pair per connection;
+//! - **supervisor**: when the connection to the server ends, registers again (200 ms, doubling
+//!   to 1 s, with jitter; after a `GoingAway`, from when the server asked), and the core
+//!   re-announces the calls in progress (`Resume`), so calls outlive the server;
+//! - **QUIC acceptor**: an incoming QUIC connection is accepted only for a started call this
+//!   side accepted, and parked in that call until it takes it.
 
-use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::Bytes;
-use natcall_proto::control::{CallFailure, ClientMsg, Fingerprint, Policy, ServerMsg};
-use natcall_proto::stun as wire;
+use natcall_proto::control::{Fingerprint, Policy};
+use natcall_proto::frame::ErrorCode;
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, info, trace, warn};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
 
 use crate::Error;
-use crate::call::{self, Call, CallSignal, Role, StartInfo};
-use crate::control::{self, Outgoing, Registration, ServerEvent};
+use crate::call::{self, Call};
+use crate::control::{self, LaneReceivers};
+use crate::core::{CallId, CoreConfig, FakeAddr, Offer, PeerCore, Role};
+use crate::driver::{self, Shared};
 use crate::identity::Identity;
 use crate::socket::MuxSocket;
 use crate::tls;
 
-/// How often the public mapping is refreshed (NAT UDP timeouts are rarely below 30 s).
-const STUN_REFRESH: Duration = Duration::from_secs(20);
-/// Retransmits of the server probe: after these the UDP path to the server counts as blocked.
-const STUN_RTO: [u64; 3] = [250, 500, 1000];
-/// How long a call may ring before the caller gives up waiting for an answer.
-const RING_TIMEOUT: Duration = Duration::from_secs(40);
+/// First wait before registering again after losing the server; doubles up to [`RECONNECT_MAX`].
+const RECONNECT_FIRST: Duration = Duration::from_millis(200);
+/// Longest wait between two registration attempts (a relayed call resumes within about this
+/// much of the server coming back).
+const RECONNECT_MAX: Duration = Duration::from_secs(1);
+/// How long [`Endpoint::bind`] waits for the first token binding's answer (its retransmits
+/// give up after 1.75 s).
+const PROBE_WAIT: Duration = Duration::from_secs(3);
 
 /// How to set up an [`Endpoint`].
 #[derive(Debug, Clone)]
@@ -68,115 +72,69 @@ impl EndpointConfig {
     }
 }
 
+/// Whether the endpoint is registered with its server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ServerState {
+    /// Registered.
+    Up,
+    /// The connection was lost (why); the endpoint is registering again. Calls go on: direct
+    /// ones untouched, relayed ones resume when the server is back.
+    Reconnecting(String),
+    /// The server refused to register this peer again (its name went to another key), or the
+    /// endpoint closed: no new registration will be tried.
+    Gone(String),
+}
+
 /// An offer of a call to this peer; accept or reject it.
 #[derive(Debug)]
 pub struct IncomingCall {
     endpoint: Endpoint,
-    call: u32,
-    caller: String,
-    fingerprint: Fingerprint,
-    policy: Policy,
-    received: std::time::Instant,
+    offer: Offer,
 }
 
 impl IncomingCall {
     /// Who calls.
     pub fn caller(&self) -> &str {
-        &self.caller
+        &self.offer.caller
     }
 
     /// The policy the caller asked for.
     pub fn policy(&self) -> Policy {
-        self.policy
+        self.offer.policy
     }
 
     /// Accepts and connects; returns when the call is connected.
     pub async fn accept(self) -> Result<Call, Error> {
         let inner = self.endpoint.inner.clone();
-        let (tx, rx) = oneshot::channel();
-        lock(&inner.pending_start).insert(self.call, tx);
-        inner.send(&ClientMsg::Answer {
-            call: self.call,
-            accept: true,
-        })?;
-        let start = wait_start(rx, &self.caller).await?;
-        if start.fingerprint != self.fingerprint {
-            return Err(Error::WrongPeerKey(self.caller));
-        }
-        call::start(inner, start, Role::Callee, self.received).await
+        let id = inner.shared.with(|core, now| core.accept(now, &self.offer));
+        call::establish(inner, id, Role::Callee).await
     }
 
     /// Declines the call.
     pub fn reject(self) -> Result<(), Error> {
-        self.endpoint.inner.send(&ClientMsg::Answer {
-            call: self.call,
-            accept: false,
-        })
+        self.endpoint.inner.shared.with(|core, _| core.reject(&self.offer));
+        Ok(())
     }
 }
 
-async fn wait_start(rx: oneshot::Receiver<Result<StartInfo, Error>>, peer: &str) -> Result<StartInfo, Error> {
-    match tokio::time::timeout(RING_TIMEOUT, rx).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(_)) => Err(Error::ServerLost("the endpoint closed".into())),
-        Err(_) => Err(Error::Timeout(format!("{peer} did not answer"))),
-    }
-}
-
-/// An outgoing call waiting for the server: first its id (ringing), then its start.
-type Ringing = (
-    oneshot::Sender<Result<u32, Error>>,
-    oneshot::Sender<Result<StartInfo, Error>>,
-);
-
-type Pending<K, T> = Mutex<HashMap<K, oneshot::Sender<Result<T, Error>>>>;
-
-/// Shared state of an endpoint and its calls.
+/// What an endpoint and its calls share.
 #[derive(Debug)]
 pub(crate) struct Inner {
     pub(crate) name: String,
     pub(crate) identity: Identity,
-    pub(crate) socket: Arc<MuxSocket>,
+    pub(crate) shared: Arc<Shared>,
     pub(crate) quic: quinn::Endpoint,
-    pub(crate) traversal: natcall_traversal::Config,
-    pub(crate) allowed: Arc<RwLock<HashSet<Fingerprint>>>,
-    pub(crate) calls: Mutex<HashMap<u32, mpsc::Sender<CallSignal>>>,
-    pub(crate) quic_waiters: Mutex<HashMap<SocketAddr, oneshot::Sender<quinn::Connection>>>,
-    /// Media packets of each call (by call id), to its media session.
-    pub(crate) media_routes: Mutex<HashMap<u32, mpsc::Sender<Bytes>>>,
-    pub(crate) udp_ok: AtomicBool,
-    pub(crate) public: Mutex<Option<SocketAddr>>,
-    pub(crate) seed: AtomicU64,
-    control: mpsc::Sender<Outgoing>,
-    reg: Registration,
-    ringing: Mutex<HashMap<String, Ringing>>,
-    pending_start: Pending<u32, StartInfo>,
-    stun_pending: Mutex<HashMap<[u8; 12], oneshot::Sender<Bytes>>>,
-    incoming: tokio::sync::Mutex<mpsc::Receiver<IncomingCall>>,
-    server_lost: watch::Sender<Option<String>>,
-    /// [`Endpoint::close`] was called: the control connection's end is expected.
-    closing: AtomicBool,
+    /// Budget of a call's setup beyond the checks.
+    pub(crate) traversal_budget: Duration,
+    offers: tokio::sync::Mutex<mpsc::Receiver<Offer>>,
+    /// The state the supervisor last published.
+    state: tokio::sync::watch::Sender<ServerState>,
 }
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Critical sections are single map operations: a panic cannot leave them inconsistent.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Inner {
-    pub(crate) fn send(&self, msg: &ClientMsg) -> Result<(), Error> {
-        let frame = control::control_frame(msg)?;
-        self.control
-            .try_send(Outgoing::Frame(frame))
-            .map_err(|_| Error::ServerLost("the control connection is closed or stuck".into()))
-    }
-
-    pub(crate) fn server_lost(&self) -> watch::Receiver<Option<String>> {
-        self.server_lost.subscribe()
-    }
-
-    pub(crate) fn end_call(&self, call: u32) {
-        lock(&self.calls).remove(&call);
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shared.close();
     }
 }
 
@@ -233,93 +191,68 @@ fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, Error> {
     Ok(UdpSocket::from_std(socket.into())?)
 }
 
+/// A seed from the OS's random source (zeros without one: still a working, if predictable, seed).
+fn random_seed() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    u64::from_be_bytes(b)
+}
+
 impl Endpoint {
     /// Binds the UDP socket, registers with the server, learns the public address, and starts
     /// the endpoint's tasks.
     pub async fn bind(config: EndpointConfig) -> Result<Self, Error> {
         let udp = Arc::new(bind_udp(config.bind)?);
         let port = udp.local_addr()?.port();
-        let lan = lan_addresses(port, config.server);
-        let (relay_tx, relay_rx) = mpsc::channel(4096);
-        let (media_tx, media_rx) = mpsc::channel(4096);
-        let inbound = control::Inbound {
-            quic: relay_tx,
-            media: media_tx.clone(),
+        let who = control::Credentials {
+            server: config.server,
+            identity: config.identity.clone(),
+            name: config.name.clone(),
+            lan_addrs: lan_addresses(port, config.server),
         };
-        let (events_tx, events_rx) = mpsc::channel(256);
-        let (control, reg) = control::connect(
-            config.server,
-            &config.identity,
-            &config.name,
-            lan.clone(),
-            inbound,
-            events_tx,
-        )
-        .await?;
-        let (stun_tx, stun_rx) = mpsc::channel(1024);
-        let socket = Arc::new(MuxSocket::new(
+        let conn = control::connect(&who).await?;
+        let core = PeerCore::new(CoreConfig::new(&config.name, config.traversal.clone(), random_seed()));
+        let (lanes, lane_rx) = control::lanes();
+        let (relay_tx, relay_rx) = mpsc::channel(4096);
+        let (offers_tx, offers_rx) = mpsc::channel(16);
+        let shared = Arc::new(Shared::new(
+            core,
             udp,
-            reg.stun_addr,
-            relay_rx,
-            control.clone(),
-            stun_tx,
-            media_tx,
+            conn.registered.stun_addr,
+            lanes,
+            relay_tx,
+            offers_tx,
         ));
-        let allowed = Arc::new(RwLock::new(HashSet::new()));
+        let socket = Arc::new(MuxSocket::new(shared.clone(), relay_rx));
         let mut ep_config = quinn::EndpointConfig::default();
         ep_config.grease_quic_bit(false); // the fixed bit is our demultiplexer
+        let pins = Arc::downgrade(&shared);
+        let allowed: tls::PinCheck =
+            Arc::new(move |fp: &Fingerprint| pins.upgrade().is_some_and(|s| s.lock().is_pinned(fp)));
         let quic = quinn::Endpoint::new_with_abstract_socket(
             ep_config,
-            Some(tls::server_config(&config.identity, allowed.clone())?),
-            socket.clone(),
+            Some(tls::server_config(&config.identity, allowed)?),
+            socket,
             Arc::new(quinn::TokioRuntime),
         )?;
-        let (incoming_tx, incoming_rx) = mpsc::channel(16);
-        let seed = u64::from_be_bytes(reg.fingerprint.0[..8].try_into().unwrap_or_default()) ^ u64::from(port);
+        tokio::spawn(driver::drive(shared.clone()));
+        let lane_rx = Arc::new(tokio::sync::Mutex::new(lane_rx));
+        let reader = control::start(&shared, lane_rx.clone(), conn);
         let inner = Arc::new(Inner {
             name: config.name.clone(),
             identity: config.identity,
-            socket,
-            quic,
-            traversal: config.traversal,
-            allowed,
-            calls: Mutex::default(),
-            quic_waiters: Mutex::default(),
-            media_routes: Mutex::default(),
-            udp_ok: AtomicBool::new(true),
-            public: Mutex::new(None),
-            seed: AtomicU64::new(seed),
-            control,
-            reg,
-            ringing: Mutex::default(),
-            pending_start: Mutex::default(),
-            stun_pending: Mutex::default(),
-            incoming: tokio::sync::Mutex::new(incoming_rx),
-            server_lost: watch::channel(None).0,
-            closing: AtomicBool::new(false),
+            shared: shared.clone(),
+            quic: quic.clone(),
+            traversal_budget: config.traversal.budget,
+            offers: tokio::sync::Mutex::new(offers_rx),
+            state: tokio::sync::watch::channel(ServerState::Up).0,
         });
+        tokio::spawn(supervise(Arc::downgrade(&inner), who, lane_rx, reader));
+        tokio::spawn(accept_quic(Arc::downgrade(&shared), quic));
         let ep = Self { inner };
-        tokio::spawn(stun_router(Arc::downgrade(&ep.inner), stun_rx));
-        tokio::spawn(media_router(Arc::downgrade(&ep.inner), media_rx));
-        tokio::spawn(dispatch(ep.clone(), events_rx, incoming_tx));
-        tokio::spawn(quic_acceptor(Arc::downgrade(&ep.inner), ep.inner.quic.clone()));
-        ep.probe_public().await;
-        tokio::spawn(stun_keeper(Arc::downgrade(&ep.inner)));
-        info!(name = %config.name, public = ?ep.public_addr(), lan = ?lan, "registered");
+        let _ = tokio::time::timeout(PROBE_WAIT, shared.wait(|core| core.probed().then_some(()))).await;
+        info!(name = %config.name, public = ?ep.public_addr(), "registered");
         Ok(ep)
-    }
-
-    /// Sends token bindings to the server until one is answered; records the public address,
-    /// or that UDP to the server is blocked.
-    async fn probe_public(&self) {
-        let ok = probe_once(&self.inner).await;
-        self.inner.udp_ok.store(ok.is_some(), Ordering::Relaxed);
-        match ok {
-            Some(addr) => *lock(&self.inner.public) = Some(addr),
-            None => {
-                warn!("no STUN answer from the rendezvous server over UDP: UDP looks blocked; calls will use the relay")
-            }
-        }
     }
 
     /// This peer's name.
@@ -334,30 +267,31 @@ impl Endpoint {
 
     /// The public address the server observed for this peer's UDP socket, if UDP works.
     pub fn public_addr(&self) -> Option<SocketAddr> {
-        *lock(&self.inner.public)
+        self.inner.shared.lock().public_addr()
     }
 
     /// The local UDP address.
     pub fn local_addr(&self) -> Result<SocketAddr, Error> {
-        Ok(self.inner.socket.udp().local_addr()?)
+        Ok(self.inner.shared.udp.local_addr()?)
     }
 
     /// Test hook: drop all UDP to and from everyone but the server, as if the direct path died.
     #[doc(hidden)]
     pub fn simulate_dead_udp(&self, dead: bool) {
-        self.inner.socket.set_blackhole(dead);
+        self.inner.shared.set_blackhole(dead);
     }
 
-    /// Resolves when the connection to the server is lost, with the reason.
-    pub async fn server_lost(&self) -> String {
-        let mut rx = self.inner.server_lost();
-        loop {
-            if let Some(r) = rx.borrow_and_update().clone() {
-                return r;
-            }
-            if rx.changed().await.is_err() {
-                return "the endpoint closed".into();
-            }
+    /// Whether the endpoint is registered with its server now.
+    pub fn server_state(&self) -> ServerState {
+        self.inner.state.borrow().clone()
+    }
+
+    /// The next change of [`Endpoint::server_state`] after `seen`.
+    pub async fn server_changed(&self, seen: &ServerState) -> ServerState {
+        let mut rx = self.inner.state.subscribe();
+        match rx.wait_for(|s| s != seen).await {
+            Ok(s) => s.clone(),
+            Err(_) => ServerState::Gone("the endpoint closed".into()),
         }
     }
 
@@ -366,16 +300,17 @@ impl Endpoint {
     /// half-closes the control connection and waits for the server to close its side. Call
     /// before exiting the process (or dropping the endpoint).
     pub async fn close(&self) {
-        self.inner.closing.store(true, Ordering::Relaxed);
+        let shared = &self.inner.shared;
+        shared.close();
         self.inner.quic.close(0u32.into(), b"endpoint closed");
-        let mut lost = self.inner.server_lost();
-        let (done, flushed) = oneshot::channel();
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        let mut state = self.inner.state.subscribe();
         let control = async {
-            if self.inner.control.send(Outgoing::Flush(done)).await.is_ok() {
+            if shared.lanes.control.send(control::Outgoing::Flush(done)).await.is_ok() {
                 let _ = flushed.await;
             }
-            if self.inner.control.send(Outgoing::Close).await.is_ok() {
-                let _ = lost.wait_for(Option::is_some).await;
+            if shared.lanes.control.send(control::Outgoing::Close).await.is_ok() {
+                let _ = state.wait_for(|s| matches!(s, ServerState::Gone(_))).await;
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -386,141 +321,131 @@ impl Endpoint {
 
     /// Calls `callee` with `policy`; returns when the call is connected.
     pub async fn call(&self, callee: &str, policy: Policy) -> Result<Call, Error> {
-        let started = std::time::Instant::now();
-        let (ring_tx, ring_rx) = oneshot::channel();
-        let (start_tx, start_rx) = oneshot::channel();
-        lock(&self.inner.ringing).insert(callee.to_owned(), (ring_tx, start_tx));
-        self.inner.send(&ClientMsg::Call {
-            callee: callee.to_owned(),
-            policy,
-        })?;
-        let call_id = match tokio::time::timeout(Duration::from_secs(10), ring_rx).await {
-            Ok(Ok(r)) => r?,
-            Ok(Err(_)) => return Err(Error::ServerLost("the endpoint closed".into())),
-            Err(_) => return Err(Error::Timeout("the server did not answer the call request".into())),
-        };
-        debug!(callee, call = call_id, "ringing");
-        let start = wait_start(start_rx, callee).await?;
-        call::start(self.inner.clone(), start, Role::Caller, started).await
+        let id = self.inner.shared.with(|core, now| core.place_call(now, callee, policy));
+        debug!(callee, call = %id, "calling");
+        call::establish(self.inner.clone(), id, Role::Caller).await
     }
 
-    /// The next incoming call offer.
+    /// The next incoming call offer. Fails only when the endpoint can no longer be reached
+    /// (closed, or its name was refused on registering again).
     pub async fn accept(&self) -> Result<IncomingCall, Error> {
-        let mut rx = self.inner.incoming.lock().await;
-        let mut lost = self.inner.server_lost();
+        let mut rx = self.inner.offers.lock().await;
+        let mut state = self.inner.state.subscribe();
         tokio::select! {
-            c = rx.recv() => c.ok_or_else(|| Error::ServerLost("the endpoint closed".into())),
-            r = lost.wait_for(|r| r.is_some()) => {
-                let reason = r.ok().and_then(|r| r.clone()).unwrap_or_default();
+            o = rx.recv() => match o {
+                Some(offer) => Ok(IncomingCall { endpoint: self.clone(), offer }),
+                None => Err(Error::ServerLost("the endpoint closed".into())),
+            },
+            s = state.wait_for(|s| matches!(s, ServerState::Gone(_))) => {
+                let reason = match s.as_deref() {
+                    Ok(ServerState::Gone(r)) => r.clone(),
+                    _ => "the endpoint closed".into(),
+                };
                 Err(Error::ServerLost(reason))
             }
         }
     }
 }
 
-async fn probe_once(inner: &Inner) -> Option<SocketAddr> {
-    for rto in STUN_RTO {
-        let tid = random_tid();
-        let mut buf = [0u8; 256];
-        let n = wire::encode_binding_request(&tid, Some(&inner.reg.token), &mut buf).ok()?;
-        let (tx, rx) = oneshot::channel();
-        lock(&inner.stun_pending).insert(tid, tx);
-        if let Err(e) = inner.socket.send_to(&buf[..n], inner.reg.stun_addr).await {
-            debug!(error = %e, "STUN send failed");
+/// Whether a refusal is final (another key owns the name, the name is bad): trying again
+/// cannot help.
+fn is_final(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Refused {
+            code: ErrorCode::NameTaken | ErrorCode::BadName | ErrorCode::BadSignature | ErrorCode::VersionMismatch,
+            ..
         }
-        let answer = tokio::time::timeout(Duration::from_millis(rto), rx).await;
-        lock(&inner.stun_pending).remove(&tid);
-        if let Ok(Ok(resp)) = answer {
-            match wire::parse_binding_success(&resp, &tid, Some(&inner.reg.token.password)) {
-                Ok(addr) => return Some(addr),
-                Err(e) => debug!(error = %e, "bad STUN answer from the server"),
-            }
-        }
-    }
-    None
+    )
 }
 
-fn random_tid() -> [u8; 12] {
-    let mut tid = [0u8; 12];
-    // Without OS randomness the id is zeros: still unique enough per probe, never a crash.
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut tid);
-    tid
-}
-
-async fn stun_keeper(inner: std::sync::Weak<Inner>) {
+/// Registers again whenever the connection to the server ends, until the endpoint closes.
+async fn supervise(
+    inner: std::sync::Weak<Inner>,
+    who: control::Credentials,
+    lanes: Arc<tokio::sync::Mutex<LaneReceivers>>,
+    mut reader: tokio::task::JoinHandle<String>,
+) {
     loop {
-        tokio::time::sleep(STUN_REFRESH).await;
-        let Some(inner) = inner.upgrade() else { return };
-        let got = probe_once(&inner).await;
-        inner.udp_ok.store(got.is_some(), Ordering::Relaxed);
-        if let Some(addr) = got {
-            let old = lock(&inner.public).replace(addr);
-            if old != Some(addr) {
-                info!(?old, new = %addr, "public address changed");
-            }
+        let reason = (&mut reader)
+            .await
+            .unwrap_or_else(|e| format!("the control reader failed: {e}"));
+        let Some(strong) = inner.upgrade() else { return };
+        let shared = strong.shared.clone();
+        shared.with(|core, now| core.handle_server_lost(now, &reason));
+        if shared.is_closing() {
+            debug!(%reason, "control connection closed (endpoint closing)");
+            strong.state.send_replace(ServerState::Gone(reason));
+            return;
         }
-    }
-}
-
-/// Routes media packets (from the socket or the relay) to their call's media session.
-async fn media_router(inner: std::sync::Weak<Inner>, mut rx: mpsc::Receiver<(SocketAddr, Bytes)>) {
-    while let Some((fake, pkt)) = rx.recv().await {
-        let Some(inner) = inner.upgrade() else { return };
-        let route = lock(&inner.media_routes).get(&crate::socket::call_of(fake)).cloned();
-        if let Some(tx) = route {
-            // A session that cannot keep up loses packets, like a congested link.
-            let _ = tx.try_send(pkt);
-        }
-    }
-}
-
-async fn stun_router(inner: std::sync::Weak<Inner>, mut rx: mpsc::Receiver<(SocketAddr, Bytes)>) {
-    while let Some((src, pkt)) = rx.recv().await {
-        let Some(inner) = inner.upgrade() else { return };
-        if src == inner.reg.stun_addr && pkt.len() >= 20 {
-            let mut tid = [0u8; 12];
-            tid.copy_from_slice(&pkt[8..20]);
-            if let Some(tx) = lock(&inner.stun_pending).remove(&tid) {
-                let _ = tx.send(pkt);
-                continue;
-            }
-        }
-        let calls: Vec<mpsc::Sender<CallSignal>> = lock(&inner.calls).values().cloned().collect();
-        if calls.is_empty() {
-            trace!(%src, "STUN with no call to take it");
-        }
-        for c in calls {
-            let _ = c.try_send(CallSignal::Stun(src, pkt.clone()));
-        }
-    }
-}
-
-/// How long an incoming QUIC connection waits for its call to be set up locally: the peer may
-/// start QUIC (over the relay) a moment before this side has processed the server's `Start`.
-const QUIC_WAITER_GRACE: Duration = Duration::from_secs(2);
-
-async fn quic_acceptor(inner: std::sync::Weak<Inner>, quic: quinn::Endpoint) {
-    while let Some(incoming) = quic.accept().await {
-        let inner = inner.clone();
-        tokio::spawn(async move {
-            let fake = incoming.remote_address();
-            let deadline = tokio::time::Instant::now() + QUIC_WAITER_GRACE;
-            let waiter = loop {
-                let Some(strong) = inner.upgrade() else { return };
-                if let Some(w) = lock(&strong.quic_waiters).remove(&fake) {
-                    break w;
+        warn!(%reason, "lost the rendezvous server; registering again");
+        strong.state.send_replace(ServerState::Reconnecting(reason));
+        drop(strong);
+        let asked = shared.come_back_ms.swap(u64::MAX, Ordering::Relaxed);
+        let mut wait = if asked == u64::MAX {
+            RECONNECT_FIRST
+        } else {
+            Duration::from_millis(asked)
+        };
+        reader = loop {
+            let jitter = 0.5 + f64::from(random_seed() as u32) / f64::from(u32::MAX) / 2.0;
+            tokio::time::sleep(wait.mul_f64(jitter)).await;
+            if shared.is_closing() {
+                if let Some(i) = inner.upgrade() {
+                    i.state.send_replace(ServerState::Gone("the endpoint closed".into()));
                 }
-                drop(strong);
-                if tokio::time::Instant::now() >= deadline {
-                    debug!(%fake, "QUIC connection for no waiting call refused");
-                    incoming.refuse();
+                return;
+            }
+            match control::connect(&who).await {
+                Ok(conn) => break control::start(&shared, lanes.clone(), conn),
+                Err(e) if is_final(&e) => {
+                    warn!(error = %e, "the server refused to register this peer again");
+                    if let Some(i) = inner.upgrade() {
+                        i.state.send_replace(ServerState::Gone(e.to_string()));
+                    }
                     return;
                 }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            };
+                Err(e) => {
+                    debug!(error = %e, retry_in = ?wait, "registering again failed");
+                    wait = (wait * 2).min(RECONNECT_MAX);
+                }
+            }
+        };
+        let Some(strong) = inner.upgrade() else { return };
+        info!("registered with the rendezvous server again");
+        strong.state.send_replace(ServerState::Up);
+    }
+}
+
+/// Accepts incoming QUIC connections for the calls that expect one.
+async fn accept_quic(shared: std::sync::Weak<Shared>, quic: quinn::Endpoint) {
+    while let Some(incoming) = quic.accept().await {
+        let Some(fake) = FakeAddr::parse(incoming.remote_address()) else {
+            incoming.refuse();
+            continue;
+        };
+        let expected = shared.upgrade().is_some_and(|s| s.lock().expects_quic(fake));
+        if !expected {
+            debug!(%fake, "QUIC connection for no started call refused");
+            incoming.refuse();
+            continue;
+        }
+        let shared = shared.clone();
+        tokio::spawn(async move {
             match incoming.await {
                 Ok(conn) => {
-                    let _ = waiter.send(conn);
+                    let Some(shared) = shared.upgrade() else { return };
+                    let id: CallId = fake.call();
+                    let parked = shared
+                        .lock()
+                        .link_mut(id)
+                        .map(|l| l.accepted = Some(conn.clone()))
+                        .is_some();
+                    if parked {
+                        shared.touch();
+                    } else {
+                        conn.close(1u32.into(), b"call gone");
+                    }
                 }
                 Err(e) => debug!(error = %e, "incoming QUIC handshake failed"),
             }
@@ -528,92 +453,18 @@ async fn quic_acceptor(inner: std::sync::Weak<Inner>, quic: quinn::Endpoint) {
     }
 }
 
-async fn dispatch(ep: Endpoint, mut events: mpsc::Receiver<ServerEvent>, incoming: mpsc::Sender<IncomingCall>) {
-    while let Some(ev) = events.recv().await {
-        let inner = &ep.inner;
-        match ev {
-            ServerEvent::Msg(ServerMsg::Ringing { call, callee }) => {
-                if let Some((ring, start)) = lock(&inner.ringing).remove(&callee) {
-                    lock(&inner.pending_start).insert(call, start);
-                    let _ = ring.send(Ok(call));
-                }
-            }
-            ServerEvent::Msg(ServerMsg::CallFailed { callee, failure }) => {
-                if let Some((ring, _)) = lock(&inner.ringing).remove(&callee) {
-                    let _ = ring.send(Err(match failure {
-                        CallFailure::Offline => Error::Offline(callee),
-                        CallFailure::SelfCall => Error::SelfCall,
-                        CallFailure::Busy => Error::Busy(callee),
-                    }));
-                }
-            }
-            ServerEvent::Msg(ServerMsg::Incoming {
-                call,
-                caller,
-                fingerprint,
-                policy,
-            }) => {
-                let offer = IncomingCall {
-                    endpoint: ep.clone(),
-                    call,
-                    caller,
-                    fingerprint,
-                    policy,
-                    received: std::time::Instant::now(),
-                };
-                if incoming.try_send(offer).is_err() {
-                    let _ = inner.send(&ClientMsg::Answer { call, accept: false });
-                }
-            }
-            ServerEvent::Msg(ServerMsg::Start {
-                call,
-                peer,
-                fingerprint,
-                candidates,
-                password,
-                controlling,
-                delay_ms,
-                policy,
-            }) => {
-                let info = StartInfo {
-                    call,
-                    peer,
-                    fingerprint,
-                    candidates,
-                    password,
-                    controlling,
-                    delay_ms,
-                    policy,
-                };
-                if let Some(tx) = lock(&inner.pending_start).remove(&call) {
-                    let _ = tx.send(Ok(info));
-                }
-            }
-            ServerEvent::Msg(ServerMsg::CallEnded { call, reason }) => {
-                if let Some(tx) = lock(&inner.pending_start).remove(&call) {
-                    let _ = tx.send(Err(Error::Ended(reason)));
-                } else if let Some(c) = lock(&inner.calls).get(&call) {
-                    let _ = c.try_send(CallSignal::Ended(reason));
-                }
-            }
-            ServerEvent::Msg(ServerMsg::GoingAway { reason, .. }) => {
-                info!(%reason, "the rendezvous server is going away");
-            }
-            ServerEvent::Msg(other) => trace!(?other, "unhandled server message"),
-            ServerEvent::Closed(reason) => {
-                if inner.closing.load(Ordering::Relaxed) {
-                    debug!(%reason, "control connection closed (endpoint closing)");
-                } else {
-                    warn!(%reason, "control connection closed");
-                }
-                for (_, (ring, _)) in lock(&inner.ringing).drain() {
-                    let _ = ring.send(Err(Error::ServerLost(reason.clone())));
-                }
-                for (_, tx) in lock(&inner.pending_start).drain() {
-                    let _ = tx.send(Err(Error::ServerLost(reason.clone())));
-                }
-                inner.server_lost.send_replace(Some(reason));
-            }
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refusal_no_retry_can_mend_is_final() {
+        let refused = |code| Error::Refused {
+            code,
+            message: String::new(),
+        };
+        assert!(is_final(&refused(ErrorCode::NameTaken)));
+        assert!(!is_final(&refused(ErrorCode::ServerFull)));
+        assert!(!is_final(&Error::Protocol("eof".into())));
     }
 }

@@ -27,6 +27,8 @@
 
 mod call;
 mod control;
+mod core;
+mod driver;
 mod endpoint;
 mod error;
 mod identity;
@@ -34,8 +36,8 @@ mod media;
 mod socket;
 mod tls;
 
-pub use call::{Call, CallReport, EndReason, MAX_CHAT_LINE, Path, PathChange, Role};
-pub use endpoint::{Endpoint, EndpointConfig, IncomingCall};
+pub use call::{Call, CallReport, EndReason, MAX_CHAT_LINE, Path, PathChange, PathWatch, Role};
+pub use endpoint::{Endpoint, EndpointConfig, IncomingCall, ServerState};
 pub use error::Error;
 pub use identity::Identity;
 pub use media::{MediaReport, TrackReport};

@@ -6,7 +6,6 @@
 //! Keys come from the call's QUIC session (`export_keying_material`), so media is end-to-end
 //! encrypted on every path and bound to the peer QUIC authenticated.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,7 +18,8 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, trace};
 
-use crate::socket::MuxSocket;
+use crate::core::FakeAddr;
+use crate::driver::Shared;
 
 /// Label of the keying material exported from the QUIC session.
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-natcall-media";
@@ -79,8 +79,8 @@ impl Media {
         conn: &quinn::Connection,
         caller: bool,
         call: u32,
-        socket: Arc<MuxSocket>,
-        fake: SocketAddr,
+        socket: Arc<Shared>,
+        fake: FakeAddr,
         packets: mpsc::Receiver<Bytes>,
     ) -> Result<Self, crate::Error> {
         let mut secret = [0u8; 32];
@@ -156,8 +156,8 @@ impl Media {
 struct Driver {
     sender: Sender,
     receiver: Receiver,
-    socket: Arc<MuxSocket>,
-    fake: SocketAddr,
+    socket: Arc<Shared>,
+    fake: FakeAddr,
     conn: quinn::Connection,
     report: Arc<Mutex<MediaReport>>,
 }

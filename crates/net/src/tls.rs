@@ -1,8 +1,7 @@
 //! QUIC between peers: mutual TLS 1.3 where each side pins the other's certificate
 //! fingerprint as the rendezvous server handed it out. No certificate authority is involved.
 
-use std::collections::HashSet;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use natcall_proto::control::Fingerprint;
@@ -18,12 +17,23 @@ use crate::identity::Identity;
 /// ALPN of natcall calls.
 pub(crate) const ALPN: &[u8] = b"natcall/1";
 
+/// Asks whether a client key may connect (the peer core knows which calls await one).
+pub(crate) type PinCheck = Arc<dyn Fn(&Fingerprint) -> bool + Send + Sync>;
+
 /// Which fingerprints a verifier accepts: one pinned peer (client side), or the peers of the
 /// calls currently being set up (server side).
-#[derive(Debug)]
 enum Pins {
     One(Fingerprint),
-    Set(Arc<RwLock<HashSet<Fingerprint>>>),
+    Check(PinCheck),
+}
+
+impl std::fmt::Debug for Pins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pins::One(fp) => write!(f, "One({fp:?})"),
+            Pins::Check(_) => f.write_str("Check"),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -37,7 +47,7 @@ impl Pinned {
         let fp = Fingerprint::of_cert(end_entity);
         let ok = match &self.pins {
             Pins::One(pin) => *pin == fp,
-            Pins::Set(set) => set.read().map(|s| s.contains(&fp)).unwrap_or(false),
+            Pins::Check(check) => check(&fp),
         };
         if ok {
             Ok(())
@@ -130,14 +140,11 @@ pub(crate) fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
-/// The server side: accepts a client whose fingerprint is in `allowed`.
-pub(crate) fn server_config(
-    identity: &Identity,
-    allowed: Arc<RwLock<HashSet<Fingerprint>>>,
-) -> Result<quinn::ServerConfig, Error> {
+/// The server side: accepts a client whose fingerprint `allowed` accepts.
+pub(crate) fn server_config(identity: &Identity, allowed: PinCheck) -> Result<quinn::ServerConfig, Error> {
     let provider = provider();
     let verifier = Arc::new(Pinned {
-        pins: Pins::Set(allowed),
+        pins: Pins::Check(allowed),
         algs: provider.signature_verification_algorithms,
     });
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)

@@ -66,8 +66,7 @@ async fn an_auto_call_on_one_host_ends_up_on_the_lan_path_and_chats() {
     let mut path = call.watch_path();
     tokio::time::timeout(Duration::from_secs(5), path.wait_for(|p| *p == Path::Lan))
         .await
-        .expect("LAN in time")
-        .ok();
+        .expect("LAN in time");
     assert_eq!(call.path(), Path::Lan, "same public IP: the LAN candidate wins");
     chat_round(&call, "two").await;
     let report = call.report();
@@ -122,14 +121,12 @@ async fn a_dead_direct_path_falls_back_to_the_relay_mid_call() {
     let mut path = call.watch_path();
     tokio::time::timeout(Duration::from_secs(5), path.wait_for(|p| *p == Path::Lan))
         .await
-        .expect("LAN")
-        .ok();
+        .expect("LAN");
     chat_round(&call, "before").await;
     alice.simulate_dead_udp(true);
     tokio::time::timeout(Duration::from_secs(10), path.wait_for(|p| *p == Path::Relay))
         .await
-        .expect("falls back to the relay within 10 s")
-        .ok();
+        .expect("falls back to the relay within 10 s");
     chat_round(&call, "after").await;
     call.hangup("bye");
     bob_task.await.expect("bob");

@@ -116,7 +116,11 @@ pub enum ClientMsg {
     /// Call `callee`. `request` is the caller's own id for this attempt (any value, unique
     /// among its attempts in flight), so two calls to one name are told apart. Answered by
     /// [`ServerMsg::Ringing`] or [`ServerMsg::CallFailed`] with the same `request`.
-    Call { request: u32, callee: String, policy: Policy },
+    Call {
+        request: u32,
+        callee: String,
+        policy: Policy,
+    },
     /// Accept or decline the incoming call `call`.
     Answer { call: u32, accept: bool },
     /// End call `call` (or withdraw it while it rings).

@@ -55,6 +55,48 @@ pub fn looks_like_stun(data: &[u8]) -> bool {
         && usize::from(u16::from_be_bytes([data[2], data[3]])) == data.len() - STUN_HEADER_LEN
 }
 
+/// What routing needs of a STUN message, read without checking its integrity (the receiver of
+/// the message does that): its class, transaction id and USERNAME.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StunPeek<'a> {
+    /// A request (class bits 00); otherwise a response or an indication.
+    pub request: bool,
+    /// The transaction id.
+    pub transaction_id: [u8; 12],
+    /// The USERNAME attribute, when present and UTF-8.
+    pub username: Option<&'a str>,
+}
+
+/// Reads the header and the USERNAME attribute of a STUN message; `None` if it is not one.
+/// Never panics: every attribute length is checked against the message.
+pub fn peek(data: &[u8]) -> Option<StunPeek<'_>> {
+    if !looks_like_stun(data) {
+        return None;
+    }
+    let message_type = u16::from_be_bytes([data[0], data[1]]);
+    // Class bits are 0x0110 of the message type: 00 is a request.
+    let request = message_type & 0x0110 == 0;
+    let mut transaction_id = [0u8; 12];
+    transaction_id.copy_from_slice(&data[8..STUN_HEADER_LEN]);
+    let mut username = None;
+    let mut at = STUN_HEADER_LEN;
+    while at + 4 <= data.len() {
+        let kind = u16::from_be_bytes([data[at], data[at + 1]]);
+        let len = usize::from(u16::from_be_bytes([data[at + 2], data[at + 3]]));
+        let value = data.get(at + 4..at + 4 + len)?;
+        if kind == 0x0006 {
+            username = std::str::from_utf8(value).ok();
+            break;
+        }
+        at += 4 + len.div_ceil(4) * 4;
+    }
+    Some(StunPeek {
+        request,
+        transaction_id,
+        username,
+    })
+}
+
 /// What went wrong with a STUN message.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -241,4 +283,36 @@ pub fn parse_binding_success(
         .as_xor_mapped_address()
         .map_err(|e| StunError::Malformed(e.to_string()))?;
     Ok(*xma.socket_address())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peek_reads_class_transaction_and_username() {
+        let token = TokenCredentials {
+            username: "tok-alice".into(),
+            password: "secret".into(),
+        };
+        let tid = [7u8; 12];
+        let mut buf = [0u8; 256];
+        let n = encode_binding_request(&tid, Some(&token), &mut buf).expect("encodes");
+        let p = peek(&buf[..n]).expect("a STUN message");
+        assert!(p.request);
+        assert_eq!(p.transaction_id, tid);
+        assert_eq!(p.username, Some("tok-alice"));
+        let mut answer = [0u8; 256];
+        let m = encode_binding_success(&tid, "192.0.2.1:5".parse().expect("addr"), Some("secret"), &mut answer)
+            .expect("encodes");
+        let r = peek(&answer[..m]).expect("a STUN message");
+        assert!(!r.request);
+        assert_eq!(r.username, None);
+        for cut in 0..n {
+            let _ = peek(&buf[..cut]); // never panics
+        }
+        let mut flipped = buf;
+        flipped[22] ^= 0xff; // the first attribute's length
+        let _ = peek(&flipped[..n]);
+    }
 }

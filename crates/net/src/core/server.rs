@@ -1,0 +1,200 @@
+//! The peer core's view of its rendezvous server: whether it is registered there, the token
+//! binding that learns and keeps alive this peer's public address (its NAT mapping), and the
+//! relay's health-check count.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use natcall_proto::stun::{self as wire, TokenCredentials};
+use tracing::{debug, info, warn};
+
+use super::Transmit;
+
+/// What a registration gave this peer.
+#[derive(Debug, Clone)]
+pub(crate) struct Registered {
+    /// Where token bindings go.
+    pub(crate) stun_addr: SocketAddr,
+    /// The STUN token of this registration.
+    pub(crate) token: TokenCredentials,
+    /// Relay frames read between two health checks (`RelayAck`).
+    pub(crate) relay_ack_every: u32,
+}
+
+#[derive(Debug)]
+struct Probe {
+    tid: [u8; 12],
+    attempt: usize,
+    next_at: Instant,
+}
+
+/// The server link.
+#[derive(Debug)]
+pub(crate) struct ServerLink {
+    registered: Option<Registered>,
+    /// Why the last connection ended, while there is none.
+    lost: Option<String>,
+    public: Option<SocketAddr>,
+    udp_ok: bool,
+    /// A first probe since registering has finished (answered or given up).
+    probed: bool,
+    probe: Option<Probe>,
+    refresh_at: Option<Instant>,
+    unacked: u32,
+    rto: Vec<Duration>,
+    refresh: Duration,
+}
+
+impl ServerLink {
+    pub(crate) fn new(rto: Vec<Duration>, refresh: Duration) -> Self {
+        Self {
+            registered: None,
+            lost: Some("not registered yet".into()),
+            public: None,
+            udp_ok: true,
+            probed: false,
+            probe: None,
+            refresh_at: None,
+            unacked: 0,
+            rto,
+            refresh,
+        }
+    }
+
+    pub(crate) fn is_up(&self) -> bool {
+        self.registered.is_some()
+    }
+
+    pub(crate) fn lost_reason(&self) -> Option<&str> {
+        self.lost.as_deref()
+    }
+
+    pub(crate) fn public(&self) -> Option<SocketAddr> {
+        self.public
+    }
+
+    pub(crate) fn udp_ok(&self) -> bool {
+        self.udp_ok
+    }
+
+    /// Whether the first token binding after registering has been answered or given up.
+    pub(crate) fn probed(&self) -> bool {
+        self.probed
+    }
+
+    /// Registered (again): the relay count starts over and the public address is probed at once
+    /// (a new server must learn it).
+    pub(crate) fn up(&mut self, now: Instant, reg: Registered, tid: [u8; 12], out: &mut Vec<Transmit>) {
+        self.registered = Some(reg);
+        self.lost = None;
+        self.unacked = 0;
+        self.probed = false;
+        self.probe = Some(Probe {
+            tid,
+            attempt: 0,
+            next_at: now,
+        });
+        self.send_probe(now, out);
+    }
+
+    pub(crate) fn down(&mut self, reason: String) {
+        self.registered = None;
+        self.lost = Some(reason);
+        self.probe = None;
+        self.refresh_at = None;
+        self.unacked = 0;
+    }
+
+    fn send_probe(&mut self, now: Instant, out: &mut Vec<Transmit>) {
+        let (Some(reg), Some(probe)) = (&self.registered, &mut self.probe) else {
+            return;
+        };
+        let mut buf = [0u8; 256];
+        match wire::encode_binding_request(&probe.tid, Some(&reg.token), &mut buf) {
+            Ok(n) => out.push(Transmit {
+                destination: reg.stun_addr,
+                contents: buf[..n].to_vec(),
+            }),
+            Err(e) => debug!(error = %e, "cannot encode the token binding"),
+        }
+        let wait = self.rto.get(probe.attempt).copied().unwrap_or(Duration::from_secs(1));
+        probe.next_at = now + wait;
+    }
+
+    /// Whether `data` from `src` answers the probe; consumes it if so.
+    pub(crate) fn handle_answer(&mut self, now: Instant, src: SocketAddr, tid: &[u8; 12], data: &[u8]) -> bool {
+        let (Some(reg), Some(probe)) = (&self.registered, &self.probe) else {
+            return false;
+        };
+        if src != reg.stun_addr || probe.tid != *tid {
+            return false;
+        }
+        match wire::parse_binding_success(data, tid, Some(&reg.token.password)) {
+            Ok(addr) => {
+                if self.public.is_some_and(|old| old != addr) {
+                    info!(old = ?self.public, new = %addr, "public address changed");
+                }
+                self.public = Some(addr);
+                self.udp_ok = true;
+                self.probed = true;
+                self.probe = None;
+                self.refresh_at = Some(now + self.refresh);
+            }
+            Err(e) => debug!(error = %e, "bad STUN answer from the server"),
+        }
+        true
+    }
+
+    /// Retransmits or gives up the probe, or starts the next refresh. `tid` is a fresh
+    /// transaction id in case a probe starts.
+    pub(crate) fn handle_timeout(&mut self, now: Instant, tid: [u8; 12], out: &mut Vec<Transmit>) {
+        if self.registered.is_none() {
+            return;
+        }
+        if let Some(probe) = &mut self.probe {
+            if now < probe.next_at {
+                return;
+            }
+            probe.attempt += 1;
+            if probe.attempt >= self.rto.len() {
+                if self.udp_ok || !self.probed {
+                    warn!(
+                        "no STUN answer from the rendezvous server over UDP: UDP looks blocked; calls will use the relay"
+                    );
+                }
+                self.udp_ok = false;
+                self.probed = true;
+                self.probe = None;
+                self.refresh_at = Some(now + self.refresh);
+                return;
+            }
+            return self.send_probe(now, out);
+        }
+        if self.refresh_at.is_some_and(|t| now >= t) {
+            self.refresh_at = None;
+            self.probe = Some(Probe {
+                tid,
+                attempt: 0,
+                next_at: now,
+            });
+            self.send_probe(now, out);
+        }
+    }
+
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        match &self.probe {
+            Some(p) => Some(p.next_at),
+            None => self.refresh_at,
+        }
+    }
+
+    /// One relay frame was read: returns the count to acknowledge when one is due.
+    pub(crate) fn relay_frame_read(&mut self) -> Option<u32> {
+        let every = self.registered.as_ref()?.relay_ack_every.max(1);
+        self.unacked += 1;
+        if self.unacked >= every {
+            return Some(std::mem::take(&mut self.unacked));
+        }
+        None
+    }
+}
