@@ -66,6 +66,7 @@ mod config;
 mod liveness;
 mod pair;
 mod rng;
+pub mod sim;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -2,103 +2,14 @@
 //! driver that steps two agents to the earliest delivery or timeout.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::collections::{BinaryHeap, HashMap};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+pub use natcall_traversal::sim::{Filtering, Mapping, Nat, NatConfig};
 use natcall_traversal::{Agent, Event, Transmit};
 
 pub const SERVER: &str = "192.0.2.1:3478";
-
-/// NAT mapping behaviour (RFC 4787).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mapping {
-    EndpointIndependent,
-    #[allow(dead_code)] // modelled; no scenario in the matrix uses it yet
-    AddressDependent,
-    AddressAndPortDependent,
-}
-
-/// NAT filtering behaviour (RFC 4787).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Filtering {
-    EndpointIndependent,
-    AddressDependent,
-    AddressAndPortDependent,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct NatConfig {
-    pub mapping: Mapping,
-    pub filtering: Filtering,
-    pub hairpin: bool,
-    pub udp_blocked: bool,
-}
-
-#[derive(Debug)]
-struct Binding {
-    internal: SocketAddr,
-    sent_to: HashSet<SocketAddr>,
-}
-
-#[derive(Debug)]
-pub struct Nat {
-    ip: IpAddr,
-    config: NatConfig,
-    next_port: u16,
-    mappings: HashMap<(SocketAddr, Option<SocketAddr>), u16>,
-    bindings: HashMap<u16, Binding>,
-}
-
-impl Nat {
-    pub fn new(ip: IpAddr, config: NatConfig) -> Self {
-        let next_port = 40_000 + u16::from(ip.to_string().len() as u8) * 100;
-        Self {
-            ip,
-            config,
-            next_port,
-            mappings: HashMap::new(),
-            bindings: HashMap::new(),
-        }
-    }
-
-    /// Translates an outgoing packet's source; `None` if UDP is blocked.
-    fn outbound(&mut self, internal: SocketAddr, destination: SocketAddr) -> Option<SocketAddr> {
-        if self.config.udp_blocked {
-            return None;
-        }
-        let key = match self.config.mapping {
-            Mapping::EndpointIndependent => None,
-            Mapping::AddressDependent => Some(SocketAddr::new(destination.ip(), 0)),
-            Mapping::AddressAndPortDependent => Some(destination),
-        };
-        let next_port = &mut self.next_port;
-        let port = *self.mappings.entry((internal, key)).or_insert_with(|| {
-            *next_port += 1;
-            *next_port
-        });
-        let binding = self.bindings.entry(port).or_insert_with(|| Binding {
-            internal,
-            sent_to: HashSet::new(),
-        });
-        binding.sent_to.insert(destination);
-        Some(SocketAddr::new(self.ip, port))
-    }
-
-    /// The internal destination of an incoming packet, if the filter lets it in.
-    fn inbound(&self, from: SocketAddr, port: u16) -> Option<SocketAddr> {
-        if self.config.udp_blocked {
-            return None;
-        }
-        let binding = self.bindings.get(&port)?;
-        let allowed = match self.config.filtering {
-            Filtering::EndpointIndependent => true,
-            Filtering::AddressDependent => binding.sent_to.iter().any(|a| a.ip() == from.ip()),
-            Filtering::AddressAndPortDependent => binding.sent_to.contains(&from),
-        };
-        allowed.then_some(binding.internal)
-    }
-}
 
 /// One peer's host: its socket address and the NAT in front of it, if any.
 #[derive(Debug, Clone, Copy)]
