@@ -27,6 +27,8 @@ mod call;
 mod fake;
 mod policy;
 mod server;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -279,7 +281,7 @@ impl<L: Default> PeerCore<L> {
         let running = call.view.phase == Phase::Running;
         let hangup = call
             .server_id
-            .filter(|_| up && call.view.end.is_none())
+            .filter(|_| up && !matches!(call.view.end, Some(CallEnd::Ended(_) | CallEnd::Refused(_))))
             .map(|server| ClientMsg::Hangup {
                 call: server,
                 reason: reason.to_owned(),
@@ -665,7 +667,7 @@ impl<L: Default> PeerCore<L> {
         }
         let horizon = self.config.traversal.rto_max * 2;
         self.by_tid
-            .retain(|_, (_, at)| now.saturating_duration_since(*at) <= horizon);
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) < horizon);
     }
 
     fn call_timeout(&mut self, now: Instant, id: CallId) {
@@ -810,23 +812,58 @@ impl<L: Default> PeerCore<L> {
 
     /// Acts on one agent event; returns whether the agent must run its checks again.
     fn on_agent_event(&mut self, now: Instant, id: CallId, ev: AgentEvent) -> bool {
+        // Which call owns the real address this event is about: QUIC and media from an address
+        // reach one call only, so two calls between the same two sockets cannot both use it.
+        let (owns, taken) = match ev {
+            AgentEvent::PairValidated { remote, .. } | AgentEvent::Selected { remote, .. } => {
+                match self.by_real.get(&remote).copied() {
+                    None => (true, false),
+                    Some(owner) if owner == id => (true, false),
+                    Some(owner) => {
+                        let selected = self.calls.get(&owner).is_some_and(|c| c.selected == Some(remote));
+                        (false, selected)
+                    }
+                }
+            }
+            _ => (true, false),
+        };
         let Some(call) = self.calls.get_mut(&id) else {
             return false;
         };
         let peer = call.view.peer.clone();
         match ev {
             AgentEvent::PairValidated { remote, .. } => {
-                claim(&mut self.by_real, remote, id);
-                if call.carrier == Carrier::Void {
-                    call.carrier = Carrier::Udp(remote); // so QUIC can answer at once
+                if owns {
+                    self.by_real.insert(remote, id);
+                    if call.carrier == Carrier::Void {
+                        call.carrier = Carrier::Udp(remote); // so QUIC can answer at once
+                    }
                 }
             }
             AgentEvent::Selected { remote, kind, rtt } => {
                 debug!(%peer, %remote, ?kind, ?rtt, "pair selected");
-                if !claim(&mut self.by_real, remote, id) {
-                    // Another call with this peer owns the address: this one stays where it is.
+                if taken {
+                    // Another call with this peer already runs on these addresses.
+                    let why = format!("another call with {peer} already runs on the same addresses ({remote})");
+                    match call
+                        .policy
+                        .on_no_path(now, natcall_traversal::RelayReason::UdpUnusable, &peer)
+                    {
+                        Fallback::Relay => {
+                            debug!(%peer, %why, "staying on the relay");
+                            call.carrier = Carrier::Relay;
+                            call.set_path(now, Path::Relay, None);
+                            self.report_path(id);
+                        }
+                        _ => call.end(CallEnd::NoPath(format!(
+                            "{why}, and the {} policy forbids the relay",
+                            call.policy.policy()
+                        ))),
+                    }
+                    self.changed = true;
                     return false;
                 }
+                self.by_real.insert(remote, id);
                 call.carrier = Carrier::Udp(remote);
                 call.selected = Some(remote);
                 call.policy.on_selected();
@@ -961,11 +998,6 @@ impl<L: Default> PeerCore<L> {
         tid[8..].copy_from_slice(&self.next_random().to_be_bytes()[..4]);
         tid
     }
-}
-
-/// Maps `real` to call `id` unless another live call owns it; returns whether `id` owns it.
-fn claim(by_real: &mut HashMap<SocketAddr, CallId>, real: SocketAddr, id: CallId) -> bool {
-    *by_real.entry(real).or_insert(id) == id
 }
 
 /// The refusal a server's [`CallFailure`] means, as a sentence.

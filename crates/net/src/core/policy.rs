@@ -44,6 +44,10 @@ impl PathPolicy {
         }
     }
 
+    pub(crate) fn policy(&self) -> Policy {
+        self.policy
+    }
+
     /// Whether the relay may carry the call.
     pub(crate) fn relay_allowed(&self) -> bool {
         matches!(self.policy, Policy::Auto | Policy::RelayOnly)
