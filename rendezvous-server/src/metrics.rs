@@ -12,6 +12,9 @@
 //! | `natcall_relay_queued_frames` | gauge | (frames waiting in all clients' buffers) |
 //! | `natcall_disconnects_total` | counter | `reason` |
 //! | `natcall_stun_answered_total` | counter | |
+//! | `natcall_calls_resumed_total` | counter | |
+//! | `natcall_resumes_failed_total` | counter | |
+//! | `natcall_pending_resumes` | gauge | (`Resume`s waiting for the other member's) |
 
 use std::sync::Arc;
 
@@ -119,6 +122,9 @@ struct Inner {
     queued: Gauge,
     disconnects: [Counter; 8],
     stun: Counter,
+    resumed: Counter,
+    resumes_failed: Counter,
+    pending_resumes: Gauge,
 }
 
 /// The server's metrics. Cheap to clone; every handle is registered once.
@@ -156,6 +162,9 @@ impl Metrics {
             queued: gauge("natcall_relay_queued_frames", &[]),
             disconnects: Disconnect::ALL.map(|d| counter("natcall_disconnects_total", &[("reason", d.as_str())])),
             stun: counter("natcall_stun_answered_total", &[]),
+            resumed: counter("natcall_calls_resumed_total", &[]),
+            resumes_failed: counter("natcall_resumes_failed_total", &[]),
+            pending_resumes: gauge("natcall_pending_resumes", &[]),
             handle: rec.handle(),
         };
         Self { inner: Arc::new(inner) }
@@ -205,6 +214,18 @@ impl Metrics {
     pub(crate) fn stun_answered(&self) {
         self.inner.stun.increment(1);
     }
+
+    pub(crate) fn call_resumed(&self) {
+        self.inner.resumed.increment(1);
+    }
+
+    pub(crate) fn resume_failed(&self) {
+        self.inner.resumes_failed.increment(1);
+    }
+
+    pub(crate) fn set_pending_resumes(&self, n: usize) {
+        self.inner.pending_resumes.set(n as f64);
+    }
 }
 
 impl Default for Metrics {
@@ -245,6 +266,15 @@ fn describe(rec: &PrometheusRecorder) {
             "Connections that ended other than by the peer's close, by reason (closed by the server, or reset by the peer)",
         ),
         ("natcall_stun_answered_total", "STUN Binding requests answered"),
+        (
+            "natcall_calls_resumed_total",
+            "Calls made active again by both members' Resume",
+        ),
+        (
+            "natcall_resumes_failed_total",
+            "Resumes answered with ResumeFailed (not matched in time, over the call limit, bad name)",
+        ),
+        ("natcall_pending_resumes", "Resumes waiting for the other member's"),
     ] {
         rec.describe_counter(name.into(), None, help.into());
     }
