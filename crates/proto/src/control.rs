@@ -116,10 +116,15 @@ pub enum ClientMsg {
     /// Call `callee`. `request` is the caller's own id for this attempt (any value, unique
     /// among its attempts in flight), so two calls to one name are told apart. Answered by
     /// [`ServerMsg::Ringing`] or [`ServerMsg::CallFailed`] with the same `request`.
-    Call { request: u32, callee: String, policy: Policy },
+    Call {
+        request: u32,
+        callee: String,
+        policy: Policy,
+    },
     /// Accept or decline the incoming call `call`.
     Answer { call: u32, accept: bool },
-    /// End call `call` (or withdraw it while it rings).
+    /// End call `call` (or withdraw it while it rings); with no call `call`, withdraw this
+    /// peer's waiting [`ClientMsg::Resume`] of `call`, if any.
     Hangup { call: u32, reason: String },
     /// Health check of the relay: this peer has read `frames` more relay frames (sent after
     /// every `relay_ack_every` frames, see [`ServerMsg::Registered`]).
