@@ -1,20 +1,29 @@
-//! Calls between registered peers: signalling (call, ring, answer, hang up) and relay routing.
+//! Calls between registered peers: signalling (call, ring, answer, hang up, resume) and relay
+//! routing.
 //!
 //! Call flow:
-//! 1. the caller sends `Call { callee, policy }`; the server refuses it with `CallFailed`
-//!    (offline, self-call, busy) or creates a **ringing** call with a fresh nonzero id and sends
-//!    `Ringing` to the caller and `Incoming` to the callee;
+//! 1. the caller sends `Call { request, callee, policy }`; the server refuses it with
+//!    `CallFailed` (offline, self-call, busy) or creates a **ringing** call with a fresh nonzero
+//!    id and sends `Ringing` to the caller and `Incoming` to the callee;
 //! 2. the callee sends `Answer`: a decline ends the call (`CallEnded "<callee> declined"` to the
 //!    caller); an accept makes it **active** and sends `Start` to both, back to back, each with
 //!    the other's key, candidates, one shared password and a start delay ([`start_delays`]);
 //! 3. while active, relay frames carrying the call id are forwarded, bytes untouched, from one
 //!    member's connection into the other's [`Outbox`] (the relay engine's per-client buffer);
-//! 4. the call ends on `Hangup` from either member, when a ringing call is not answered within
-//!    `limits.ring_timeout_ms`, or when a member's connection ends or its registration is
-//!    replaced; the remaining member(s) get `CallEnded` with the reason.
+//! 4. the call ends on `Hangup` from either member (`CallEnded` with the reason to the other),
+//!    or when a ringing call is not answered within `limits.ring_timeout_ms` (to both);
+//! 5. when a member's connection ends without a hang-up, or its registration is replaced, the
+//!    server forgets the call: the other member of an active call gets `CallSuspended` (the
+//!    peers' own session may well go on), of a ringing one `CallEnded`;
+//! 6. both members may then `Resume` it ([`resume`]): once both did, with the same proof, it is
+//!    active again under a fresh id.
 //!
 //! Members are identified by connection id, not by name: a peer that re-registers from a new
-//! connection is not a member of the old connection's calls (they end).
+//! connection is not a member of the old connection's calls (they are suspended or end).
+//!
+//! One lock guards the whole table (calls, the per-connection index, waiting resumes), so every
+//! change keeps them consistent and the per-peer limit counts both kinds. The table arms its
+//! own timers (ring and resume timeouts).
 //!
 //! Relay forwarding never blocks: the receiver's [`Outbox`] queues the frame and applies the
 //! class policy (see `outbox.rs` and `docs/relay.md`).
@@ -36,6 +45,8 @@ use crate::config::Limits;
 use crate::metrics::{DropReason, Metrics};
 use crate::outbox::Outbox;
 use crate::registry::{PeerInfo, Registry};
+
+pub(crate) mod resume;
 
 /// The longest hang-up reason passed on to the other peer (bytes; longer ones are cut).
 pub const MAX_REASON_LEN: usize = 256;
@@ -82,14 +93,17 @@ impl Call {
 #[derive(Debug, Default)]
 struct Table {
     calls: HashMap<u32, Call>,
-    /// connection id → ids of the calls it is a member of (at most `max_per_peer`).
+    /// connection id → ids of the calls it is a member of.
     by_conn: HashMap<u64, Vec<u32>>,
+    /// `Resume`s waiting for the other member's.
+    resumes: resume::Pending,
     next_serial: u64,
 }
 
 impl Table {
+    /// Calls of connection `conn_id` and its waiting resumes (at most `max_per_peer`).
     fn count(&self, conn_id: u64) -> usize {
-        self.by_conn.get(&conn_id).map_or(0, Vec::len)
+        self.by_conn.get(&conn_id).map_or(0, Vec::len) + self.resumes.count(conn_id)
     }
 
     fn insert(&mut self, id: u32, call: Call) {
@@ -148,13 +162,14 @@ impl RelayStats {
     }
 }
 
-/// The call table. It arms its own timers (ring timeouts), which hold it weakly: they do
-/// nothing once the table is gone.
+/// The call table. It arms its own timers (ring and resume timeouts), which hold it weakly:
+/// they do nothing once the table is gone.
 #[derive(Debug)]
 pub struct Calls {
     table: RwLock<Table>,
     max_per_peer: usize,
     ring_timeout: Duration,
+    resume_timeout: Duration,
     rng: SystemRandom,
     stats: RelayStats,
     metrics: Metrics,
@@ -209,12 +224,13 @@ pub fn start_delays(rtt_a: Option<Duration>, rtt_b: Option<Duration>) -> (u32, u
 
 impl Calls {
     /// An empty table with the call limits of `limits` (`max_calls_per_peer`,
-    /// `ring_timeout_ms`).
+    /// `ring_timeout_ms`, `resume_timeout_ms`).
     pub fn new(limits: &Limits, metrics: Metrics) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
             table: RwLock::default(),
             max_per_peer: limits.max_calls_per_peer,
             ring_timeout: limits.ring_timeout(),
+            resume_timeout: limits.resume_timeout(),
             rng: SystemRandom::new(),
             stats: RelayStats::default(),
             metrics,
@@ -234,8 +250,9 @@ impl Calls {
         });
     }
 
-    /// Publishes the number of calls by path.
+    /// Publishes the number of calls by path, and of waiting resumes.
     fn publish(&self, table: &Table) {
+        self.metrics.set_pending_resumes(table.resumes.len());
         let mut counts = [0usize; 5];
         for call in table.calls.values() {
             let i = match (call.state, call.path) {
@@ -272,6 +289,11 @@ impl Calls {
     /// Whether there are no calls.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Number of `Resume`s waiting for the other member's.
+    pub fn waiting_resumes(&self) -> usize {
+        read(&self.table).resumes.len()
     }
 
     fn random_u32(&self) -> u32 {
@@ -418,10 +440,16 @@ impl Calls {
         self.publish(&table);
     }
 
-    /// Handles `Hangup { call, reason }` from connection `conn_id`.
+    /// Handles `Hangup { call, reason }` from connection `conn_id`: ends its call `id`, or else
+    /// withdraws its waiting `Resume` of call `id`.
     pub(crate) fn hangup(&self, conn_id: u64, id: u32, reason: &str) {
         let mut table = write(&self.table);
         if table.calls.get(&id).and_then(|c| c.sides(conn_id)).is_none() {
+            if let Some(w) = table.resumes.remove_call(conn_id, id) {
+                info!(call = id, peer = %w.member().name, "resume withdrawn");
+                self.publish(&table);
+                return;
+            }
             debug!(
                 call = id,
                 conn = conn_id,
@@ -446,21 +474,36 @@ impl Calls {
         self.publish(&table);
     }
 
-    /// Ends every call of connection `conn_id` (it closed or was replaced): the other member of
-    /// each gets `CallEnded` with `why`, or "<name> left".
-    pub(crate) fn end_all(&self, conn_id: u64, why: Option<String>) {
+    /// Connection `conn_id` ended or was replaced. The other member of each of its active calls
+    /// gets `CallSuspended`, of each ringing one `CallEnded` with `why`, or "<name> left"; its
+    /// waiting resumes are dropped.
+    pub(crate) fn leave(&self, conn_id: u64, why: Option<String>) {
         let mut table = write(&self.table);
-        let Some(ids) = table.by_conn.get(&conn_id).cloned() else {
-            return;
-        };
+        let ids = table.by_conn.get(&conn_id).cloned().unwrap_or_default();
         for id in ids {
             let Some(call) = table.remove(id) else {
                 continue;
             };
-            if let Some((me, other)) = call.sides(conn_id) {
-                info!(call = id, peer = %me.name, "call ended: member left");
-                ended(other, id, why.clone().unwrap_or_else(|| format!("{} left", me.name)));
+            let Some((me, other)) = call.sides(conn_id) else {
+                continue;
+            };
+            match call.state {
+                State::Active => {
+                    info!(call = id, peer = %me.name, other = %other.name, "call suspended: member left");
+                    deliver(other, &ServerMsg::CallSuspended { call: id });
+                }
+                State::Ringing => {
+                    info!(call = id, peer = %me.name, "call ended: member left while it rang");
+                    ended(other, id, why.clone().unwrap_or_else(|| format!("{} left", me.name)));
+                }
             }
+        }
+        let dropped = table.resumes.remove_conn(conn_id).len();
+        if dropped > 0 {
+            debug!(
+                conn = conn_id,
+                dropped, "waiting resumes dropped: their connection ended"
+            );
         }
         self.publish(&table);
     }

@@ -11,6 +11,7 @@
 //! max_connections = 100000
 //! max_calls_per_peer = 4
 //! ring_timeout_ms = 30000
+//! resume_timeout_ms = 30000
 //! ```
 
 use std::net::SocketAddr;
@@ -163,10 +164,12 @@ pub struct Limits {
     /// Frames queued towards one connection before it counts as stuck. Relay frames may fill
     /// all but an eighth of it; beyond that they are dropped.
     pub outbound_queue: usize,
-    /// Calls (ringing or active) one peer may be in at once.
+    /// Calls (ringing, active, or waiting to be resumed) one peer may be in at once.
     pub max_calls_per_peer: usize,
     /// A call not answered within this is ended with "no answer" (ms).
     pub ring_timeout_ms: u64,
+    /// A `Resume` the other member does not match within this fails (ms).
+    pub resume_timeout_ms: u64,
     /// Time a new connection has to say hello and register (ms).
     pub hello_timeout_ms: u64,
     /// A connection silent this long is closed (ms).
@@ -188,6 +191,7 @@ impl Default for Limits {
             outbound_queue: 1024,
             max_calls_per_peer: 4,
             ring_timeout_ms: 30_000,
+            resume_timeout_ms: 30_000,
             hello_timeout_ms: 10_000,
             idle_timeout_ms: 45_000,
             ping_interval_ms: 15_000,
@@ -212,6 +216,10 @@ impl Limits {
     /// [`Self::ring_timeout_ms`] as a duration.
     pub fn ring_timeout(&self) -> Duration {
         Duration::from_millis(self.ring_timeout_ms)
+    }
+    /// [`Self::resume_timeout_ms`] as a duration.
+    pub fn resume_timeout(&self) -> Duration {
+        Duration::from_millis(self.resume_timeout_ms)
     }
     /// [`Self::drain_timeout_ms`] as a duration.
     pub fn drain_timeout(&self) -> Duration {
@@ -276,6 +284,7 @@ impl Config {
             ("outbound_queue", l.outbound_queue as u64),
             ("max_calls_per_peer", l.max_calls_per_peer as u64),
             ("ring_timeout_ms", l.ring_timeout_ms),
+            ("resume_timeout_ms", l.resume_timeout_ms),
             ("ping_interval_ms", l.ping_interval_ms),
             ("idle_timeout_ms", l.idle_timeout_ms),
             ("hello_timeout_ms", l.hello_timeout_ms),

@@ -9,9 +9,10 @@
 //!    the connection's [`Outbox`] (the relay engine's per-client buffer); its writer task
 //!    ([`crate::outbox::writer`]) takes batches and writes each with one vectored write (no copy
 //!    of the frames), and reports how it ended;
-//! 4. a relay receiver that makes no progress for `relay.overload_timeout_ms` is shed, and the
-//!    other members of its calls are told why;
-//! 5. the connection ends one of these ways (and its calls with it):
+//! 4. a relay receiver that makes no progress for `relay.overload_timeout_ms` is shed;
+//! 5. the connection ends one of these ways; then its active calls are suspended, its ringing
+//!    calls end (with the reason when it was shed as stalled), its waiting resumes are dropped
+//!    ([`Calls::leave`]):
 //!    - **graceful** (protocol error, timeout, server drain): queue an error or "going away"
 //!      frame, let the writer flush it and half-close (`shutdown(Write)`), and keep reading until
 //!      the peer closes its side or the drain deadline passes, so nothing either side already
@@ -180,7 +181,7 @@ pub(crate) async fn serve(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr
         conn.ctx.metrics.set_registered(conn.ctx.registry.online_count());
         let why = matches!(end, End::Shed(Disconnect::Stalled, _))
             .then(|| format!("{name}'s connection could not keep up with the relay and was closed"));
-        conn.ctx.calls.end_all(id, why);
+        conn.ctx.calls.leave(id, why);
         info!(peer = %name, %addr, "peer left");
     }
     conn.finish(rd, end).await;
@@ -461,12 +462,13 @@ impl Conn {
                     policy,
                 },
             ) => {
-                let me = Member {
-                    name: name.clone(),
-                    conn_id: self.id,
-                    outbox: self.outbox.clone(),
-                };
+                let me = self.member(name);
                 self.ctx.calls.place(&self.ctx.registry, me, request, &callee, policy);
+                None
+            }
+            (Phase::Registered { name }, ClientMsg::Resume { call, peer, proof }) => {
+                let me = self.member(name);
+                self.ctx.calls.resume(&self.ctx.registry, me, call, &peer, proof);
                 None
             }
             (Phase::Registered { .. }, ClientMsg::Answer { call, accept }) => {
@@ -486,6 +488,15 @@ impl Conn {
                 "this connection is already registered",
             ))),
             (_, _) => Some(End::Graceful(error_frame(ErrorCode::NotRegistered, "register first"))),
+        }
+    }
+
+    /// This connection as a member of a call.
+    fn member(&self, name: &str) -> Member {
+        Member {
+            name: name.to_owned(),
+            conn_id: self.id,
+            outbox: self.outbox.clone(),
         }
     }
 
@@ -539,7 +550,7 @@ impl Conn {
             old.outbox
                 .push_server(going_away("replaced by a newer connection of the same peer"));
             old.outbox.close(false);
-            self.ctx.calls.end_all(old.conn_id, None);
+            self.ctx.calls.leave(old.conn_id, None);
         }
         info!(peer = %name, addr = %self.addr, key = %fingerprint.short(), "peer registered");
         self.ctx.metrics.set_registered(self.ctx.registry.online_count());

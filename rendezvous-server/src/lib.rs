@@ -9,7 +9,8 @@
 //!   on shutdown;
 //! - the **relay engine**: one [`outbox::Outbox`] per client — `idle_count` and health checks,
 //!   class-aware dropping (control never, audio by deadline, video by whole frames to the next
-//!   key frame), stalled clients disconnected — and Prometheus [`metrics`] on an HTTP port.
+//!   key frame), stalled clients disconnected — and Prometheus [`metrics`] with a health check
+//!   on an HTTP port ([`http`]).
 //!
 //! The binary (`natcall-rendezvous`) only parses flags and the config file and calls
 //! [`run`]; tests call the same function with their own sockets and shutdown future:
@@ -26,6 +27,7 @@
 pub mod calls;
 pub mod config;
 pub mod conn;
+pub mod http;
 pub mod metrics;
 pub mod outbox;
 pub mod registry;

@@ -40,6 +40,9 @@ struct Args {
     /// Ping every peer this often, in milliseconds.
     #[arg(long)]
     ping_interval_ms: Option<u64>,
+    /// A call's Resume waits this long for the other member's, in milliseconds.
+    #[arg(long)]
+    resume_timeout_ms: Option<u64>,
 }
 
 impl Args {
@@ -71,6 +74,9 @@ impl Args {
         }
         if let Some(v) = self.ping_interval_ms {
             c.limits.ping_interval_ms = v;
+        }
+        if let Some(v) = self.resume_timeout_ms {
+            c.limits.resume_timeout_ms = v;
         }
         c.validate()?;
         Ok(c)

@@ -1,5 +1,5 @@
 //! Prometheus metrics (the `metrics` crate with a per-server `metrics-exporter-prometheus`
-//! recorder, no global state) and the small HTTP endpoint serving `/metrics` and `/health`.
+//! recorder, no global state), served over HTTP by [`crate::http`].
 //!
 //! | metric | type | labels |
 //! |---|---|---|
@@ -12,17 +12,15 @@
 //! | `natcall_relay_queued_frames` | gauge | (frames waiting in all clients' buffers) |
 //! | `natcall_disconnects_total` | counter | `reason` |
 //! | `natcall_stun_answered_total` | counter | |
+//! | `natcall_calls_resumed_total` | counter | |
+//! | `natcall_resumes_failed_total` | counter | |
+//! | `natcall_pending_resumes` | gauge | (`Resume`s waiting for the other member's) |
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use metrics::{Counter, Gauge, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use natcall_proto::relay::TrafficClass;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info};
 
 static META: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
 
@@ -124,6 +122,9 @@ struct Inner {
     queued: Gauge,
     disconnects: [Counter; 8],
     stun: Counter,
+    resumed: Counter,
+    resumes_failed: Counter,
+    pending_resumes: Gauge,
 }
 
 /// The server's metrics. Cheap to clone; every handle is registered once.
@@ -161,6 +162,9 @@ impl Metrics {
             queued: gauge("natcall_relay_queued_frames", &[]),
             disconnects: Disconnect::ALL.map(|d| counter("natcall_disconnects_total", &[("reason", d.as_str())])),
             stun: counter("natcall_stun_answered_total", &[]),
+            resumed: counter("natcall_calls_resumed_total", &[]),
+            resumes_failed: counter("natcall_resumes_failed_total", &[]),
+            pending_resumes: gauge("natcall_pending_resumes", &[]),
             handle: rec.handle(),
         };
         Self { inner: Arc::new(inner) }
@@ -210,6 +214,18 @@ impl Metrics {
     pub(crate) fn stun_answered(&self) {
         self.inner.stun.increment(1);
     }
+
+    pub(crate) fn call_resumed(&self) {
+        self.inner.resumed.increment(1);
+    }
+
+    pub(crate) fn resume_failed(&self) {
+        self.inner.resumes_failed.increment(1);
+    }
+
+    pub(crate) fn set_pending_resumes(&self, n: usize) {
+        self.inner.pending_resumes.set(n as f64);
+    }
 }
 
 impl Default for Metrics {
@@ -250,75 +266,16 @@ fn describe(rec: &PrometheusRecorder) {
             "Connections that ended other than by the peer's close, by reason (closed by the server, or reset by the peer)",
         ),
         ("natcall_stun_answered_total", "STUN Binding requests answered"),
+        (
+            "natcall_calls_resumed_total",
+            "Calls made active again by both members' Resume",
+        ),
+        (
+            "natcall_resumes_failed_total",
+            "Resumes answered with ResumeFailed (not matched in time, over the call limit, bad name)",
+        ),
+        ("natcall_pending_resumes", "Resumes waiting for the other member's"),
     ] {
         rec.describe_counter(name.into(), None, help.into());
     }
-}
-
-/// Serves `GET /metrics` (Prometheus text) and `GET /health` on `listener` until the task is
-/// dropped. Each request is read with a 5 s limit and a 8 KiB header cap.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    metrics: Metrics,
-    health: impl Fn() -> String + Send + Sync + 'static,
-) {
-    let health = Arc::new(health);
-    info!(addr = ?listener.local_addr().ok(), "metrics endpoint listening");
-    loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let metrics = metrics.clone();
-        let health = health.clone();
-        tokio::spawn(async move {
-            if let Err(e) = answer(stream, &metrics, &*health).await {
-                debug!(%peer, error = %e, "metrics request failed");
-            }
-        });
-    }
-}
-
-async fn answer(
-    mut stream: TcpStream,
-    metrics: &Metrics,
-    health: &(dyn Fn() -> String + Send + Sync),
-) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 8192];
-    let mut n = 0;
-    let head_done = |b: &[u8]| b.windows(4).any(|w| w == b"\r\n\r\n") || b.windows(2).any(|w| w == b"\n\n");
-    while n < buf.len() && !head_done(&buf[..n]) {
-        let got = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf[n..]))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request head not read in time"))??;
-        if got == 0 {
-            break;
-        }
-        n += got;
-    }
-    let line = String::from_utf8_lossy(&buf[..n]);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, ctype, body) = match (method, path) {
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
-        ("GET", "/health") => ("200 OK", "application/json", health()),
-        ("GET", _) => (
-            "404 Not Found",
-            "text/plain",
-            "not found: try /metrics or /health\n".to_owned(),
-        ),
-        _ => ("405 Method Not Allowed", "text/plain", "only GET\n".to_owned()),
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
-}
-
-/// Binds the metrics listener.
-pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::BytesMut;
 use natcall_proto::frame::{self, ErrorCode};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
@@ -22,7 +22,8 @@ use tracing::{debug, info, warn};
 use crate::calls::Calls;
 use crate::config::Config;
 use crate::conn::{self, Context};
-use crate::metrics::{self, Metrics};
+use crate::http;
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::sockopt::Sockets;
 use crate::stun;
@@ -109,9 +110,9 @@ impl Server {
         ));
         let metrics_task = match self.ctx.config.metrics_listen {
             Some(addr) => {
-                let listener = metrics::bind(addr).await.map_err(ServerError::Metrics)?;
+                let listener = TcpListener::bind(addr).await.map_err(ServerError::Metrics)?;
                 let me = self.clone();
-                Some(tokio::spawn(metrics::serve(
+                Some(tokio::spawn(http::serve(
                     listener,
                     self.ctx.metrics.clone(),
                     move || me.health(),

@@ -1,5 +1,5 @@
 //! Calls through the server in-process on 127.0.0.1:0: signalling (call, ring, answer, hang up,
-//! leave, ring timeout) and relaying between the two members of an active call.
+//! leave and suspend, ring timeout) and relaying between the two members of an active call.
 
 mod common;
 
@@ -79,6 +79,24 @@ async fn expect_ended(c: &mut Client, call: u32) -> String {
             reason
         }
         other => panic!("expected call ended, got {other:?}"),
+    }
+}
+
+async fn expect_suspended(c: &mut Client, call: u32) {
+    match c.next_msg().await {
+        ServerMsg::CallSuspended { call: id } => assert_eq!(id, call),
+        other => panic!("expected call suspended, got {other:?}"),
+    }
+}
+
+/// [`expect_suspended`], skipping relay frames that were already on their way.
+async fn expect_suspended_after_relay(c: &mut Client, call: u32) {
+    loop {
+        match c.next().await {
+            Got::Relay(_) => continue,
+            Got::Msg(ServerMsg::CallSuspended { call: id }) => return assert_eq!(id, call),
+            other => panic!("expected call suspended, got {other:?}"),
+        }
     }
 }
 
@@ -348,22 +366,84 @@ async fn a_hangup_ends_the_call_for_the_other_side_with_the_reason() {
 }
 
 #[tokio::test]
-async fn a_peer_that_leaves_mid_call_ends_it_for_the_other() {
+async fn an_active_call_whose_member_leaves_is_suspended_for_the_other() {
     let srv = Running::start(test_config()).await;
     let mut alice = peer(&srv, "alice").await;
     let bob_id = Identity::generate();
     let (mut bob, _) = Client::register(srv.addr, "bob", &bob_id).await;
     let call = connect(&mut alice.client, &mut bob, "bob").await;
+    drop(bob); // EOF, no hang-up
+    expect_suspended(&mut alice.client, call).await;
+    eventually("no calls left", || srv.server.calls().is_empty()).await;
+    // The server forgot the call: its relay frames go nowhere, and alice stays connected.
+    alice.client.send_relay(call, b"anyone?").await;
+    eventually("the frame is dropped", || counts(&srv).dropped_not_in_call == 1).await;
+    still_served(&mut alice.client).await;
+
+    // Replacing a registration suspends the old connection's active calls too.
+    let (mut bob, _) = Client::register(srv.addr, "bob", &bob_id).await;
+    let call = connect(&mut alice.client, &mut bob, "bob").await;
+    let (_bob2, _) = Client::register(srv.addr, "bob", &bob_id).await;
+    expect_suspended(&mut alice.client, call).await;
+    assert!(matches!(bob.next_msg().await, ServerMsg::GoingAway { .. }));
+    assert!(srv.server.calls().is_empty());
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_ringing_call_whose_member_leaves_ends_for_the_other() {
+    let srv = Running::start(test_config()).await;
+    let mut alice = peer(&srv, "alice").await;
+    let bob_id = Identity::generate();
+    let (mut bob, _) = Client::register(srv.addr, "bob", &bob_id).await;
+    let call = ring(&mut alice.client, &mut bob, "bob", Policy::Auto).await;
     drop(bob);
     assert_eq!(expect_ended(&mut alice.client, call).await, "bob left");
-    eventually("no calls left", || srv.server.calls().is_empty()).await;
 
-    // Replacing a registration ends the old connection's calls too.
+    // Replaced while it rings: the same.
     let (mut bob, _) = Client::register(srv.addr, "bob", &bob_id).await;
     let call = ring(&mut alice.client, &mut bob, "bob", Policy::Auto).await;
     let (_bob2, _) = Client::register(srv.addr, "bob", &bob_id).await;
     assert_eq!(expect_ended(&mut alice.client, call).await, "bob left");
     assert!(matches!(bob.next_msg().await, ServerMsg::GoingAway { .. }));
+
+    // And the caller leaving ends it for the callee.
+    let (mut bob, _) = Client::register(srv.addr, "bob", &bob_id).await;
+    let call = ring(&mut alice.client, &mut bob, "bob", Policy::Auto).await;
+    drop(alice);
+    assert_eq!(expect_ended(&mut bob, call).await, "alice left");
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_member_that_resets_its_connection_is_counted_as_a_reset_not_a_stall() {
+    let srv = Running::start(test_config()).await;
+    let mut alice = peer(&srv, "alice").await;
+    let mut bob = peer(&srv, "bob").await;
+    let call = connect(&mut alice.client, &mut bob.client, "bob").await;
+    // Relay frames on their way to bob when he resets.
+    for _ in 0..50 {
+        alice.client.send_relay(call, &[0; 500]).await;
+    }
+    let Peer { client: bob, .. } = bob;
+    socket2::SockRef::from(&bob.stream)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+    drop(bob); // a reset, not a FIN
+    expect_suspended_after_relay(&mut alice.client, call).await;
+    for _ in 0..20 {
+        alice.client.send_relay(call, &[0; 500]).await;
+    }
+    still_served(&mut alice.client).await;
+    let metrics = srv.server.metrics().render();
+    assert!(
+        metrics.contains("natcall_disconnects_total{reason=\"reset\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("natcall_disconnects_total{reason=\"stalled\"} 0"),
+        "{metrics}"
+    );
     srv.shutdown().await;
 }
 

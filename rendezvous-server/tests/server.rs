@@ -360,6 +360,78 @@ async fn drain_delivers_every_queued_reply_then_going_away_then_a_clean_close() 
     stop.await.expect("server stops");
 }
 
+#[tokio::test]
+async fn the_drain_ends_as_soon_as_every_peer_has_closed_its_side() {
+    let mut config = test_config();
+    config.limits.drain_timeout_ms = 10_000;
+    let srv = Running::start(config).await;
+    let mut peers = Vec::new();
+    for i in 0..6 {
+        peers.push(
+            Client::register(srv.addr, &format!("p{i}"), &Identity::generate())
+                .await
+                .0,
+        );
+    }
+    // Two of them in an active call, relay frames in flight; one connection not registered yet.
+    let (a, b) = peers.split_at_mut(1);
+    let (a, b) = (&mut a[0], &mut b[0]);
+    a.send(&ClientMsg::Call {
+        request: 1,
+        callee: "p1".into(),
+        policy: natcall_proto::control::Policy::RelayOnly,
+    })
+    .await;
+    let ServerMsg::Ringing { call, .. } = a.next_msg().await else {
+        panic!("expected ringing")
+    };
+    assert!(matches!(b.next_msg().await, ServerMsg::Incoming { .. }));
+    b.send(&ClientMsg::Answer { call, accept: true }).await;
+    for c in [&mut *a, &mut *b] {
+        assert!(matches!(c.next_msg().await, ServerMsg::Start(_)));
+    }
+    for _ in 0..20 {
+        a.send_relay(call, &[1; 200]).await;
+    }
+    peers.push(Client::hello(srv.addr).await);
+
+    let started = tokio::time::Instant::now();
+    let stop = tokio::spawn(srv.shutdown());
+    // Every peer does what a natcall peer does on GoingAway: close its side at once, then read
+    // until the server's side closes.
+    let closing = peers.into_iter().map(|mut peer| async move {
+        loop {
+            match peer.next().await {
+                Got::Msg(ServerMsg::GoingAway { .. }) => break,
+                Got::Msg(_) | Got::Relay(_) => continue,
+                other => panic!("expected going-away, got {other:?}"),
+            }
+        }
+        tokio::io::AsyncWriteExt::shutdown(&mut peer.stream)
+            .await
+            .expect("half-closes");
+        peer.expect_eof().await;
+    });
+    futures_join_all(closing).await;
+    stop.await.expect("server stops");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "the drain took {took:?}: it must end when the peers have closed, not at its 10 s deadline"
+    );
+}
+
+/// Runs every future to completion, concurrently.
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(futures: impl Iterator<Item = F>) {
+    let mut set = tokio::task::JoinSet::new();
+    for f in futures {
+        set.spawn(f);
+    }
+    while let Some(r) = set.join_next().await {
+        r.expect("no panic");
+    }
+}
+
 async fn http_get(addr: SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr)

@@ -123,7 +123,8 @@ pub enum ClientMsg {
     },
     /// Accept or decline the incoming call `call`.
     Answer { call: u32, accept: bool },
-    /// End call `call` (or withdraw it while it rings).
+    /// End call `call` (or withdraw it while it rings); with no call `call`, withdraw this
+    /// peer's waiting [`ClientMsg::Resume`] of `call`, if any.
     Hangup { call: u32, reason: String },
     /// Health check of the relay: this peer has read `frames` more relay frames (sent after
     /// every `relay_ack_every` frames, see [`ServerMsg::Registered`]).
