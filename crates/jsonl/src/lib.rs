@@ -80,7 +80,9 @@ impl JsonChild {
             lines,
         };
         let Some(stdout) = stdout else {
-            return Err(Error::NoStdout { name: this.name.clone() });
+            return Err(Error::NoStdout {
+                name: this.name.clone(),
+            });
         };
         std::thread::Builder::new()
             .name(format!("{}-stdout", this.name))
@@ -111,7 +113,9 @@ impl JsonChild {
     /// Types a line on the child's stdin.
     pub fn say(&mut self, line: &str) -> Result<(), Error> {
         let Some(stdin) = self.stdin.as_mut() else {
-            return Err(Error::StdinClosed { name: self.name.clone() });
+            return Err(Error::StdinClosed {
+                name: self.name.clone(),
+            });
         };
         writeln!(stdin, "{line}")
             .and_then(|()| stdin.flush())
@@ -313,14 +317,19 @@ mod tests {
         assert_eq!(p.wait_nth("a", 2, SECS_5).unwrap()["n"], 2);
         assert_eq!(p.wait_exit(SECS_5).unwrap(), 0);
         assert_eq!(p.seen.len(), 3);
-        assert!(matches!(p.wait_nth("a", 3, Duration::from_millis(50)), Err(Error::TooFew { n: 3, .. })));
+        assert!(matches!(
+            p.wait_nth("a", 3, Duration::from_millis(50)),
+            Err(Error::TooFew { n: 3, .. })
+        ));
     }
 
     #[test]
     fn a_silent_child_times_out_and_is_killed_on_drop() {
         let mut p = sh("silent", "sleep 30");
         let started = Instant::now();
-        let err = p.wait_event("registered", Duration::from_millis(300), |_| true).unwrap_err();
+        let err = p
+            .wait_event("registered", Duration::from_millis(300), |_| true)
+            .unwrap_err();
         let waited = started.elapsed();
         assert!(matches!(err, Error::NoEvent { .. }), "{err:?}");
         assert_eq!(err.to_string(), "silent: no \"registered\" event within 300ms");
@@ -340,7 +349,10 @@ mod tests {
             "garbled",
             r#"echo 'not json'; echo '{"event":'; printf '\377\n'; echo '{"event":"ok"}'"#,
         );
-        assert_eq!(p.wait_event("ok", SECS_5, |_| true).unwrap(), serde_json::json!({"event": "ok"}));
+        assert_eq!(
+            p.wait_event("ok", SECS_5, |_| true).unwrap(),
+            serde_json::json!({"event": "ok"})
+        );
         assert_eq!(p.seen[0], Value::String("not json".into()));
         assert_eq!(p.seen[1], Value::String("{\"event\":".into()));
         assert_eq!(p.seen[2], Value::String("\u{fffd}".into()));
@@ -389,7 +401,10 @@ mod tests {
         let started = Instant::now();
         p.drain();
         assert!(started.elapsed() < Duration::from_millis(100));
-        assert_eq!(p.seen.iter().map(|v| v["event"].clone()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(
+            p.seen.iter().map(|v| v["event"].clone()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
     }
 
     #[test]
