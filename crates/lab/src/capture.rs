@@ -29,7 +29,7 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// Captures everything on `iface` in `device`'s namespace into `path`, packet-buffered,
+    /// Captures everything on `iface` in `device`'s namespace into `path`, packet by packet,
     /// whole packets. Returns once tcpdump listens.
     pub fn start(device: &Device, iface: &str, path: &Path) -> Result<Self, Error> {
         let tcpdump = find_tool("tcpdump").ok_or(Error::MissingTool {
@@ -38,8 +38,10 @@ impl Capture {
         })?;
         let mut cmd = Command::new(tcpdump);
         // -Z root: keep writing as root (tcpdump otherwise drops to a user that may not be
-        // able to write `path`).
-        cmd.args(["-i", iface, "-n", "-U", "-s", "0", "-Z", "root", "-w"])
+        // able to write `path`). --immediate-mode: each packet reaches tcpdump (and, with -U,
+        // the file) as it is captured; without it the kernel hands them over in blocks about
+        // once a second, and the last block is lost when `stop` kills tcpdump.
+        cmd.args(["-i", iface, "-n", "--immediate-mode", "-U", "-s", "0", "-Z", "root", "-w"])
             .arg(path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
