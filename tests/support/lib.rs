@@ -1,16 +1,15 @@
 //! Helpers for end-to-end tests: start the real binaries, feed their stdin, read their JSON
-//! lines, keep their logs. Every wait is bounded.
+//! lines (with [`natcall_jsonl`]), keep their logs. Every wait is bounded.
 //!
 //! The binaries must be built first (`cargo build --workspace --bins`; `tests/run-all.sh` does).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use natcall_jsonl::{JsonChild, Value};
 
 /// A workspace binary next to the test executable (`target/<profile>/NAME`).
 pub fn bin(name: &str) -> PathBuf {
@@ -83,14 +82,11 @@ impl Drop for Rendezvous {
     }
 }
 
-/// A `natcall` process in `--json` mode.
+/// A `natcall` process in `--json` mode: a [`JsonChild`] (its `name`, `seen`, `close_stdin`,
+/// `drain`, … through `Deref`) whose waits panic with what it printed and logged.
 #[derive(Debug)]
 pub struct Peer {
-    pub name: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<Value>,
-    pub seen: Vec<Value>,
+    child: JsonChild,
     pub log: PathBuf,
 }
 
@@ -102,42 +98,20 @@ impl Peer {
 
     pub fn spawn_home(dir: &Path, home: &Path, server: SocketAddr, name: &str, args: &[&str]) -> Self {
         let log = dir.join(format!("{name}-{}.log", std::process::id() ^ rand_suffix()));
-        let mut child = Command::new(bin("natcall"))
-            .args(["--json", "--server", &server.to_string(), "--name", name, "--home"])
+        let mut cmd = Command::new(bin("natcall"));
+        cmd.args(["--json", "--server", &server.to_string(), "--name", name, "--home"])
             .arg(home)
             .args(args)
             .env("RUST_LOG", "natcall=debug,natcall_peer=debug")
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("starts natcall");
-        let stdout = child.stdout.take().expect("piped");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let v = serde_json::from_str(&line).unwrap_or(Value::String(line));
-                if tx.send(v).is_err() {
-                    return;
-                }
-            }
-        });
-        let stdin = child.stdin.take();
-        Self {
-            name: name.to_owned(),
-            child,
-            stdin,
-            lines,
-            seen: Vec::new(),
-            log,
-        }
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        let child = JsonChild::spawn(name, &mut cmd).unwrap_or_else(|e| panic!("{e}"));
+        Self { child, log }
     }
 
     /// Types a chat line.
     pub fn say(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin still open");
-        writeln!(stdin, "{line}").expect("writes to natcall's stdin");
-        stdin.flush().expect("flushes");
+        self.child.say(line).unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Copies `input` to the process's stdin (and to `tee` when given) on a thread, then closes
@@ -147,7 +121,7 @@ impl Peer {
         mut input: impl Read + Send + 'static,
         tee: Option<PathBuf>,
     ) -> std::thread::JoinHandle<u64> {
-        let mut stdin = self.stdin.take().expect("stdin still open");
+        let mut stdin = self.child.take_stdin().expect("stdin still open");
         std::thread::spawn(move || {
             let mut copy = tee.map(|p| std::fs::File::create(p).expect("tee file"));
             let mut buf = vec![0u8; 32 * 1024];
@@ -168,55 +142,16 @@ impl Peer {
         })
     }
 
-    /// Closes stdin (ends the call after delivering what was typed).
-    pub fn close_stdin(&mut self) {
-        self.stdin = None;
-    }
-
     /// Waits for a JSON line with `"event": event` (and `pred`), up to `within`.
     pub fn wait_event(&mut self, event: &str, within: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-        if let Some(v) = self.seen.iter().find(|v| v["event"] == event && pred(v)) {
-            return v.clone();
-        }
-        let deadline = Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(v) => {
-                    self.seen.push(v.clone());
-                    if v["event"] == event && pred(&v) {
-                        return v;
-                    }
-                }
-                Err(_) => panic!(
-                    "{}: no {event:?} event within {within:?}; saw {:?}\n--- log ---\n{}",
-                    self.name,
-                    self.seen,
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                ),
-            }
-        }
+        let got = self.child.wait_event(event, within, pred);
+        got.unwrap_or_else(|e| self.fail(&e))
     }
 
     /// Waits until `n` events named `event` have been seen in all.
     pub fn wait_nth(&mut self, event: &str, n: usize, within: Duration) -> Value {
-        let deadline = Instant::now() + within;
-        loop {
-            let seen: Vec<&Value> = self.seen.iter().filter(|v| v["event"] == event).collect();
-            if seen.len() >= n {
-                return seen[n - 1].clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(v) => self.seen.push(v),
-                Err(_) => panic!(
-                    "{}: fewer than {n} {event:?} events within {within:?}; saw {:?}\n--- log ---\n{}",
-                    self.name,
-                    self.seen,
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                ),
-            }
-        }
+        let got = self.child.wait_nth(event, n, within);
+        got.unwrap_or_else(|e| self.fail(&e))
     }
 
     /// Waits for a chat line with this text.
@@ -226,23 +161,8 @@ impl Peer {
 
     /// Waits for the process to exit; returns its exit code.
     pub fn wait_exit(&mut self, within: Duration) -> i32 {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("waits") {
-                // Drain what is left on stdout.
-                while let Ok(v) = self.lines.recv_timeout(Duration::from_millis(200)) {
-                    self.seen.push(v);
-                }
-                return status.code().unwrap_or(-1);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit within {within:?}\n--- log ---\n{}",
-                self.name,
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let got = self.child.wait_exit(within);
+        got.unwrap_or_else(|e| self.fail(&e))
     }
 
     /// The final report (after exit).
@@ -254,12 +174,22 @@ impl Peer {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    fn fail(&self, e: &natcall_jsonl::Error) -> ! {
+        panic!("{e}; saw {:?}\n--- log ---\n{}", self.child.seen, self.log_text())
+    }
 }
 
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Peer {
+    type Target = JsonChild;
+    fn deref(&self) -> &JsonChild {
+        &self.child
+    }
+}
+
+impl std::ops::DerefMut for Peer {
+    fn deref_mut(&mut self) -> &mut JsonChild {
+        &mut self.child
     }
 }
 

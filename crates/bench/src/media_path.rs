@@ -5,14 +5,12 @@
 //! pacing and sending; receiving, opening and reassembling — the whole stack, not only the
 //! cipher).
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use serde_json::Value;
+use anyhow::{Context, Result, anyhow, bail};
+use natcall_jsonl::{JsonChild, Value};
 
 use crate::server::{Spawned, cpu_seconds, sibling_binary};
 
@@ -58,76 +56,36 @@ impl PathOutcome {
     }
 }
 
-/// A `natcall --json` process; its JSON lines read on a thread; killed on drop.
+/// A `natcall --json` process ([`JsonChild`]: its JSON lines read on a thread; killed on drop).
 struct Peer {
-    child: Child,
-    lines: mpsc::Receiver<Value>,
-    seen: Vec<Value>,
+    child: JsonChild,
 }
 
 impl Peer {
     fn spawn(bin: &Path, server: &str, home: &Path, name: &str, args: &[&str]) -> Result<Self> {
-        let mut child = Command::new(bin)
-            .args(["--json", "--server", server, "--name", name, "--home"])
+        let mut cmd = Command::new(bin);
+        cmd.args(["--json", "--server", server, "--name", name, "--home"])
             .arg(home.join(name))
             .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let stdout = child.stdout.take().context("natcall's stdout")?;
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let v = serde_json::from_str(&line).unwrap_or(Value::String(line));
-                if tx.send(v).is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Self {
-            child,
-            lines,
-            seen: Vec::new(),
-        })
+            .stderr(Stdio::null());
+        let child = JsonChild::spawn(name, &mut cmd)?;
+        Ok(Self { child })
     }
 
     fn wait_event(&mut self, event: &str, within: Duration) -> Result<Value> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(v) = self.seen.iter().find(|v| v["event"] == event) {
-                return Ok(v.clone());
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(v) => self.seen.push(v),
-                Err(_) => bail!("no {event:?} from natcall within {within:?}; saw {:?}", self.seen),
-            }
-        }
+        let got = self.child.wait_event(event, within, |_| true);
+        got.map_err(|e| anyhow!("{e}; saw {:?}", self.child.seen))
     }
 
     /// Waits for exit, sampling CPU time every 50 ms; the last sample before exit.
     fn wait_exit_cpu(&mut self, within: Duration) -> Result<f64> {
-        let deadline = Instant::now() + within;
         let mut cpu = 0.0;
-        loop {
-            if self.child.try_wait()?.is_some() {
-                return Ok(cpu);
-            }
-            if Instant::now() > deadline {
-                bail!("natcall did not exit within {within:?}");
-            }
-            cpu = cpu_seconds(self.child.id()).unwrap_or(cpu);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child
+            .wait_exit_sampling(within, Duration::from_millis(50), |pid| {
+                cpu = cpu_seconds(pid).unwrap_or(cpu);
+            })?;
+        Ok(cpu)
     }
 }
 

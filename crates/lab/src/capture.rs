@@ -1,25 +1,27 @@
-//! What goes on the wire: `tcpdump` on an interface inside a namespace, and a small reader
-//! for the pcap file it writes (Ethernet, IPv4, UDP and TCP — what the lab's links carry).
+//! What goes on the wire: `tcpdump` on an interface inside a namespace, and a reader for the
+//! pcap file it writes (Ethernet, IPv4, UDP and TCP — what the lab's links carry): the file
+//! format by `pcap-file`, the headers by `etherparse`.
 //!
 //! The tests use it to check properties of the traffic itself, e.g. that no media datagram is
 //! larger than 512 bytes and that a known plaintext never appears in what a peer sends.
 
 use std::io::{BufRead, BufReader};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use etherparse::{LaxNetSlice, LaxSlicedPacket, TransportSlice};
 use patchbay::Device;
+use pcap_file::pcap::PcapParser;
+use pcap_file::{DataLink, PcapError};
 
 use crate::Error;
 use crate::error::find_tool;
 
 /// How long tcpdump may take to start listening.
 const START_WAIT: Duration = Duration::from_secs(5);
-/// Link type of Ethernet captures.
-const LINKTYPE_ETHERNET: u32 = 1;
 
 /// A running `tcpdump` writing a pcap file; stopped (and reaped) on [`stop`](Self::stop) or drop.
 #[derive(Debug)]
@@ -29,25 +31,20 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// Captures everything on `iface` in `device`'s namespace into `path`, packet-buffered,
+    /// Captures everything on `iface` in `device`'s namespace into `path`, packet by packet,
     /// whole packets. Returns once tcpdump listens.
     pub fn start(device: &Device, iface: &str, path: &Path) -> Result<Self, Error> {
-        let tcpdump = find_tool("tcpdump").ok_or(Error::MissingTool {
-            tool: "tcpdump",
-            package: "tcpdump",
-        })?;
-        let mut cmd = Command::new(tcpdump);
-        // -Z root: keep writing as root (tcpdump otherwise drops to a user that may not be
-        // able to write `path`).
-        cmd.args(["-i", iface, "-n", "-U", "-s", "0", "-Z", "root", "-w"])
-            .arg(path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = device.spawn_command_sync(cmd).map_err(|e| Error::Command {
-            command: format!("tcpdump -i {iface}"),
-            stderr: format!("{e:#}"),
-        })?;
+        let child = device
+            .spawn_command_sync(tcpdump(iface, path)?)
+            .map_err(|e| Error::Command {
+                command: format!("tcpdump -i {iface}"),
+                stderr: format!("{e:#}"),
+            })?;
+        Self::listening(child, iface, path)
+    }
+
+    /// Takes over a started tcpdump and waits until it says it listens.
+    fn listening(mut child: Child, iface: &str, path: &Path) -> Result<Self, Error> {
         let stderr = child.stderr.take();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -100,6 +97,26 @@ impl Drop for Capture {
     }
 }
 
+/// `tcpdump` capturing everything on `iface` into `path`, packet by packet, whole packets.
+fn tcpdump(iface: &str, path: &Path) -> Result<Command, Error> {
+    let tcpdump = find_tool("tcpdump").ok_or(Error::MissingTool {
+        tool: "tcpdump",
+        package: "tcpdump",
+    })?;
+    let mut cmd = Command::new(tcpdump);
+    // -Z root: keep writing as root (tcpdump otherwise drops to a user that may not be able to
+    // write `path`). --immediate-mode: each packet reaches tcpdump (and, with -U, the file) as
+    // it is captured; without it the kernel hands them over in blocks about once a second, and
+    // the last block is lost when `stop` kills tcpdump.
+    cmd.args(["-i", iface, "-n", "--immediate-mode", "-U"])
+        .args(["-s", "0", "-Z", "root", "-w"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    Ok(cmd)
+}
+
 /// Transport of a captured packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proto {
@@ -128,82 +145,44 @@ pub struct Packet {
 /// and the rest are skipped). A record cut short at the end (a capture stopped mid-write) ends
 /// the list.
 pub fn parse_pcap(bytes: &[u8]) -> Result<Vec<Packet>, Error> {
-    let bad = |why: &str| Error::InvalidScenario(format!("unreadable capture: {why}"));
-    if bytes.len() < 24 {
-        return Err(bad("shorter than a pcap header"));
-    }
-    let magic = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-    let le = match magic {
-        0xa1b2_c3d4 | 0xa1b2_3c4d => true,
-        0xd4c3_b2a1 | 0x4d3c_b2a1 => false,
-        _ => return Err(bad("not a pcap file")),
-    };
-    let u32_at = |b: &[u8], at: usize| {
-        let w = [b[at], b[at + 1], b[at + 2], b[at + 3]];
-        if le {
-            u32::from_le_bytes(w)
-        } else {
-            u32::from_be_bytes(w)
-        }
-    };
-    let linktype = u32_at(bytes, 20) & 0x0fff_ffff;
-    if linktype != LINKTYPE_ETHERNET {
-        return Err(bad(&format!("link type {linktype}, expected Ethernet")));
+    let bad = |why: String| Error::InvalidScenario(format!("unreadable capture: {why}"));
+    let (mut rest, parser) = PcapParser::new(bytes).map_err(|e| match e {
+        PcapError::IncompleteBuffer => bad("shorter than a pcap header".into()),
+        e => bad(format!("not a pcap file ({e})")),
+    })?;
+    let datalink = parser.header().datalink;
+    if datalink != DataLink::ETHERNET {
+        return Err(bad(format!("link type {datalink:?}, expected Ethernet")));
     }
     let mut packets = Vec::new();
-    let mut at = 24;
-    while at + 16 <= bytes.len() {
-        let len = u32_at(bytes, at + 8) as usize;
-        let start = at + 16;
-        let Some(frame) = bytes.get(start..start + len) else {
-            break;
-        };
-        at = start + len;
-        if let Some(p) = parse_ethernet(frame) {
-            packets.push(p);
-        }
+    // Raw records: their lengths are taken as written, not checked against the snap length.
+    // The only error left is a record cut short, which ends the list.
+    while let Ok((next, record)) = parser.next_raw_packet(rest) {
+        rest = next;
+        packets.extend(parse_ethernet(&record.data));
     }
     Ok(packets)
 }
 
+/// An IPv4 UDP or TCP packet in an Ethernet frame (VLAN tags skipped). Lengths are taken from
+/// the IP (and UDP) headers, so Ethernet padding is not payload; a frame shorter than its IP
+/// length keeps what it has.
 fn parse_ethernet(frame: &[u8]) -> Option<Packet> {
-    let mut ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
-    let mut ip_at = 14;
-    if ethertype == 0x8100 {
-        ethertype = u16::from_be_bytes([*frame.get(16)?, *frame.get(17)?]);
-        ip_at = 18;
-    }
-    if ethertype != 0x0800 {
+    let sliced = LaxSlicedPacket::from_ethernet(frame).ok()?;
+    let Some(LaxNetSlice::Ipv4(ip)) = &sliced.net else {
         return None;
-    }
-    let ip = frame.get(ip_at..)?;
-    if ip.first()? >> 4 != 4 {
-        return None;
-    }
-    let ihl = usize::from(ip[0] & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
-    let ip = ip.get(..total.min(ip.len()))?;
-    let addr = |at: usize| {
-        Some(Ipv4Addr::new(
-            *ip.get(at)?,
-            *ip.get(at + 1)?,
-            *ip.get(at + 2)?,
-            *ip.get(at + 3)?,
-        ))
     };
-    let (src_ip, dst_ip) = (addr(12)?, addr(16)?);
-    let l4 = ip.get(ihl..)?;
-    let port = |at: usize| Some(u16::from_be_bytes([*l4.get(at)?, *l4.get(at + 1)?]));
-    let (proto, data_at) = match ip.get(9)? {
-        17 => (Proto::Udp, 8),
-        6 => (Proto::Tcp, usize::from(l4.get(12)? >> 4) * 4),
+    let ip = ip.header();
+    let (proto, ports, payload) = match sliced.transport? {
+        TransportSlice::Udp(udp) => (Proto::Udp, (udp.source_port(), udp.destination_port()), udp.payload()),
+        TransportSlice::Tcp(tcp) => (Proto::Tcp, (tcp.source_port(), tcp.destination_port()), tcp.payload()),
         _ => return None,
     };
     Some(Packet {
         proto,
-        src: SocketAddrV4::new(src_ip, port(0)?),
-        dst: SocketAddrV4::new(dst_ip, port(2)?),
-        payload: l4.get(data_at..)?.to_vec(),
+        src: SocketAddrV4::new(ip.source_addr(), ports.0),
+        dst: SocketAddrV4::new(ip.destination_addr(), ports.1),
+        payload: payload.to_vec(),
         frame: frame.to_vec(),
     })
 }
@@ -215,60 +194,143 @@ pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use etherparse::{PacketBuilder, VlanId};
+    use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
+
     use super::*;
 
-    /// A pcap file (little-endian, Ethernet) holding `frames`.
+    /// A pcap file (pcap-file's writer, Ethernet) holding `frames`.
     fn pcap(frames: &[Vec<u8>]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for v in [0xa1b2_c3d4u32, 0x0004_0002, 0, 0, 65535, LINKTYPE_ETHERNET] {
-            out.extend_from_slice(&v.to_le_bytes());
+        let mut w = PcapWriter::with_header(Vec::new(), PcapHeader::default()).unwrap();
+        for (i, f) in frames.iter().enumerate() {
+            let len = f.len() as u32;
+            w.write_packet(&PcapPacket::new(Duration::from_millis(i as u64), len, f))
+                .unwrap();
         }
-        // (the version field is two u16s, written here as one u32: 2, 4)
-        for f in frames {
-            for v in [0u32, 0, f.len() as u32, f.len() as u32] {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-            out.extend_from_slice(f);
-        }
-        out
+        w.into_writer()
     }
 
-    fn ipv4(proto: u8, l4: &[u8]) -> Vec<u8> {
-        let mut f = vec![0u8; 12];
-        f.extend_from_slice(&[0x08, 0x00]);
-        let total = (20 + l4.len()) as u16;
-        f.extend_from_slice(&[0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0, 0, 64, proto, 0, 0]);
-        f.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
-        f.extend_from_slice(l4);
-        f.extend_from_slice(&[0; 6]); // Ethernet padding, not part of the IP packet
-        f
+    const MACS: ([u8; 6], [u8; 6]) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+
+    fn ipv4() -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
+        PacketBuilder::ethernet2(MACS.0, MACS.1).ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+    }
+
+    /// `frame` followed by Ethernet padding (not part of the IP packet).
+    fn padded(mut frame: Vec<u8>) -> Vec<u8> {
+        frame.extend_from_slice(&[0; 6]);
+        frame
     }
 
     #[test]
     fn udp_and_tcp_payloads_are_read_and_padding_is_not() {
-        let mut udp = vec![0x30, 0x39, 0x00, 0x35, 0, 13, 0, 0];
-        udp.extend_from_slice(b"hello");
-        let mut tcp = vec![
-            0x01, 0xbb, 0x30, 0x39, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0, 0, 0, 0, 0, 0,
-        ];
-        tcp.extend_from_slice(b"world!");
-        let bytes = pcap(&[ipv4(17, &udp), ipv4(6, &tcp), vec![0xff; 20]]);
+        let mut udp = Vec::new();
+        ipv4().udp(12345, 53).write(&mut udp, b"hello").unwrap();
+        let mut tcp = Vec::new();
+        ipv4()
+            .tcp(443, 12345, 1, 1024)
+            .psh()
+            .write(&mut tcp, b"world!")
+            .unwrap();
+        let bytes = pcap(&[padded(udp), padded(tcp), vec![0xff; 20]]);
         let got = parse_pcap(&bytes).unwrap();
         assert_eq!(got.len(), 2);
         assert_eq!((got[0].proto, got[0].payload.as_slice()), (Proto::Udp, &b"hello"[..]));
         assert_eq!(got[0].src, "10.0.0.1:12345".parse().unwrap());
         assert_eq!(got[0].dst, "10.0.0.2:53".parse().unwrap());
         assert_eq!((got[1].proto, got[1].payload.as_slice()), (Proto::Tcp, &b"world!"[..]));
+        assert_eq!(got[1].src, "10.0.0.1:443".parse().unwrap());
         assert!(contains(&got[1].frame, b"world"));
         assert!(!contains(&got[1].frame, b"worlds"));
     }
 
     #[test]
+    fn vlan_tagged_frames_are_read_and_other_protocols_skipped() {
+        let mut tagged = Vec::new();
+        PacketBuilder::ethernet2(MACS.0, MACS.1)
+            .single_vlan(VlanId::try_new(7).unwrap())
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .udp(1000, 2000)
+            .write(&mut tagged, b"tagged")
+            .unwrap();
+        let mut v6 = Vec::new();
+        PacketBuilder::ethernet2(MACS.0, MACS.1)
+            .ipv6([1; 16], [2; 16], 64)
+            .udp(1000, 2000)
+            .write(&mut v6, b"v6")
+            .unwrap();
+        let mut icmp = Vec::new();
+        ipv4().icmpv4_echo_request(1, 1).write(&mut icmp, b"ping").unwrap();
+        let got = parse_pcap(&pcap(&[v6, tagged, icmp])).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].payload, b"tagged");
+        assert_eq!(got[0].dst, "10.0.0.2:2000".parse().unwrap());
+    }
+
+    #[test]
     fn a_truncated_last_record_ends_the_list_and_garbage_is_an_error() {
-        let mut bytes = pcap(&[ipv4(17, &[0, 1, 0, 2, 0, 9, 0, 0, 7])]);
+        let mut udp = Vec::new();
+        ipv4().udp(1, 2).write(&mut udp, &[7]).unwrap();
+        let mut bytes = pcap(&[udp]);
         let whole = parse_pcap(&bytes).unwrap().len();
         bytes.truncate(bytes.len() - 3);
         assert_eq!((whole, parse_pcap(&bytes).unwrap().len()), (1, 0));
         assert!(parse_pcap(b"not a capture at all, really").is_err());
+        assert!(parse_pcap(b"short").is_err());
+        let raw_ip = PcapHeader {
+            datalink: DataLink::RAW,
+            ..PcapHeader::default()
+        };
+        let other = PcapWriter::with_header(Vec::new(), raw_ip).unwrap().into_writer();
+        let err = parse_pcap(&other).unwrap_err().to_string();
+        assert!(err.contains("expected Ethernet"), "{err}");
+    }
+
+    /// A real tcpdump on the host's loopback (Ethernet link type on Linux): a UDP datagram and a
+    /// TCP stream sent through it are read back. Needs root and tcpdump, like the lab's
+    /// namespace tests (`tests/run-all.sh` installs it).
+    #[test]
+    fn what_tcpdump_writes_on_loopback_is_read_back() {
+        use std::io::{Read, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lo.pcap");
+        let child = tcpdump("lo", &path).unwrap().spawn().unwrap();
+        let capture = Capture::listening(child, "lo", &path).unwrap();
+
+        let nonce = std::process::id();
+        let udp_text = format!("natcall-lab capture probe {nonce} over UDP");
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.send_to(udp_text.as_bytes(), rx.local_addr().unwrap()).unwrap();
+        let tcp_text = format!("natcall-lab capture probe {nonce} over TCP");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        client.write_all(tcp_text.as_bytes()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        let mut got = vec![0u8; tcp_text.len()];
+        server.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        server.read_exact(&mut got).unwrap();
+
+        let packets = capture.stop().unwrap();
+        let v4 = |a: std::net::SocketAddr| match a {
+            std::net::SocketAddr::V4(a) => a,
+            other => panic!("{other} is not IPv4"),
+        };
+        let (udp_src, udp_dst) = (v4(tx.local_addr().unwrap()), v4(rx.local_addr().unwrap()));
+        let udp = packets
+            .iter()
+            .find(|p| p.proto == Proto::Udp && p.src == udp_src && p.dst == udp_dst)
+            .unwrap_or_else(|| panic!("no UDP {udp_src} → {udp_dst} among {} packets", packets.len()));
+        assert_eq!(udp.payload, udp_text.as_bytes());
+        let (tcp_src, tcp_dst) = (v4(client.local_addr().unwrap()), v4(listener.local_addr().unwrap()));
+        let stream: Vec<u8> = packets
+            .iter()
+            .filter(|p| p.proto == Proto::Tcp && p.src == tcp_src && p.dst == tcp_dst)
+            .flat_map(|p| p.payload.iter().copied())
+            .collect();
+        assert_eq!(stream, tcp_text.as_bytes());
+        assert!(contains(&udp.frame, udp_text.as_bytes()));
     }
 }

@@ -1,14 +1,14 @@
 //! The real binaries as processes inside a namespace: start them, feed stdin, read their JSON
-//! lines, keep their logs. Every wait is bounded; dropping a [`Proc`] kills its process.
+//! lines ([`natcall_jsonl`]), keep their logs. Every wait is bounded; dropping a [`Proc`] kills
+//! its process.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use natcall_jsonl::{JsonChild, Value};
 use patchbay::Device;
-use serde_json::Value;
 
 use crate::Error;
 
@@ -105,14 +105,12 @@ fn run_captured(device: &Device, program: &str, args: &[&str], stdin: Option<&st
     }
 }
 
-/// A process of ours inside a namespace, its stdout read as JSON lines, stderr to a log file.
+/// A process of ours inside a namespace, its stdout read as JSON lines ([`JsonChild`]: its
+/// `name`, `seen`, `close_stdin`, `drain` and `kill` through `Deref`), stderr to a log file;
+/// errors as the scenario drivers report them, sentences.
 #[derive(Debug)]
 pub(crate) struct Proc {
-    pub(crate) name: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<Value>,
-    pub(crate) seen: Vec<Value>,
+    child: JsonChild,
 }
 
 impl Proc {
@@ -126,48 +124,27 @@ impl Proc {
     ) -> Result<Self, Error> {
         let log = dir.join(format!("{name}.log"));
         let log_file = std::fs::File::create(&log).map_err(Error::io(format!("creating {}", log.display())))?;
+        let command = || format!("{} {}", program.display(), args.join(" "));
         let mut cmd = Command::new(program);
         cmd.args(args)
             .env("RUST_LOG", "natcall=debug,natcall_peer=debug,natcall_rendezvous=debug")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log_file);
-        let mut child = device.spawn_command_sync(cmd).map_err(|e| Error::Command {
-            command: format!("{} {}", program.display(), args.join(" ")),
+        let child = device.spawn_command_sync(cmd).map_err(|e| Error::Command {
+            command: command(),
             stderr: format!("{e:#}"),
         })?;
-        let (tx, lines) = mpsc::channel();
-        if let Some(stdout) = child.stdout.take() {
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    let v = serde_json::from_str(&line).unwrap_or(Value::String(line));
-                    if tx.send(v).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-        let stdin = child.stdin.take();
-        Ok(Self {
-            name: name.to_owned(),
-            child,
-            stdin,
-            lines,
-            seen: Vec::new(),
-        })
+        let child = JsonChild::new(name, child).map_err(|e| Error::Command {
+            command: command(),
+            stderr: e.to_string(),
+        })?;
+        Ok(Self { child })
     }
 
     /// Types a line on its stdin.
     pub(crate) fn say(&mut self, line: &str) -> Result<(), String> {
-        let stdin = self.stdin.as_mut().ok_or("stdin already closed")?;
-        writeln!(stdin, "{line}")
-            .and_then(|_| stdin.flush())
-            .map_err(|e| format!("{}: writing to stdin: {e}", self.name))
-    }
-
-    /// Closes stdin (a caller then finishes the chat and hangs up).
-    pub(crate) fn close_stdin(&mut self) {
-        self.stdin = None;
+        self.child.say(line).map_err(|e| e.to_string())
     }
 
     /// Waits up to `within` for a JSON line with `"event": event` matching `pred`.
@@ -177,63 +154,29 @@ impl Proc {
         within: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Result<Value, String> {
-        if let Some(v) = self.seen.iter().find(|v| v["event"] == event && pred(v)) {
-            return Ok(v.clone());
-        }
-        let deadline = Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(v) => {
-                    self.seen.push(v.clone());
-                    if v["event"] == event && pred(&v) {
-                        return Ok(v);
-                    }
-                }
-                Err(_) => return Err(format!("{}: no {event:?} event within {within:?}", self.name)),
-            }
-        }
+        self.child.wait_event(event, within, pred).map_err(|e| e.to_string())
     }
 
     /// Waits for the process to exit (up to `within`); its exit code.
     pub(crate) fn wait_exit(&mut self, within: Duration) -> Result<i32, String> {
-        let deadline = Instant::now() + within;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => {
-                    while let Ok(v) = self.lines.recv_timeout(Duration::from_millis(200)) {
-                        self.seen.push(v);
-                    }
-                    return Ok(status.code().unwrap_or(-1));
-                }
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-                Ok(None) => return Err(format!("{} did not exit within {within:?}", self.name)),
-                Err(e) => return Err(format!("{}: waiting: {e}", self.name)),
-            }
-        }
-    }
-
-    /// Collects what arrived on stdout without waiting.
-    pub(crate) fn drain(&mut self) {
-        while let Ok(v) = self.lines.try_recv() {
-            self.seen.push(v);
-        }
+        self.child.wait_exit(within).map_err(|e| e.to_string())
     }
 
     /// The last `report` line, if any.
     pub(crate) fn report(&self) -> Option<Value> {
-        self.seen.iter().rev().find(|v| v["event"] == "report").cloned()
-    }
-
-    /// Stops the process (SIGKILL) and reaps it.
-    pub(crate) fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.last_report()
     }
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
+impl std::ops::Deref for Proc {
+    type Target = JsonChild;
+    fn deref(&self) -> &JsonChild {
+        &self.child
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut JsonChild {
+        &mut self.child
     }
 }
