@@ -107,4 +107,3 @@ impl Nat {
         allowed.then_some(binding.internal)
     }
 }
-
