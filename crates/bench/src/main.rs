@@ -15,6 +15,8 @@
 //! - `media-crypto`: CPU cost of sealing and opening media packets;
 //! - `media-path`: media between two `natcall` processes on the direct path (packets/s, Mbit/s,
 //!   loss, CPU per Mbit);
+//! - `resume`: how long a relayed call's media is down when its server is stopped and started
+//!   again (SIGTERM or SIGKILL), and how long the SIGTERM drain takes;
 //! - `idle-peers`: server memory (RSS) per registered idle peer.
 //!
 //! Modules: [`load`] (pacing, stamping, latency: shared by every path), [`relay`] (natcall
@@ -30,6 +32,7 @@ mod media;
 mod media_path;
 mod peers;
 mod relay;
+mod resume;
 mod server;
 mod stun;
 mod turn;
@@ -126,6 +129,22 @@ enum Cmd {
         #[arg(long, default_value_t = 4)]
         seconds: u64,
     },
+    /// How long a relayed call's media is down when its server is stopped (SIGTERM or SIGKILL)
+    /// and started again: from the new server accepting to media flowing.
+    Resume {
+        /// How the server is stopped.
+        #[arg(long, value_enum, default_value = "kill")]
+        stop: resume::Stop,
+        /// Runs (the median is printed).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// How long the server stays down between its exit and its restart, ms.
+        #[arg(long, default_value_t = 2000)]
+        down_ms: u64,
+        /// JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Server RSS per registered idle peer.
     IdlePeers {
         /// Peers to register (each a TCP connection).
@@ -191,6 +210,12 @@ async fn work(cmd: Cmd) -> Result<()> {
                 println!("server CPU: {:.2} s", s.cpu_seconds()?);
             }
         }
+        Cmd::Resume {
+            stop,
+            runs,
+            down_ms,
+            json,
+        } => resume::run(stop, runs, Duration::from_millis(down_ms), json).await?,
         Cmd::Compare { quick, runs, chart } => {
             let plan = if quick {
                 compare::Plan::quick(chart)
