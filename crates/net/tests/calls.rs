@@ -296,3 +296,85 @@ async fn a_stream_is_paced_not_cut_and_its_tail_survives_the_hang_up() {
     assert_eq!(got.len(), stream.len(), "bob: {report:?}");
     assert!(got == stream, "the stream arrived altered");
 }
+
+/// A relay upload saturated for 10 s (a lossless stream as fast as the relay takes it) must not
+/// starve the control lane: alice's health checks for what bob relays to her keep flowing, so
+/// bob's audio keeps arriving, nobody is disconnected as stalled, and chat still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_relay_upload_never_delays_the_health_checks() {
+    use natcall::{Frame, ServerState, Track};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let lab = server().await;
+    let (alice, bob) = (peer(&lab, "alice").await, peer(&lab, "bob").await);
+    let bob_task = tokio::spawn({
+        let bob = bob.clone();
+        async move {
+            let call = Arc::new(bob.accept().await.expect("offer").accept().await.expect("connects"));
+            // bob talks to alice: 50 audio frames a second, relayed to her.
+            let talker = {
+                let call = call.clone();
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(Duration::from_millis(20));
+                    for n in 0u32..600 {
+                        tick.tick().await;
+                        if call
+                            .send_frame(Track::AUDIO, Frame::new(n * 20, vec![7; 80]))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                })
+            };
+            while let Ok(Some(line)) = call.recv_chat().await {
+                call.send_chat(&format!("echo {line}")).await.expect("sends");
+            }
+            talker.abort();
+            call.ended().await
+        }
+    });
+    let call = Arc::new(alice.call("bob", Policy::RelayOnly).await.expect("connects"));
+    call.set_media_rate(400_000_000).await.expect("rate");
+    let heard = Arc::new(AtomicU64::new(0));
+    let listener = {
+        let (call, heard) = (call.clone(), heard.clone());
+        tokio::spawn(async move {
+            while let Some(f) = call.recv_frame().await {
+                if f.track == Track::AUDIO {
+                    heard.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let uploaded = Arc::new(AtomicU64::new(0));
+    let uploader = {
+        let (call, uploaded) = (call.clone(), uploaded.clone());
+        tokio::spawn(async move {
+            let piece = vec![0x55u8; 16 * 1024];
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            while tokio::time::Instant::now() < until {
+                if call.send_stream(Track::VIDEO, piece.clone()).await.is_err() {
+                    return;
+                }
+                uploaded.fetch_add(piece.len() as u64, Ordering::Relaxed);
+            }
+        })
+    };
+    let started = heard.load(Ordering::Relaxed);
+    uploader.await.expect("uploader");
+    let during = heard.load(Ordering::Relaxed) - started;
+    let sent = uploaded.load(Ordering::Relaxed);
+    assert!(sent > 5_000_000, "the upload ran: {sent} bytes in 10 s");
+    assert!(
+        during >= 400,
+        "bob's audio kept arriving under the upload: {during} frames in 10 s (500 sent)"
+    );
+    assert_eq!(alice.server_state(), ServerState::Up, "alice was never disconnected");
+    chat_round(&call, "still here").await;
+    call.finish_chat().await.expect("acked");
+    call.hangup("bye");
+    listener.abort();
+    assert_eq!(bob_task.await.expect("bob"), EndReason::Peer("bye".into()));
+}
