@@ -38,7 +38,9 @@ fn a_direct_call_goes_on_while_the_server_is_down() {
     assert_eq!(bob_exit, 0);
     let bob_report = bob.report();
     // Audio (50 frames/s) kept arriving through the outage: about 5 s of it.
-    let frames = bob_report["media"]["audio"]["received"]["frames_complete"].as_u64().unwrap_or(0);
+    let frames = bob_report["media"]["audio"]["received"]["frames_complete"]
+        .as_u64()
+        .unwrap_or(0);
     assert!(frames >= 200, "{frames} audio frames in a 5 s call: {bob_report}");
 }
 

@@ -126,7 +126,10 @@ pub async fn run_once(stop: Stop, down: Duration) -> Result<Sample> {
             let mut tick = tokio::time::interval(Duration::from_millis(20));
             for n in 0u32.. {
                 tick.tick().await;
-                if c.send_frame(Track::AUDIO, Frame::new(n * 20, vec![0x41; 80])).await.is_err() {
+                if c.send_frame(Track::AUDIO, Frame::new(n * 20, vec![0x41; 80]))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -189,7 +192,10 @@ pub async fn run(stop: Stop, runs: usize, down: Duration, json: bool) -> Result<
     for i in 0..runs.max(1) {
         let s = run_once(stop, down).await.with_context(|| format!("run {}", i + 1))?;
         if json {
-            println!("{}", serde_json::json!({"event": "run", "stop": format!("{stop:?}").to_lowercase(), "sample": s}));
+            println!(
+                "{}",
+                serde_json::json!({"event": "run", "stop": format!("{stop:?}").to_lowercase(), "sample": s})
+            );
         } else {
             println!(
                 "run {}: media again {:.0} ms after the server accepted ({:.0} ms after the signal); old server exited {:.0} ms after the signal; call survived: {}",

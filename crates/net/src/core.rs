@@ -832,12 +832,10 @@ impl<L: Default> PeerCore<L> {
         };
         let peer = call.view.peer.clone();
         match ev {
-            AgentEvent::PairValidated { remote, .. } => {
-                if owns {
-                    self.by_real.insert(remote, id);
-                    if call.carrier == Carrier::Void {
-                        call.carrier = Carrier::Udp(remote); // so QUIC can answer at once
-                    }
+            AgentEvent::PairValidated { remote, .. } if owns => {
+                self.by_real.insert(remote, id);
+                if call.carrier == Carrier::Void {
+                    call.carrier = Carrier::Udp(remote); // so QUIC can answer at once
                 }
             }
             AgentEvent::Selected { remote, kind, rtt } => {
