@@ -280,7 +280,8 @@ async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, shared: &Shared) ->
 }
 
 /// Writes batches, the control lane's frames first in each, until the connection fails, is
-/// closed, or `stop` fires.
+/// closed, or `stop` fires. A flush or close also writes every relay frame queued before it
+/// (a relayed QUIC close and the hang-up behind it go out before the connection half-closes).
 async fn write_loop(mut wr: OwnedWriteHalf, rx: &mut LaneReceivers, mut stop: oneshot::Receiver<()>) {
     let mut batch = BytesMut::new();
     let mut flushed = Vec::new();
@@ -314,15 +315,19 @@ async fn write_loop(mut wr: OwnedWriteHalf, rx: &mut LaneReceivers, mut stop: on
         if end == Some(End::Abort) {
             return;
         }
-        let started = Instant::now();
-        if !batch.is_empty() {
-            tokio::select! {
-                r = wr.write_all(&batch) => if r.is_err() { return },
-                _ = &mut stop => return,
+        if end == Some(End::Close) || !flushed.is_empty() {
+            // Bounded: the relay lane holds at most RELAY_QUEUE frames, and nothing new is
+            // taken from the control lane meanwhile.
+            while let Ok(f) = rx.relay.try_recv() {
+                batch.extend_from_slice(&f);
+                if batch.len() >= BATCH && !write_batch(&mut wr, &mut batch, &mut stop).await {
+                    return;
+                }
             }
         }
-        trace!(bytes = batch.len(), took = ?started.elapsed(), "control batch written");
-        batch.clear();
+        if !write_batch(&mut wr, &mut batch, &mut stop).await {
+            return;
+        }
         for done in flushed.drain(..) {
             let _ = done.send(());
         }
@@ -333,6 +338,21 @@ async fn write_loop(mut wr: OwnedWriteHalf, rx: &mut LaneReceivers, mut stop: on
             return;
         }
     }
+}
+
+/// Writes and clears `batch`; false when the connection failed or `stop` fired.
+async fn write_batch(wr: &mut OwnedWriteHalf, batch: &mut BytesMut, stop: &mut oneshot::Receiver<()>) -> bool {
+    if batch.is_empty() {
+        return true;
+    }
+    let started = Instant::now();
+    let ok = tokio::select! {
+        r = wr.write_all(batch) => r.is_ok(),
+        _ = stop => false,
+    };
+    trace!(bytes = batch.len(), took = ?started.elapsed(), "control batch written");
+    batch.clear();
+    ok
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -615,9 +615,26 @@ impl<L: Default> PeerCore<L> {
                     Lane::Control
                 };
                 self.control.push_back((msg, lane));
+                self.changed = true;
             }
         }
         route
+    }
+
+    /// Whether a hang-up still waits for its call's QUIC close.
+    pub(crate) fn has_held(&self) -> bool {
+        self.calls.values().any(|c| c.held.is_some())
+    }
+
+    /// Sends every held hang-up now, behind the relay frames queued so far (the endpoint is
+    /// closing: its QUIC closes have gone out or never will).
+    pub(crate) fn release_held(&mut self) {
+        for call in self.calls.values_mut() {
+            if let Some((msg, _)) = call.held.take() {
+                self.control.push_back((msg, Lane::AfterRelay));
+                self.changed = true;
+            }
+        }
     }
 
     /// Where packets to `fake` go now.

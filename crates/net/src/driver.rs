@@ -155,6 +155,10 @@ impl Shared {
 
     fn queue_frame(&self, frame: Bytes) {
         if self.lanes.control.try_send(Outgoing::Frame(frame)).is_err() {
+            if self.is_closing() {
+                // The connection is being closed (or already is): nothing to reconnect.
+                return debug!("control message not sent: the endpoint is closing");
+            }
             warn!("the control connection's queue is full: the connection is stuck; reconnecting");
             let _ = self.lanes.control.try_send(Outgoing::Abort);
         }
@@ -202,7 +206,7 @@ impl Shared {
     }
 
     /// One turn of the drive contract; returns when the core next wants its timers run.
-    fn step(&self) -> Option<Instant> {
+    pub(crate) fn step(&self) -> Option<Instant> {
         let now = Instant::now();
         let mut core = self.lock();
         if core.poll_timeout().is_some_and(|t| t <= now) {

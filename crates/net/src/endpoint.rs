@@ -36,6 +36,8 @@ const RECONNECT_FIRST: Duration = Duration::from_millis(200);
 /// Longest wait between two registration attempts (a relayed call resumes within about this
 /// much of the server coming back).
 const RECONNECT_MAX: Duration = Duration::from_secs(1);
+/// How long closing waits for the calls' QUIC closes before it sends their held hang-ups.
+const CLOSE_HOLD: Duration = Duration::from_millis(100);
 /// How long [`Endpoint::bind`] waits for the first token binding's answer (its retransmits
 /// give up after 1.75 s).
 const PROBE_WAIT: Duration = Duration::from_secs(3);
@@ -303,9 +305,21 @@ impl Endpoint {
         let shared = &self.inner.shared;
         shared.close();
         self.inner.quic.close(0u32.into(), b"endpoint closed");
+        // A running call's hang-up waits for its QUIC close (so the server forwards the close
+        // before it ends the call): give quinn a moment to send the closes, then send what is
+        // still held, and put everything the core has for the server into the lanes.
+        let _ = tokio::time::timeout(CLOSE_HOLD, shared.wait(|core| (!core.has_held()).then_some(()))).await;
+        shared.with(|core, _| core.release_held());
+        shared.step();
         let (done, flushed) = tokio::sync::oneshot::channel();
         let mut state = self.inner.state.subscribe();
+        let up = matches!(*state.borrow(), ServerState::Up);
         let control = async {
+            if !up {
+                return;
+            }
+            // The writer answers the flush once the control lane and the relay frames queued
+            // before it are written; then it half-closes and the server closes its side.
             if shared.lanes.control.send(control::Outgoing::Flush(done)).await.is_ok() {
                 let _ = flushed.await;
             }

@@ -70,7 +70,14 @@ async fn an_auto_call_on_one_host_ends_up_on_the_lan_path_and_chats() {
     assert_eq!(call.path(), Path::Lan, "same public IP: the LAN candidate wins");
     chat_round(&call, "two").await;
     let report = call.report();
-    assert_eq!(report.path_at_connect, Path::Relay, "auto starts on the relay at once");
+    // Auto does not wait for the checks: it connects on the relay, unless the LAN check won
+    // the race with the QUIC handshake (sub-millisecond on loopback). The core's tests show
+    // the relay-first start in virtual time, where the race does not exist.
+    assert!(
+        matches!(report.path_at_connect, Path::Relay | Path::Lan),
+        "{:?}",
+        report.path_at_connect
+    );
     assert!(report.path_changes.iter().any(|c| c.to == Path::Lan));
     call.finish_chat().await.expect("acked");
     call.hangup("bye");
@@ -110,6 +117,28 @@ async fn relay_only_carries_the_chat_through_the_server() {
     assert_eq!(call.report().path_changes.len(), 1, "connecting → relay, nothing else");
     call.hangup("bye");
     bob_task.await.expect("bob");
+}
+
+/// What a CLI caller does at the end: hang up and close the endpoint at once. The relayed QUIC
+/// close and the hang-up behind it must reach the server before the control connection closes,
+/// or the server takes alice's leaving for a lost connection, suspends the call, and bob sits
+/// in it until QUIC's idle timeout.
+#[tokio::test]
+async fn a_relayed_hang_up_then_close_reaches_the_peer_at_once() {
+    let lab = server().await;
+    let (alice, bob) = (peer(&lab, "alice").await, peer(&lab, "bob").await);
+    let bob_task = echo(bob);
+    let call = alice.call("bob", Policy::RelayOnly).await.expect("connects");
+    chat_round(&call, "one round").await;
+    let started = std::time::Instant::now();
+    call.hangup("done");
+    alice.close().await;
+    let (path, end) = tokio::time::timeout(Duration::from_secs(3), bob_task)
+        .await
+        .expect("bob's call ends within 3 s, not at the idle timeout")
+        .expect("bob");
+    assert_eq!(path, Path::Relay);
+    assert_eq!(end, EndReason::Peer("done".into()), "after {:?}", started.elapsed());
 }
 
 #[tokio::test]
@@ -376,5 +405,11 @@ async fn a_saturated_relay_upload_never_delays_the_health_checks() {
     call.finish_chat().await.expect("acked");
     call.hangup("bye");
     listener.abort();
-    assert_eq!(bob_task.await.expect("bob"), EndReason::Peer("bye".into()));
+    // Bob learns it from alice's QUIC close or, when that packet was behind a full relay queue,
+    // from the server relaying her hang-up: either way with her reason.
+    let end = bob_task.await.expect("bob");
+    assert!(
+        end == EndReason::Peer("bye".into()) || end == EndReason::Server("alice hung up: bye".into()),
+        "{end:?}"
+    );
 }
