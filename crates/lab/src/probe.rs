@@ -227,6 +227,9 @@ pub struct EchoStats {
     pub rtt_min_ms: f64,
     /// Largest round trip.
     pub rtt_max_ms: f64,
+    /// The 95th percentile of the round trips: unlike the maximum, one probe the scheduler held
+    /// back on a loaded machine does not move it.
+    pub rtt_p95_ms: f64,
 }
 
 /// Sends `count` probes `interval` apart from `device` to `reflector`, waits up to 2 s for the
@@ -258,7 +261,12 @@ pub fn echo_stats(device: &Device, reflector: &Reflector, count: u32, interval: 
         let _ = sock.send_to(stamp.as_bytes(), reflector.addr);
         std::thread::sleep(interval);
     }
-    let rtts = receiver.join().unwrap_or_default();
+    let mut rtts = receiver.join().unwrap_or_default();
+    rtts.sort_by(f64::total_cmp);
+    let p95 = rtts
+        .get((rtts.len() * 95 / 100).min(rtts.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0.0);
     let replies = rtts.len() as u64;
     let mean = if rtts.is_empty() {
         0.0
@@ -272,6 +280,7 @@ pub fn echo_stats(device: &Device, reflector: &Reflector, count: u32, interval: 
         rtt_mean_ms: mean,
         rtt_min_ms: rtts.iter().copied().fold(f64::INFINITY, f64::min),
         rtt_max_ms: rtts.iter().copied().fold(0.0, f64::max),
+        rtt_p95_ms: p95,
     })
 }
 

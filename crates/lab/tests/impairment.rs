@@ -70,9 +70,11 @@ async fn jitter_spreads_the_round_trip_around_the_delay() {
     let (s, _) = measure(imp, 160, 25).await;
     assert_eq!(s.replies, s.sent, "{s:?}");
     assert!((s.rtt_mean_ms - 60.0).abs() < 6.0, "{s:?}");
-    // Two draws per round trip from 30 ± 10 ms: between 40 and 80 ms, clearly spread.
-    assert!(s.rtt_min_ms >= 39.0 && s.rtt_max_ms <= 90.0, "{s:?}");
-    assert!(s.rtt_max_ms - s.rtt_min_ms > 10.0, "{s:?}");
+    // Two draws per round trip from 30 ± 10 ms: between 40 and 80 ms, clearly spread. The
+    // floor is physical (nothing arrives before its delay); the ceiling is checked on the 95th
+    // percentile, since a shared machine can hold one probe back by tens of milliseconds.
+    assert!(s.rtt_min_ms >= 39.0 && s.rtt_p95_ms <= 85.0, "{s:?}");
+    assert!(s.rtt_p95_ms - s.rtt_min_ms > 10.0, "{s:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
