@@ -10,6 +10,9 @@
 //!    the connection the acceptor parked in its call; the caller opens the chat stream;
 //! 3. the resume proof is derived from the QUIC session, and the media session starts.
 //!
+//! With contacts ([`crate::contacts`]), the caller checks the callee's key as soon as `Start`
+//! vouches for it (before step 2), and both sides record it once QUIC proved it (after step 2).
+//!
 //! A call whose setup fails is released in the core, which tells the server (hang-up), so the
 //! server never counts a call nobody has.
 
@@ -23,6 +26,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tracing::info;
 
 use crate::Error;
+use crate::contacts;
 use crate::core::{self, CallEnd, CallId, CallView, FakeAddr, Phase};
 pub use crate::core::{Path, PathChange, Role};
 use crate::driver::Shared;
@@ -147,6 +151,13 @@ pub(crate) async fn establish(inner: Arc<Inner>, id: CallId, role: Role) -> Resu
             },
         })
         .await?;
+    if role == Role::Caller {
+        // The callee's key was checked when this side accepted.
+        if let Err(e) = contacts::screen(inner.contacts.as_ref(), &peer, start.fingerprint).await {
+            release.reason = "the callee's key was refused";
+            return Err(e);
+        }
+    }
     // Media may arrive as soon as the peer is connected: take it from now on.
     let (media_tx, media_rx) = tokio::sync::mpsc::channel(1024);
     if let Some(link) = shared.lock().link_mut(id) {
@@ -156,6 +167,10 @@ pub(crate) async fn establish(inner: Arc<Inner>, id: CallId, role: Role) -> Resu
     let (conn, chat_tx, chat_rx) = tokio::time::timeout(budget, connect(&inner, id, &peer, &start, role))
         .await
         .map_err(|_| Error::Timeout(format!("the call to {peer} did not connect")))??;
+    if let Err(e) = contacts::remember(inner.contacts.as_ref(), &peer, start.fingerprint).await {
+        conn.close(1u32.into(), b"key refused");
+        return Err(e);
+    }
     let mut proof = [0u8; 32];
     conn.export_keying_material(&mut proof, RESUME_PROOF_LABEL, &start.call.to_be_bytes())
         .map_err(|_| Error::Quic("cannot export the resume proof from the QUIC session".into()))?;

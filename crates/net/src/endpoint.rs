@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::Error;
 use crate::call::{self, Call};
+use crate::contacts::{self, Contacts};
 use crate::control::{self, LaneReceivers};
 use crate::core::{CallId, CoreConfig, FakeAddr, Offer, PeerCore, Role};
 use crate::driver::{self, Shared};
@@ -55,6 +56,10 @@ pub struct EndpointConfig {
     pub bind: SocketAddr,
     /// Traversal timings (checks, budget, liveness).
     pub traversal: natcall_traversal::Config,
+    /// The keys this peer met before (default none: nothing is remembered). With contacts, a
+    /// call where the server vouches for another key than the one met before is refused with
+    /// [`Error::KeyChanged`], and a first contact is stored once its call connects.
+    pub contacts: Option<Contacts>,
 }
 
 impl EndpointConfig {
@@ -70,6 +75,7 @@ impl EndpointConfig {
             identity,
             bind: SocketAddr::from(([0, 0, 0, 0], 0)),
             traversal,
+            contacts: None,
         }
     }
 }
@@ -106,9 +112,20 @@ impl IncomingCall {
         self.offer.policy
     }
 
-    /// Accepts and connects; returns when the call is connected.
+    /// The caller's key, as the server vouches for it.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.offer.fingerprint
+    }
+
+    /// Accepts and connects; returns when the call is connected. With contacts, a caller whose
+    /// key changed is declined instead ([`Error::KeyChanged`]).
     pub async fn accept(self) -> Result<Call, Error> {
         let inner = self.endpoint.inner.clone();
+        let (caller, key) = (&self.offer.caller, self.offer.fingerprint);
+        if let Err(e) = contacts::screen(inner.contacts.as_ref(), caller, key).await {
+            inner.shared.with(|core, _| core.reject(&self.offer));
+            return Err(e);
+        }
         let id = inner.shared.with(|core, now| core.accept(now, &self.offer));
         call::establish(inner, id, Role::Callee).await
     }
@@ -129,6 +146,8 @@ pub(crate) struct Inner {
     pub(crate) quic: quinn::Endpoint,
     /// Budget of a call's setup beyond the checks.
     pub(crate) traversal_budget: Duration,
+    /// The keys met before, checked on every call.
+    pub(crate) contacts: Option<Contacts>,
     offers: tokio::sync::Mutex<mpsc::Receiver<Offer>>,
     /// The state the supervisor last published.
     state: tokio::sync::watch::Sender<ServerState>,
@@ -246,6 +265,7 @@ impl Endpoint {
             shared: shared.clone(),
             quic: quic.clone(),
             traversal_budget: config.traversal.budget,
+            contacts: config.contacts,
             offers: tokio::sync::Mutex::new(offers_rx),
             state: tokio::sync::watch::channel(ServerState::Up).0,
         });

@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 
 use natcall_proto::frame::ErrorCode;
 
+use crate::contacts::{ContactsError, KeyChange};
+
 /// What went wrong.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -50,6 +52,13 @@ pub enum Error {
     /// Local socket failure.
     #[error("socket error: {0}")]
     Io(#[from] std::io::Error),
+    /// The server vouches for another key than the one this peer met the other side with
+    /// before ([`crate::Contacts`]): the call was refused.
+    #[error("{0}")]
+    KeyChanged(Box<KeyChange>),
+    /// The contacts file could not be used (the call is refused rather than go unchecked).
+    #[error("contacts: {0}")]
+    Contacts(#[from] ContactsError),
     /// Timed out.
     #[error("timed out: {0}")]
     Timeout(String),

@@ -9,7 +9,9 @@
 //!   the server handed out, carrying a chat stream and a media session ([`natcall_media`]: sealed
 //!   packets of at most 512 bytes on the same path, keys from the QUIC session); its path
 //!   changes as the traversal agent ([`natcall_traversal`]) finds, loses and regains direct paths;
-//! - [`Identity`]: the peer's certificate and key, kept in its config directory.
+//! - [`Identity`]: the peer's certificate and key, kept in its config directory;
+//! - [`Contacts`]: the keys of the peers it met (trust on first use; a changed key refuses the
+//!   call), and [`SafetyNumber`], which two peers read to each other to compare keys.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), natcall::Error> {
@@ -26,6 +28,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod call;
+mod contacts;
 mod control;
 mod core;
 mod driver;
@@ -33,13 +36,16 @@ mod endpoint;
 mod error;
 mod identity;
 mod media;
+mod safety;
 mod socket;
 mod tls;
 
 pub use call::{Call, CallReport, EndReason, MAX_CHAT_LINE, Path, PathChange, PathWatch, Role};
+pub use contacts::{CONTACTS_FILE, Contact, Contacts, ContactsError, KeyChange, Seen, Trust, format_time};
 pub use endpoint::{Endpoint, EndpointConfig, IncomingCall, ServerState};
 pub use error::Error;
 pub use identity::Identity;
 pub use media::{MediaReport, TrackReport};
 pub use natcall_media::{Frame, ReceivedFrame, Stats as MediaStats, Track};
 pub use natcall_proto::control::{Fingerprint, NameError, Policy, validate_name};
+pub use safety::SafetyNumber;
