@@ -45,7 +45,7 @@ use natcall_proto::control::Fingerprint;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::Error;
 
@@ -401,6 +401,14 @@ impl Entry {
     }
 }
 
+/// As in the file: `server`, `name`, `fingerprint` (hex), `first_seen` and `last_seen` (RFC 3339),
+/// `trust`.
+impl Serialize for Contact {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        Entry::from(self).serialize(s)
+    }
+}
+
 impl From<&Contact> for Entry {
     fn from(c: &Contact) -> Self {
         Self {
@@ -444,7 +452,8 @@ pub(crate) async fn screen(contacts: Option<&Contacts>, peer: &str, key: Fingerp
     let name = peer.to_owned();
     match blocking(move || contacts.check(&name, key)).await? {
         Seen::Changed(known) => {
-            warn!(peer, known = %known.fingerprint.short(), offered = %key.short(), "the peer's key changed: call refused");
+            let (known_key, offered) = (known.fingerprint.short(), key.short());
+            info!(peer, known = %known_key, offered = %offered, "the peer's key changed: call refused");
             Err(Error::KeyChanged(Box::new(KeyChange { known, offered: key })))
         }
         Seen::First | Seen::Known(_) => Ok(()),
