@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use natcall::Identity;
+use natcall::{Contacts, Identity};
 use serde::Deserialize;
 
 #[derive(Debug, Default, Deserialize)]
@@ -26,6 +26,8 @@ pub struct Settings {
     pub server: SocketAddr,
     pub name: String,
     pub identity: Identity,
+    /// The keys met before, for names on this server (scoped by the server as given).
+    pub contacts: Contacts,
 }
 
 const DEFAULT_SERVER: &str = "127.0.0.1:3478";
@@ -57,6 +59,7 @@ impl Settings {
             server: addr,
             name,
             identity,
+            contacts: Contacts::in_dir(&home, server),
         })
     }
 }

@@ -2,6 +2,7 @@
 //! session lives in [`session`], the demo in [`demo`].
 
 mod config;
+mod contacts;
 mod demo;
 mod output;
 mod session;
@@ -21,7 +22,7 @@ use crate::output::Exit;
 /// Call someone behind a NAT: LAN when you share a router, else UDP hole punching, else the
 /// rendezvous server's TCP relay. Chat lines typed on stdin go to the other side.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, after_help = output::EXIT_CODES)]
 pub struct Args {
     /// Rendezvous server, HOST:PORT (default: the config file's, else 127.0.0.1:3478).
     #[arg(long, global = true, env = "NATCALL_SERVER")]
@@ -61,6 +62,22 @@ enum Cmd {
     },
     /// Start a local rendezvous server and two peers on loopback, call, chat, report, exit.
     Demo,
+    /// The keys of the peers you met (trust on first use): a call where the server vouches for
+    /// another key than the one met before is refused (exit code 8) until you accept it.
+    Contacts {
+        #[command(subcommand)]
+        action: Option<contacts::ContactsCmd>,
+    },
+    /// Print the safety number of you and NAME; read it to each other in person or by phone:
+    /// equal numbers mean each of you has the other's real key.
+    Verify {
+        /// The peer's name.
+        peer: String,
+        /// Use this key for NAME instead of the one in your contacts (to check a changed key
+        /// before accepting it).
+        #[arg(long, value_name = "FINGERPRINT")]
+        key: Option<natcall::Fingerprint>,
+    },
 }
 
 /// How a call runs, for `listen` and `call` alike.
@@ -210,6 +227,17 @@ fn main() -> ExitCode {
     let session = rt.spawn(async move {
         match args.cmd {
             Cmd::Demo => demo::run(json).await,
+            Cmd::Contacts {
+                action: None | Some(contacts::ContactsCmd::List),
+            } => contacts::list(args.home, json),
+            Cmd::Contacts { action: Some(action) } => {
+                let settings = config::Settings::resolve(args.server, args.name, args.home).await?;
+                contacts::change(&settings, action, json)
+            }
+            Cmd::Verify { peer, key } => {
+                let settings = config::Settings::resolve(args.server, args.name, args.home).await?;
+                contacts::verify(&settings, &peer, key, json)
+            }
             Cmd::Listen { once, session: how } => {
                 let opts = how.into_opts(json)?;
                 let settings = config::Settings::resolve(args.server, args.name, args.home).await?;

@@ -29,7 +29,22 @@ pub enum Exit {
     NoPath = 6,
     /// The call connected, then was lost.
     Dropped = 7,
+    /// The peer's key is not the one met before: the call was refused (see `natcall contacts`).
+    KeyChanged = 8,
 }
+
+/// The exit codes, for `natcall --help` (and the README).
+pub const EXIT_CODES: &str = "Exit codes:
+  0  the command succeeded (a call ran and ended normally)
+  1  anything else
+  2  bad usage (an unknown flag, a missing or invalid argument)
+  3  the rendezvous server is unreachable or was lost
+  4  the server refused you (name taken by another key, bad name, full, version)
+  5  the peer is offline, busy or declined
+  6  no path the policy allows could be established
+  7  the call connected, then was lost
+  8  the peer's key changed since you last met: the call was refused
+     (compare `natcall verify NAME --key KEY`, then `natcall contacts accept NAME KEY`)";
 
 impl From<Exit> for ExitCode {
     fn from(e: Exit) -> Self {
@@ -44,6 +59,7 @@ pub fn classify(e: &anyhow::Error) -> Exit {
         Some(Error::Refused { .. }) => Exit::Refused,
         Some(Error::Offline(_) | Error::Busy(_) | Error::SelfCall | Error::Ended(_)) => Exit::Peer,
         Some(Error::NoPath(_) | Error::Timeout(_)) => Exit::NoPath,
+        Some(Error::KeyChanged(_)) => Exit::KeyChanged,
         _ => Exit::Internal,
     }
 }
