@@ -87,7 +87,9 @@ pub fn change(settings: &Settings, cmd: ContactsCmd, json: bool) -> Result<Exit>
             let old = contacts.accept(&name, fingerprint, SystemTime::now())?;
             let replaced = old.as_ref().map(|o| o.fingerprint.to_string());
             let text = match &old {
-                Some(o) if o.fingerprint == fingerprint => format!("{name} on {server} already had key {fingerprint}"),
+                Some(o) if o.fingerprint == fingerprint => {
+                    format!("{name} on {server} already had key {fingerprint}: now marked accepted")
+                }
                 Some(o) => format!(
                     "accepted key {fingerprint} for {name} on {server} (replaces {})",
                     o.fingerprint.short()

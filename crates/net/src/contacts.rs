@@ -244,11 +244,18 @@ impl Contacts {
     }
 
     /// The user accepts `key` for `name` (a changed key, or one compared out of band before a
-    /// first call); returns the contact it replaced, if any.
+    /// first call); returns the contact it replaced, if any. Accepting the stored key keeps
+    /// its first and last seen and marks it accepted.
     pub fn accept(&self, name: &str, key: Fingerprint, now: SystemTime) -> Result<Option<Contact>, ContactsError> {
         let now = whole_seconds(now);
         self.change(|all| {
-            let old = all.iter().position(|c| self.is(c, name)).map(|i| all.remove(i));
+            let i = all.iter().position(|c| self.is(c, name));
+            if let Some(same) = i.map(|i| &mut all[i]).filter(|c| c.fingerprint == key) {
+                let before = same.clone();
+                same.trust = Trust::Accepted;
+                return (Some(before), true);
+            }
+            let old = i.map(|i| all.remove(i));
             all.push(Contact {
                 server: self.server.clone(),
                 name: name.to_owned(),
@@ -450,7 +457,7 @@ pub(crate) async fn screen(contacts: Option<&Contacts>, peer: &str, key: Fingerp
         return Ok(());
     };
     let name = peer.to_owned();
-    match blocking(move || contacts.check(&name, key)).await? {
+    match blocking(&contacts.path.clone(), move || contacts.check(&name, key)).await? {
         Seen::Changed(known) => {
             let (known_key, offered) = (known.fingerprint.short(), key.short());
             info!(peer, known = %known_key, offered = %offered, "the peer's key changed: call refused");
@@ -467,7 +474,11 @@ pub(crate) async fn remember(contacts: Option<&Contacts>, peer: &str, key: Finge
         return Ok(());
     };
     let name = peer.to_owned();
-    match blocking(move || contacts.record(&name, key, SystemTime::now())).await? {
+    match blocking(&contacts.path.clone(), move || {
+        contacts.record(&name, key, SystemTime::now())
+    })
+    .await?
+    {
         Seen::Changed(known) => Err(Error::KeyChanged(Box::new(KeyChange { known, offered: key }))),
         Seen::First => {
             info!(peer, key = %key.short(), "first contact: key stored");
@@ -477,14 +488,17 @@ pub(crate) async fn remember(contacts: Option<&Contacts>, peer: &str, key: Finge
     }
 }
 
+/// Runs `f` (file I/O, perhaps waiting for another process's lock) off the async workers.
 async fn blocking<T: Send + 'static>(
+    path: &Path,
     f: impl FnOnce() -> Result<T, ContactsError> + Send + 'static,
 ) -> Result<T, Error> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(Error::from),
+        // The task panicked or the runtime is shutting down.
         Err(e) => Err(Error::Contacts(ContactsError::Io {
             action: "use",
-            path: PathBuf::from(CONTACTS_FILE),
+            path: path.to_owned(),
             source: std::io::Error::other(e.to_string()),
         })),
     }
@@ -556,6 +570,9 @@ mod tests {
             (key(2), Trust::Accepted, at(10))
         );
         assert!(matches!(c.check("bob", key(2)).expect("reads"), Seen::Known(_)));
+        // Accepting the stored key again keeps when it was first seen.
+        c.accept("bob", key(2), at(20)).expect("accepts");
+        assert_eq!(c.get("bob").expect("reads").expect("bob").first_seen, at(10));
         assert_eq!(c.forget("bob").expect("forgets").map(|b| b.fingerprint), Some(key(2)));
         assert_eq!(c.check("bob", key(3)).expect("reads"), Seen::First);
         assert_eq!(c.forget("bob").expect("nothing to forget"), None);
