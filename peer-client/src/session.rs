@@ -135,6 +135,8 @@ pub async fn listen(settings: Settings, opts: Opts, once: bool) -> Result<Exit> 
             Err(e) => {
                 let e = anyhow::Error::from(e).context(format!("accepting the call from {caller}"));
                 if once {
+                    // Flush first: a decline (a caller whose key changed) must reach the server.
+                    ep.close().await;
                     return Err(e);
                 }
                 let exit = output::classify(&e);
