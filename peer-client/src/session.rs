@@ -99,7 +99,15 @@ pub async fn call(settings: Settings, opts: Opts, peer: &str, policy: Policy) ->
     let ep = bind(&settings, json).await?;
     output::status(&format!("calling {peer} ({policy})…"));
     let call = tokio::select! {
-        c = ep.call(peer, policy) => c.with_context(|| format!("calling {peer}"))?,
+        c = ep.call(peer, policy) => match c {
+            Ok(c) => c,
+            Err(e) => {
+                // Flush first: the hang-up (a callee whose key changed) must reach the server, or
+                // the callee waits for this side to come back.
+                ep.close().await;
+                return Err(anyhow::Error::from(e).context(format!("calling {peer}")));
+            }
+        },
         _ = tokio::signal::ctrl_c() => return Ok(Exit::Ok),
     };
     let exit = run(&ep, call, opts, &mut stdin, true).await;
