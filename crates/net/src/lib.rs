@@ -33,13 +33,17 @@ mod endpoint;
 mod error;
 mod identity;
 mod media;
+mod server_trust;
 mod socket;
 mod tls;
 
 pub use call::{Call, CallReport, EndReason, MAX_CHAT_LINE, Path, PathChange, PathWatch, Role};
+pub use control::{ServerStream, connect_tls};
 pub use endpoint::{Endpoint, EndpointConfig, IncomingCall, ServerState};
 pub use error::Error;
 pub use identity::Identity;
 pub use media::{MediaReport, TrackReport};
 pub use natcall_media::{Frame, ReceivedFrame, Stats as MediaStats, Track};
 pub use natcall_proto::control::{Fingerprint, NameError, Policy, validate_name};
+pub use natcall_proto::server_key::ServerKey;
+pub use server_trust::{KnownServers, ServerTrust};
