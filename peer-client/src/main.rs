@@ -23,7 +23,9 @@ use crate::output::Exit;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 pub struct Args {
-    /// Rendezvous server, HOST:PORT (default: the config file's, else 127.0.0.1:3478).
+    /// Rendezvous server, HOST[:PORT][#SHA256:KEY] (default: the config file's, else
+    /// 127.0.0.1:3478). With #SHA256:KEY only a server with that key is accepted; without, the
+    /// key met first is remembered in known_servers and required from then on.
     #[arg(long, global = true, env = "NATCALL_SERVER")]
     server: Option<String>,
     /// Your name on the server (default: the config file's, else $USER).
@@ -61,6 +63,11 @@ enum Cmd {
     },
     /// Start a local rendezvous server and two peers on loopback, call, chat, report, exit.
     Demo,
+    /// Trust KEY for a server from now on (after its key was replaced): HOST:PORT#SHA256:KEY.
+    TrustServer {
+        /// The server and its new key, as the key-change error prints them.
+        server: String,
+    },
 }
 
 /// How a call runs, for `listen` and `call` alike.
@@ -210,6 +217,11 @@ fn main() -> ExitCode {
     let session = rt.spawn(async move {
         match args.cmd {
             Cmd::Demo => demo::run(json).await,
+            Cmd::TrustServer { server } => {
+                let done = config::trust_server(args.home, &server)?;
+                output::notice(json, serde_json::json!({"event": "trusted", "text": done}), &done);
+                Ok(Exit::Ok)
+            }
             Cmd::Listen { once, session: how } => {
                 let opts = how.into_opts(json)?;
                 let settings = config::Settings::resolve(args.server, args.name, args.home).await?;

@@ -29,6 +29,8 @@ pub enum Exit {
     NoPath = 6,
     /// The call connected, then was lost.
     Dropped = 7,
+    /// A key did not match the one given or remembered (the server's): nothing was sent.
+    KeyChanged = 8,
 }
 
 impl From<Exit> for ExitCode {
@@ -44,16 +46,26 @@ pub fn classify(e: &anyhow::Error) -> Exit {
         Some(Error::Refused { .. }) => Exit::Refused,
         Some(Error::Offline(_) | Error::Busy(_) | Error::SelfCall | Error::Ended(_)) => Exit::Peer,
         Some(Error::NoPath(_) | Error::Timeout(_)) => Exit::NoPath,
+        Some(Error::ServerKeyChanged { .. }) => Exit::KeyChanged,
         _ => Exit::Internal,
     }
 }
 
 /// Reports an error and returns its exit code.
 pub fn fail(json: bool, exit: Exit, e: &anyhow::Error) -> ExitCode {
+    let hint = match e.downcast_ref::<Error>() {
+        Some(Error::ServerKeyChanged { server, presented, .. }) => Some(format!(
+            "if you know the server's key was replaced, accept the new one with: natcall trust-server '{server}#{presented}'"
+        )),
+        _ => None,
+    };
     if json {
-        line(&json!({"event": "error", "error": format!("{e:#}"), "exit_code": exit as u8}));
+        line(&json!({"event": "error", "error": format!("{e:#}"), "hint": hint, "exit_code": exit as u8}));
     } else {
         eprintln!("natcall: {e:#}");
+        if let Some(h) = hint {
+            eprintln!("natcall: {h}");
+        }
     }
     exit.into()
 }

@@ -54,7 +54,9 @@ impl Stdin {
 async fn bind(settings: &Settings, json: bool) -> Result<Endpoint> {
     let server = settings.server;
     let name = settings.name.clone();
-    let ep = Endpoint::bind(EndpointConfig::new(server, &settings.name, settings.identity.clone())).await?;
+    let mut config = EndpointConfig::new(server, &settings.name, settings.identity.clone());
+    config.server_trust = settings.trust.clone();
+    let ep = Endpoint::bind(config).await?;
     let public = ep
         .public_addr()
         .map(|a| a.to_string())
