@@ -1,7 +1,8 @@
 //! Trust on first use with the real binaries: a first call stores both keys (`natcall
 //! contacts`), `natcall verify` prints the same safety number on both sides, and after the
-//! server restarts with its name bindings gone and another key takes a name, a call with that
-//! name is refused with exit code 8 and a warning that says how to accept the new key.
+//! server restarts with its name bindings gone (its own TLS key kept) and another key takes a
+//! name, a call with that name is refused with exit code 9 and a warning that says how to
+//! accept the new key.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,7 +14,7 @@ use serde_json::Value;
 
 const EXIT: Duration = Duration::from_secs(20);
 /// `natcall`'s exit code for a refused key change (see `natcall --help`).
-const KEY_CHANGED: i32 = 8;
+const KEY_CHANGED: i32 = 9;
 
 /// Runs `natcall --json --server S --name NAME --home HOME ARGS...` to its end: its exit code and
 /// its JSON lines.
@@ -60,6 +61,19 @@ fn call_once(dir: &Path, server: SocketAddr, alice_home: &Path, bob_home: &Path)
     assert_eq!(bob.wait_exit(EXIT), 0, "bob's log:\n{}", bob.log_text());
 }
 
+/// Stops the server and starts it again on its address with its TLS key (so peers that pinned
+/// it connect) but without its name bindings: any key may then register any name.
+fn restart_forgetting_names(server: Rendezvous, dir: &Path) -> Rendezvous {
+    let addr = server.addr;
+    server.kill();
+    match std::fs::remove_file(dir.join("names")) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => panic!("cannot remove the server's names: {e}"),
+    }
+    Rendezvous::start_at(dir, addr)
+}
+
 fn is_safety_number(s: &str) -> bool {
     let groups: Vec<&str> = s.split(' ').collect();
     groups.len() == 12
@@ -69,7 +83,7 @@ fn is_safety_number(s: &str) -> bool {
 }
 
 #[test]
-fn a_callee_whose_key_changed_is_refused_with_exit_code_8_until_accepted() {
+fn a_callee_whose_key_changed_is_refused_with_exit_code_9_until_accepted() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (alice_home, bob_home, new_bob_home) = (
         dir.path().join("alice"),
@@ -106,8 +120,7 @@ fn a_callee_whose_key_changed_is_refused_with_exit_code_8_until_accepted() {
     let alice_key = alice_says["fingerprint"].as_str().expect("alice's key").to_owned();
 
     // The server restarts without its name bindings; a new key registers as bob.
-    server.kill();
-    let _server = Rendezvous::start_at(dir.path(), addr);
+    let _server = restart_forgetting_names(server, dir.path());
     let new_bob_says = verify(&new_bob_home, addr, "bob", "alice", Some(&alice_key));
     let new_key = new_bob_says["fingerprint"].as_str().expect("the new key").to_owned();
     assert_ne!(
@@ -170,7 +183,7 @@ fn a_callee_whose_key_changed_is_refused_with_exit_code_8_until_accepted() {
 }
 
 #[test]
-fn a_listener_declines_a_caller_whose_key_changed_and_exits_8() {
+fn a_listener_declines_a_caller_whose_key_changed_and_exits_9() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (alice_home, bob_home, new_alice_home) = (
         dir.path().join("alice"),
@@ -181,8 +194,7 @@ fn a_listener_declines_a_caller_whose_key_changed_and_exits_8() {
     let addr = server.addr;
     call_once(dir.path(), addr, &alice_home, &bob_home);
 
-    server.kill();
-    let _server = Rendezvous::start_at(dir.path(), addr);
+    let _server = restart_forgetting_names(server, dir.path());
     let mut bob = Peer::spawn_home(dir.path(), &bob_home, addr, "bob", &["listen", "--once", "--no-media"]);
     bob.wait_event("registered", EXIT, |_| true);
     let mut alice = Peer::spawn_home(

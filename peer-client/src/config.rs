@@ -2,15 +2,18 @@
 //! home directory, then defaults.
 //!
 //! ```toml
-//! server = "rendezvous.example.net:3478"
+//! server = "rendezvous.example.net:3478"   # HOST[:PORT][#SHA256:KEY]; the port defaults to 3478
 //! name = "alice"
 //! ```
+//!
+//! The server's TLS key is checked against `#SHA256:…` when given, else against the key
+//! remembered in `known_servers` in the home directory (recorded on the first connection).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use natcall::{Contacts, Identity};
+use natcall::{Contacts, Identity, ServerKey, ServerTrust};
 use serde::Deserialize;
 
 #[derive(Debug, Default, Deserialize)]
@@ -26,11 +29,51 @@ pub struct Settings {
     pub server: SocketAddr,
     pub name: String,
     pub identity: Identity,
-    /// The keys met before, for names on this server (scoped by the server as given).
+    /// How the server's key is checked.
+    pub trust: ServerTrust,
+    /// The keys met before, for names on this server (scoped by the server as the user names
+    /// it, `HOST:PORT` without the key).
     pub contacts: Contacts,
 }
 
+/// The file, in the home directory, of servers' keys met on first use.
+pub const KNOWN_SERVERS: &str = "known_servers";
+
+/// `HOST[:PORT][#SHA256:KEY]` split into the server as the user names it (`HOST:PORT`, the
+/// port 3478 when missing) and the key it must present.
+pub fn parse_server(text: &str) -> Result<(String, Option<ServerKey>)> {
+    let (addr, key) = match text.split_once('#') {
+        Some((a, k)) => (
+            a,
+            Some(
+                k.parse::<ServerKey>()
+                    .with_context(|| format!("in --server {text:?}"))?,
+            ),
+        ),
+        None => (text, None),
+    };
+    if addr.is_empty() {
+        bail!("no server address in {text:?} (expected HOST:PORT)");
+    }
+    let has_port = match addr.rsplit_once(':') {
+        // An IPv6 address without brackets has colons but no port.
+        Some((host, port)) => {
+            !host.is_empty() && port.parse::<u16>().is_ok() && (!host.contains(':') || host.ends_with(']'))
+        }
+        None => false,
+    };
+    let label = if has_port {
+        addr.to_owned()
+    } else if addr.contains(':') && !addr.starts_with('[') {
+        format!("[{addr}]:{DEFAULT_PORT}")
+    } else {
+        format!("{addr}:{DEFAULT_PORT}")
+    };
+    Ok((label, key))
+}
+
 const DEFAULT_SERVER: &str = "127.0.0.1:3478";
+const DEFAULT_PORT: u16 = 3478;
 
 impl Settings {
     pub async fn resolve(server: Option<String>, name: Option<String>, home: Option<PathBuf>) -> Result<Self> {
@@ -49,17 +92,62 @@ impl Settings {
             None => bail!("no name: pass --name or set name in {}", file_path.display()),
         };
         natcall::validate_name(&name).with_context(|| format!("invalid name {name:?}"))?;
-        let addr = tokio::net::lookup_host(&server)
+        let (label, key) = parse_server(&server)?;
+        let addr = tokio::net::lookup_host(&label)
             .await
-            .with_context(|| format!("cannot resolve rendezvous server {server:?} (expected HOST:PORT)"))?
+            .with_context(|| format!("cannot resolve rendezvous server {label:?} (expected HOST:PORT)"))?
             .next()
-            .with_context(|| format!("rendezvous server {server:?} has no address"))?;
+            .with_context(|| format!("rendezvous server {label:?} has no address"))?;
         let identity = Identity::load_or_create(&home)?;
+        let contacts = Contacts::in_dir(&home, label.clone());
+        let trust = ServerTrust {
+            pinned: key,
+            known_servers: Some(home.join(KNOWN_SERVERS)),
+            ..ServerTrust::first_use(label)
+        };
         Ok(Self {
             server: addr,
             name,
             identity,
-            contacts: Contacts::in_dir(&home, server),
+            trust,
+            contacts,
         })
+    }
+}
+
+/// `natcall trust-server HOST:PORT#SHA256:KEY`: remembers `KEY` for the server in
+/// `known_servers`, replacing the key met before (after the server's key was replaced).
+pub fn trust_server(home: Option<PathBuf>, server: &str) -> Result<String> {
+    let home = home
+        .or_else(Identity::default_dir)
+        .context("no home directory: set --home or NATCALL_HOME")?;
+    let (label, key) = parse_server(server)?;
+    let key = key.with_context(|| format!("give the key to trust: {label}#SHA256:..."))?;
+    let path = home.join(KNOWN_SERVERS);
+    natcall::KnownServers::record(&path, &label, key)?;
+    Ok(format!("{label} is now trusted with key {key} (in {})", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_without_a_port_uses_3478_and_a_key_after_a_hash_is_pinned() {
+        assert_eq!(parse_server("127.0.0.1").unwrap(), ("127.0.0.1:3478".into(), None));
+        assert_eq!(
+            parse_server("rv.example.net:4000").unwrap(),
+            ("rv.example.net:4000".into(), None)
+        );
+        assert_eq!(parse_server("::1").unwrap(), ("[::1]:3478".into(), None));
+        assert_eq!(parse_server("[::1]:9").unwrap(), ("[::1]:9".into(), None));
+        let key = ServerKey([7; 32]);
+        assert_eq!(
+            parse_server(&format!("127.0.0.1:3478#{key}")).unwrap(),
+            ("127.0.0.1:3478".into(), Some(key))
+        );
+        let e = parse_server("127.0.0.1:3478#SHA256:short").unwrap_err();
+        assert!(format!("{e:#}").contains("SHA256: and 43 base64"), "{e:#}");
+        assert!(parse_server("#x").is_err());
     }
 }

@@ -24,7 +24,9 @@ use crate::output::Exit;
 #[derive(Debug, Parser)]
 #[command(version, about, after_help = output::EXIT_CODES)]
 pub struct Args {
-    /// Rendezvous server, HOST:PORT (default: the config file's, else 127.0.0.1:3478).
+    /// Rendezvous server, HOST[:PORT][#SHA256:KEY] (default: the config file's, else
+    /// 127.0.0.1:3478). With #SHA256:KEY only a server with that key is accepted; without, the
+    /// key met first is remembered in known_servers and required from then on.
     #[arg(long, global = true, env = "NATCALL_SERVER")]
     server: Option<String>,
     /// Your name on the server (default: the config file's, else $USER).
@@ -63,7 +65,7 @@ enum Cmd {
     /// Start a local rendezvous server and two peers on loopback, call, chat, report, exit.
     Demo,
     /// The keys of the peers you met (trust on first use): a call where the server vouches for
-    /// another key than the one met before is refused (exit code 8) until you accept it.
+    /// another key than the one met before is refused (exit code 9) until you accept it.
     Contacts {
         #[command(subcommand)]
         action: Option<contacts::ContactsCmd>,
@@ -77,6 +79,11 @@ enum Cmd {
         /// before accepting it).
         #[arg(long, value_name = "FINGERPRINT")]
         key: Option<natcall::Fingerprint>,
+    },
+    /// Trust KEY for a server from now on (after its key was replaced): HOST:PORT#SHA256:KEY.
+    TrustServer {
+        /// The server and its new key, as the key-change error prints them.
+        server: String,
     },
 }
 
@@ -237,6 +244,11 @@ fn main() -> ExitCode {
             Cmd::Verify { peer, key } => {
                 let settings = config::Settings::resolve(args.server, args.name, args.home).await?;
                 contacts::verify(&settings, &peer, key, json)
+            }
+            Cmd::TrustServer { server } => {
+                let done = config::trust_server(args.home, &server)?;
+                output::notice(json, serde_json::json!({"event": "trusted", "text": done}), &done);
+                Ok(Exit::Ok)
             }
             Cmd::Listen { once, session: how } => {
                 let opts = how.into_opts(json)?;

@@ -29,8 +29,10 @@ pub enum Exit {
     NoPath = 6,
     /// The call connected, then was lost.
     Dropped = 7,
-    /// The peer's key is not the one met before: the call was refused (see `natcall contacts`).
+    /// A key did not match the one given or remembered (the server's): nothing was sent.
     KeyChanged = 8,
+    /// The peer's key is not the one met before (its contact): the call was refused.
+    PeerKeyChanged = 9,
 }
 
 /// The exit codes, for `natcall --help` (and the README).
@@ -43,7 +45,9 @@ pub const EXIT_CODES: &str = "Exit codes:
   5  the peer is offline, busy or declined
   6  no path the policy allows could be established
   7  the call connected, then was lost
-  8  the peer's key changed since you last met: the call was refused
+  8  the server's key did not match the one given or remembered: nothing was sent
+     (`natcall trust-server 'HOST:PORT#SHA256:KEY'` accepts a replaced key)
+  9  the peer's key changed since you last met: the call was refused
      (compare `natcall verify NAME --key KEY`, then `natcall contacts accept NAME KEY`)";
 
 impl From<Exit> for ExitCode {
@@ -59,17 +63,27 @@ pub fn classify(e: &anyhow::Error) -> Exit {
         Some(Error::Refused { .. }) => Exit::Refused,
         Some(Error::Offline(_) | Error::Busy(_) | Error::SelfCall | Error::Ended(_)) => Exit::Peer,
         Some(Error::NoPath(_) | Error::Timeout(_)) => Exit::NoPath,
-        Some(Error::KeyChanged(_)) => Exit::KeyChanged,
+        Some(Error::KeyChanged(_)) => Exit::PeerKeyChanged,
+        Some(Error::ServerKeyChanged { .. }) => Exit::KeyChanged,
         _ => Exit::Internal,
     }
 }
 
 /// Reports an error and returns its exit code.
 pub fn fail(json: bool, exit: Exit, e: &anyhow::Error) -> ExitCode {
+    let hint = match e.downcast_ref::<Error>() {
+        Some(Error::ServerKeyChanged { server, presented, .. }) => Some(format!(
+            "if you know the server's key was replaced, accept the new one with: natcall trust-server '{server}#{presented}'"
+        )),
+        _ => None,
+    };
     if json {
-        line(&json!({"event": "error", "error": format!("{e:#}"), "exit_code": exit as u8}));
+        line(&json!({"event": "error", "error": format!("{e:#}"), "hint": hint, "exit_code": exit as u8}));
     } else {
         eprintln!("natcall: {e:#}");
+        if let Some(h) = hint {
+            eprintln!("natcall: {h}");
+        }
     }
     exit.into()
 }

@@ -55,6 +55,7 @@ async fn bind(settings: &Settings, json: bool) -> Result<Endpoint> {
     let server = settings.server;
     let name = settings.name.clone();
     let mut config = EndpointConfig::new(server, &settings.name, settings.identity.clone());
+    config.server_trust = settings.trust.clone();
     config.contacts = Some(settings.contacts.clone());
     let ep = Endpoint::bind(config).await?;
     let public = ep

@@ -5,6 +5,8 @@
 //! public_addr = "203.0.113.5:3478" # what peers are told to send STUN to (optional)
 //! log_level = "info"               # used when RUST_LOG is not set
 //! state_file = "/var/lib/natcall/names"  # name → key bindings survive restarts (optional)
+//! tls_cert = "/etc/letsencrypt/live/rv.example.net/fullchain.pem"  # a CA certificate (optional;
+//! tls_key = "/etc/letsencrypt/live/rv.example.net/privkey.pem"     # without: the server's own key)
 //!
 //! [limits]
 //! max_frame_len = 16384
@@ -36,6 +38,11 @@ pub struct Config {
     pub state_file: Option<PathBuf>,
     /// Where to serve Prometheus `/metrics` and `/health` over HTTP; off when unset.
     pub metrics_listen: Option<SocketAddr>,
+    /// A CA-issued certificate chain (PEM) for the TLS channel, with [`Self::tls_key`];
+    /// reloaded on SIGHUP. Without it the server uses its own key (see [`Self::tls_source`]).
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of [`Self::tls_cert`].
+    pub tls_key: Option<PathBuf>,
     /// Resource limits.
     pub limits: Limits,
     /// The relay engine.
@@ -50,6 +57,8 @@ impl Default for Config {
             log_level: "info".into(),
             state_file: None,
             metrics_listen: None,
+            tls_cert: None,
+            tls_key: None,
             limits: Limits::default(),
             relay: RelayConfig::default(),
         }
@@ -293,6 +302,12 @@ impl Config {
                 return Err(ConfigError::Invalid(format!("limits.{name} must be greater than 0")));
             }
         }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls_cert and tls_key go together: set both (a CA certificate) or neither (the server's own key)"
+                    .into(),
+            ));
+        }
         if l.idle_timeout_ms <= l.ping_interval_ms {
             return Err(ConfigError::Invalid(format!(
                 "limits.idle_timeout_ms ({}) must be longer than limits.ping_interval_ms ({})",
@@ -300,6 +315,27 @@ impl Config {
             )));
         }
         self.relay.validate()
+    }
+}
+
+impl Config {
+    /// Where the TLS identity comes from: the certificate files, else the server's own key kept
+    /// beside the state file (in memory when there is none).
+    pub fn tls_source(&self) -> crate::tls::TlsSource {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => crate::tls::TlsSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            _ => crate::tls::TlsSource::SelfSigned {
+                dir: self.state_file.as_deref().map(|f| {
+                    f.parent()
+                        .filter(|p| !p.as_os_str().is_empty())
+                        .unwrap_or(Path::new("."))
+                        .to_owned()
+                }),
+            },
+        }
     }
 }
 

@@ -28,6 +28,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::tls::stream::{PeerReader, SharedTcp};
 use bytes::{Bytes, BytesMut};
 use natcall_proto::PROTOCOL_VERSION;
 use natcall_proto::auth::verify_registration;
@@ -37,7 +38,6 @@ use natcall_proto::frame::{self, ErrorCode, Frame, FrameDecoder, FrameError, Fra
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, info, trace, warn};
@@ -53,6 +53,8 @@ use crate::sockopt;
 /// What every connection of one server shares.
 #[derive(Debug)]
 pub(crate) struct Context {
+    /// The TLS identity every connection is served with.
+    pub(crate) tls: crate::tls::ServerTls,
     pub(crate) config: Config,
     pub(crate) registry: Arc<Registry>,
     pub(crate) calls: Arc<Calls>,
@@ -98,7 +100,14 @@ struct Conn {
     rtt: Option<Duration>,
     /// Has sent a relay frame: its read buffer keeps room for a burst (see `read_loop`).
     relaying: bool,
+    /// The socket under TLS, for the options that shed a client with a reset.
+    sock: SharedTcp,
+    /// Exported from this connection's TLS session: the registration signs it.
+    binding: [u8; 32],
 }
+
+/// Sealed TLS records waiting for the socket at most (bytes).
+const TLS_BUFFER: usize = 32 * 1024;
 
 /// Free room a relaying connection's read buffer keeps before each read.
 const RELAY_READ_ROOM: usize = 4096;
@@ -146,7 +155,39 @@ pub(crate) async fn serve(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr
         warn!(%addr, error = %e, "cannot set socket options; closing");
         return;
     }
-    let (rd, wr) = stream.into_split();
+    let sock = SharedTcp(Arc::new(stream));
+    // The handshake counts against the hello deadline: a client that stalls it is dropped.
+    let handshake = tokio::time::timeout(
+        ctx.config.limits.hello_timeout(),
+        ctx.tls.acceptor().accept(sock.clone()),
+    );
+    let tls = match handshake.await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            debug!(%addr, error = %e, "TLS handshake failed");
+            ctx.metrics.tls_handshake_failed();
+            return;
+        }
+        Err(_) => {
+            debug!(%addr, "TLS handshake timed out");
+            ctx.metrics.tls_handshake_failed();
+            return;
+        }
+    };
+    let mut binding = [0u8; 32];
+    if let Err(e) = tls
+        .get_ref()
+        .1
+        .export_keying_material(&mut binding, natcall_proto::REGISTER_BINDING_LABEL, None)
+    {
+        warn!(%addr, error = %e, "TLS exporter failed; closing");
+        return;
+    }
+    let mut tls = tls;
+    // TLS buffers sealed records only up to what one batch fills: the backlog stays in the
+    // outbox, where the class policy sees it (see docs/relay.md).
+    tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
+    let (rd, wr) = tokio::io::split(tls);
     let outbox = Arc::new(Outbox::new(
         ctx.config.relay.clone(),
         ctx.metrics.clone(),
@@ -155,6 +196,7 @@ pub(crate) async fn serve(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr
     let (status_tx, status) = watch::channel(Status::Writing);
     let writer = tokio::spawn(writer::run(
         wr,
+        sock.clone(),
         outbox.clone(),
         ctx.config.relay.overload_timeout(),
         status_tx,
@@ -173,6 +215,8 @@ pub(crate) async fn serve(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr
         ping: None,
         rtt: None,
         relaying: false,
+        sock,
+        binding,
     };
     let mut drain = conn.ctx.drain.clone();
     let (rd, end) = conn.read_loop(rd, &mut drain, status).await;
@@ -191,10 +235,10 @@ pub(crate) async fn serve(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr
 impl Conn {
     async fn read_loop(
         &mut self,
-        mut rd: OwnedReadHalf,
+        mut rd: PeerReader,
         drain: &mut watch::Receiver<bool>,
         mut writer: watch::Receiver<Status>,
-    ) -> (OwnedReadHalf, End) {
+    ) -> (PeerReader, End) {
         let limits = self.ctx.config.limits.clone();
         let decoder = FrameDecoder::new(limits.max_frame_len);
         let mut buf = BytesMut::with_capacity(256);
@@ -518,7 +562,7 @@ impl Conn {
             );
             return Some(End::Graceful(error_frame(ErrorCode::Malformed, &msg)));
         }
-        let fingerprint = match verify_registration(cert, signature, &challenge, &name) {
+        let fingerprint = match verify_registration(cert, signature, &challenge, &self.binding, &name) {
             Ok(fp) => fp,
             Err(e) => return Some(End::Graceful(error_frame(ErrorCode::BadSignature, &e.to_string()))),
         };
@@ -592,13 +636,13 @@ impl Conn {
     }
 
     /// Ends the connection as `end` says.
-    async fn finish(&self, rd: OwnedReadHalf, end: End) {
+    async fn finish(&self, rd: PeerReader, end: End) {
         match end {
             End::PeerClosed | End::Reset => self.outbox.close(false),
             End::Shed(kind, why) => {
                 warn!(addr = %self.addr, why, "shedding connection with a reset");
                 self.ctx.metrics.disconnect(kind);
-                let _ = sockopt::arm_reset(rd.as_ref());
+                let _ = sockopt::arm_reset(self.sock.socket());
                 self.outbox.close(true);
             }
             End::Graceful(last) => {
@@ -613,7 +657,7 @@ impl Conn {
     /// Reads (and drops) until the peer closes its side or the drain deadline passes, so our
     /// close never meets unread data, which would turn it into a reset that can destroy what we
     /// sent.
-    async fn read_until_closed(&self, mut rd: OwnedReadHalf) {
+    async fn read_until_closed(&self, mut rd: PeerReader) {
         let deadline = Instant::now() + self.ctx.config.limits.drain_timeout();
         let mut sink = vec![0u8; 4096]; // on the heap: idle connections should not carry it
         loop {
@@ -622,7 +666,7 @@ impl Conn {
                 Ok(Ok(_)) => continue,
                 Err(_) => {
                     debug!(addr = %self.addr, "peer did not close in time; resetting");
-                    let _ = sockopt::arm_reset(rd.as_ref());
+                    let _ = sockopt::arm_reset(self.sock.socket());
                     break;
                 }
             }

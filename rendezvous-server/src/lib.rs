@@ -3,7 +3,7 @@
 //! On one port number it serves:
 //! - **UDP**: a standard STUN Binding responder ([`stun`]); a request authenticated with a
 //!   peer's registration token records that peer's public address as its NAT maps it;
-//! - **TCP**: one long-lived connection per peer ([`conn`]): version hello, registration of a
+//! - **TCP**: one long-lived TLS 1.3 connection per peer ([`tls`], [`conn`]): version hello, registration of a
 //!   name to a key (proven by a signature), presence lookups, pings with RTT measurement, call
 //!   signalling and relaying between the two peers of a call ([`calls`]), and a graceful drain
 //!   on shutdown;
@@ -34,6 +34,7 @@ pub mod registry;
 mod server;
 pub mod sockopt;
 pub mod stun;
+pub mod tls;
 
 pub use calls::{Calls, RelayCounts, start_delays};
 pub use config::{Config, Limits, RelayConfig};

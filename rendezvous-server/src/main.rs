@@ -118,8 +118,26 @@ async fn main() -> Result<()> {
     let shutdown = shutdown_signal();
     let sockets =
         Sockets::bind(config.listen).with_context(|| format!("cannot listen on {} (TCP and UDP)", config.listen))?;
-    natcall_rendezvous::run(sockets, config, shutdown)
-        .await
-        .context("server failed")?;
+    let server = natcall_rendezvous::Server::new(config).context("cannot start the server")?;
+    reload_on_sighup(server.clone());
+    server.run(sockets, shutdown).await.context("server failed")?;
     Ok(())
+}
+
+/// Re-reads the TLS certificate files on every SIGHUP (a certbot renewal hook, `systemctl
+/// reload`); a file that does not load is logged and the current certificate kept.
+fn reload_on_sighup(server: natcall_rendezvous::Server) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot handle SIGHUP: the TLS certificate is reloaded only by a restart");
+        return;
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match server.reload_tls() {
+                Ok(key) => tracing::info!(%key, "SIGHUP: TLS certificate reloaded"),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: TLS certificate not reloaded; the current one stays"),
+            }
+        }
+    });
 }

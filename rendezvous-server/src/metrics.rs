@@ -125,6 +125,8 @@ struct Inner {
     resumed: Counter,
     resumes_failed: Counter,
     pending_resumes: Gauge,
+    tls_failed: Counter,
+    stun_replays: Counter,
 }
 
 /// The server's metrics. Cheap to clone; every handle is registered once.
@@ -165,6 +167,8 @@ impl Metrics {
             resumed: counter("natcall_calls_resumed_total", &[]),
             resumes_failed: counter("natcall_resumes_failed_total", &[]),
             pending_resumes: gauge("natcall_pending_resumes", &[]),
+            tls_failed: counter("natcall_tls_handshakes_failed_total", &[]),
+            stun_replays: counter("natcall_stun_replays_total", &[]),
             handle: rec.handle(),
         };
         Self { inner: Arc::new(inner) }
@@ -226,6 +230,14 @@ impl Metrics {
     pub(crate) fn set_pending_resumes(&self, n: usize) {
         self.inner.pending_resumes.set(n as f64);
     }
+
+    pub(crate) fn tls_handshake_failed(&self) {
+        self.inner.tls_failed.increment(1);
+    }
+
+    pub(crate) fn stun_replayed(&self) {
+        self.inner.stun_replays.increment(1);
+    }
 }
 
 impl Default for Metrics {
@@ -275,6 +287,14 @@ fn describe(rec: &PrometheusRecorder) {
             "Resumes answered with ResumeFailed (not matched in time, over the call limit, bad name)",
         ),
         ("natcall_pending_resumes", "Resumes waiting for the other member's"),
+        (
+            "natcall_tls_handshakes_failed_total",
+            "TCP connections whose TLS handshake failed or did not finish within the hello deadline",
+        ),
+        (
+            "natcall_stun_replays_total",
+            "Token bindings dropped as replays (a transaction id not newer than the last accepted)",
+        ),
     ] {
         rec.describe_counter(name.into(), None, help.into());
     }

@@ -50,6 +50,21 @@ pub struct PeerInfo {
     /// The buffer towards its connection.
     pub outbox: Arc<Outbox>,
     token: TokenCredentials,
+    /// The sequence number of the last token binding accepted (the first 8 bytes of its
+    /// transaction id, big-endian): only a newer one may move `public_udp`.
+    stun_seq: u64,
+}
+
+/// What a token binding did to the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Binding {
+    /// A fresh binding: `public_udp` of this peer is now its source.
+    Recorded(String),
+    /// A retransmission of the last accepted binding, from the same source: answered again,
+    /// nothing changes.
+    Repeated(String),
+    /// A transaction id not newer than the last accepted (from elsewhere): a replay, dropped.
+    Replayed(String),
 }
 
 #[derive(Debug, Default)]
@@ -121,6 +136,7 @@ impl Registry {
             lan_addrs,
             tcp_addr,
             public_udp: None,
+            stun_seq: 0,
             rtt: None,
             outbox,
             token: token.clone(),
@@ -156,13 +172,25 @@ impl Registry {
         online.peers.get(name).map(|p| p.token.password.clone())
     }
 
-    /// Records `addr` as the public UDP address of the peer holding token `username`.
-    pub fn record_public_udp(&self, username: &str, addr: SocketAddr) -> Option<String> {
+    /// Records `addr` as the public UDP address of the peer holding token `username`, if the
+    /// binding's transaction id `tid` is newer than the last one accepted (a captured binding
+    /// replayed from another address moves nothing).
+    pub fn record_public_udp(&self, username: &str, addr: SocketAddr, tid: &[u8; 12]) -> Option<Binding> {
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&tid[..8]);
+        let seq = u64::from_be_bytes(seq);
         let mut online = lock(&self.online);
         let name = online.tokens.get(username)?.clone();
         let peer = online.peers.get_mut(&name)?;
-        peer.public_udp = Some(addr);
-        Some(name)
+        Some(if seq > peer.stun_seq {
+            peer.stun_seq = seq;
+            peer.public_udp = Some(addr);
+            Binding::Recorded(name)
+        } else if seq == peer.stun_seq && peer.public_udp == Some(addr) {
+            Binding::Repeated(name)
+        } else {
+            Binding::Replayed(name)
+        })
     }
 
     /// Records the RTT measured on connection `conn_id` of `name`.

@@ -27,6 +27,9 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::sockopt::Sockets;
 use crate::stun;
+use crate::tls::stream::SharedTcp;
+use crate::tls::{ServerTls, TlsSource};
+use natcall_proto::server_key::ServerKey;
 
 /// What the server cannot start with.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +44,9 @@ pub enum ServerError {
     /// The metrics endpoint cannot listen.
     #[error("cannot serve metrics: {0}")]
     Metrics(std::io::Error),
+    /// The TLS certificate or key cannot be loaded or created.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// A socket operation failed.
     #[error("socket error: {0}")]
     Io(#[from] std::io::Error),
@@ -62,8 +68,10 @@ impl Server {
         let (drain_tx, drain) = watch::channel(false);
         let metrics = Metrics::new();
         let calls = Calls::new(&config.limits, metrics.clone());
+        let tls = ServerTls::load(config.tls_source())?;
         Ok(Self {
             ctx: Arc::new(Context {
+                tls,
                 config,
                 registry: Arc::new(registry),
                 calls,
@@ -77,6 +85,16 @@ impl Server {
     /// The registry of online peers.
     pub fn registry(&self) -> &Registry {
         &self.ctx.registry
+    }
+
+    /// The key peers pin (the SHA-256 of the TLS certificate's public key).
+    pub fn key(&self) -> ServerKey {
+        self.ctx.tls.key()
+    }
+
+    /// Re-reads the TLS certificate files (on SIGHUP); the current certificate stays on error.
+    pub fn reload_tls(&self) -> Result<ServerKey, crate::tls::TlsError> {
+        self.ctx.tls.reload()
     }
 
     /// The call table (ringing and active calls, relay counters).
@@ -102,7 +120,14 @@ impl Server {
     pub async fn run(&self, sockets: Sockets, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let Sockets { tcp, udp } = sockets;
         let local = tcp.local_addr()?;
-        info!(%local, "rendezvous server listening (TCP control/relay, UDP STUN)");
+        match self.ctx.tls.source() {
+            TlsSource::Files { cert, .. } => {
+                info!(%local, cert = %cert.display(), key = %self.key(), "rendezvous server listening (TLS control/relay, UDP STUN)");
+            }
+            TlsSource::SelfSigned { .. } => {
+                info!(%local, key = %self.key(), "rendezvous server listening (TLS control/relay, UDP STUN); peers pin this key");
+            }
+        }
         let stun_task = tokio::spawn(stun::respond(
             Arc::new(udp),
             self.ctx.registry.clone(),
@@ -139,7 +164,7 @@ impl Server {
                                 });
                             }
                             Err(_) => {
-                                conns.spawn(refuse_full(stream, addr));
+                                conns.spawn(refuse_full(self.ctx.clone(), stream, addr));
                             }
                         }
                     }
@@ -166,18 +191,27 @@ impl Server {
     }
 }
 
-/// Tells a connection over the limit why, and closes it gracefully.
-async fn refuse_full(mut stream: TcpStream, addr: SocketAddr) {
+/// Tells a connection over the limit why (inside TLS, so the client can read it and knows it
+/// is the server speaking), and closes it gracefully. The handshake is bounded by a short
+/// deadline: a refusal never holds resources for long.
+async fn refuse_full(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr) {
     debug!(%addr, "connection limit reached; refusing");
-    let mut b = BytesMut::new();
-    frame::encode_error(
-        ErrorCode::ServerFull,
-        "the server is at its connection limit; try again later",
-        &mut b,
-    );
-    let _ = stream.write_all(&b).await;
-    let _ = stream.shutdown().await;
+    let refuse = async {
+        let mut tls = ctx.tls.acceptor().accept(SharedTcp(Arc::new(stream))).await.ok()?;
+        let mut b = BytesMut::new();
+        frame::encode_error(
+            ErrorCode::ServerFull,
+            "the server is at its connection limit; try again later",
+            &mut b,
+        );
+        tls.write_all(&b).await.ok()?;
+        tls.shutdown().await.ok()
+    };
+    let _ = tokio::time::timeout(REFUSAL_DEADLINE, refuse).await;
 }
+
+/// How long a refused connection may take for its handshake and error frame.
+const REFUSAL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Serves with `config` on `sockets` until `shutdown` completes (mini-redis style entry point).
 pub async fn run(sockets: Sockets, config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {

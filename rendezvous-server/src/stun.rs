@@ -5,9 +5,14 @@
 //! MESSAGE-INTEGRITY verifies with the token's password also records its source address as
 //! that peer's public UDP address; its response is signed with the same password.
 //!
+//! A token binding's transaction id starts with a sequence number (8 bytes, big-endian) the
+//! peer increases with every new binding of a registration; only a newer one moves the
+//! recorded address, so a binding captured on the path and replayed from elsewhere is dropped
+//! (a retransmission from the same source is answered again).
+//!
 //! Dropped without a reply: anything that is not a STUN Binding request, anything larger than
-//! [`MAX_STUN_MESSAGE`], requests with a bad FINGERPRINT, and token requests that do not
-//! authenticate. An unauthenticated request never gets a response more than
+//! [`MAX_STUN_MESSAGE`], requests with a bad FINGERPRINT, token requests that do not
+//! authenticate, and replayed token bindings. An unauthenticated request never gets a response more than
 //! [`AMPLIFICATION_LIMIT`] times its own size.
 
 use std::net::SocketAddr;
@@ -18,7 +23,7 @@ use tokio::net::UdpSocket;
 use tracing::{debug, trace};
 
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{Binding, Registry};
 
 /// An unauthenticated response is at most this many times the request's size.
 pub const AMPLIFICATION_LIMIT: usize = 3;
@@ -48,7 +53,7 @@ async fn respond_one(socket: Arc<UdpSocket>, registry: Arc<Registry>, metrics: M
                 continue;
             }
         };
-        if let Some(len) = answer(&registry, &buf[..n], src, &mut out) {
+        if let Some(len) = answer(&registry, &metrics, &buf[..n], src, &mut out) {
             metrics.stun_answered();
             if let Err(e) = socket.send_to(&out[..len], src).await {
                 trace!(%src, error = %e, "udp send failed");
@@ -58,7 +63,13 @@ async fn respond_one(socket: Arc<UdpSocket>, registry: Arc<Registry>, metrics: M
 }
 
 /// The response to the datagram `req` from `src`, written into `out`, if it deserves one.
-pub(crate) fn answer(registry: &Registry, req: &[u8], src: SocketAddr, out: &mut [u8]) -> Option<usize> {
+pub(crate) fn answer(
+    registry: &Registry,
+    metrics: &Metrics,
+    req: &[u8],
+    src: SocketAddr,
+    out: &mut [u8],
+) -> Option<usize> {
     if req.len() > MAX_STUN_MESSAGE {
         trace!(%src, len = req.len(), "oversized datagram dropped");
         return None;
@@ -80,8 +91,14 @@ pub(crate) fn answer(registry: &Registry, req: &[u8], src: SocketAddr, out: &mut
                 debug!(%src, "binding with a bad integrity dropped");
                 return None;
             }
-            if let Some(name) = registry.record_public_udp(user, src) {
-                trace!(peer = %name, public = %src, "public address recorded");
+            match registry.record_public_udp(user, src, &parsed.transaction_id) {
+                Some(Binding::Recorded(name)) => trace!(peer = %name, public = %src, "public address recorded"),
+                Some(Binding::Repeated(_)) | None => {}
+                Some(Binding::Replayed(name)) => {
+                    debug!(peer = %name, %src, "replayed token binding dropped");
+                    metrics.stun_replayed();
+                    return None;
+                }
             }
             Some(password)
         }

@@ -426,7 +426,7 @@ async fn a_member_that_resets_its_connection_is_counted_as_a_reset_not_a_stall()
         alice.client.send_relay(call, &[0; 500]).await;
     }
     let Peer { client: bob, .. } = bob;
-    socket2::SockRef::from(&bob.stream)
+    socket2::SockRef::from(bob.stream.get_ref().0)
         .set_linger(Some(Duration::ZERO))
         .expect("linger");
     drop(bob); // a reset, not a FIN

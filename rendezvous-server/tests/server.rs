@@ -93,7 +93,7 @@ async fn a_stolen_fingerprint_cannot_register_without_the_key() {
     let srv = Running::start(test_config()).await;
     let victim = Identity::generate();
     let mut thief = Client::hello(srv.addr).await;
-    let signature = Identity::generate().sign(&thief.challenge, "alice");
+    let signature = Identity::generate().sign(&thief.challenge, &thief.binding, "alice");
     thief
         .send(&ClientMsg::Register {
             name: "alice".into(),
@@ -119,7 +119,7 @@ async fn a_version_mismatch_is_refused_naming_both_versions() {
     assert_eq!(e.code, ErrorCode::VersionMismatch);
     assert_eq!(
         e.message,
-        "protocol version mismatch: this side speaks version 3, the other side version 999"
+        "protocol version mismatch: this side speaks version 4, the other side version 999"
     );
     c.expect_eof().await;
     srv.shutdown().await;
@@ -275,6 +275,45 @@ async fn stun_with_a_registration_token_records_the_public_address() {
         srv.server.registry().peer("alice").and_then(|p| p.public_udp),
         Some(local)
     );
+    srv.shutdown().await;
+}
+
+/// A token binding captured on the path and replayed from the attacker's own address must not
+/// move the peer's recorded address (the caller's `Start` would then name the attacker); a
+/// retransmission from the same source is still answered, and a newer binding moves it.
+#[tokio::test]
+async fn a_replayed_token_binding_does_not_move_the_recorded_address() {
+    let srv = Running::start(test_config()).await;
+    let (_alice, token) = Client::register(srv.addr, "alice", &Identity::generate()).await;
+    let alice = UdpSocket::bind("127.0.0.1:0").await.expect("binds");
+    let attacker = UdpSocket::bind("127.0.0.1:0").await.expect("binds");
+    let mut req = [0u8; 256];
+    let tid = |seq: u64| {
+        let mut t = [9u8; 12];
+        t[..8].copy_from_slice(&seq.to_be_bytes());
+        t
+    };
+    let recorded = || srv.server.registry().peer("alice").and_then(|p| p.public_udp);
+    let n = wire::encode_binding_request(&tid(5), Some(&token), &mut req).expect("encodes");
+    let captured = req[..n].to_vec();
+    assert!(stun_round_trip(&alice, srv.addr, &captured).await.is_some());
+    assert_eq!(recorded(), Some(alice.local_addr().expect("addr")));
+    // The same bytes from elsewhere: no answer, nothing moves, counted.
+    assert_eq!(stun_round_trip(&attacker, srv.addr, &captured).await, None);
+    assert_eq!(recorded(), Some(alice.local_addr().expect("addr")));
+    // An older one, signed and all (captured earlier): also a replay.
+    let n = wire::encode_binding_request(&tid(4), Some(&token), &mut req).expect("encodes");
+    assert_eq!(stun_round_trip(&attacker, srv.addr, &req[..n]).await, None);
+    assert_eq!(recorded(), Some(alice.local_addr().expect("addr")));
+    let metrics = srv.server.metrics().render();
+    assert!(metrics.contains("natcall_stun_replays_total 2"), "{metrics}");
+    // A retransmission from alice's own address is answered again.
+    assert!(stun_round_trip(&alice, srv.addr, &captured).await.is_some());
+    // Alice's NAT rebinds: her next (newer) binding moves the address.
+    let moved = UdpSocket::bind("127.0.0.1:0").await.expect("binds");
+    let n = wire::encode_binding_request(&tid(6), Some(&token), &mut req).expect("encodes");
+    assert!(stun_round_trip(&moved, srv.addr, &req[..n]).await.is_some());
+    assert_eq!(recorded(), Some(moved.local_addr().expect("addr")));
     srv.shutdown().await;
 }
 

@@ -51,8 +51,11 @@ impl Rendezvous {
     /// Starts on a given address (e.g. again, after a restart).
     pub fn start_at(dir: &Path, addr: SocketAddr) -> Self {
         let log = dir.join(format!("rendezvous-{}.log", rand_suffix()));
+        // Names and the TLS key live in `dir`: a restart on the same address is the same server
+        // to peers that pinned its key.
         let child = Command::new(bin("natcall-rendezvous"))
-            .args(["--listen", &addr.to_string(), "--log-level", "debug"])
+            .args(["--listen", &addr.to_string(), "--log-level", "debug", "--state-file"])
+            .arg(dir.join("names"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
@@ -97,9 +100,17 @@ impl Peer {
     }
 
     pub fn spawn_home(dir: &Path, home: &Path, server: SocketAddr, name: &str, args: &[&str]) -> Self {
+        let server = server.to_string();
+        let mut all = vec!["--server", &server];
+        all.extend_from_slice(args);
+        Self::spawn_args(dir, home, name, &all)
+    }
+
+    /// `natcall --json --name NAME --home HOME ARGS...` (the server among `args`).
+    pub fn spawn_args(dir: &Path, home: &Path, name: &str, args: &[&str]) -> Self {
         let log = dir.join(format!("{name}-{}.log", std::process::id() ^ rand_suffix()));
         let mut cmd = Command::new(bin("natcall"));
-        cmd.args(["--json", "--server", &server.to_string(), "--name", name, "--home"])
+        cmd.args(["--json", "--name", name, "--home"])
             .arg(home)
             .args(args)
             .env("RUST_LOG", "natcall=debug,natcall_peer=debug")

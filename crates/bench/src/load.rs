@@ -107,6 +107,9 @@ impl Outcome {
 pub enum Out {
     /// A stream: a batch of packets is one write.
     Tcp(Arc<Mutex<OwnedWriteHalf>>),
+    /// natcall's TLS channel: a batch of packets is one write (sealed as few TLS records as
+    /// its size allows), then a flush.
+    Tls(Arc<Mutex<tokio::io::WriteHalf<natcall::ServerStream>>>),
     /// A connected datagram socket: one packet per datagram.
     Udp(Arc<UdpSocket>),
 }
@@ -224,6 +227,11 @@ async fn send_group(group: Vec<(usize, Sender)>, sides: usize, load: Load, base:
             }
             match &s.out {
                 Out::Tcp(w) => w.lock().await.write_all(batch).await.context("sending over TCP")?,
+                Out::Tls(w) => {
+                    let mut w = w.lock().await;
+                    w.write_all(batch).await.context("sending over TLS")?;
+                    w.flush().await.context("sending over TLS")?;
+                }
                 Out::Udp(sock) => {
                     for p in batch.chunks(len) {
                         // A full socket buffer drops the datagram: that is loss, counted.

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use bytes::BytesMut;
+use natcall::{ServerStream, ServerTrust};
 use natcall_proto::PROTOCOL_VERSION;
 use natcall_proto::auth::registration_message;
 use natcall_proto::codec::decode_control;
@@ -12,8 +13,7 @@ use natcall_proto::control::{ClientMsg, ServerMsg};
 use natcall_proto::frame::{self, Frame, FrameDecoder, MAX_FRAME_LEN};
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::server::Spawned;
 
@@ -52,7 +52,7 @@ impl Signer {
     }
 }
 
-pub(crate) async fn next_msg(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<ServerMsg> {
+pub(crate) async fn next_msg(stream: &mut (impl AsyncRead + Unpin), buf: &mut BytesMut) -> Result<ServerMsg> {
     let decoder = FrameDecoder::new(MAX_FRAME_LEN);
     loop {
         if let Some(raw) = decoder.decode(buf)? {
@@ -69,19 +69,23 @@ pub(crate) async fn next_msg(stream: &mut TcpStream, buf: &mut BytesMut) -> Resu
     }
 }
 
-pub(crate) async fn register(addr: SocketAddr, name: String, signer: &Signer) -> Result<TcpStream> {
-    let mut s = TcpStream::connect(addr).await.context("connecting")?;
-    s.set_nodelay(true)?; // as natcall clients do: no Nagle delay on small relay writes
+/// A registered raw client over TLS, as natcall clients connect (no Nagle delay on small relay
+/// writes; the server's key trusted on first use).
+pub(crate) async fn register(addr: SocketAddr, name: String, signer: &Signer) -> Result<ServerStream> {
+    let (mut s, binding) = natcall::connect_tls(addr, ServerTrust::first_use(addr.to_string()))
+        .await
+        .context("connecting")?;
     let mut out = BytesMut::new();
     frame::encode_hello(PROTOCOL_VERSION, &mut out);
     s.write_all(&out).await?;
+    s.flush().await?;
     let mut buf = BytesMut::new();
     let ServerMsg::Welcome { challenge, .. } = next_msg(&mut s, &mut buf).await? else {
         bail!("expected welcome")
     };
     let signature = signer
         .key
-        .sign(&signer.rng, &registration_message(&challenge, &name))
+        .sign(&signer.rng, &registration_message(&challenge, &binding, &name))
         .map_err(|_| anyhow::anyhow!("signing failed"))?;
     let signature = signature.as_ref().to_vec();
     out.clear();
@@ -95,6 +99,7 @@ pub(crate) async fn register(addr: SocketAddr, name: String, signer: &Signer) ->
         &mut out,
     )?;
     s.write_all(&out).await?;
+    s.flush().await?;
     match next_msg(&mut s, &mut buf).await? {
         ServerMsg::Registered { .. } => Ok(s),
         other => bail!("expected registered, got {other:?}"),

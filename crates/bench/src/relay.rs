@@ -12,13 +12,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bytes::BytesMut;
+use natcall::ServerStream;
 use natcall_proto::codec::decode_control;
 use natcall_proto::control::{ClientMsg, Policy, ServerMsg};
 use natcall_proto::frame::{self, Frame, FrameDecoder, LEN_PREFIX, MAX_FRAME_LEN};
 use natcall_proto::relay::{RELAY_HEADER_LEN, RelayFlags, RelayHeader, TrafficClass};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{ReadHalf, WriteHalf};
+
+type OwnedReadHalf = ReadHalf<ServerStream>;
+type OwnedWriteHalf = WriteHalf<ServerStream>;
 use tokio::sync::Mutex;
 
 use crate::load::{Load, Out, Outcome, PAYLOAD, Recorder, Sender, Window};
@@ -38,7 +41,7 @@ pub struct Side {
 }
 
 async fn expect<F: Fn(&ServerMsg) -> bool>(
-    s: &mut TcpStream,
+    s: &mut ServerStream,
     buf: &mut BytesMut,
     what: &str,
     f: F,
@@ -72,6 +75,7 @@ async fn pair(addr: SocketAddr, i: usize, signer: &Signer) -> Result<(Side, Side
         policy: Policy::RelayOnly,
     })?)
     .await?;
+    a.flush().await?;
     let ServerMsg::Ringing { call, .. } =
         expect(&mut a, &mut abuf, "ringing", |m| matches!(m, ServerMsg::Ringing { .. })).await?
     else {
@@ -83,11 +87,12 @@ async fn pair(addr: SocketAddr, i: usize, signer: &Signer) -> Result<(Side, Side
     .await?;
     b.write_all(&control(&ClientMsg::Answer { call, accept: true })?)
         .await?;
+    b.flush().await?;
     for (s, buf) in [(&mut a, &mut abuf), (&mut b, &mut bbuf)] {
         expect(s, buf, "start", |m| matches!(m, ServerMsg::Start(_))).await?;
     }
-    let side = |s: TcpStream| {
-        let (r, w) = s.into_split();
+    let side = |s: ServerStream| {
+        let (r, w) = tokio::io::split(s);
         Side {
             call,
             writer: Arc::new(Mutex::new(w)),
@@ -118,7 +123,9 @@ const PAYLOAD_AT: usize = LEN_PREFIX + 1 + RELAY_HEADER_LEN;
 async fn ack_if_due(writer: &Mutex<OwnedWriteHalf>, unacked: &mut u32) -> Result<()> {
     if *unacked >= ACK_EVERY {
         let ack = control(&ClientMsg::RelayAck { frames: *unacked })?;
-        writer.lock().await.write_all(&ack).await?;
+        let mut w = writer.lock().await;
+        w.write_all(&ack).await?;
+        w.flush().await?;
         *unacked = 0;
     }
     Ok(())
@@ -144,11 +151,9 @@ async fn receive(
                 }
                 Frame::Control(body) => {
                     if let Ok(ServerMsg::Ping { nonce, .. }) = decode_control::<ServerMsg>(body) {
-                        writer
-                            .lock()
-                            .await
-                            .write_all(&control(&ClientMsg::Pong { nonce })?)
-                            .await?;
+                        let mut w = writer.lock().await;
+                        w.write_all(&control(&ClientMsg::Pong { nonce })?).await?;
+                        w.flush().await?;
                     }
                 }
                 Frame::Error(e) => bail!("the server closed a relay client: {}", e.message),
@@ -188,7 +193,7 @@ pub async fn run(load: Load) -> Result<Outcome> {
     for (a, b) in pairs {
         for (me, peer) in [(&a, &b), (&b, &a)] {
             senders.push(Sender {
-                out: Out::Tcp(me.writer.clone()),
+                out: Out::Tls(me.writer.clone()),
                 template: frame_template(me.call)?,
                 payload_at: PAYLOAD_AT,
                 peer_received: peer.received.clone(),
@@ -281,7 +286,9 @@ async fn media(writer: Arc<Mutex<OwnedWriteHalf>>, call: u32, base: Instant, end
                 nv += 1;
             }
         }
-        writer.lock().await.write_all(&out).await?;
+        let mut w = writer.lock().await;
+        w.write_all(&out).await?;
+        w.flush().await?;
     }
     Ok((na, nv))
 }

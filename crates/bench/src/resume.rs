@@ -44,9 +44,12 @@ pub struct Sample {
 /// Longest any wait of a run may take.
 const WAIT: Duration = Duration::from_secs(20);
 
-fn start_server(addr: SocketAddr) -> Result<Child> {
+/// Starts the server on `addr` with its state (names, TLS key) in `state`: a restart is the
+/// same server to the peers, who pinned its key.
+fn start_server(addr: SocketAddr, state: &std::path::Path) -> Result<Child> {
     let child = Command::new(sibling_binary("natcall-rendezvous", "natcall-rendezvous")?)
-        .args(["--listen", &addr.to_string(), "--log-level", "warn"])
+        .args(["--listen", &addr.to_string(), "--log-level", "warn", "--state-file"])
+        .arg(state.join("names"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -99,7 +102,8 @@ fn since(origin: Instant, t: Instant) -> u64 {
 /// One run.
 pub async fn run_once(stop: Stop, down: Duration) -> Result<Sample> {
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-    let mut server = start_server(addr)?;
+    let state = tempfile::tempdir().context("a state directory for the server")?;
+    let mut server = start_server(addr, state.path())?;
     accepting(addr).await?;
     let (alice, bob) = (peer(addr, "alice").await?, peer(addr, "bob").await?);
     let origin = Instant::now();
@@ -152,7 +156,7 @@ pub async fn run_once(stop: Stop, down: Duration) -> Result<Sample> {
     // The server stays down a while, as a real restart would: the peers' registration retries
     // (200 ms doubling to 1 s) are what the resume time then measures.
     tokio::time::sleep(down).await;
-    server = start_server(addr)?;
+    server = start_server(addr, state.path())?;
     let back = accepting(addr).await?;
     let back_ns = since(origin, back);
     let deadline = Instant::now() + WAIT;

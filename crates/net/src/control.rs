@@ -18,8 +18,14 @@ use natcall_proto::control::{ClientMsg, ServerMsg};
 use natcall_proto::frame::{self, ErrorFrame, Frame, FrameDecoder, LEN_PREFIX, MAX_FRAME_LEN};
 use natcall_proto::relay::{RELAY_HEADER_LEN, TrafficClass};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_rustls::client::TlsStream;
+
+use crate::server_trust::{self, ServerTrust, Verifier};
+
+/// The TLS channel to the server.
+type Stream = TlsStream<TcpStream>;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, trace};
 
@@ -77,6 +83,32 @@ pub(crate) fn lanes() -> (Lanes, LaneReceivers) {
     )
 }
 
+/// The TLS channel to a rendezvous server, for tools that speak the control protocol
+/// themselves (benchmarks, protocol tests).
+pub type ServerStream = Stream;
+
+/// Opens the TLS channel to the server at `addr`, checking its key as an endpoint does, and
+/// returns it with the channel binding a registration signs ([`natcall_proto::auth`]).
+pub async fn connect_tls(addr: SocketAddr, trust: ServerTrust) -> Result<(ServerStream, [u8; 32]), Error> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|source| Error::Unreachable { addr, source })?;
+    tcp.set_nodelay(true)?;
+    let stream = Tls::new(trust)?.handshake(tcp, addr).await?;
+    let binding = binding(&stream)?;
+    Ok((stream, binding))
+}
+
+fn binding(stream: &Stream) -> Result<[u8; 32], Error> {
+    let mut binding = [0u8; 32];
+    stream
+        .get_ref()
+        .1
+        .export_keying_material(&mut binding, natcall_proto::REGISTER_BINDING_LABEL, None)
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    Ok(binding)
+}
+
 /// Who this peer registers as.
 #[derive(Debug, Clone)]
 pub(crate) struct Credentials {
@@ -84,18 +116,60 @@ pub(crate) struct Credentials {
     pub(crate) identity: Identity,
     pub(crate) name: String,
     pub(crate) lan_addrs: Vec<SocketAddr>,
+    pub(crate) tls: Tls,
+}
+
+/// The TLS client side of the server connections: one configuration and one verifier for the
+/// endpoint's life, so a key met first is required on every reconnection.
+#[derive(Clone)]
+pub(crate) struct Tls {
+    trust: ServerTrust,
+    connector: tokio_rustls::TlsConnector,
+    verifier: Arc<Verifier>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("trust", &self.trust)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tls {
+    pub(crate) fn new(trust: ServerTrust) -> Result<Self, Error> {
+        let (config, verifier) = server_trust::client_config(trust.clone())?;
+        Ok(Self {
+            trust,
+            connector: tokio_rustls::TlsConnector::from(config),
+            verifier,
+        })
+    }
+
+    /// The TLS handshake over `tcp`; a refused server key is reported as such.
+    async fn handshake(&self, tcp: TcpStream, addr: SocketAddr) -> Result<Stream, Error> {
+        let name = server_trust::server_name(&self.trust, addr);
+        self.connector.connect(name, tcp).await.map_err(|e| {
+            self.verifier.take_refusal().unwrap_or_else(|| {
+                Error::Protocol(format!(
+                    "TLS with the server at {} failed: {e} (is it a natcall rendezvous server of this version?)",
+                    self.trust.label
+                ))
+            })
+        })
+    }
 }
 
 /// A registered connection, before its tasks start.
 #[derive(Debug)]
 pub(crate) struct Connected {
-    stream: TcpStream,
+    stream: Stream,
     buf: BytesMut,
     pub(crate) registered: Registered,
 }
 
 struct Handshake {
-    stream: TcpStream,
+    stream: Stream,
     buf: BytesMut,
 }
 
@@ -141,10 +215,12 @@ fn encode(msg: &ClientMsg) -> Result<Bytes, Error> {
 pub(crate) async fn connect(who: &Credentials) -> Result<Connected, Error> {
     let server = who.server;
     let fut = async {
-        let stream = TcpStream::connect(server)
+        let tcp = TcpStream::connect(server)
             .await
             .map_err(|source| Error::Unreachable { addr: server, source })?;
-        stream.set_nodelay(true)?;
+        tcp.set_nodelay(true)?;
+        let stream = who.tls.handshake(tcp, server).await?;
+        let binding = binding(&stream)?;
         let mut conn = Handshake {
             stream,
             buf: BytesMut::new(),
@@ -152,10 +228,11 @@ pub(crate) async fn connect(who: &Credentials) -> Result<Connected, Error> {
         let mut out = BytesMut::new();
         frame::encode_hello(PROTOCOL_VERSION, &mut out);
         conn.stream.write_all(&out).await?;
+        conn.stream.flush().await?;
         let ServerMsg::Welcome { challenge, .. } = conn.next().await? else {
             return Err(Error::Protocol("expected a welcome from the server".into()));
         };
-        let signature = who.identity.sign_registration(&challenge, &who.name)?;
+        let signature = who.identity.sign_registration(&challenge, &binding, &who.name)?;
         let register = ClientMsg::Register {
             name: who.name.clone(),
             cert: who.identity.cert_der().to_vec(),
@@ -163,6 +240,7 @@ pub(crate) async fn connect(who: &Credentials) -> Result<Connected, Error> {
             lan_addrs: who.lan_addrs.clone(),
         };
         conn.stream.write_all(&encode(&register)?).await?;
+        conn.stream.flush().await?;
         match conn.next().await? {
             ServerMsg::Registered {
                 token,
@@ -201,7 +279,7 @@ pub(crate) fn start(
         buf,
         registered,
     } = conn;
-    let (rd, wr) = stream.into_split();
+    let (rd, wr) = tokio::io::split(stream);
     let (stop_tx, stop_rx) = oneshot::channel();
     // The writer takes the lanes only after the old writer let them go; what was queued for
     // the old connection (stale acks, relay frames for old call ids) is dropped first.
@@ -222,7 +300,7 @@ pub(crate) fn start(
     })
 }
 
-async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, shared: &Shared) -> String {
+async fn read_loop(mut rd: ReadHalf<Stream>, mut buf: BytesMut, shared: &Shared) -> String {
     let decoder = FrameDecoder::new(MAX_FRAME_LEN);
     loop {
         match decoder.decode(&mut buf) {
@@ -282,7 +360,7 @@ async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, shared: &Shared) ->
 /// Writes batches, the control lane's frames first in each, until the connection fails, is
 /// closed, or `stop` fires. A flush or close also writes every relay frame queued before it
 /// (a relayed QUIC close and the hang-up behind it go out before the connection half-closes).
-async fn write_loop(mut wr: OwnedWriteHalf, rx: &mut LaneReceivers, mut stop: oneshot::Receiver<()>) {
+async fn write_loop(mut wr: WriteHalf<Stream>, rx: &mut LaneReceivers, mut stop: oneshot::Receiver<()>) {
     let mut batch = BytesMut::new();
     let mut flushed = Vec::new();
     loop {
@@ -341,13 +419,13 @@ async fn write_loop(mut wr: OwnedWriteHalf, rx: &mut LaneReceivers, mut stop: on
 }
 
 /// Writes and clears `batch`; false when the connection failed or `stop` fired.
-async fn write_batch(wr: &mut OwnedWriteHalf, batch: &mut BytesMut, stop: &mut oneshot::Receiver<()>) -> bool {
+async fn write_batch(wr: &mut WriteHalf<Stream>, batch: &mut BytesMut, stop: &mut oneshot::Receiver<()>) -> bool {
     if batch.is_empty() {
         return true;
     }
     let started = Instant::now();
     let ok = tokio::select! {
-        r = wr.write_all(batch) => r.is_ok(),
+        r = async { wr.write_all(batch).await?; wr.flush().await } => r.is_ok(),
         _ = stop => false,
     };
     trace!(bytes = batch.len(), took = ?started.elapsed(), "control batch written");

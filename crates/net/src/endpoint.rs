@@ -17,6 +17,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use natcall_proto::control::{Fingerprint, Policy};
+
+use crate::server_trust::ServerTrust;
 use natcall_proto::frame::ErrorCode;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -60,6 +62,9 @@ pub struct EndpointConfig {
     /// call where the server vouches for another key than the one met before is refused with
     /// [`Error::KeyChanged`], and a first contact is stored once its call connects.
     pub contacts: Option<Contacts>,
+    /// How the server's TLS key is checked (default: trusted on first use, for this endpoint's
+    /// life).
+    pub server_trust: ServerTrust,
 }
 
 impl EndpointConfig {
@@ -76,6 +81,7 @@ impl EndpointConfig {
             bind: SocketAddr::from(([0, 0, 0, 0], 0)),
             traversal,
             contacts: None,
+            server_trust: ServerTrust::first_use(server.to_string()),
         }
     }
 }
@@ -230,6 +236,7 @@ impl Endpoint {
             identity: config.identity.clone(),
             name: config.name.clone(),
             lan_addrs: lan_addresses(port, config.server),
+            tls: control::Tls::new(config.server_trust.clone())?,
         };
         let conn = control::connect(&who).await?;
         let core = PeerCore::new(CoreConfig::new(&config.name, config.traversal.clone(), random_seed()));
@@ -384,13 +391,14 @@ impl Endpoint {
 /// Whether a refusal is final (another key owns the name, the name is bad): trying again
 /// cannot help.
 fn is_final(e: &Error) -> bool {
-    matches!(
-        e,
-        Error::Refused {
-            code: ErrorCode::NameTaken | ErrorCode::BadName | ErrorCode::BadSignature | ErrorCode::VersionMismatch,
-            ..
-        }
-    )
+    matches!(e, Error::ServerKeyChanged { .. })
+        || matches!(
+            e,
+            Error::Refused {
+                code: ErrorCode::NameTaken | ErrorCode::BadName | ErrorCode::BadSignature | ErrorCode::VersionMismatch,
+                ..
+            }
+        )
 }
 
 /// Registers again whenever the connection to the server ends, until the endpoint closes.

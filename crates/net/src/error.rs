@@ -59,6 +59,19 @@ pub enum Error {
     /// The contacts file could not be used (the call is refused rather than go unchecked).
     #[error("contacts: {0}")]
     Contacts(#[from] ContactsError),
+    /// The server presented another key than the one given or remembered for it: someone may
+    /// be intercepting the connection, or the server's key was replaced.
+    #[error(
+        "the rendezvous server {server} presented key {presented}, but {} {known}: someone may be intercepting the connection, or the server's key was replaced",
+        if *given { "the key given for it is" } else { "the key remembered for it is" }
+    )]
+    ServerKeyChanged {
+        server: String,
+        known: natcall_proto::server_key::ServerKey,
+        presented: natcall_proto::server_key::ServerKey,
+        /// The known key was given explicitly (`#SHA256:…`), not remembered from a first use.
+        given: bool,
+    },
     /// Timed out.
     #[error("timed out: {0}")]
     Timeout(String),

@@ -109,11 +109,12 @@ impl Identity {
         &self.cert
     }
 
-    /// The registration proof for `name` on a connection whose challenge is `challenge`.
-    pub fn sign_registration(&self, challenge: &[u8; 32], name: &str) -> Result<Vec<u8>, Error> {
+    /// The registration proof for `name` on a connection whose challenge is `challenge` and whose
+    /// TLS session exports `binding` ([`natcall_proto::auth`]).
+    pub fn sign_registration(&self, challenge: &[u8; 32], binding: &[u8; 32], name: &str) -> Result<Vec<u8>, Error> {
         let sig = self
             .signer
-            .sign(&SystemRandom::new(), &registration_message(challenge, name))
+            .sign(&SystemRandom::new(), &registration_message(challenge, binding, name))
             .map_err(|_| Error::Identity("signing failed".into()))?;
         Ok(sig.as_ref().to_vec())
     }
@@ -141,8 +142,9 @@ mod tests {
             .expect("key file")
             .permissions();
         assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
-        let sig = again.sign_registration(&[9; 32], "alice").expect("signs");
-        let fp = natcall_proto::auth::verify_registration(again.cert_der(), &sig, &[9; 32], "alice").expect("verifies");
+        let sig = again.sign_registration(&[9; 32], &[8; 32], "alice").expect("signs");
+        let fp = natcall_proto::auth::verify_registration(again.cert_der(), &sig, &[9; 32], &[8; 32], "alice")
+            .expect("verifies");
         assert_eq!(fp, first.fingerprint());
     }
 

@@ -1,14 +1,18 @@
 //! Registration proof: a peer proves it holds the private key of the certificate whose
 //! fingerprint becomes its identity, by signing the server's per-connection challenge.
 //!
-//! The signed message is `"natcall-register-v1\0" || challenge (32 bytes) || name`, signed with
-//! the certificate's key (ECDSA P-256 with SHA-256, or Ed25519).
+//! The signed message is `"natcall-register-v2\0" || challenge (32 bytes) || binding (32 bytes)
+//! || name`, signed with the certificate's key (ECDSA P-256 with SHA-256, or Ed25519). `binding`
+//! is exported from the TLS session the registration travels on (label
+//! [`crate::REGISTER_BINDING_LABEL`], no context, 32 bytes), so a signature made for one TLS
+//! session is worthless on another: a man in the middle that terminates the peer's TLS with its
+//! own key cannot pass the peer's registration on to the real server.
 
 use rustls_pki_types::{CertificateDer, SignatureVerificationAlgorithm};
 
 use crate::control::{Fingerprint, MAX_CERT_LEN};
 
-const CONTEXT: &[u8] = b"natcall-register-v1\0";
+const CONTEXT: &[u8] = b"natcall-register-v2\0";
 
 /// A registration proof did not verify.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -25,11 +29,13 @@ pub enum AuthError {
     BadSignature,
 }
 
-/// The bytes a peer signs to register `name` on a connection whose challenge is `challenge`.
-pub fn registration_message(challenge: &[u8; 32], name: &str) -> Vec<u8> {
-    let mut m = Vec::with_capacity(CONTEXT.len() + 32 + name.len());
+/// The bytes a peer signs to register `name` on a connection whose challenge is `challenge` and
+/// whose TLS session exports `binding`.
+pub fn registration_message(challenge: &[u8; 32], binding: &[u8; 32], name: &str) -> Vec<u8> {
+    let mut m = Vec::with_capacity(CONTEXT.len() + 64 + name.len());
     m.extend_from_slice(CONTEXT);
     m.extend_from_slice(challenge);
+    m.extend_from_slice(binding);
     m.extend_from_slice(name.as_bytes());
     m
 }
@@ -39,6 +45,7 @@ pub fn verify_registration(
     cert_der: &[u8],
     signature: &[u8],
     challenge: &[u8; 32],
+    binding: &[u8; 32],
     name: &str,
 ) -> Result<Fingerprint, AuthError> {
     if cert_der.len() > MAX_CERT_LEN {
@@ -46,7 +53,7 @@ pub fn verify_registration(
     }
     let der = CertificateDer::from(cert_der);
     let cert = webpki::EndEntityCert::try_from(&der).map_err(|e| AuthError::BadCertificate(format!("{e:?}")))?;
-    let message = registration_message(challenge, name);
+    let message = registration_message(challenge, binding, name);
     let algs: [&dyn SignatureVerificationAlgorithm; 2] = [webpki::ring::ECDSA_P256_SHA256, webpki::ring::ED25519];
     if algs
         .iter()
@@ -84,24 +91,32 @@ mod tests {
         let (cert, key) = identity();
         let challenge = [7u8; 32];
         let sig = key
-            .sign(&SystemRandom::new(), &registration_message(&challenge, "alice"))
+            .sign(
+                &SystemRandom::new(),
+                &registration_message(&challenge, &[5; 32], "alice"),
+            )
             .expect("sign");
-        let fp = verify_registration(&cert, sig.as_ref(), &challenge, "alice").expect("verifies");
+        let fp = verify_registration(&cert, sig.as_ref(), &challenge, &[5; 32], "alice").expect("verifies");
         assert_eq!(fp, Fingerprint::of_cert(&cert));
     }
 
     #[test]
-    fn a_proof_for_another_challenge_or_name_is_refused() {
+    fn a_proof_for_another_challenge_name_or_tls_session_is_refused() {
         let (cert, key) = identity();
         let sig = key
-            .sign(&SystemRandom::new(), &registration_message(&[1; 32], "alice"))
+            .sign(&SystemRandom::new(), &registration_message(&[1; 32], &[5; 32], "alice"))
             .expect("sign");
         assert_eq!(
-            verify_registration(&cert, sig.as_ref(), &[2; 32], "alice"),
+            verify_registration(&cert, sig.as_ref(), &[2; 32], &[5; 32], "alice"),
             Err(AuthError::BadSignature)
         );
         assert_eq!(
-            verify_registration(&cert, sig.as_ref(), &[1; 32], "mallory"),
+            verify_registration(&cert, sig.as_ref(), &[1; 32], &[5; 32], "mallory"),
+            Err(AuthError::BadSignature)
+        );
+        // The same challenge and name on another TLS session (a relaying man in the middle).
+        assert_eq!(
+            verify_registration(&cert, sig.as_ref(), &[1; 32], &[6; 32], "alice"),
             Err(AuthError::BadSignature)
         );
     }
@@ -111,10 +126,10 @@ mod tests {
         let (cert_a, _) = identity();
         let (_, key_b) = identity();
         let sig = key_b
-            .sign(&SystemRandom::new(), &registration_message(&[3; 32], "alice"))
+            .sign(&SystemRandom::new(), &registration_message(&[3; 32], &[5; 32], "alice"))
             .expect("sign");
         assert_eq!(
-            verify_registration(&cert_a, sig.as_ref(), &[3; 32], "alice"),
+            verify_registration(&cert_a, sig.as_ref(), &[3; 32], &[5; 32], "alice"),
             Err(AuthError::BadSignature)
         );
     }
@@ -122,12 +137,12 @@ mod tests {
     #[test]
     fn garbage_certificates_are_errors() {
         assert!(matches!(
-            verify_registration(b"not a cert", b"sig", &[0; 32], "a"),
+            verify_registration(b"not a cert", b"sig", &[0; 32], &[0; 32], "a"),
             Err(AuthError::BadCertificate(_))
         ));
         let huge = vec![0u8; MAX_CERT_LEN + 1];
         assert_eq!(
-            verify_registration(&huge, b"", &[0; 32], "a"),
+            verify_registration(&huge, b"", &[0; 32], &[0; 32], "a"),
             Err(AuthError::CertTooLarge(MAX_CERT_LEN + 1))
         );
     }

@@ -5,7 +5,9 @@
 //! - **UDP**: standard STUN (RFC 8489) Binding requests and responses. See [`stun`]: a plain
 //!   request learns the sender's public address; a request carrying a registration token
 //!   ([`stun::TokenCredentials`]) also records that address as the peer's public address.
-//! - **TCP**: one long-lived connection per peer carrying length-prefixed [`frame`]s:
+//! - **TCP**: one long-lived TLS 1.3 connection per peer (ALPN [`ALPN`]; the server is known by
+//!   a CA certificate or by its pinned key, [`server_key::ServerKey`]) carrying
+//!   length-prefixed [`frame`]s:
 //!   a version [`frame::Hello`] first, then bincode [`control`] messages, relay frames
 //!   ([`relay::RelayHeader`] + an opaque payload) and terminal [`frame::ErrorFrame`]s.
 //!
@@ -17,7 +19,8 @@
 //!    [`frame::ErrorFrame`] naming both versions, and the connection closes);
 //! 2. server → client: [`control::ServerMsg::Welcome`] with a random challenge;
 //! 3. client → server: [`control::ClientMsg::Register`] with its certificate and a signature over
-//!    the challenge ([`auth`]), proving it holds the key whose fingerprint it claims;
+//!    the challenge bound to this TLS session ([`auth`]), proving it holds the key whose
+//!    fingerprint it claims, on this connection and no other;
 //! 4. server → client: [`control::ServerMsg::Registered`] with the STUN token; from then on
 //!    lookups, pings/pongs and (later) calls and relay frames.
 //!
@@ -43,10 +46,17 @@ pub mod codec;
 pub mod control;
 pub mod frame;
 pub mod relay;
+pub mod server_key;
 pub mod stun;
 
 pub use frame::FrameError;
 
 /// The protocol version spoken on the TCP control channel. Bump it on any incompatible change to
 /// [`control`] messages or the [`frame`] layout.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
+
+/// The ALPN protocol name of the TLS channel between peers and the rendezvous server.
+pub const ALPN: &[u8] = b"natcall";
+
+/// The TLS exporter label of the channel binding a registration signs (see [`auth`]).
+pub const REGISTER_BINDING_LABEL: &[u8] = b"EXPORTER-natcall-register";

@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_rustls::client::TlsStream;
 
 pub const STEP: Duration = Duration::from_secs(5);
 
@@ -152,9 +153,9 @@ impl Identity {
         }
     }
 
-    pub fn sign(&self, challenge: &[u8; 32], name: &str) -> Vec<u8> {
+    pub fn sign(&self, challenge: &[u8; 32], binding: &[u8; 32], name: &str) -> Vec<u8> {
         self.key
-            .sign(&SystemRandom::new(), &registration_message(challenge, name))
+            .sign(&SystemRandom::new(), &registration_message(challenge, binding, name))
             .expect("sign")
             .as_ref()
             .to_vec()
@@ -173,9 +174,11 @@ pub enum Got {
 }
 
 pub struct Client {
-    pub stream: TcpStream,
+    pub stream: TlsStream<TcpStream>,
     buf: BytesMut,
     pub challenge: [u8; 32],
+    /// Exported from this connection's TLS session; registrations sign it.
+    pub binding: [u8; 32],
     /// Whether relay frames are acknowledged (the relay engine's health check), as a real
     /// client does every `ack_every` frames read.
     pub acks: bool,
@@ -185,11 +188,22 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(addr: SocketAddr) -> Self {
-        let stream = TcpStream::connect(addr).await.expect("connects to the server");
+        let tcp = TcpStream::connect(addr).await.expect("connects to the server");
+        let stream = tls_connector()
+            .connect(rustls::pki_types::ServerName::IpAddress(addr.ip().into()), tcp)
+            .await
+            .expect("TLS handshake with the server");
+        let mut binding = [0u8; 32];
+        stream
+            .get_ref()
+            .1
+            .export_keying_material(&mut binding, natcall_proto::REGISTER_BINDING_LABEL, None)
+            .expect("exporter");
         Self {
             stream,
             buf: BytesMut::new(),
             challenge: [0; 32],
+            binding,
             acks: true,
             ack_every: 8,
             unacked: 0,
@@ -239,7 +253,7 @@ impl Client {
     }
 
     pub async fn send_register(&mut self, name: &str, id: &Identity, lan_addrs: Vec<SocketAddr>) {
-        let signature = id.sign(&self.challenge, name);
+        let signature = id.sign(&self.challenge, &self.binding, name);
         self.send(&ClientMsg::Register {
             name: name.into(),
             cert: id.cert.clone(),
@@ -257,6 +271,7 @@ impl Client {
 
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("writes");
+        self.stream.flush().await.expect("flushes");
     }
 
     /// The next frame, answering pings on the way; panics after [`STEP`].
@@ -352,5 +367,58 @@ impl Client {
     pub async fn lookup(&mut self, name: &str) -> ServerMsg {
         self.send(&ClientMsg::Lookup { name: name.into() }).await;
         self.next_msg().await
+    }
+}
+
+/// TLS to the server under test. These tests exercise the server, not how peers trust it
+/// (`crates/net` tests pinning against a man in the middle): any key is taken, but the
+/// handshake signature is still checked.
+fn tls_connector() -> tokio_rustls::TlsConnector {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyKey(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![natcall_proto::ALPN.to_vec()];
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+#[derive(Debug)]
+struct AnyKey(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyKey {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }

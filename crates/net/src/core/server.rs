@@ -43,6 +43,8 @@ pub(crate) struct ServerLink {
     unacked: u32,
     rto: Vec<Duration>,
     refresh: Duration,
+    /// The last token binding's sequence number in this registration.
+    seq: u64,
 }
 
 impl ServerLink {
@@ -58,6 +60,7 @@ impl ServerLink {
             unacked: 0,
             rto,
             refresh,
+            seq: 0,
         }
     }
 
@@ -89,6 +92,8 @@ impl ServerLink {
         self.lost = None;
         self.unacked = 0;
         self.probed = false;
+        self.seq = 0;
+        let tid = self.stamp(tid);
         self.probe = Some(Probe {
             tid,
             attempt: 0,
@@ -103,6 +108,14 @@ impl ServerLink {
         self.probe = None;
         self.refresh_at = None;
         self.unacked = 0;
+    }
+
+    /// A probe's transaction id: the registration's next sequence number (8 bytes, big-endian;
+    /// the server takes only newer ones, see `natcall_proto::stun`), then 4 random bytes.
+    fn stamp(&mut self, mut tid: [u8; 12]) -> [u8; 12] {
+        self.seq += 1;
+        tid[..8].copy_from_slice(&self.seq.to_be_bytes());
+        tid
     }
 
     fn send_probe(&mut self, now: Instant, out: &mut Vec<Transmit>) {
@@ -172,6 +185,7 @@ impl ServerLink {
         }
         if self.refresh_at.is_some_and(|t| now >= t) {
             self.refresh_at = None;
+            let tid = self.stamp(tid);
             self.probe = Some(Probe {
                 tid,
                 attempt: 0,

@@ -1,0 +1,260 @@
+//! How a peer knows its rendezvous server, tested against an attacker: a man in the middle
+//! that terminates TLS with its own key and relays everything to the real server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use natcall::{Endpoint, EndpointConfig, Error, Identity, KnownServers, ServerKey, ServerTrust};
+use natcall_proto::frame::ErrorCode;
+use natcall_rendezvous::tls::{ServerTls, TlsSource};
+use natcall_rendezvous::{Config, Server, Sockets};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The name the user knows the server by (its line in `known_servers`).
+const LABEL: &str = "rv.test:3478";
+
+struct Real {
+    addr: SocketAddr,
+    key: ServerKey,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn real_server() -> Real {
+    let sockets = Sockets::bind("127.0.0.1:0".parse().expect("addr")).expect("binds");
+    let addr = sockets.local_addr().expect("addr");
+    let server = Server::new(Config::default()).expect("config");
+    let key = server.key();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = server
+            .run(sockets, async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    Real { addr, key, _stop: stop }
+}
+
+/// A TLS-terminating proxy with its own key in front of `real`: it decrypts what the peer
+/// sends, re-encrypts it to the real server (taking whatever key that presents), and back.
+async fn man_in_the_middle(real: SocketAddr) -> (SocketAddr, ServerKey) {
+    let tls = Arc::new(ServerTls::load(TlsSource::SelfSigned { dir: None }).expect("proxy key"));
+    let key = tls.key();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let Ok(mut victim) = tls
+                    .acceptor()
+                    .accept(natcall_rendezvous::tls::stream::SharedTcp(Arc::new(tcp)))
+                    .await
+                else {
+                    return; // the peer refused our key: nothing to relay
+                };
+                let upstream = TcpStream::connect(real).await.expect("real server");
+                let mut server = any_key_connector()
+                    .connect(rustls::pki_types::ServerName::IpAddress(real.ip().into()), upstream)
+                    .await
+                    .expect("TLS to the real server");
+                let _ = tokio::io::copy_bidirectional(&mut victim, &mut server).await;
+            });
+        }
+    });
+    (addr, key)
+}
+
+fn config(server: SocketAddr, name: &str, trust: ServerTrust) -> EndpointConfig {
+    let mut c = EndpointConfig::new(server, name, Identity::generate().expect("identity"));
+    c.bind = "127.0.0.1:0".parse().expect("addr");
+    c.server_trust = trust;
+    c
+}
+
+fn remembered(path: &std::path::Path) -> ServerTrust {
+    ServerTrust {
+        known_servers: Some(path.to_owned()),
+        ..ServerTrust::first_use(LABEL)
+    }
+}
+
+#[tokio::test]
+async fn a_man_in_the_middle_with_its_own_key_is_refused_once_the_server_is_known() {
+    let real = real_server().await;
+    let (proxy, proxy_key) = man_in_the_middle(real.addr).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let known = dir.path().join("known_servers");
+    // First contact, on a clean path: the real key is remembered.
+    let alice = Endpoint::bind(config(real.addr, "alice", remembered(&known)))
+        .await
+        .expect("registers");
+    alice.close().await;
+    assert_eq!(KnownServers::load(&known).expect("reads").get(LABEL), Some(real.key));
+    // Later the path is intercepted: the proxy's key is refused, naming both keys.
+    let e = Endpoint::bind(config(proxy, "alice", remembered(&known)))
+        .await
+        .expect_err("intercepted");
+    let Error::ServerKeyChanged {
+        server,
+        known: k,
+        presented,
+        given,
+    } = &e
+    else {
+        panic!("{e}")
+    };
+    assert_eq!(
+        (server.as_str(), *k, *presented, *given),
+        (LABEL, real.key, proxy_key, false)
+    );
+    let text = e.to_string();
+    assert!(
+        text.contains(&real.key.to_string()) && text.contains(&proxy_key.to_string()),
+        "{text}"
+    );
+    // The file still holds the real key.
+    assert_eq!(KnownServers::load(&known).expect("reads").get(LABEL), Some(real.key));
+}
+
+#[tokio::test]
+async fn a_key_given_with_the_server_admits_only_that_server() {
+    let real = real_server().await;
+    let (proxy, proxy_key) = man_in_the_middle(real.addr).await;
+    let ok = Endpoint::bind(config(real.addr, "bob", ServerTrust::pinned(LABEL, real.key)))
+        .await
+        .expect("the pinned key matches");
+    ok.close().await;
+    let e = Endpoint::bind(config(proxy, "bob", ServerTrust::pinned(LABEL, real.key)))
+        .await
+        .expect_err("intercepted");
+    assert!(
+        matches!(e, Error::ServerKeyChanged { presented, given: true, .. } if presented == proxy_key),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_first_contact_through_a_relaying_man_in_the_middle_cannot_register() {
+    // With no key known yet the peer takes the proxy's key (trust on first use) — but its
+    // registration is bound to the TLS session it signed on, so the real server refuses the
+    // relayed copy: the attacker cannot sit between a peer and the real server unnoticed.
+    let real = real_server().await;
+    let (proxy, _) = man_in_the_middle(real.addr).await;
+    let e = Endpoint::bind(config(proxy, "carol", ServerTrust::first_use(LABEL)))
+        .await
+        .expect_err("refused by the real server");
+    assert!(
+        matches!(
+            e,
+            Error::Refused {
+                code: ErrorCode::BadSignature,
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_comes_back_with_another_key_is_not_followed() {
+    let real = real_server().await;
+    let dave = Endpoint::bind(config(real.addr, "dave", ServerTrust::first_use(LABEL)))
+        .await
+        .expect("registers");
+    // The server restarts on the same port with a new (in-memory) key.
+    let addr = real.addr;
+    drop(real);
+    let lost = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            let seen = dave.server_state();
+            if let natcall::ServerState::Reconnecting(_) = seen {
+                return;
+            }
+            dave.server_changed(&seen).await;
+        }
+    });
+    lost.await.expect("dave notices the server left");
+    let sockets = loop {
+        match Sockets::bind(addr) {
+            Ok(s) => break s,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    };
+    let again = Server::new(Config::default()).expect("config");
+    let new_key = again.key();
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = again
+            .run(sockets, async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    let gone = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            let seen = dave.server_state();
+            if let natcall::ServerState::Gone(why) = seen {
+                return why;
+            }
+            dave.server_changed(&seen).await;
+        }
+    })
+    .await
+    .expect("dave gives up on the new key");
+    assert!(
+        gone.contains(&new_key.to_string()) && gone.contains("presented key"),
+        "{gone}"
+    );
+}
+
+fn any_key_connector() -> tokio_rustls::TlsConnector {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyKey(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![natcall_proto::ALPN.to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// The attacker's side towards the real server: takes any key.
+#[derive(Debug)]
+struct AnyKey(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyKey {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
