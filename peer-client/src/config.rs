@@ -31,8 +31,8 @@ pub struct Settings {
     pub identity: Identity,
     /// How the server's key is checked.
     pub trust: ServerTrust,
-    /// The keys met before, for names on this server (scoped by the server as the user names
-    /// it, `HOST:PORT` without the key).
+    /// The keys met before, for names on this server (scoped by the server's label,
+    /// `HOST:PORT` without the key, as in `known_servers`).
     pub contacts: Contacts,
 }
 
