@@ -180,7 +180,7 @@ struct Entry {
 
 impl Contacts {
     /// The contacts kept in `path`, for names on `server` (as the application names the server,
-    /// e.g. the `--server` value: the same string must be given every time).
+    /// the same string every time: the CLI gives its `HOST:PORT` label).
     pub fn new(path: impl Into<PathBuf>, server: impl Into<String>) -> Self {
         Self {
             path: path.into(),
@@ -323,7 +323,10 @@ impl Contacts {
             reason,
         };
         let book: Book = toml::from_str(&text).map_err(|e| {
-            let line = e.span().map(|s| text[..s.start].lines().count().max(1));
+            let line = e
+                .span()
+                .and_then(|s| text.get(..s.start))
+                .map(|before| before.matches('\n').count() + 1);
             corrupt(match line {
                 Some(l) => format!("line {l}: {}", e.message()),
                 None => e.message().to_owned(),
