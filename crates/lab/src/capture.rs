@@ -137,6 +137,8 @@ pub struct Packet {
     pub dst: SocketAddrV4,
     /// The UDP payload, or the TCP segment's data.
     pub payload: Vec<u8>,
+    /// The TCP sequence number of the segment's first data byte (`None` for UDP).
+    pub seq: Option<u32>,
     /// The whole captured frame.
     pub frame: Vec<u8>,
 }
@@ -173,9 +175,19 @@ fn parse_ethernet(frame: &[u8]) -> Option<Packet> {
         return None;
     };
     let ip = ip.header();
-    let (proto, ports, payload) = match sliced.transport? {
-        TransportSlice::Udp(udp) => (Proto::Udp, (udp.source_port(), udp.destination_port()), udp.payload()),
-        TransportSlice::Tcp(tcp) => (Proto::Tcp, (tcp.source_port(), tcp.destination_port()), tcp.payload()),
+    let (proto, ports, payload, seq) = match sliced.transport? {
+        TransportSlice::Udp(udp) => (
+            Proto::Udp,
+            (udp.source_port(), udp.destination_port()),
+            udp.payload(),
+            None,
+        ),
+        TransportSlice::Tcp(tcp) => (
+            Proto::Tcp,
+            (tcp.source_port(), tcp.destination_port()),
+            tcp.payload(),
+            Some(tcp.sequence_number()),
+        ),
         _ => return None,
     };
     Some(Packet {
@@ -183,8 +195,69 @@ fn parse_ethernet(frame: &[u8]) -> Option<Packet> {
         src: SocketAddrV4::new(ip.source_addr(), ports.0),
         dst: SocketAddrV4::new(ip.destination_addr(), ports.1),
         payload: payload.to_vec(),
+        seq,
         frame: frame.to_vec(),
     })
+}
+
+/// The byte streams of the TCP connections in `packets`, one per direction (`src → dst`),
+/// reassembled by sequence number: retransmitted and overlapping segments are taken once. A
+/// gap (a segment the capture missed) ends that stream's bytes there.
+pub fn tcp_streams(packets: &[Packet]) -> std::collections::BTreeMap<(SocketAddrV4, SocketAddrV4), Vec<u8>> {
+    let mut segments: std::collections::BTreeMap<_, Vec<(u32, &[u8])>> = Default::default();
+    for p in packets
+        .iter()
+        .filter(|p| p.proto == Proto::Tcp && !p.payload.is_empty())
+    {
+        if let Some(seq) = p.seq {
+            segments.entry((p.src, p.dst)).or_default().push((seq, &p.payload));
+        }
+    }
+    segments
+        .into_iter()
+        .map(|(flow, mut segs)| {
+            // Sequence numbers relative to the first data byte seen (they wrap at 2^32).
+            let base = segs.iter().map(|(s, _)| *s).min().unwrap_or(0);
+            segs.sort_by_key(|(s, _)| s.wrapping_sub(base));
+            let mut bytes = Vec::new();
+            for (seq, data) in segs {
+                let at = seq.wrapping_sub(base) as usize;
+                if at > bytes.len() {
+                    break; // a gap: what follows cannot be placed
+                }
+                let skip = bytes.len() - at;
+                if skip < data.len() {
+                    bytes.extend_from_slice(&data[skip..]);
+                }
+            }
+            (flow, bytes)
+        })
+        .collect()
+}
+
+/// Splits `stream` into TLS records (RFC 8446 §5.1: type, legacy version, 16-bit length) and
+/// returns their content types in order; `Err` names the first bytes that are not a record.
+/// A record cut short at the end (the capture stopped) is left out.
+pub fn tls_records(stream: &[u8]) -> Result<Vec<u8>, String> {
+    let mut types = Vec::new();
+    let mut at = 0;
+    while at + 5 <= stream.len() {
+        let (kind, major, len) = (
+            stream[at],
+            stream[at + 1],
+            usize::from(u16::from_be_bytes([stream[at + 3], stream[at + 4]])),
+        );
+        if !(20..=23).contains(&kind) || major != 3 || len > (1 << 14) + 256 {
+            let end = (at + 16).min(stream.len());
+            return Err(format!("not a TLS record at byte {at}: {:02x?}", &stream[at..end]));
+        }
+        if at + 5 + len > stream.len() {
+            break;
+        }
+        types.push(kind);
+        at += 5 + len;
+    }
+    Ok(types)
 }
 
 /// Whether `needle` occurs in `haystack`.

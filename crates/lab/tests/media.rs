@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use natcall_lab::call::{CallOutcome, CallSpec, run_call};
-use natcall_lab::capture::{Packet, Proto, contains};
+use natcall_lab::capture::{Packet, Proto, contains, tcp_streams, tls_records};
 use natcall_lab::{Binaries, Impairment, Kind, Scenario};
 
 /// A line that appears in the sent stream again and again, and must never be seen on the wire.
@@ -141,6 +141,69 @@ async fn on_the_relay_media_is_sealed_inside_the_tcp_stream() {
     assert!(to_server >= 150_000, "only {to_server} bytes of TCP to the server");
     assert_eq!(media(&out.packets).count(), 0, "media left the relay");
     eprintln!("relay: {to_server} bytes to the server over TCP, no plaintext");
+}
+
+/// A whole relayed call captured on alice's side (registration, STUN, call set-up, relay):
+/// the TCP channel carries TLS records and nothing else — after the handshake only
+/// application data — and no name, key fingerprint or registration in the clear anywhere on
+/// TCP (the STUN token's USERNAME on UDP is STUN's own, keyed by a password sent only in TLS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_channel_carries_only_tls_records_and_no_names_or_keys() {
+    let (out, me) = canary_call("relay-only").await;
+    let diag = || out.diagnostics();
+    let fingerprint = |who: &str| {
+        natcall::Identity::load_or_create(&out.dir.join(format!("{who}-home")))
+            .map(|i| i.fingerprint())
+            .unwrap_or_else(|e| panic!("{who}'s identity: {e}"))
+    };
+    let (fa, fb) = (fingerprint("alice"), fingerprint("bob"));
+    // Names as bincode writes them (length, then the bytes), keys raw and in hex.
+    let needles: Vec<(String, Vec<u8>)> = vec![
+        ("alice's name".into(), b"\x05alice".to_vec()),
+        ("bob's name".into(), b"\x03bob".to_vec()),
+        ("alice's key".into(), fa.0.to_vec()),
+        ("bob's key".into(), fb.0.to_vec()),
+        ("alice's key in hex".into(), fa.to_string().into_bytes()),
+        ("bob's key in hex".into(), fb.to_string().into_bytes()),
+    ];
+    let streams = tcp_streams(&out.packets);
+    let mut records = 0;
+    let mut bytes = 0;
+    for ((src, dst), stream) in &streams {
+        if *src.ip() != me || (src.port() != out.server.port() && dst.port() != out.server.port()) {
+            continue;
+        }
+        let types = tls_records(stream).unwrap_or_else(|e| panic!("{src} → {dst}: {e}\n{}", diag()));
+        assert_eq!(types.first(), Some(&22), "{src} → {dst} starts with a TLS handshake");
+        // TLS 1.3: after the first flight everything is application data (23), bar a
+        // change_cipher_spec for middlebox compatibility (20) and a closing alert.
+        let after = types
+            .iter()
+            .skip_while(|t| **t != 23)
+            .filter(|t| **t != 23 && **t != 21)
+            .count();
+        assert_eq!(after, 0, "{src} → {dst}: {types:?}");
+        for (what, needle) in &needles {
+            assert!(!contains(stream, needle), "{what} in the clear on {src} → {dst}");
+        }
+        records += types.len();
+        bytes += stream.len();
+    }
+    assert!(
+        bytes >= 150_000 && records > 10,
+        "{records} records, {bytes} bytes captured: {}",
+        diag()
+    );
+    // The other way round too: bob's and the server's bytes towards alice.
+    for ((src, dst), stream) in &streams {
+        if *dst.ip() == me && src.port() == out.server.port() {
+            tls_records(stream).unwrap_or_else(|e| panic!("{src} → {dst}: {e}"));
+            for (what, needle) in &needles {
+                assert!(!contains(stream, needle), "{what} in the clear on {src} → {dst}");
+            }
+        }
+    }
+    eprintln!("relay: {records} TLS records, {bytes} bytes from alice to the server, nothing in the clear");
 }
 
 /// 5 % loss and 50 ± 40 ms delay with reordering, both directions of alice's uplink: the test

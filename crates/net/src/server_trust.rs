@@ -40,6 +40,9 @@ pub struct ServerTrust {
     pub pinned: Option<ServerKey>,
     /// Where keys trusted on first use are remembered across runs.
     pub known_servers: Option<PathBuf>,
+    /// The certificate authorities a DNS-named server's certificate may chain to; empty: the
+    /// web PKI roots (Mozilla's, as `webpki-roots` ships them). Set for a private CA.
+    pub ca_roots: Vec<CertificateDer<'static>>,
 }
 
 impl ServerTrust {
@@ -52,6 +55,7 @@ impl ServerTrust {
             dns_name,
             pinned: None,
             known_servers: None,
+            ca_roots: Vec::new(),
         }
     }
 
@@ -164,8 +168,14 @@ pub(crate) struct Verifier {
 impl Verifier {
     pub(crate) fn new(trust: ServerTrust, provider: Arc<CryptoProvider>) -> Self {
         let webpki = trust.dns_name.as_ref().and_then(|_| {
-            let roots = rustls::RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            let roots = if trust.ca_roots.is_empty() {
+                rustls::RootCertStore {
+                    roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+                }
+            } else {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add_parsable_certificates(trust.ca_roots.iter().cloned());
+                roots
             };
             WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .build()

@@ -258,3 +258,70 @@ impl rustls::client::danger::ServerCertVerifier for AnyKey {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+/// A server with a CA-issued certificate for its DNS name is verified against the roots and
+/// pinned nowhere (certificates rotate); the same server seen by a peer that does not trust
+/// that CA falls back to first use and remembers the key.
+#[tokio::test]
+async fn a_ca_certificate_for_the_dns_name_is_verified_and_not_pinned() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca_key = rcgen::KeyPair::generate().expect("keygen");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let leaf_key = rcgen::KeyPair::generate().expect("keygen");
+    let leaf = rcgen::CertificateParams::new(vec!["rv.test".to_owned()])
+        .expect("params")
+        .signed_by(&leaf_key, &issuer)
+        .expect("leaf");
+    let (cert, key) = (dir.path().join("fullchain.pem"), dir.path().join("privkey.pem"));
+    std::fs::write(&cert, format!("{}{}", leaf.pem(), ca.pem())).expect("cert");
+    std::fs::write(&key, leaf_key.serialize_pem()).expect("key");
+    let server_config = Config {
+        tls_cert: Some(cert),
+        tls_key: Some(key),
+        ..Config::default()
+    };
+    let sockets = Sockets::bind("127.0.0.1:0".parse().expect("addr")).expect("binds");
+    let addr = sockets.local_addr().expect("addr");
+    let server = Server::new(server_config).expect("loads the certificate");
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = server
+            .run(sockets, async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    let known = dir.path().join("known_servers");
+    let trusting = ServerTrust {
+        ca_roots: vec![ca.der().clone()],
+        known_servers: Some(known.clone()),
+        ..ServerTrust::first_use("rv.test:3478")
+    };
+    let ep = Endpoint::bind(config(addr, "erin", trusting))
+        .await
+        .expect("verified by the CA");
+    ep.close().await;
+    assert_eq!(
+        KnownServers::load(&known).expect("reads").get("rv.test:3478"),
+        None,
+        "nothing pinned"
+    );
+    // Another name in the label: the certificate is not for it, so it is not CA-verified.
+    let other = ServerTrust {
+        ca_roots: vec![ca.der().clone()],
+        known_servers: Some(known.clone()),
+        ..ServerTrust::first_use("rv.other:3478")
+    };
+    let ep = Endpoint::bind(config(addr, "frank", other)).await.expect("first use");
+    ep.close().await;
+    assert!(
+        KnownServers::load(&known)
+            .expect("reads")
+            .get("rv.other:3478")
+            .is_some(),
+        "pinned on first use"
+    );
+}
