@@ -62,15 +62,26 @@ fn call_once(dir: &Path, server: SocketAddr, alice_home: &Path, bob_home: &Path)
 }
 
 /// Stops the server and starts it again on its address with its TLS key (so peers that pinned
-/// it connect) but without its name bindings: any key may then register any name.
+/// it connect) but without its name bindings: any key may then register any name. The name
+/// store is every file named `names*` in `dir` or a directory in it (a `names` state file, or
+/// a state directory's `names.v2` snapshot and journal); the key file stays.
 fn restart_forgetting_names(server: Rendezvous, dir: &Path) -> Rendezvous {
     let addr = server.addr;
     server.kill();
-    match std::fs::remove_file(dir.join("names")) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => panic!("cannot remove the server's names: {e}"),
+    let mut removed = 0;
+    let mut dirs = vec![dir.to_owned()];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).expect("reads the test dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() && d == dir {
+                dirs.push(path);
+            } else if entry.file_name().to_string_lossy().starts_with("names") {
+                std::fs::remove_file(&path).expect("removes the server's names");
+                removed += 1;
+            }
+        }
     }
+    assert!(removed > 0, "no name store found in {}", dir.display());
     Rendezvous::start_at(dir, addr)
 }
 
