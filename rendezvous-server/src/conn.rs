@@ -28,7 +28,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::tls::stream::{PeerReader, SharedTcp};
+use crate::tls::stream::PeerReader;
 use bytes::{Bytes, BytesMut};
 use natcall_proto::PROTOCOL_VERSION;
 use natcall_proto::auth::verify_registration;
@@ -100,8 +100,6 @@ struct Conn {
     rtt: Option<Duration>,
     /// Has sent a relay frame: its read buffer keeps room for a burst (see `read_loop`).
     relaying: bool,
-    /// The socket under TLS, for the options that shed a client with a reset.
-    sock: SharedTcp,
     /// Exported from this connection's TLS session: the registration signs it.
     binding: [u8; 32],
 }
@@ -155,12 +153,8 @@ pub(crate) async fn serve(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr
         warn!(%addr, error = %e, "cannot set socket options; closing");
         return;
     }
-    let sock = SharedTcp(Arc::new(stream));
     // The handshake counts against the hello deadline: a client that stalls it is dropped.
-    let handshake = tokio::time::timeout(
-        ctx.config.limits.hello_timeout(),
-        ctx.tls.acceptor().accept(sock.clone()),
-    );
+    let handshake = tokio::time::timeout(ctx.config.limits.hello_timeout(), ctx.tls.acceptor().accept(stream));
     let tls = match handshake.await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -196,7 +190,6 @@ pub(crate) async fn serve(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr
     let (status_tx, status) = watch::channel(Status::Writing);
     let writer = tokio::spawn(writer::run(
         wr,
-        sock.clone(),
         outbox.clone(),
         ctx.config.relay.overload_timeout(),
         status_tx,
@@ -215,7 +208,6 @@ pub(crate) async fn serve(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr
         ping: None,
         rtt: None,
         relaying: false,
-        sock,
         binding,
     };
     let mut drain = conn.ctx.drain.clone();
@@ -228,8 +220,15 @@ pub(crate) async fn serve(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr
         conn.ctx.calls.leave(id, why);
         info!(peer = %name, %addr, "peer left");
     }
-    conn.finish(rd, end).await;
-    let _ = writer.await;
+    let (rd, reset) = conn.finish(rd, end).await;
+    // The writer hands its half back when it ends; a connection ended with a reset is put
+    // together again to set `SO_LINGER` 0 on its socket before it closes.
+    if let Ok(wr) = writer.await {
+        if reset {
+            let stream = rd.unsplit(wr);
+            let _ = sockopt::arm_reset(stream.get_ref().0);
+        }
+    }
 }
 
 impl Conn {
@@ -635,20 +634,24 @@ impl Conn {
         }
     }
 
-    /// Ends the connection as `end` says.
-    async fn finish(&self, rd: PeerReader, end: End) {
+    /// Ends the connection as `end` says; returns the read half and whether the connection is
+    /// to close with a reset.
+    async fn finish(&self, rd: PeerReader, end: End) -> (PeerReader, bool) {
         match end {
-            End::PeerClosed | End::Reset => self.outbox.close(false),
+            End::PeerClosed | End::Reset => {
+                self.outbox.close(false);
+                (rd, false)
+            }
             End::Shed(kind, why) => {
                 warn!(addr = %self.addr, why, "shedding connection with a reset");
                 self.ctx.metrics.disconnect(kind);
-                let _ = sockopt::arm_reset(self.sock.socket());
                 self.outbox.close(true);
+                (rd, true)
             }
             End::Graceful(last) => {
                 self.outbox.push_server(last);
                 self.outbox.close(false);
-                self.read_until_closed(rd).await;
+                self.read_until_closed(rd).await
             }
             End::Replaced => self.read_until_closed(rd).await,
         }
@@ -656,18 +659,17 @@ impl Conn {
 
     /// Reads (and drops) until the peer closes its side or the drain deadline passes, so our
     /// close never meets unread data, which would turn it into a reset that can destroy what we
-    /// sent.
-    async fn read_until_closed(&self, mut rd: PeerReader) {
+    /// sent. Past the deadline the connection is reset.
+    async fn read_until_closed(&self, mut rd: PeerReader) -> (PeerReader, bool) {
         let deadline = Instant::now() + self.ctx.config.limits.drain_timeout();
         let mut sink = vec![0u8; 4096]; // on the heap: idle connections should not carry it
         loop {
             match tokio::time::timeout_at(deadline, rd.read(&mut sink)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(0)) | Ok(Err(_)) => return (rd, false),
                 Ok(Ok(_)) => continue,
                 Err(_) => {
                     debug!(addr = %self.addr, "peer did not close in time; resetting");
-                    let _ = sockopt::arm_reset(self.sock.socket());
-                    break;
+                    return (rd, true);
                 }
             }
         }

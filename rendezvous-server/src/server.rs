@@ -27,7 +27,6 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::sockopt::Sockets;
 use crate::stun;
-use crate::tls::stream::SharedTcp;
 use crate::tls::{ServerTls, TlsSource};
 use natcall_proto::server_key::ServerKey;
 
@@ -197,7 +196,7 @@ impl Server {
 async fn refuse_full(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr) {
     debug!(%addr, "connection limit reached; refusing");
     let refuse = async {
-        let mut tls = ctx.tls.acceptor().accept(SharedTcp(Arc::new(stream))).await.ok()?;
+        let mut tls = ctx.tls.acceptor().accept(stream).await.ok()?;
         let mut b = BytesMut::new();
         frame::encode_error(
             ErrorCode::ServerFull,

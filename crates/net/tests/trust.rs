@@ -46,11 +46,7 @@ async fn man_in_the_middle(real: SocketAddr) -> (SocketAddr, ServerKey) {
         while let Ok((tcp, _)) = listener.accept().await {
             let tls = tls.clone();
             tokio::spawn(async move {
-                let Ok(mut victim) = tls
-                    .acceptor()
-                    .accept(natcall_rendezvous::tls::stream::SharedTcp(Arc::new(tcp)))
-                    .await
-                else {
+                let Ok(mut victim) = tls.acceptor().accept(tcp).await else {
                     return; // the peer refused our key: nothing to relay
                 };
                 let upstream = TcpStream::connect(real).await.expect("real server");

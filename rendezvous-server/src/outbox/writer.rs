@@ -28,7 +28,7 @@ use tracing::debug;
 
 use super::{Outbox, Take};
 use crate::sockopt;
-use crate::tls::stream::{PeerWriter, SharedTcp};
+use crate::tls::stream::PeerWriter;
 
 /// What the writer is doing, or how it ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,21 +47,21 @@ pub(crate) enum Status {
 }
 
 /// Writes what `outbox` hands out until a close, a stall's close or a write error; publishes
-/// how it went on `status`.
+/// how it went on `status`, and hands the write half back (the connection sets `SO_LINGER` 0
+/// on the whole stream when it ends with a reset).
 pub(crate) async fn run(
-    wr: PeerWriter,
-    sock: SharedTcp,
+    mut wr: PeerWriter,
     outbox: Arc<Outbox>,
     stall_after: Duration,
     status: watch::Sender<Status>,
-) {
-    let end = write_until_closed(wr, &sock, &outbox, stall_after, &status).await;
+) -> PeerWriter {
+    let end = write_until_closed(&mut wr, &outbox, stall_after, &status).await;
     status.send_replace(end);
+    wr
 }
 
 async fn write_until_closed(
-    mut wr: PeerWriter,
-    sock: &SharedTcp,
+    wr: &mut PeerWriter,
     outbox: &Outbox,
     stall_after: Duration,
     status: &watch::Sender<Status>,
@@ -82,9 +82,9 @@ async fn write_until_closed(
                     plain.extend_from_slice(&frame);
                 }
                 // Most batches fit in the socket at once: written without arming a timer.
-                match try_write(&mut wr, &plain) {
+                match try_write(wr, &plain) {
                     Ok((_, true)) => {}
-                    Ok((n, false)) => match tokio::time::timeout(stall_after, write_all(&mut wr, &plain[n..])).await {
+                    Ok((n, false)) => match tokio::time::timeout(stall_after, write_all(wr, &plain[n..])).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => return failed(&e),
                         Err(_) => {
@@ -114,9 +114,8 @@ async fn write_until_closed(
                 }
             }
             Take::Close(true) => {
-                let _ = sockopt::arm_reset(sock.socket());
-                // No close_notify, no FIN: the socket closes with a reset when the last holder
-                // (the reader's half, the connection) drops it.
+                // No close_notify, no FIN: the connection resets the socket once it has this
+                // half back.
                 return Status::Closed;
             }
             Take::Close(false) => {
