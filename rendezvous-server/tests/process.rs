@@ -32,6 +32,12 @@ struct Proc {
 impl Proc {
     fn spawn(args: &[&str], addr: SocketAddr, env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(BIN);
+        // The binary keeps names durably by default; a test that does not choose a state
+        // directory runs in memory, so it never writes to the user's home.
+        let durable = args.contains(&"--state-dir") || env.iter().any(|(k, _)| *k == "STATE_DIRECTORY");
+        if !durable {
+            cmd.arg("--ephemeral");
+        }
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -206,7 +212,7 @@ fn flags_win_over_the_config_file_and_bad_config_is_a_clear_error() {
 
     std::fs::write(&config, "[limits]\nmax_frame_len = 1\n").expect("writes");
     let out = Command::new(BIN)
-        .args(["-c", config.to_str().expect("utf8")])
+        .args(["--ephemeral", "-c", config.to_str().expect("utf8")])
         .output()
         .expect("runs");
     assert!(!out.status.success());
