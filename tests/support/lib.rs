@@ -51,8 +51,12 @@ impl Rendezvous {
     /// Starts on a given address (e.g. again, after a restart).
     pub fn start_at(dir: &Path, addr: SocketAddr) -> Self {
         let log = dir.join(format!("rendezvous-{}.log", rand_suffix()));
+        // Name bindings in the test's own directory: runs never share them or leave any in
+        // the user's home, and a restart on the same directory keeps them, as in production.
+        let state = dir.join("rendezvous-state");
         let child = Command::new(bin("natcall-rendezvous"))
-            .args(["--listen", &addr.to_string(), "--log-level", "debug"])
+            .args(["--listen", &addr.to_string(), "--log-level", "debug", "--state-dir"])
+            .arg(&state)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))

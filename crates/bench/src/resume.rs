@@ -46,7 +46,7 @@ const WAIT: Duration = Duration::from_secs(20);
 
 fn start_server(addr: SocketAddr) -> Result<Child> {
     let child = Command::new(sibling_binary("natcall-rendezvous", "natcall-rendezvous")?)
-        .args(["--listen", &addr.to_string(), "--log-level", "warn"])
+        .args(["--listen", &addr.to_string(), "--log-level", "warn", "--ephemeral"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
