@@ -61,6 +61,8 @@ enum Cmd {
     },
     /// Start a local rendezvous server and two peers on loopback, call, chat, report, exit.
     Demo,
+    /// Free your name on the server (anyone may register it afterwards), then exit.
+    ReleaseName,
 }
 
 /// How a call runs, for `listen` and `call` alike.
@@ -176,6 +178,19 @@ fn secs(s: Option<f64>) -> Option<Duration> {
     s.filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64)
 }
 
+/// `natcall release-name`: registers, releases, says so in one line.
+async fn release_name(settings: config::Settings, json: bool) -> anyhow::Result<Exit> {
+    let config = natcall::EndpointConfig::new(settings.server, &settings.name, settings.identity);
+    natcall::Endpoint::release_name(&config).await?;
+    let (name, server) = (&settings.name, settings.server);
+    if json {
+        output::line(&serde_json::json!({"event": "name_released", "name": name, "server": server.to_string()}));
+    } else {
+        println!("released the name {name} on {server}: anyone may register it now");
+    }
+    Ok(Exit::Ok)
+}
+
 fn init_logging() {
     // Logs go to stderr; quiet by default so chat, notices and the status line stay readable.
     // RUST_LOG=natcall=debug shows the traversal and path decisions.
@@ -210,6 +225,10 @@ fn main() -> ExitCode {
     let session = rt.spawn(async move {
         match args.cmd {
             Cmd::Demo => demo::run(json).await,
+            Cmd::ReleaseName => {
+                let settings = config::Settings::resolve(args.server, args.name, args.home).await?;
+                release_name(settings, json).await
+            }
             Cmd::Listen { once, session: how } => {
                 let opts = how.into_opts(json)?;
                 let settings = config::Settings::resolve(args.server, args.name, args.home).await?;
