@@ -48,7 +48,7 @@ pub enum RegisterError {
     /// The server tracks as many sources as it may.
     #[error("server full: too many addresses registering right now; try later")]
     TooManySources,
-    /// The state file could not be written.
+    /// The state directory could not be written.
     #[error("cannot record the name binding: {0}")]
     Io(#[from] io::Error),
 }

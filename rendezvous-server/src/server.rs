@@ -37,8 +37,8 @@ pub enum ServerError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    /// The name state file cannot be opened or read.
-    #[error("cannot open the state file: {0}")]
+    /// The state directory (name bindings) cannot be created, read or written.
+    #[error("cannot open the state directory: {0}")]
     State(std::io::Error),
     /// The metrics endpoint cannot listen.
     #[error("cannot serve metrics: {0}")]
@@ -56,7 +56,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// A server with `config`; loads the name bindings from its state file, if any.
+    /// A server with `config`; loads the name bindings from its state directory, if any, and
+    /// caps `limits.max_connections` below the open-file limit.
     pub fn new(mut config: Config) -> Result<Self, ServerError> {
         config.validate()?;
         let metrics = Metrics::new();
@@ -76,6 +77,11 @@ impl Server {
             }),
             drain_tx: Arc::new(drain_tx),
         })
+    }
+
+    /// Where the server keeps durable state (`None`: in memory), for other components' files.
+    pub fn state_dir(&self) -> Option<crate::config::StateDir> {
+        self.ctx.config.state_dir()
     }
 
     /// The registry of online peers.
@@ -152,8 +158,8 @@ impl Server {
                     Err(e) if limits::is_out_of_fds(&e) => {
                         self.out_of_fds(&tcp, &mut reserve, &mut conns).await;
                     }
-                    // Per-connection failures (e.g. the peer reset before accept) and fd
-                    // exhaustion are transient: log, yield, go on.
+                    // Per-connection failures (e.g. the peer reset before accept) are
+                    // transient: log, yield, go on.
                     Err(e) => {
                         warn!(error = %e, "accept failed");
                         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
