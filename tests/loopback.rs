@@ -212,3 +212,35 @@ fn the_demo_makes_a_real_call_with_chat_and_media() {
         "{report}"
     );
 }
+
+/// `natcall release-name` run from `home` as `name`: exit code and stdout.
+fn release_name(server: std::net::SocketAddr, name: &str, home: &std::path::Path) -> (Option<i32>, String) {
+    let out = std::process::Command::new(natcall_e2e::bin("natcall"))
+        .args(["--server", &server.to_string(), "--name", name, "--home"])
+        .arg(home)
+        .arg("release-name")
+        .output()
+        .expect("runs natcall");
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn release_name_frees_only_your_own_name_and_says_so_in_one_line() {
+    let (dir, server) = setup();
+    let (owner, other) = (dir.path().join("owner"), dir.path().join("other"));
+    let mut frank = Peer::spawn_home(dir.path(), &owner, server.addr, "frank", &["listen"]);
+    frank.wait_event("registered", EXIT, |_| true);
+    let (code, _) = release_name(server.addr, "frank", &other);
+    assert_eq!(code, Some(4), "another key cannot release frank's name (refused)");
+    let (code, stdout) = release_name(server.addr, "frank", &owner);
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        stdout,
+        format!(
+            "released the name frank on {}: anyone may register it now\n",
+            server.addr
+        )
+    );
+    let (code, _) = release_name(server.addr, "frank", &other);
+    assert_eq!(code, Some(0), "the name was free for another key");
+}

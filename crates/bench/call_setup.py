@@ -7,7 +7,7 @@ import subprocess, time, json, socket, statistics, tempfile, os
 d=tempfile.mkdtemp()
 s=socket.socket(); s.bind(("127.0.0.1",0)); port=s.getsockname()[1]; s.close()
 B=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "target", "release") + "/"
-srv=subprocess.Popen([B+"natcall-rendezvous","--listen",f"127.0.0.1:{port}","--log-level","warn"],stderr=subprocess.DEVNULL)
+srv=subprocess.Popen([B+"natcall-rendezvous","--listen",f"127.0.0.1:{port}","--log-level","warn","--ephemeral"],stderr=subprocess.DEVNULL)
 time.sleep(0.5)
 bob=subprocess.Popen([B+"natcall","--json","--server",f"127.0.0.1:{port}","--name","bob","--home",d+"/bob","listen"],stdin=subprocess.DEVNULL,stdout=subprocess.DEVNULL,stderr=subprocess.DEVNULL)
 time.sleep(1)

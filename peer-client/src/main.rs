@@ -85,6 +85,8 @@ enum Cmd {
         /// The server and its new key, as the key-change error prints them.
         server: String,
     },
+    /// Free your name on the server (anyone may register it afterwards), then exit.
+    ReleaseName,
 }
 
 /// How a call runs, for `listen` and `call` alike.
@@ -200,6 +202,20 @@ fn secs(s: Option<f64>) -> Option<Duration> {
     s.filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64)
 }
 
+/// `natcall release-name`: registers, releases, says so in one line.
+async fn release_name(settings: config::Settings, json: bool) -> anyhow::Result<Exit> {
+    let mut config = natcall::EndpointConfig::new(settings.server, &settings.name, settings.identity);
+    config.server_trust = settings.trust.clone();
+    natcall::Endpoint::release_name(&config).await?;
+    let (name, server) = (&settings.name, settings.server);
+    if json {
+        output::line(&serde_json::json!({"event": "name_released", "name": name, "server": server.to_string()}));
+    } else {
+        println!("released the name {name} on {server}: anyone may register it now");
+    }
+    Ok(Exit::Ok)
+}
+
 fn init_logging() {
     // Logs go to stderr; quiet by default so chat, notices and the status line stay readable.
     // RUST_LOG=natcall=debug shows the traversal and path decisions.
@@ -249,6 +265,10 @@ fn main() -> ExitCode {
                 let done = config::trust_server(args.home, &server)?;
                 output::notice(json, serde_json::json!({"event": "trusted", "text": done}), &done);
                 Ok(Exit::Ok)
+            }
+            Cmd::ReleaseName => {
+                let settings = config::Settings::resolve(args.server, args.name, args.home).await?;
+                release_name(settings, json).await
             }
             Cmd::Listen { once, session: how } => {
                 let opts = how.into_opts(json)?;

@@ -3,7 +3,8 @@
 //!
 //! Call flow:
 //! 1. the caller sends `Call { request, callee, policy }`; the server refuses it with
-//!    `CallFailed` (offline, self-call, busy) or creates a **ringing** call with a fresh nonzero
+//!    `CallFailed` (offline, self-call, already ringing that callee, busy, the callee rung
+//!    more than `limits.rings_per_callee_per_min`) or creates a **ringing** call with a fresh nonzero
 //!    id and sends `Ringing` to the caller and `Incoming` to the callee;
 //! 2. the callee sends `Answer`: a decline ends the call (`CallEnded "<callee> declined"` to the
 //!    caller); an accept makes it **active** and sends `Start` to both, back to back, each with
@@ -42,7 +43,8 @@ use ring::rand::{SecureRandom, SystemRandom};
 use tracing::{debug, info, warn};
 
 use crate::config::Limits;
-use crate::metrics::{DropReason, Metrics};
+use crate::limits::{RateWindows, Verdict};
+use crate::metrics::{DropReason, Metrics, Refusal};
 use crate::outbox::Outbox;
 use crate::registry::{PeerInfo, Registry};
 
@@ -90,7 +92,7 @@ impl Call {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Table {
     calls: HashMap<u32, Call>,
     /// connection id → ids of the calls it is a member of.
@@ -98,9 +100,34 @@ struct Table {
     /// `Resume`s waiting for the other member's.
     resumes: resume::Pending,
     next_serial: u64,
+    /// Rings per callee name and minute (`limits.rings_per_callee_per_min`).
+    rings: RateWindows<String>,
 }
 
 impl Table {
+    fn new(limits: &Limits) -> Self {
+        Self {
+            calls: HashMap::new(),
+            by_conn: HashMap::new(),
+            resumes: resume::Pending::default(),
+            next_serial: 0,
+            rings: RateWindows::new(
+                limits.rings_per_callee_per_min,
+                Duration::from_secs(60),
+                limits.max_tracked_sources,
+            ),
+        }
+    }
+
+    /// Whether `caller` (on `conn_id`) already rings `callee`.
+    fn rings_already(&self, conn_id: u64, caller: &str, callee: &str) -> bool {
+        self.by_conn.get(&conn_id).into_iter().flatten().any(|id| {
+            self.calls
+                .get(id)
+                .is_some_and(|c| c.state == State::Ringing && c.caller.name == caller && c.callee.name == callee)
+        })
+    }
+
     /// Calls of connection `conn_id` and its waiting resumes (at most `max_per_peer`).
     fn count(&self, conn_id: u64) -> usize {
         self.by_conn.get(&conn_id).map_or(0, Vec::len) + self.resumes.count(conn_id)
@@ -227,7 +254,7 @@ impl Calls {
     /// `ring_timeout_ms`, `resume_timeout_ms`).
     pub fn new(limits: &Limits, metrics: Metrics) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
-            table: RwLock::default(),
+            table: RwLock::new(Table::new(limits)),
             max_per_peer: limits.max_calls_per_peer,
             ring_timeout: limits.ring_timeout(),
             resume_timeout: limits.resume_timeout(),
@@ -354,8 +381,21 @@ impl Calls {
         let Some(caller_info) = current(registry, &caller) else {
             return None; // replaced meanwhile: its calls are being ended
         };
+        if table.rings_already(caller.conn_id, &caller.name, callee) {
+            self.metrics.refused(Refusal::AlreadyRinging);
+            return fail(CallFailure::AlreadyRinging);
+        }
         if table.count(caller.conn_id) >= self.max_per_peer || table.count(callee_info.conn_id) >= self.max_per_peer {
             return fail(CallFailure::Busy);
+        }
+        // Counted only for calls that would ring: a refused call does not use the callee's rate.
+        if table
+            .rings
+            .check(&callee.to_owned(), tokio::time::Instant::now().into_std())
+            != Verdict::Allowed
+        {
+            self.metrics.refused(Refusal::RingRate);
+            return fail(CallFailure::RateLimited);
         }
         let id = self.fresh_id(&table);
         table.next_serial += 1;

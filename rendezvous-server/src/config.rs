@@ -4,13 +4,14 @@
 //! listen = "0.0.0.0:3478"          # TCP control/relay and UDP STUN, same port number
 //! public_addr = "203.0.113.5:3478" # what peers are told to send STUN to (optional)
 //! log_level = "info"               # used when RUST_LOG is not set
-//! state_file = "/var/lib/natcall/names"  # name → key bindings survive restarts (optional)
+//! state_dir = "/var/lib/natcall-rendezvous"  # name → key bindings survive restarts
 //! tls_cert = "/etc/letsencrypt/live/rv.example.net/fullchain.pem"  # a CA certificate (optional;
 //! tls_key = "/etc/letsencrypt/live/rv.example.net/privkey.pem"     # without: the server's own key)
 //!
 //! [limits]
 //! max_frame_len = 16384
 //! max_connections = 100000
+//! max_connections_per_ip = 64
 //! max_calls_per_peer = 4
 //! ring_timeout_ms = 30000
 //! resume_timeout_ms = 30000
@@ -34,7 +35,13 @@ pub struct Config {
     pub public_addr: Option<SocketAddr>,
     /// Log filter used when `RUST_LOG` is not set.
     pub log_level: String,
-    /// Where name → key bindings are kept across restarts; in memory only when unset.
+    /// The directory where the server keeps what must survive a restart (name → key bindings,
+    /// see [`StateDir`]); in memory only when unset (the library default; the binary defaults
+    /// to a directory, see `docs/deploy.md`).
+    pub state_dir: Option<PathBuf>,
+    /// Deprecated: the append-only name file of earlier versions. When set and `state_dir` is
+    /// not, its directory becomes the state directory; its bindings are imported once into the
+    /// state directory's store (see [`StateDir::legacy_names`]).
     pub state_file: Option<PathBuf>,
     /// Where to serve Prometheus `/metrics` and `/health` over HTTP; off when unset.
     pub metrics_listen: Option<SocketAddr>,
@@ -55,6 +62,7 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 3478)),
             public_addr: None,
             log_level: "info".into(),
+            state_dir: None,
             state_file: None,
             metrics_listen: None,
             tls_cert: None,
@@ -162,8 +170,28 @@ pub struct Limits {
     pub max_frame_len: u32,
     /// Concurrent TCP connections.
     pub max_connections: usize,
+    /// Concurrent TCP connections from one source (an IPv4 address or an IPv6 /64); over it
+    /// a new connection is answered "server full" and closed.
+    pub max_connections_per_ip: usize,
     /// Distinct names bound to keys.
     pub max_names: usize,
+    /// Names one key may hold at once.
+    pub max_names_per_key: usize,
+    /// Names bound for the first time per source and hour (a rolling window).
+    pub new_names_per_ip_per_hour: u32,
+    /// Registrations (of any name, new or not) per source and minute.
+    pub registrations_per_ip_per_min: u32,
+    /// Sources tracked at once for the per-source rate limits; when all are in use, a
+    /// registration from an untracked source is refused "server full".
+    pub max_tracked_sources: usize,
+    /// A binding whose name was not registered for this many days expires: anyone may take
+    /// the name again.
+    pub name_expiry_days: u32,
+    /// `Call`s one callee may be rung with per minute, from all callers together.
+    pub rings_per_callee_per_min: u32,
+    /// `Lookup`s one connection may make per minute; over it they are answered with
+    /// `LookupFailed`.
+    pub lookups_per_min: u32,
     /// Control (non-relay) frames per second one connection may send (burst = one second's
     /// worth); a connection over it is shed.
     pub frames_per_sec: u32,
@@ -194,7 +222,15 @@ impl Default for Limits {
         Self {
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             max_connections: 100_000,
+            max_connections_per_ip: 64,
             max_names: 1_000_000,
+            max_names_per_key: 8,
+            new_names_per_ip_per_hour: 20,
+            registrations_per_ip_per_min: 60,
+            max_tracked_sources: 100_000,
+            name_expiry_days: 180,
+            rings_per_callee_per_min: 20,
+            lookups_per_min: 60,
             frames_per_sec: 200,
             relay_frames_per_sec: 20_000,
             outbound_queue: 1024,
@@ -233,6 +269,57 @@ impl Limits {
     /// [`Self::drain_timeout_ms`] as a duration.
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
+    }
+    /// [`Self::name_expiry_days`] as a duration.
+    pub fn name_expiry(&self) -> Duration {
+        Duration::from_secs(u64::from(self.name_expiry_days) * 86_400)
+    }
+}
+
+/// The directory of the server's durable state. Files in it:
+///
+/// - `names.v2` (snapshot) and `names.v2.journal`: the name → key bindings
+///   ([`crate::registry::store`]);
+/// - other components may keep their own files here (e.g. the server's TLS key) through
+///   [`StateDir::file`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateDir {
+    path: PathBuf,
+    legacy_names: Option<PathBuf>,
+}
+
+impl StateDir {
+    /// A state directory at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            legacy_names: None,
+        }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A file `name` in the directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// An earlier version's append-only name file to import when the directory has no
+    /// bindings yet (from the deprecated `state_file`).
+    pub fn legacy_names(&self) -> Option<&Path> {
+        self.legacy_names.as_deref()
+    }
+
+    /// Creates the directory (and its parents) if missing, readable by its owner only.
+    pub fn create(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.path)
     }
 }
 
@@ -277,6 +364,22 @@ impl Config {
         Ok(config)
     }
 
+    /// The resolved state directory: `state_dir`, else the directory of the deprecated
+    /// `state_file` (whose bindings are then imported); `None` keeps state in memory.
+    pub fn state_dir(&self) -> Option<StateDir> {
+        match (&self.state_dir, &self.state_file) {
+            (Some(dir), legacy) => Some(StateDir {
+                path: dir.clone(),
+                legacy_names: legacy.clone(),
+            }),
+            (None, Some(file)) => Some(StateDir {
+                path: file.parent().map_or_else(|| PathBuf::from("."), Path::to_owned),
+                legacy_names: Some(file.clone()),
+            }),
+            (None, None) => None,
+        }
+    }
+
     /// Checks values for ranges the server relies on.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
@@ -288,6 +391,17 @@ impl Config {
         }
         for (name, v) in [
             ("max_connections", l.max_connections as u64),
+            ("max_connections_per_ip", l.max_connections_per_ip as u64),
+            ("max_names_per_key", l.max_names_per_key as u64),
+            ("new_names_per_ip_per_hour", u64::from(l.new_names_per_ip_per_hour)),
+            (
+                "registrations_per_ip_per_min",
+                u64::from(l.registrations_per_ip_per_min),
+            ),
+            ("max_tracked_sources", l.max_tracked_sources as u64),
+            ("name_expiry_days", u64::from(l.name_expiry_days)),
+            ("rings_per_callee_per_min", u64::from(l.rings_per_callee_per_min)),
+            ("lookups_per_min", u64::from(l.lookups_per_min)),
             ("frames_per_sec", u64::from(l.frames_per_sec)),
             ("relay_frames_per_sec", u64::from(l.relay_frames_per_sec)),
             ("outbound_queue", l.outbound_queue as u64),
@@ -320,7 +434,7 @@ impl Config {
 
 impl Config {
     /// Where the TLS identity comes from: the certificate files, else the server's own key kept
-    /// beside the state file (in memory when there is none).
+    /// in the state directory (in memory when there is none).
     pub fn tls_source(&self) -> crate::tls::TlsSource {
         match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => crate::tls::TlsSource::Files {
@@ -328,12 +442,7 @@ impl Config {
                 key: key.clone(),
             },
             _ => crate::tls::TlsSource::SelfSigned {
-                dir: self.state_file.as_deref().map(|f| {
-                    f.parent()
-                        .filter(|p| !p.as_os_str().is_empty())
-                        .unwrap_or(Path::new("."))
-                        .to_owned()
-                }),
+                dir: self.state_dir().map(|d| d.path().to_owned()),
             },
         }
     }

@@ -102,6 +102,8 @@ struct Conn {
     relaying: bool,
     /// Exported from this connection's TLS session: the registration signs it.
     binding: [u8; 32],
+    /// `Lookup`s in the current minute (`limits.lookups_per_min`).
+    lookups: crate::limits::RateWindows<()>,
 }
 
 /// Sealed TLS records waiting for the socket at most (bytes).
@@ -199,6 +201,7 @@ pub(crate) async fn serve(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr
     let mut conn = Conn {
         control_tokens: TokenBucket::new(limits.frames_per_sec, now),
         relay_tokens: TokenBucket::new(limits.relay_frames_per_sec, now),
+        lookups: crate::limits::RateWindows::new(limits.lookups_per_min, Duration::from_secs(60), 1),
         ctx,
         id,
         addr,
@@ -309,6 +312,38 @@ impl Conn {
             }
             if buf.is_empty() && buf.capacity() > 64 * 1024 {
                 buf = BytesMut::with_capacity(256); // give back a burst's worth of memory
+            }
+        }
+    }
+
+    /// `Some(LookupFailed)` when this connection is over `limits.lookups_per_min`.
+    fn lookup_limited(&mut self, name: &str) -> Option<ServerMsg> {
+        if self.lookups.check(&(), self.last_rx.into_std()) == crate::limits::Verdict::Allowed {
+            return None;
+        }
+        self.ctx.metrics.refused(crate::metrics::Refusal::LookupRate);
+        let per_min = self.ctx.config.limits.lookups_per_min;
+        Some(ServerMsg::LookupFailed {
+            name: name.to_owned(),
+            reason: format!("too many lookups: at most {per_min} a minute; try later"),
+        })
+    }
+
+    /// `ReleaseName`: frees the name, answers `NameReleased` and ends the connection
+    /// gracefully (it is no longer registered).
+    fn release_name(&mut self, name: String) -> End {
+        match self.ctx.registry.release(&name, self.id) {
+            Ok(_) => {
+                info!(peer = %name, addr = %self.addr, "name released");
+                self.ctx.metrics.set_registered(self.ctx.registry.online_count());
+                self.ctx.calls.leave(self.id, None);
+                self.phase = Phase::AwaitHello; // nothing is left to unregister
+                let frame = control_frame(&ServerMsg::NameReleased { name }).unwrap_or_default();
+                End::Graceful(frame)
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot record a name release");
+                End::Graceful(error_frame(ErrorCode::Internal, "the server cannot record the release"))
             }
         }
     }
@@ -489,6 +524,9 @@ impl Conn {
                 self.register(challenge, name, &cert, &signature, lan_addrs)
             }
             (Phase::Registered { .. }, ClientMsg::Lookup { name }) => {
+                if let Some(refusal) = self.lookup_limited(&name) {
+                    return self.send_msg(&refusal);
+                }
                 let peer = self.ctx.registry.peer(&name);
                 let online = peer.is_some();
                 self.send_msg(&ServerMsg::Presence {
@@ -525,6 +563,10 @@ impl Conn {
             (Phase::Registered { .. }, ClientMsg::CallPath { call, path }) => {
                 self.ctx.calls.set_path(self.id, call, path);
                 None
+            }
+            (Phase::Registered { name }, ClientMsg::ReleaseName) => {
+                let name = name.clone();
+                Some(self.release_name(name))
             }
             (Phase::Registered { .. }, ClientMsg::Register { .. }) => Some(End::Graceful(error_frame(
                 ErrorCode::Unexpected,
@@ -586,6 +628,10 @@ impl Conn {
                         ErrorCode::Internal,
                         "the server cannot record the name",
                     )));
+                }
+                Err(e) => {
+                    debug!(peer = %name, addr = %self.addr, error = %e, "registration refused by a limit");
+                    return Some(End::Graceful(error_frame(e.code(), &e.to_string())));
                 }
             };
         if let Some(old) = reg.replaced {

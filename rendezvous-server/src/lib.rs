@@ -28,6 +28,7 @@ pub mod calls;
 pub mod config;
 pub mod conn;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod outbox;
 pub mod registry;
@@ -37,7 +38,7 @@ pub mod stun;
 pub mod tls;
 
 pub use calls::{Calls, RelayCounts, start_delays};
-pub use config::{Config, Limits, RelayConfig};
+pub use config::{Config, Limits, RelayConfig, StateDir};
 pub use metrics::Metrics;
 pub use server::{Server, ServerError, run};
 pub use sockopt::Sockets;

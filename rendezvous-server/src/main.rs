@@ -25,7 +25,15 @@ struct Args {
     /// Log filter when RUST_LOG is unset (error, warn, info, debug, trace).
     #[arg(long)]
     log_level: Option<String>,
-    /// File keeping name → key bindings across restarts.
+    /// Directory keeping name → key bindings across restarts (default: $STATE_DIRECTORY as
+    /// systemd sets it, else the user's data directory/natcall-rendezvous).
+    #[arg(long, conflicts_with = "ephemeral")]
+    state_dir: Option<PathBuf>,
+    /// Keep every name binding in memory only: a restart frees every name (demos, tests).
+    #[arg(long, conflicts_with = "state_file")]
+    ephemeral: bool,
+    /// Deprecated: the name file of earlier versions; its directory becomes the state
+    /// directory and its bindings are imported once.
     #[arg(long)]
     state_file: Option<PathBuf>,
     /// Maximum concurrent TCP connections.
@@ -63,6 +71,15 @@ impl Args {
         if let Some(v) = self.state_file {
             c.state_file = Some(v);
         }
+        if let Some(v) = self.state_dir {
+            c.state_dir = Some(v);
+        }
+        if self.ephemeral {
+            c.state_dir = None;
+            c.state_file = None;
+        } else if c.state_dir.is_none() && c.state_file.is_none() {
+            c.state_dir = Some(default_state_dir()?);
+        }
         if let Some(v) = self.max_connections {
             c.limits.max_connections = v;
         }
@@ -81,6 +98,19 @@ impl Args {
         c.validate()?;
         Ok(c)
     }
+}
+
+/// The binary's durable state directory when none is configured: systemd's
+/// `$STATE_DIRECTORY` (its first entry), else the user's data directory.
+fn default_state_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("STATE_DIRECTORY") {
+        if let Some(first) = std::env::split_paths(&dir).next().filter(|p| !p.as_os_str().is_empty()) {
+            return Ok(first);
+        }
+    }
+    dirs::data_dir()
+        .map(|d| d.join("natcall-rendezvous"))
+        .context("no state directory: set --state-dir DIR (or state_dir in the config), or run with --ephemeral")
 }
 
 /// Completes on SIGTERM or SIGINT. The handlers are installed when this is called, not when the
@@ -111,6 +141,10 @@ async fn main() -> Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     tracing::debug!(?config, "effective configuration");
+    match config.state_dir() {
+        Some(dir) => tracing::info!(state_dir = %dir.path().display(), "name bindings are durable"),
+        None => tracing::warn!("--ephemeral: name bindings are in memory only; a restart frees every name"),
+    }
     // One descriptor per peer: allow as many as the hard limit permits.
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(error = %e, "cannot raise the open-file limit");

@@ -15,6 +15,11 @@
 //! | `natcall_calls_resumed_total` | counter | |
 //! | `natcall_resumes_failed_total` | counter | |
 //! | `natcall_pending_resumes` | gauge | (`Resume`s waiting for the other member's) |
+//! | `natcall_refused_total` | counter | `reason`: a limit (see [`Refusal`]) |
+//! | `natcall_max_connections` | gauge | (the connection limit in force, after the fd cap) |
+//! | `natcall_names_bound` | gauge | (name → key bindings held) |
+//! | `natcall_names_expired_total` | counter | (bindings freed for being unused too long) |
+//! | `natcall_tracked_sources` | gauge | (sources in the per-source rate tables) |
 
 use std::sync::Arc;
 
@@ -107,6 +112,66 @@ impl Disconnect {
     }
 }
 
+/// Which limit refused something (a connection, a registration, a call, a lookup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `limits.max_connections` (possibly capped below the open-file limit).
+    ServerFull,
+    /// `limits.max_connections_per_ip`.
+    PerIpConnections,
+    /// The process ran out of file descriptors on accept.
+    FdLimit,
+    /// `limits.registrations_per_ip_per_min`.
+    RegistrationRate,
+    /// `limits.new_names_per_ip_per_hour`.
+    NewNameRate,
+    /// `limits.max_tracked_sources`.
+    TooManySources,
+    /// `limits.max_names_per_key`.
+    KeyQuota,
+    /// `limits.max_names`.
+    NamesFull,
+    /// `limits.rings_per_callee_per_min`.
+    RingRate,
+    /// A call from the same caller to the same callee is already ringing.
+    AlreadyRinging,
+    /// `limits.lookups_per_min`.
+    LookupRate,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 11] = [
+        Self::ServerFull,
+        Self::PerIpConnections,
+        Self::FdLimit,
+        Self::RegistrationRate,
+        Self::NewNameRate,
+        Self::TooManySources,
+        Self::KeyQuota,
+        Self::NamesFull,
+        Self::RingRate,
+        Self::AlreadyRinging,
+        Self::LookupRate,
+    ];
+
+    /// The `reason` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ServerFull => "server_full",
+            Self::PerIpConnections => "per_ip_connections",
+            Self::FdLimit => "fd_limit",
+            Self::RegistrationRate => "registration_rate",
+            Self::NewNameRate => "new_name_rate",
+            Self::TooManySources => "too_many_sources",
+            Self::KeyQuota => "key_quota",
+            Self::NamesFull => "names_full",
+            Self::RingRate => "ring_rate",
+            Self::AlreadyRinging => "already_ringing",
+            Self::LookupRate => "lookup_rate",
+        }
+    }
+}
+
 /// Call paths as the gauge labels them.
 pub const CALL_PATHS: [&str; 5] = ["ringing", "unknown", "lan", "direct", "relay"];
 
@@ -127,6 +192,11 @@ struct Inner {
     pending_resumes: Gauge,
     tls_failed: Counter,
     stun_replays: Counter,
+    refused: [Counter; 11],
+    max_connections: Gauge,
+    names_bound: Gauge,
+    names_expired: Counter,
+    tracked_sources: Gauge,
 }
 
 /// The server's metrics. Cheap to clone; every handle is registered once.
@@ -169,6 +239,11 @@ impl Metrics {
             pending_resumes: gauge("natcall_pending_resumes", &[]),
             tls_failed: counter("natcall_tls_handshakes_failed_total", &[]),
             stun_replays: counter("natcall_stun_replays_total", &[]),
+            refused: Refusal::ALL.map(|r| counter("natcall_refused_total", &[("reason", r.as_str())])),
+            max_connections: gauge("natcall_max_connections", &[]),
+            names_bound: gauge("natcall_names_bound", &[]),
+            names_expired: counter("natcall_names_expired_total", &[]),
+            tracked_sources: gauge("natcall_tracked_sources", &[]),
             handle: rec.handle(),
         };
         Self { inner: Arc::new(inner) }
@@ -238,6 +313,25 @@ impl Metrics {
     pub(crate) fn stun_replayed(&self) {
         self.inner.stun_replays.increment(1);
     }
+
+    pub(crate) fn refused(&self, why: Refusal) {
+        let i = Refusal::ALL.iter().position(|x| *x == why).unwrap_or(0);
+        self.inner.refused[i].increment(1);
+    }
+
+    pub(crate) fn set_max_connections(&self, n: usize) {
+        self.inner.max_connections.set(n as f64);
+    }
+
+    /// Publishes the number of bindings and the expired total (a running count from the store).
+    pub(crate) fn set_names(&self, bound: usize, expired_total: u64) {
+        self.inner.names_bound.set(bound as f64);
+        self.inner.names_expired.absolute(expired_total);
+    }
+
+    pub(crate) fn set_tracked_sources(&self, n: usize) {
+        self.inner.tracked_sources.set(n as f64);
+    }
 }
 
 impl Default for Metrics {
@@ -294,6 +388,23 @@ fn describe(rec: &PrometheusRecorder) {
         (
             "natcall_stun_replays_total",
             "Token bindings dropped as replays (a transaction id not newer than the last accepted)",
+        ),
+        (
+            "natcall_refused_total",
+            "Connections, registrations, calls and lookups refused by a limit, by reason",
+        ),
+        (
+            "natcall_max_connections",
+            "The connection limit in force (limits.max_connections, capped below the open-file limit)",
+        ),
+        ("natcall_names_bound", "Name to key bindings held"),
+        (
+            "natcall_names_expired_total",
+            "Name bindings freed because the name was not registered for limits.name_expiry_days",
+        ),
+        (
+            "natcall_tracked_sources",
+            "Source addresses in the per-source rate tables (at most limits.max_tracked_sources)",
         ),
     ] {
         rec.describe_counter(name.into(), None, help.into());

@@ -1,19 +1,28 @@
 //! Who is online: registered peers by name, their STUN tokens, and name → key bindings.
 //!
 //! A name is bound to the first key (certificate fingerprint) that registers it and stays bound
-//! for the life of the [`NameStore`] (its state file, when configured). A peer that registers a
+//! until its owner releases it or does not register it for `limits.name_expiry_days`
+//! ([`store::NameStore`], durable in the state directory when one is configured). A key holds
+//! at most `limits.max_names_per_key` names; a source binds at most
+//! `limits.new_names_per_ip_per_hour` new ones and registers at most
+//! `limits.registrations_per_ip_per_min` times ([`crate::limits`]). A peer that registers a
 //! name it already holds from a new connection replaces the old registration.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use crate::config::{Limits, StateDir};
+use crate::limits::{SourceLimits, SourceRefusal};
+use crate::metrics::{Metrics, Refusal};
 use crate::outbox::Outbox;
+use store::{NameStore, StoreLimits};
+
+pub mod store;
 use natcall_proto::control::Fingerprint;
+use natcall_proto::frame::ErrorCode;
 use natcall_proto::stun::TokenCredentials;
 use ring::rand::{SecureRandom, SystemRandom};
 
@@ -27,7 +36,19 @@ pub enum RegisterError {
     /// The server holds as many names as it is configured to.
     #[error("the server holds its maximum of {0} names")]
     Full(usize),
-    /// The state file could not be written.
+    /// The key holds as many names as one key may.
+    #[error("this key already holds {0} names, the most one key may; release one first")]
+    KeyQuota(usize),
+    /// The source bound as many new names this hour as it may.
+    #[error("too many new names from your address: at most {0} an hour; try later")]
+    SourceQuota(u32),
+    /// The source registered as often this minute as it may.
+    #[error("too many registrations from your address: at most {0} a minute; try later")]
+    RegistrationRate(u32),
+    /// The server tracks as many sources as it may.
+    #[error("server full: too many addresses registering right now; try later")]
+    TooManySources,
+    /// The state directory could not be written.
     #[error("cannot record the name binding: {0}")]
     Io(#[from] io::Error),
 }
@@ -79,7 +100,40 @@ struct Online {
 pub struct Registry {
     online: Mutex<Online>,
     names: Mutex<NameStore>,
+    sources: Arc<SourceLimits>,
+    limits: Limits,
+    metrics: Metrics,
     rng: SystemRandom,
+}
+
+impl RegisterError {
+    /// The error code a client is told.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::NameTaken(_) => ErrorCode::NameTaken,
+            Self::Full(_) | Self::TooManySources => ErrorCode::ServerFull,
+            Self::KeyQuota(_) | Self::SourceQuota(_) => ErrorCode::QuotaExceeded,
+            Self::RegistrationRate(_) => ErrorCode::RateLimited,
+            Self::Io(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+impl From<SourceRefusal> for RegisterError {
+    fn from(r: SourceRefusal) -> Self {
+        match r {
+            SourceRefusal::Registrations(n) => Self::RegistrationRate(n),
+            SourceRefusal::NewNames(n) => Self::SourceQuota(n),
+            SourceRefusal::Untracked => Self::TooManySources,
+        }
+    }
+}
+
+/// Wall-clock time in Unix seconds (name bindings outlive the process, so not `Instant`).
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// What a registration produced.
@@ -106,13 +160,29 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Registry {
-    /// A registry whose name bindings are kept in `state_file` (loaded now) or in memory.
-    pub fn new(state_file: Option<&Path>, max_names: usize) -> io::Result<Self> {
+    /// A registry whose name bindings are kept in `state` (loaded now) or in memory, with the
+    /// name and per-source limits of `limits`.
+    pub fn new(state: Option<&StateDir>, limits: &Limits, metrics: Metrics) -> io::Result<Self> {
+        let store_limits = StoreLimits {
+            max: limits.max_names,
+            max_per_key: limits.max_names_per_key,
+            expiry_secs: limits.name_expiry().as_secs(),
+        };
+        let names = NameStore::open(state, store_limits, unix_now())?;
+        metrics.set_names(names.len(), names.expired_total());
         Ok(Self {
             online: Mutex::default(),
-            names: Mutex::new(NameStore::open(state_file, max_names)?),
+            names: Mutex::new(names),
+            sources: SourceLimits::new(limits, metrics.clone()),
+            limits: limits.clone(),
+            metrics,
             rng: SystemRandom::new(),
         })
+    }
+
+    /// The per-source limits (connections, registrations, new names).
+    pub fn sources(&self) -> &Arc<SourceLimits> {
+        &self.sources
     }
 
     /// Registers `name` for `fingerprint` on connection `conn_id`.
@@ -125,7 +195,22 @@ impl Registry {
         conn_id: u64,
         outbox: Arc<Outbox>,
     ) -> Result<Registration, RegisterError> {
-        lock(&self.names).bind(name, fingerprint)?;
+        let now = tokio::time::Instant::now().into_std();
+        let (ip, l) = (tcp_addr.ip(), &self.limits);
+        self.sources.registration(ip, now, l.registrations_per_ip_per_min)?;
+        {
+            let mut names = lock(&self.names);
+            let claimed = names.claim(name, fingerprint, unix_now(), || {
+                Ok(self.sources.new_name(ip, now, l.new_names_per_ip_per_hour)?)
+            });
+            self.metrics.set_names(names.len(), names.expired_total());
+            match &claimed {
+                Err(RegisterError::KeyQuota(_)) => self.metrics.refused(Refusal::KeyQuota),
+                Err(RegisterError::Full(_)) => self.metrics.refused(Refusal::NamesFull),
+                _ => {}
+            }
+            claimed?;
+        }
         let token = TokenCredentials {
             username: format!("nc1:{}", random_hex(&self.rng, 8)),
             password: random_hex(&self.rng, 16),
@@ -158,6 +243,25 @@ impl Registry {
                 online.tokens.remove(&p.token.username);
             }
         }
+    }
+
+    /// Frees `name` if connection `conn_id` registered it: the binding is gone (durably) and
+    /// the peer is offline. Returns whether it was freed.
+    pub fn release(&self, name: &str, conn_id: u64) -> io::Result<bool> {
+        let Some(peer) = self.peer(name).filter(|p| p.conn_id == conn_id) else {
+            return Ok(false);
+        };
+        let mut names = lock(&self.names);
+        let freed = names.release(name, peer.fingerprint)?;
+        self.metrics.set_names(names.len(), names.expired_total());
+        drop(names);
+        self.unregister(name, conn_id);
+        Ok(freed)
+    }
+
+    /// The key `name` is bound to, if any (expired or not).
+    pub fn owner(&self, name: &str) -> Option<Fingerprint> {
+        lock(&self.names).binding(name).map(|b| b.fingerprint)
     }
 
     /// The online peer called `name`.
@@ -206,74 +310,17 @@ impl Registry {
     }
 }
 
-/// Name → key bindings, optionally persisted as an append-only file of `name fingerprint` lines.
-#[derive(Debug)]
-pub struct NameStore {
-    bindings: HashMap<String, Fingerprint>,
-    file: Option<(PathBuf, File)>,
-    max: usize,
-}
-
-impl NameStore {
-    fn open(path: Option<&Path>, max: usize) -> io::Result<Self> {
-        let mut bindings = HashMap::new();
-        let file = match path {
-            None => None,
-            Some(path) => {
-                match File::open(path) {
-                    Ok(f) => load(BufReader::new(f), &mut bindings, path)?,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
-                let f = OpenOptions::new().create(true).append(true).open(path)?;
-                Some((path.to_owned(), f))
-            }
-        };
-        Ok(Self { bindings, file, max })
-    }
-
-    fn bind(&mut self, name: &str, fingerprint: Fingerprint) -> Result<(), RegisterError> {
-        match self.bindings.get(name) {
-            Some(fp) if *fp == fingerprint => return Ok(()),
-            Some(_) => return Err(RegisterError::NameTaken(name.to_owned())),
-            None if self.bindings.len() >= self.max => return Err(RegisterError::Full(self.max)),
-            None => {}
-        }
-        if let Some((_, f)) = &mut self.file {
-            writeln!(f, "{name} {fingerprint}")?;
-            f.flush()?;
-        }
-        self.bindings.insert(name.to_owned(), fingerprint);
-        Ok(())
-    }
-}
-
-fn load(reader: impl BufRead, bindings: &mut HashMap<String, Fingerprint>, path: &Path) -> io::Result<()> {
-    for (i, line) in reader.lines().enumerate() {
-        let line = line?;
-        let parsed = line
-            .split_once(' ')
-            .and_then(|(n, fp)| Some((n, fp.trim().parse::<Fingerprint>().ok()?)));
-        match parsed {
-            Some((name, fp)) => {
-                // The first binding of a name wins, as it did when it was written.
-                bindings.entry(name.to_owned()).or_insert(fp);
-            }
-            None if line.trim().is_empty() => {}
-            None => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}:{}: expected `name fingerprint`", path.display(), i + 1),
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn registry(state: Option<&StateDir>, max_names: usize) -> io::Result<Registry> {
+        let limits = Limits {
+            max_names,
+            ..Limits::default()
+        };
+        Registry::new(state, &limits, Metrics::new())
+    }
 
     fn tx() -> Arc<Outbox> {
         Arc::new(Outbox::new(
@@ -286,9 +333,9 @@ mod tests {
     #[test]
     fn a_name_belongs_to_its_first_key_and_survives_a_restart() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("names");
+        let state = StateDir::new(dir.path());
         let addr: SocketAddr = "192.0.2.1:1000".parse().expect("addr");
-        let r = Registry::new(Some(&path), 10).expect("opens");
+        let r = registry(Some(&state), 10).expect("opens");
         r.register("alice", Fingerprint([1; 32]), vec![], addr, 1, tx())
             .expect("first key");
         assert!(matches!(
@@ -296,7 +343,7 @@ mod tests {
             Err(RegisterError::NameTaken(_))
         ));
         drop(r);
-        let r = Registry::new(Some(&path), 10).expect("reopens");
+        let r = registry(Some(&state), 10).expect("reopens");
         assert_eq!(r.online_count(), 0);
         assert!(matches!(
             r.register("alice", Fingerprint([2; 32]), vec![], addr, 3, tx()),
@@ -309,7 +356,7 @@ mod tests {
     #[test]
     fn re_registering_replaces_the_old_connection_and_its_token() {
         let addr: SocketAddr = "192.0.2.1:1000".parse().expect("addr");
-        let r = Registry::new(None, 10).expect("opens");
+        let r = registry(None, 10).expect("opens");
         let first = r
             .register("bob", Fingerprint([1; 32]), vec![], addr, 1, tx())
             .expect("registers");
@@ -332,21 +379,12 @@ mod tests {
     #[test]
     fn the_name_limit_holds() {
         let addr: SocketAddr = "192.0.2.1:1000".parse().expect("addr");
-        let r = Registry::new(None, 1).expect("opens");
+        let r = registry(None, 1).expect("opens");
         r.register("a", Fingerprint([1; 32]), vec![], addr, 1, tx())
             .expect("registers");
         assert!(matches!(
             r.register("b", Fingerprint([1; 32]), vec![], addr, 2, tx()),
             Err(RegisterError::Full(1))
         ));
-    }
-
-    #[test]
-    fn a_corrupt_state_file_is_a_clear_error() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("names");
-        std::fs::write(&path, "alice not-a-fingerprint\n").expect("writes");
-        let e = Registry::new(Some(&path), 10).expect_err("corrupt");
-        assert!(e.to_string().contains(":1: expected `name fingerprint`"), "{e}");
     }
 }

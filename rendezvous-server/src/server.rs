@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use natcall_proto::frame::{self, ErrorCode};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -23,7 +23,9 @@ use crate::calls::Calls;
 use crate::config::Config;
 use crate::conn::{self, Context};
 use crate::http;
-use crate::metrics::Metrics;
+use crate::limits::SourceSlot;
+use crate::limits::{self, FdReserve};
+use crate::metrics::{Metrics, Refusal};
 use crate::registry::Registry;
 use crate::sockopt::Sockets;
 use crate::stun;
@@ -37,8 +39,8 @@ pub enum ServerError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    /// The name state file cannot be opened or read.
-    #[error("cannot open the state file: {0}")]
+    /// The state directory (name bindings) cannot be created, read or written.
+    #[error("cannot open the state directory: {0}")]
     State(std::io::Error),
     /// The metrics endpoint cannot listen.
     #[error("cannot serve metrics: {0}")]
@@ -59,13 +61,16 @@ pub struct Server {
 }
 
 impl Server {
-    /// A server with `config`; loads the name bindings from its state file, if any.
-    pub fn new(config: Config) -> Result<Self, ServerError> {
+    /// A server with `config`; loads the name bindings from its state directory, if any, and
+    /// caps `limits.max_connections` below the open-file limit.
+    pub fn new(mut config: Config) -> Result<Self, ServerError> {
         config.validate()?;
-        let registry =
-            Registry::new(config.state_file.as_deref(), config.limits.max_names).map_err(ServerError::State)?;
-        let (drain_tx, drain) = watch::channel(false);
         let metrics = Metrics::new();
+        cap_to_open_files(&mut config);
+        metrics.set_max_connections(config.limits.max_connections);
+        let registry =
+            Registry::new(config.state_dir().as_ref(), &config.limits, metrics.clone()).map_err(ServerError::State)?;
+        let (drain_tx, drain) = watch::channel(false);
         let calls = Calls::new(&config.limits, metrics.clone());
         let tls = ServerTls::load(config.tls_source())?;
         Ok(Self {
@@ -79,6 +84,11 @@ impl Server {
             }),
             drain_tx: Arc::new(drain_tx),
         })
+    }
+
+    /// Where the server keeps durable state (`None`: in memory), for other components' files.
+    pub fn state_dir(&self) -> Option<crate::config::StateDir> {
+        self.ctx.config.state_dir()
     }
 
     /// The registry of online peers.
@@ -145,6 +155,7 @@ impl Server {
             None => None,
         };
         let permits = Arc::new(Semaphore::new(self.ctx.config.limits.max_connections));
+        let mut reserve = FdReserve::new();
         let next_id = AtomicU64::new(1);
         let mut conns = JoinSet::new();
         tokio::pin!(shutdown);
@@ -154,21 +165,25 @@ impl Server {
                 accepted = tcp.accept() => match accepted {
                     Ok((stream, addr)) => {
                         let id = next_id.fetch_add(1, Ordering::Relaxed);
-                        match permits.clone().try_acquire_owned() {
-                            Ok(permit) => {
+                        match self.admit(&permits, addr) {
+                            Ok(admitted) => {
                                 let ctx = self.ctx.clone();
                                 conns.spawn(async move {
                                     conn::serve(ctx, stream, addr, id).await;
-                                    drop(permit);
+                                    drop(admitted);
                                 });
                             }
-                            Err(_) => {
-                                conns.spawn(refuse_full(self.ctx.clone(), stream, addr));
+                            Err((why, message)) => {
+                                self.ctx.metrics.refused(why);
+                                conns.spawn(refuse_full(self.ctx.clone(), stream, addr, message));
                             }
                         }
                     }
-                    // Per-connection failures (e.g. the peer reset before accept) and fd
-                    // exhaustion are transient: log, yield, go on.
+                    Err(e) if limits::is_out_of_fds(&e) => {
+                        self.out_of_fds(&tcp, &mut reserve, &mut conns).await;
+                    }
+                    // Per-connection failures (e.g. the peer reset before accept) are
+                    // transient: log, yield, go on.
                     Err(e) => {
                         warn!(error = %e, "accept failed");
                         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -190,19 +205,76 @@ impl Server {
     }
 }
 
-/// Tells a connection over the limit why (inside TLS, so the client can read it and knows it
-/// is the server speaking), and closes it gracefully. The handshake is bounded by a short
-/// deadline: a refusal never holds resources for long.
-async fn refuse_full(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr) {
-    debug!(%addr, "connection limit reached; refusing");
+impl Server {
+    /// Admits a connection from `addr` within the per-source and total connection limits, or
+    /// says which refused it and the sentence to tell the client.
+    fn admit(
+        &self,
+        permits: &Arc<Semaphore>,
+        addr: SocketAddr,
+    ) -> Result<(OwnedSemaphorePermit, SourceSlot), (Refusal, String)> {
+        let limits = &self.ctx.config.limits;
+        let Some(slot) = self.ctx.registry.sources().admit(addr.ip()) else {
+            let n = limits.max_connections_per_ip;
+            let msg =
+                format!("server full for your address: it has {n} connections, the most one address may; try later");
+            return Err((Refusal::PerIpConnections, msg));
+        };
+        match permits.clone().try_acquire_owned() {
+            Ok(permit) => Ok((permit, slot)),
+            Err(_) => Err((
+                Refusal::ServerFull,
+                "server full: the server is at its connection limit; try later".to_owned(),
+            )),
+        }
+    }
+
+    /// The process is out of descriptors (`EMFILE`/`ENFILE`): the waiting connection would
+    /// keep the listener readable, so the accept loop would spin. Frees the reserve to accept
+    /// it and answer "server full"; without a reserve, backs off 10 ms and tries to take one.
+    async fn out_of_fds(&self, tcp: &TcpListener, reserve: &mut FdReserve, conns: &mut JoinSet<()>) {
+        self.ctx.metrics.refused(Refusal::FdLimit);
+        if reserve.release() {
+            let accepted = tokio::time::timeout(std::time::Duration::from_millis(1), tcp.accept()).await;
+            if let Ok(Ok((stream, addr))) = accepted {
+                warn!(%addr, "out of file descriptors: answering \"server full\" (raise LimitNOFILE or lower limits.max_connections)");
+                let msg = "server full: the server is out of file descriptors; try later";
+                conns.spawn(refuse_full(self.ctx.clone(), stream, addr, msg.to_owned()));
+                return;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        reserve.restore();
+    }
+}
+
+/// Caps `limits.max_connections` below the open-file limit (logged when it does).
+fn cap_to_open_files(config: &mut Config) {
+    let Some(nofile) = limits::nofile_limit() else {
+        return;
+    };
+    let configured = config.limits.max_connections;
+    let (n, capped) = limits::cap_connections(configured, nofile);
+    if capped {
+        warn!(
+            configured,
+            open_file_limit = nofile,
+            max_connections = n,
+            "limits.max_connections capped below the open-file limit (raise LimitNOFILE to allow more)"
+        );
+        config.limits.max_connections = n;
+    }
+}
+
+/// Tells a connection over a limit why ("server full … try later") inside TLS, so the client
+/// can read it and knows it is the server speaking, and closes it gracefully. The handshake is
+/// bounded by a short deadline: a refusal never holds resources for long.
+async fn refuse_full(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr, message: String) {
+    debug!(%addr, %message, "refusing a connection");
     let refuse = async {
         let mut tls = ctx.tls.acceptor().accept(stream).await.ok()?;
         let mut b = BytesMut::new();
-        frame::encode_error(
-            ErrorCode::ServerFull,
-            "the server is at its connection limit; try again later",
-            &mut b,
-        );
+        frame::encode_error(ErrorCode::ServerFull, &message, &mut b);
         tls.write_all(&b).await.ok()?;
         tls.shutdown().await.ok()
     };

@@ -279,18 +279,22 @@ async fn calls_to_offline_names_to_yourself_or_past_the_limit_fail() {
     let mut alice = peer(&srv, "alice").await;
     let mut bob = peer(&srv, "bob").await;
     let mut carol = peer(&srv, "carol").await;
+    let mut erin = peer(&srv, "erin").await;
     let a = &mut alice.client;
     assert_eq!(expect_failed(a, "dave", Policy::Auto).await, CallFailure::Offline);
     assert_eq!(expect_failed(a, "alice", Policy::Auto).await, CallFailure::SelfCall);
     ring(a, &mut bob.client, "bob", Policy::Auto).await;
-    ring(a, &mut bob.client, "bob", Policy::Auto).await;
+    // One caller cannot fill a callee's slots: a second ring to the same callee is refused.
+    assert_eq!(expect_failed(a, "bob", Policy::Auto).await, CallFailure::AlreadyRinging);
+    ring(&mut carol.client, &mut bob.client, "bob", Policy::Auto).await;
+    ring(a, &mut carol.client, "carol", Policy::Auto).await;
     // alice is at her limit, and so is bob.
-    assert_eq!(expect_failed(a, "carol", Policy::Auto).await, CallFailure::Busy);
+    assert_eq!(expect_failed(a, "erin", Policy::Auto).await, CallFailure::Busy);
     assert_eq!(
-        expect_failed(&mut carol.client, "bob", Policy::Auto).await,
+        expect_failed(&mut erin.client, "bob", Policy::Auto).await,
         CallFailure::Busy
     );
-    assert_eq!(srv.server.calls().len(), 2);
+    assert_eq!(srv.server.calls().len(), 3);
     srv.shutdown().await;
 }
 

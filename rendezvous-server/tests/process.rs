@@ -32,6 +32,12 @@ struct Proc {
 impl Proc {
     fn spawn(args: &[&str], addr: SocketAddr, env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(BIN);
+        // The binary keeps names durably by default; a test that does not choose a state
+        // directory runs in memory, so it never writes to the user's home.
+        let durable = args.contains(&"--state-dir") || env.iter().any(|(k, _)| *k == "STATE_DIRECTORY");
+        if !durable {
+            cmd.arg("--ephemeral");
+        }
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -206,7 +212,7 @@ fn flags_win_over_the_config_file_and_bad_config_is_a_clear_error() {
 
     std::fs::write(&config, "[limits]\nmax_frame_len = 1\n").expect("writes");
     let out = Command::new(BIN)
-        .args(["-c", config.to_str().expect("utf8")])
+        .args(["--ephemeral", "-c", config.to_str().expect("utf8")])
         .output()
         .expect("runs");
     assert!(!out.status.success());
@@ -215,4 +221,31 @@ fn flags_win_over_the_config_file_and_bad_config_is_a_clear_error() {
         err.contains("limits.max_frame_len must be between 64 and 65536, not 1"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn names_survive_kill_9_by_default_in_the_systemd_state_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let env = [("STATE_DIRECTORY", state.to_str().expect("utf8"))];
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    // No state flag at all: the binary is durable by default.
+    let server = Proc::spawn(&["--listen", &addr.to_string()], addr, &env);
+    server.wait_ready();
+    let frank = Identity::generate();
+    let (_c, _) = Client::register(addr, "frank", &frank).await;
+    server.signal(nix::sys::signal::Signal::SIGKILL);
+    let (status, _) = server.wait();
+    assert!(!status.success());
+    assert!(state.join("names.v2").exists(), "the state is in $STATE_DIRECTORY");
+
+    let again = Proc::spawn(&["--listen", &addr.to_string()], addr, &env);
+    again.wait_ready();
+    let mut thief = Client::hello(addr).await;
+    thief.send_register("frank", &Identity::generate(), vec![]).await;
+    match thief.next().await {
+        Got::Error(e) => assert_eq!(e.code, natcall_proto::frame::ErrorCode::NameTaken),
+        other => panic!("expected NameTaken, got {other:?}"),
+    }
+    Client::register(addr, "frank", &frank).await;
 }

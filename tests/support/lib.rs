@@ -51,11 +51,13 @@ impl Rendezvous {
     /// Starts on a given address (e.g. again, after a restart).
     pub fn start_at(dir: &Path, addr: SocketAddr) -> Self {
         let log = dir.join(format!("rendezvous-{}.log", rand_suffix()));
-        // Names and the TLS key live in `dir`: a restart on the same address is the same server
-        // to peers that pinned its key.
+        // Name bindings and the TLS key in the test's own directory: runs never share them or
+        // leave any in the user's home, and a restart on the same directory keeps them (peers
+        // that pinned the server's key meet the same key), as in production.
+        let state = dir.join("rendezvous-state");
         let child = Command::new(bin("natcall-rendezvous"))
-            .args(["--listen", &addr.to_string(), "--log-level", "debug", "--state-file"])
-            .arg(dir.join("names"))
+            .args(["--listen", &addr.to_string(), "--log-level", "debug", "--state-dir"])
+            .arg(&state)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))

@@ -48,8 +48,8 @@ const WAIT: Duration = Duration::from_secs(20);
 /// same server to the peers, who pinned its key.
 fn start_server(addr: SocketAddr, state: &std::path::Path) -> Result<Child> {
     let child = Command::new(sibling_binary("natcall-rendezvous", "natcall-rendezvous")?)
-        .args(["--listen", &addr.to_string(), "--log-level", "warn", "--state-file"])
-        .arg(state.join("names"))
+        .args(["--listen", &addr.to_string(), "--log-level", "warn", "--state-dir"])
+        .arg(state)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -55,12 +55,21 @@ impl Spawned {
             &config,
             format!(
                 "[limits]\nmax_connections = 1000000\nrelay_frames_per_sec = 10000000\nframes_per_sec = 100000\n\
+                 max_connections_per_ip = 1000000\nregistrations_per_ip_per_min = 1000000\n\
+                 new_names_per_ip_per_hour = 1000000\nrings_per_callee_per_min = 1000000\n\
                  [relay]\n{relay_section}\n"
             ),
         )
         .context("writing the bench server's config")?;
         let child = Command::new(sibling_binary("natcall-rendezvous", "natcall-rendezvous")?)
-            .args(["--listen", &addr.to_string(), "--log-level", "warn", "-c"])
+            .args([
+                "--listen",
+                &addr.to_string(),
+                "--log-level",
+                "warn",
+                "--ephemeral",
+                "-c",
+            ])
             .arg(&config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

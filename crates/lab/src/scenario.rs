@@ -269,10 +269,18 @@ fn converse(
 /// Starts `natcall-rendezvous` on `addr` in `device`'s namespace (logging to
 /// `dir/rendezvous.log`) and waits until it accepts TCP.
 pub(crate) fn start_server(bins: &Binaries, dir: &FsPath, device: &Device, addr: SocketAddr) -> Result<Proc, String> {
-    let args: Vec<String> = ["--listen", &addr.to_string(), "--log-level", "debug"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let state = dir.join("rendezvous-state").display().to_string();
+    let args: Vec<String> = [
+        "--listen",
+        &addr.to_string(),
+        "--log-level",
+        "debug",
+        "--state-dir",
+        &state,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let server = Proc::spawn(device, dir, "rendezvous", &bins.rendezvous, &args).map_err(|e| e.to_string())?;
     wait_listening(device, addr)?;
     Ok(server)

@@ -267,6 +267,36 @@ pub(crate) async fn connect(who: &Credentials) -> Result<Connected, Error> {
         .map_err(|_| Error::Protocol(format!("the server at {server} did not complete registration in time")))?
 }
 
+impl Connected {
+    /// Frees the name this connection registered (`ReleaseName`); returns it once the server
+    /// confirmed (`NameReleased`). The connection ends with it.
+    pub(crate) async fn release_name(self) -> Result<String, Error> {
+        let mut conn = Handshake {
+            stream: self.stream,
+            buf: self.buf,
+        };
+        conn.stream.write_all(&encode(&ClientMsg::ReleaseName)?).await?;
+        conn.stream.flush().await?;
+        let fut = async {
+            loop {
+                match conn.next().await? {
+                    ServerMsg::NameReleased { name } => return Ok::<_, Error>(name),
+                    ServerMsg::Ping { nonce, .. } => {
+                        conn.stream.write_all(&encode(&ClientMsg::Pong { nonce })?).await?;
+                        conn.stream.flush().await?;
+                    }
+                    _ => {} // presence or call traffic that raced the release
+                }
+            }
+        };
+        let name = tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
+            .await
+            .map_err(|_| Error::Protocol("the server did not confirm the release in time".into()))??;
+        let _ = conn.stream.shutdown().await;
+        Ok(name)
+    }
+}
+
 /// Starts the reader and writer of a registered connection and tells the core. The returned
 /// handle ends with the reason the connection ended.
 pub(crate) fn start(

@@ -1021,5 +1021,9 @@ pub(crate) fn refusal(failure: CallFailure, callee: &str) -> crate::Error {
         CallFailure::Offline => crate::Error::Offline(callee.to_owned()),
         CallFailure::SelfCall => crate::Error::SelfCall,
         CallFailure::Busy => crate::Error::Busy(callee.to_owned()),
+        CallFailure::AlreadyRinging => crate::Error::CallRefused(format!("you are already calling {callee}")),
+        CallFailure::RateLimited => {
+            crate::Error::CallRefused(format!("{callee} was called too often just now; try again later"))
+        }
     }
 }

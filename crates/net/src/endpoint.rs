@@ -284,6 +284,22 @@ impl Endpoint {
         Ok(ep)
     }
 
+    /// Frees `config`'s name on its server: registers it (proving the key), asks the server
+    /// to forget the binding, and returns once the server confirmed; anyone may register the
+    /// name afterwards. No endpoint is left running (no UDP socket, no calls).
+    pub async fn release_name(config: &EndpointConfig) -> Result<(), Error> {
+        let who = control::Credentials {
+            server: config.server,
+            identity: config.identity.clone(),
+            name: config.name.clone(),
+            lan_addrs: Vec::new(),
+            tls: control::Tls::new(config.server_trust.clone())?,
+        };
+        let released = control::connect(&who).await?.release_name().await?;
+        info!(name = %released, server = %config.server, "name released");
+        Ok(())
+    }
+
     /// This peer's name.
     pub fn name(&self) -> &str {
         &self.inner.name

@@ -31,6 +31,9 @@ pub enum Error {
     /// The callee has too many calls.
     #[error("{0} is busy")]
     Busy(String),
+    /// The server refused to ring the callee now (already ringing it, or it was rung too often).
+    #[error("{0}")]
+    CallRefused(String),
     /// The callee declined, or the call ended before it connected.
     #[error("{0}")]
     Ended(String),

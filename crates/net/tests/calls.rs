@@ -413,3 +413,28 @@ async fn a_saturated_relay_upload_never_delays_the_health_checks() {
         "{end:?}"
     );
 }
+
+#[tokio::test]
+async fn a_released_name_can_be_registered_by_another_key() {
+    let lab = server().await;
+    let config = |identity| {
+        let mut c = EndpointConfig::new(lab.addr, "frank", identity);
+        c.bind = "127.0.0.1:0".parse().expect("addr");
+        c
+    };
+    let owner = config(Identity::generate().expect("identity"));
+    let other = config(Identity::generate().expect("identity"));
+    let frank = Endpoint::bind(owner.clone()).await.expect("registers");
+    frank.close().await;
+    match Endpoint::bind(other.clone()).await {
+        Err(Error::Refused { message, .. }) => {
+            assert_eq!(message, "the name \"frank\" is taken: it is registered to another key")
+        }
+        Err(e) => panic!("expected a refusal, got {e}"),
+        Ok(_) => panic!("another key took frank's name"),
+    }
+    Endpoint::release_name(&owner).await.expect("releases");
+    let newcomer = Endpoint::bind(other).await.expect("the name is free");
+    assert_eq!(newcomer.name(), "frank");
+    newcomer.close().await;
+}

@@ -138,6 +138,10 @@ pub enum ClientMsg {
     /// re-creates the call once both members, registered under the names each gave, sent the
     /// same proof. Answered by [`ServerMsg::Resumed`] or [`ServerMsg::ResumeFailed`].
     Resume { call: u32, peer: String, proof: [u8; 32] },
+    /// Free the name this connection registered: its binding to this peer's key is forgotten
+    /// (anyone may register it next) and the peer is offline. Answered by
+    /// [`ServerMsg::NameReleased`], after which the server closes the connection.
+    ReleaseName,
 }
 
 /// The TLS exporter label of a call's resume proof ([`ClientMsg::Resume`]); the context is
@@ -226,6 +230,10 @@ pub enum CallFailure {
     SelfCall,
     /// The callee has as many calls as the server allows.
     Busy,
+    /// A call from this caller to this callee is already ringing.
+    AlreadyRinging,
+    /// The callee was rung as often as the server allows for now (`rings_per_callee_per_min`).
+    RateLimited,
 }
 
 /// The addresses a peer can be reached at, as the server knows them.
@@ -294,6 +302,11 @@ pub enum ServerMsg {
     /// Call `call` could not be resumed here (the other member did not resume it in time, or
     /// the names or proofs do not match); the reason is for a person.
     ResumeFailed { call: u32, reason: String },
+    /// Answer to [`ClientMsg::ReleaseName`]: `name` is free; the server closes the connection.
+    NameReleased { name: String },
+    /// A [`ClientMsg::Lookup`] of `name` was not answered (over `lookups_per_min`); the reason
+    /// is for a person.
+    LookupFailed { name: String, reason: String },
 }
 
 /// What the server sends both members when a call is accepted: connect to `peer` (key

@@ -295,6 +295,8 @@ pub enum ErrorCode {
     Timeout,
     /// The server failed.
     Internal,
+    /// A quota of names is used up (names per key, new names per source and hour).
+    QuotaExceeded,
     /// A code this version does not know.
     Other(u16),
 }
@@ -315,6 +317,7 @@ impl ErrorCode {
             Self::RateLimited => 10,
             Self::Timeout => 11,
             Self::Internal => 99,
+            Self::QuotaExceeded => 12,
             Self::Other(c) => c,
         }
     }
@@ -334,6 +337,7 @@ impl ErrorCode {
             10 => Self::RateLimited,
             11 => Self::Timeout,
             99 => Self::Internal,
+            12 => Self::QuotaExceeded,
             c => Self::Other(c),
         }
     }

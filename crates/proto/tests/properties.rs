@@ -52,6 +52,7 @@ fn client_msg() -> impl Strategy<Value = ClientMsg> {
             peer,
             proof
         }),
+        Just(ClientMsg::ReleaseName),
     ]
 }
 
@@ -100,7 +101,9 @@ fn server_msg() -> impl Strategy<Value = ServerMsg> {
             prop_oneof![
                 Just(CallFailure::Offline),
                 Just(CallFailure::SelfCall),
-                Just(CallFailure::Busy)
+                Just(CallFailure::Busy),
+                Just(CallFailure::AlreadyRinging),
+                Just(CallFailure::RateLimited),
             ]
         )
             .prop_map(|(request, callee, failure)| ServerMsg::CallFailed {
@@ -139,6 +142,8 @@ fn server_msg() -> impl Strategy<Value = ServerMsg> {
         any::<u32>().prop_map(|call| ServerMsg::CallSuspended { call }),
         (any::<u32>(), any::<u32>()).prop_map(|(call, id)| ServerMsg::Resumed { call, id }),
         (any::<u32>(), "\\PC{0,40}").prop_map(|(call, reason)| ServerMsg::ResumeFailed { call, reason }),
+        "[a-z]{1,32}".prop_map(|name| ServerMsg::NameReleased { name }),
+        ("[a-z]{1,32}", "\\PC{0,40}").prop_map(|(name, reason)| ServerMsg::LookupFailed { name, reason }),
     ]
 }
 
