@@ -57,6 +57,7 @@ impl Spawned {
                 "[limits]\nmax_connections = 1000000\nrelay_frames_per_sec = 10000000\nframes_per_sec = 100000\n\
                  max_connections_per_ip = 1000000\nregistrations_per_ip_per_min = 1000000\n\
                  new_names_per_ip_per_hour = 1000000\nrings_per_callee_per_min = 1000000\n\
+                 max_names_per_key = 10000000\nlookups_per_min = 1000000\n\
                  [relay]\n{relay_section}\n"
             ),
         )
