@@ -13,11 +13,14 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use natcall_proto::stun::{self as wire, MAX_STUN_MESSAGE};
+use natcall_proto::control::Fingerprint;
+use natcall_proto::stun::{self as wire, MAX_STUN_MESSAGE, TokenCredentials};
 use tokio::net::UdpSocket;
 use tracing::{debug, trace};
 
+use crate::config::RelayConfig;
 use crate::metrics::Metrics;
+use crate::outbox::Outbox;
 use crate::registry::Registry;
 
 /// An unauthenticated response is at most this many times the request's size.
@@ -94,4 +97,47 @@ pub(crate) fn answer(registry: &Registry, req: &[u8], src: SocketAddr, out: &mut
     }
     trace!(%src, authenticated = password.is_some(), "binding answered");
     Some(len)
+}
+
+/// [`answer`] over a registry holding one registered peer, for the fuzz targets in
+/// `crates/fuzz`: not part of the server's API.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct FuzzResponder {
+    registry: Registry,
+    token: TokenCredentials,
+}
+
+#[doc(hidden)]
+impl FuzzResponder {
+    /// The peer's name in the registry.
+    pub const PEER: &'static str = "fuzz";
+
+    /// A responder whose registry holds [`Self::PEER`] with a fresh token; `None` only if the
+    /// in-memory registry refuses the registration.
+    pub fn new() -> Option<Self> {
+        let registry = Registry::new(None, 1).ok()?;
+        let outbox = Arc::new(Outbox::new(RelayConfig::default(), Metrics::new(), 8));
+        let tcp = SocketAddr::from(([127, 0, 0, 1], 1));
+        let token = registry
+            .register(Self::PEER, Fingerprint([0; 32]), Vec::new(), tcp, 1, outbox)
+            .ok()?
+            .token;
+        Some(Self { registry, token })
+    }
+
+    /// The registered peer's STUN token.
+    pub fn token(&self) -> &TokenCredentials {
+        &self.token
+    }
+
+    /// The public UDP address recorded for the peer so far.
+    pub fn public_udp(&self) -> Option<SocketAddr> {
+        self.registry.peer(Self::PEER).and_then(|p| p.public_udp)
+    }
+
+    /// What the server's responder answers to `req` from `src`.
+    pub fn answer(&self, req: &[u8], src: SocketAddr, out: &mut [u8]) -> Option<usize> {
+        answer(&self.registry, req, src, out)
+    }
 }
