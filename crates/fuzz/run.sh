@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target (or those named as arguments) for RUNS executions each, on a
 # copy of its seed corpus and regression inputs, at most JOBS targets at a time, and prints
-# per target: executions, exec/s, crashes. Exits 1 if any target crashed, naming the artifact.
+# per target: executions, exec/s, crashes. Exits 1 if any target crashed (naming the artifact)
+# or was interrupted (SIGINT to its fuzzer stops it with its statistics).
 #
 #   crates/fuzz/run.sh                         # every target, 10 million runs each
 #   RUNS=100000 crates/fuzz/run.sh frame       # a quick look at one target
@@ -70,7 +71,13 @@ for t in "${targets[@]}"; do
     if [ "${rate:-0}" = 0 ] && [ -n "$execs" ]; then rate="~$((execs / (secs > 0 ? secs : 1)))"; fi
     mapfile -t artifacts < <(find "$dir/artifacts" -type f | sort)
     result=ok
-    if [ "$rc" -ne 0 ] || [ ${#artifacts[@]} -gt 0 ]; then result="FAILED (exit $rc; log $dir/log)"; failed=1; fi
+    if [ ${#artifacts[@]} -gt 0 ]; then
+        result="CRASHED (log $dir/log)"; failed=1
+    elif grep -q 'libFuzzer: run interrupted' "$dir/log"; then
+        result="interrupted before $RUNS runs"; failed=1
+    elif [ "$rc" -ne 0 ]; then
+        result="FAILED (exit $rc; log $dir/log)"; failed=1
+    fi
     printf '%-16s %12s %10s %8s %8s  %s\n' "$t" "${execs:-?}" "${rate:-?}" "$secs" "${#artifacts[@]}" "$result"
     for a in "${artifacts[@]}"; do echo "    artifact: $a"; done
 done
