@@ -18,11 +18,14 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use natcall_proto::stun::{self as wire, MAX_STUN_MESSAGE};
+use natcall_proto::control::Fingerprint;
+use natcall_proto::stun::{self as wire, MAX_STUN_MESSAGE, TokenCredentials};
 use tokio::net::UdpSocket;
 use tracing::{debug, trace};
 
+use crate::config::RelayConfig;
 use crate::metrics::Metrics;
+use crate::outbox::Outbox;
 use crate::registry::{Binding, Registry};
 
 /// An unauthenticated response is at most this many times the request's size.
@@ -111,4 +114,53 @@ pub(crate) fn answer(
     }
     trace!(%src, authenticated = password.is_some(), "binding answered");
     Some(len)
+}
+
+/// [`answer`] over a registry holding one registered peer, for the fuzz targets in
+/// `crates/fuzz`: not part of the server's API.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct FuzzResponder {
+    registry: Registry,
+    metrics: Metrics,
+    token: TokenCredentials,
+}
+
+#[doc(hidden)]
+impl FuzzResponder {
+    /// The peer's name in the registry.
+    pub const PEER: &'static str = "fuzz";
+
+    /// A responder whose registry holds [`Self::PEER`] with a fresh token; `None` only if the
+    /// in-memory registry refuses the registration.
+    pub fn new() -> Option<Self> {
+        let metrics = Metrics::new();
+        let registry = Registry::new(None, &crate::config::Limits::default(), metrics.clone()).ok()?;
+        let outbox = Arc::new(Outbox::new(RelayConfig::default(), metrics.clone(), 8));
+        let tcp = SocketAddr::from(([127, 0, 0, 1], 1));
+        let token = registry
+            .register(Self::PEER, Fingerprint([0; 32]), Vec::new(), tcp, 1, outbox)
+            .ok()?
+            .token;
+        Some(Self {
+            registry,
+            metrics,
+            token,
+        })
+    }
+
+    /// The registered peer's STUN token.
+    pub fn token(&self) -> &TokenCredentials {
+        &self.token
+    }
+
+    /// The public UDP address recorded for the peer so far.
+    pub fn public_udp(&self) -> Option<SocketAddr> {
+        self.registry.peer(Self::PEER).and_then(|p| p.public_udp)
+    }
+
+    /// What the server's responder answers to `req` from `src`.
+    pub fn answer(&self, req: &[u8], src: SocketAddr, out: &mut [u8]) -> Option<usize> {
+        answer(&self.registry, &self.metrics, req, src, out)
+    }
 }
