@@ -1,34 +1,11 @@
 //! Calls between two endpoints and an in-process rendezvous server on loopback.
 
-use std::net::SocketAddr;
+mod common;
+
 use std::time::Duration;
 
+use common::{Lab, server};
 use natcall::{EndReason, Endpoint, EndpointConfig, Error, Identity, Path, Policy};
-use natcall_rendezvous::{Config, Server, Sockets};
-
-struct Lab {
-    addr: SocketAddr,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-async fn server() -> Lab {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let sockets = Sockets::bind("127.0.0.1:0".parse().expect("addr")).expect("binds");
-    let addr = sockets.local_addr().expect("addr");
-    let server = Server::new(Config::default()).expect("config");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _ = server
-            .run(sockets, async {
-                let _ = stopped.await;
-            })
-            .await;
-    });
-    Lab { addr, _stop: stop }
-}
 
 async fn peer(lab: &Lab, name: &str) -> Endpoint {
     let mut config = EndpointConfig::new(lab.addr, name, Identity::generate().expect("identity"));

@@ -5,38 +5,15 @@
 //! Both servers carry the same contacts label ("lab"), as one server that lost its name
 //! bindings (or lies about them) would: the second server lets another key register the name.
 
-use std::net::SocketAddr;
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
 
+use common::{Lab, server};
 use natcall::{Contacts, Endpoint, EndpointConfig, Error, Identity, Policy, Trust};
-use natcall_rendezvous::{Config, Server, Sockets};
 
 const WITHIN: Duration = Duration::from_secs(20);
-
-struct Lab {
-    addr: SocketAddr,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-async fn server() -> Lab {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let sockets = Sockets::bind("127.0.0.1:0".parse().expect("addr")).expect("binds");
-    let addr = sockets.local_addr().expect("addr");
-    let server = Server::new(Config::default()).expect("config");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _ = server
-            .run(sockets, async {
-                let _ = stopped.await;
-            })
-            .await;
-    });
-    Lab { addr, _stop: stop }
-}
 
 /// The contacts of a peer whose home is `home`.
 fn contacts(home: &Path) -> Contacts {

@@ -1,39 +1,20 @@
 //! How a peer knows its rendezvous server, tested against an attacker: a man in the middle
 //! that terminates TLS with its own key and relays everything to the real server.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use common::{server as real_server, start, start_on};
 use natcall::{Endpoint, EndpointConfig, Error, Identity, KnownServers, ServerKey, ServerTrust};
 use natcall_proto::frame::ErrorCode;
 use natcall_rendezvous::tls::{ServerTls, TlsSource};
-use natcall_rendezvous::{Config, Server, Sockets};
-use tokio::net::{TcpListener, TcpStream};
+use natcall_rendezvous::{Config, Sockets};
+use tokio::net::TcpListener;
 
 /// The name the user knows the server by (its line in `known_servers`).
 const LABEL: &str = "rv.test:3478";
-
-struct Real {
-    addr: SocketAddr,
-    key: ServerKey,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-async fn real_server() -> Real {
-    let sockets = Sockets::bind("127.0.0.1:0".parse().expect("addr")).expect("binds");
-    let addr = sockets.local_addr().expect("addr");
-    let server = Server::new(Config::default()).expect("config");
-    let key = server.key();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _ = server
-            .run(sockets, async {
-                let _ = stopped.await;
-            })
-            .await;
-    });
-    Real { addr, key, _stop: stop }
-}
 
 /// A TLS-terminating proxy with its own key in front of `real`: it decrypts what the peer
 /// sends, re-encrypts it to the real server (taking whatever key that presents), and back.
@@ -49,9 +30,8 @@ async fn man_in_the_middle(real: SocketAddr) -> (SocketAddr, ServerKey) {
                 let Ok(mut victim) = tls.acceptor().accept(tcp).await else {
                     return; // the peer refused our key: nothing to relay
                 };
-                let upstream = TcpStream::connect(real).await.expect("real server");
-                let mut server = any_key_connector()
-                    .connect(rustls::pki_types::ServerName::IpAddress(real.ip().into()), upstream)
+                // Towards the real server the attacker takes whatever key it presents.
+                let (mut server, _) = natcall::connect_tls(real, ServerTrust::first_use(real.to_string()))
                     .await
                     .expect("TLS to the real server");
                 let _ = tokio::io::copy_bidirectional(&mut victim, &mut server).await;
@@ -177,16 +157,8 @@ async fn a_server_that_comes_back_with_another_key_is_not_followed() {
             Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
         }
     };
-    let again = Server::new(Config::default()).expect("config");
-    let new_key = again.key();
-    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _ = again
-            .run(sockets, async {
-                let _ = stopped.await;
-            })
-            .await;
-    });
+    let again = start_on(sockets, Config::default());
+    let new_key = again.key;
     let gone = tokio::time::timeout(std::time::Duration::from_secs(10), async {
         loop {
             let seen = dave.server_state();
@@ -202,57 +174,6 @@ async fn a_server_that_comes_back_with_another_key_is_not_followed() {
         gone.contains(&new_key.to_string()) && gone.contains("presented key"),
         "{gone}"
     );
-}
-
-fn any_key_connector() -> tokio_rustls::TlsConnector {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("TLS 1.3")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyKey(provider)))
-        .with_no_client_auth();
-    config.alpn_protocols = vec![natcall_proto::ALPN.to_vec()];
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-}
-
-/// The attacker's side towards the real server: takes any key.
-#[derive(Debug)]
-struct AnyKey(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyKey {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &rustls::pki_types::CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &rustls::pki_types::CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 /// A server with a CA-issued certificate for its DNS name is verified against the roots and
@@ -279,17 +200,8 @@ async fn a_ca_certificate_for_the_dns_name_is_verified_and_not_pinned() {
         tls_key: Some(key),
         ..Config::default()
     };
-    let sockets = Sockets::bind("127.0.0.1:0".parse().expect("addr")).expect("binds");
-    let addr = sockets.local_addr().expect("addr");
-    let server = Server::new(server_config).expect("loads the certificate");
-    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _ = server
-            .run(sockets, async {
-                let _ = stopped.await;
-            })
-            .await;
-    });
+    let lab = start(server_config).await;
+    let addr = lab.addr;
     let known = dir.path().join("known_servers");
     let trusting = ServerTrust {
         ca_roots: vec![ca.der().clone()],
