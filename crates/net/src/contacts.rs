@@ -37,7 +37,6 @@
 //! and replaces it atomically (a temporary file, `fsync`, `rename`): a reader never sees half a
 //! file and no process's change is lost. Reads take no lock.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -306,7 +305,7 @@ impl Contacts {
     fn lock(&self) -> Result<std::fs::File, ContactsError> {
         std::fs::create_dir_all(self.dir()).map_err(self.io("create the directory of", &self.path))?;
         let path = self.dir().join(LOCK_FILE);
-        let file = open_private(&path, false).map_err(self.io("open the lock file", &path))?;
+        let file = crate::file::open_private(&path, false).map_err(self.io("open the lock file", &path))?;
         rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
             .map_err(|e| (self.io("lock", &path))(e.into()))?;
         Ok(file)
@@ -357,29 +356,8 @@ impl Contacts {
             path: self.path.clone(),
             reason: format!("cannot be encoded: {e}"),
         })?;
-        let tmp = self.path.with_extension("toml.tmp");
-        let mut file = open_private(&tmp, true).map_err(self.io("write", &tmp))?;
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(self.io("write", &tmp))?;
-        std::fs::rename(&tmp, &self.path).map_err(self.io("replace", &self.path))?;
-        // Best effort: the rename itself reaches the disk with the directory.
-        if let Ok(d) = std::fs::File::open(self.dir()) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        crate::file::replace_private(&self.path, text.as_bytes()).map_err(self.io("write", &self.path))
     }
-}
-
-/// Opens (creating, mode 0600) `path` for writing, emptied when `truncate`.
-fn open_private(path: &Path, truncate: bool) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(truncate)
-        .mode(0o600)
-        .open(path)
 }
 
 fn seen(stored: Option<Contact>, key: Fingerprint) -> Seen {

@@ -34,6 +34,7 @@ mod core;
 mod driver;
 mod endpoint;
 mod error;
+mod file;
 mod identity;
 mod media;
 mod safety;

@@ -131,19 +131,9 @@ impl KnownServers {
         for (l, k) in &known.keys {
             text.push_str(&format!("{l} {k}\n"));
         }
-        write_atomically(path, text.as_bytes()).map_err(|e| Error::Tls(format!("cannot write {}: {e}", path.display())))
+        crate::file::replace_private(path, text.as_bytes())
+            .map_err(|e| Error::Tls(format!("cannot write {}: {e}", path.display())))
     }
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 /// Where the key a server's key was checked against came from.
