@@ -157,7 +157,7 @@ pub(crate) async fn serve(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr
     }
     // The handshake counts against the hello deadline: a client that stalls it is dropped.
     let handshake = tokio::time::timeout(ctx.config.limits.hello_timeout(), ctx.tls.acceptor().accept(stream));
-    let tls = match handshake.await {
+    let mut tls = match handshake.await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             debug!(%addr, error = %e, "TLS handshake failed");
@@ -179,7 +179,6 @@ pub(crate) async fn serve(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr
         warn!(%addr, error = %e, "TLS exporter failed; closing");
         return;
     }
-    let mut tls = tls;
     // TLS buffers sealed records only up to what one batch fills: the backlog stays in the
     // outbox, where the class policy sees it (see docs/relay.md).
     tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
