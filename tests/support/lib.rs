@@ -44,18 +44,22 @@ pub struct Rendezvous {
 }
 
 impl Rendezvous {
+    /// Starts on a port the kernel chooses (never one another test or a restarting server
+    /// holds) and returns once this very process says it is listening.
     pub fn start(dir: &Path) -> Self {
-        Self::start_at(dir, SocketAddr::from(([127, 0, 0, 1], free_port())))
+        Self::start_at(dir, SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
-    /// Starts on a given address (e.g. again, after a restart).
+    /// Starts on a given address (e.g. again, after a restart; port 0 lets the kernel choose).
+    /// Readiness is the server's own "listening" log line, not a TCP probe: a probe can be
+    /// answered by another process on the port, or by a self-connect on loopback.
     pub fn start_at(dir: &Path, addr: SocketAddr) -> Self {
         let log = dir.join(format!("rendezvous-{}.log", rand_suffix()));
         // Name bindings and the TLS key in the test's own directory: runs never share them or
         // leave any in the user's home, and a restart on the same directory keeps them (peers
         // that pinned the server's key meet the same key), as in production.
         let state = dir.join("rendezvous-state");
-        let child = Command::new(bin("natcall-rendezvous"))
+        let mut child = Command::new(bin("natcall-rendezvous"))
             .args(["--listen", &addr.to_string(), "--log-level", "debug", "--state-dir"])
             .arg(&state)
             .stdin(Stdio::null())
@@ -64,12 +68,29 @@ impl Rendezvous {
             .spawn()
             .expect("starts natcall-rendezvous");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "natcall-rendezvous did not listen on {addr}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let addr = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(bound) = listening_addr(&text) {
+                break bound;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("natcall-rendezvous on {addr} exited ({status}) before listening:\n{text}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "natcall-rendezvous did not listen on {addr}:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
         Self { child, addr, log }
     }
+}
+
+/// The `local=ADDR` of the server's "rendezvous server listening" line, once it is logged.
+fn listening_addr(log: &str) -> Option<SocketAddr> {
+    let line = log.lines().find(|l| l.contains("rendezvous server listening"))?;
+    let at = line.find("local=")? + "local=".len();
+    line[at..].split_whitespace().next()?.parse().ok()
 }
 
 impl Rendezvous {

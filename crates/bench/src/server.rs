@@ -40,6 +40,13 @@ pub fn free_port() -> Result<u16> {
     bail!("no port free for both TCP and UDP")
 }
 
+/// Whether something listens on `addr`. A loopback connect to a port with no listener can
+/// connect to itself (the kernel picks that very port as the source, TCP simultaneous open):
+/// that is not a listener.
+pub fn accepts(addr: SocketAddr) -> bool {
+    std::net::TcpStream::connect(addr).is_ok_and(|s| s.local_addr().ok() != Some(addr))
+}
+
 impl Spawned {
     /// Starts the server with limits opened up for load: no practical cap on connections or
     /// on a connection's relay rate (the relay engine's own policy stays as configured).
@@ -77,9 +84,12 @@ impl Spawned {
             .stderr(Stdio::inherit())
             .spawn()
             .context("starting natcall-rendezvous")?;
-        let s = Self { child, addr };
+        let mut s = Self { child, addr };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(addr).is_err() {
+        while !accepts(addr) {
+            if let Some(status) = s.child.try_wait()? {
+                bail!("natcall-rendezvous exited ({status}) before listening on {addr}");
+            }
             if Instant::now() > deadline {
                 bail!("natcall-rendezvous did not start listening on {addr}");
             }
