@@ -102,6 +102,26 @@ pub fn observed(sock: &UdpSocket, reflector: SocketAddr) -> Option<SocketAddr> {
     None
 }
 
+/// Waits until a probe from `device` comes back from `reflector` (a probe every 100 ms, for
+/// at most `within`), so the path's neighbour (ARP) entries are resolved both ways before a
+/// measurement. On a lossy link the first ARP exchange can be lost and the kernel asks again
+/// only a second later; datagrams sent meanwhile wait in a short queue or are dropped, which a
+/// measurement would count as the link's loss.
+pub fn wait_for_echo(device: &Device, reflector: &Reflector, within: Duration) -> Result<(), Error> {
+    let sock = udp_socket(device)?;
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let _ = sock.send_to(b"ready?", reflector.addr);
+        if receives(&sock, Duration::from_millis(100)) {
+            return Ok(());
+        }
+    }
+    Err(Error::InvalidScenario(format!(
+        "no echo from {} within {within:?}: the impaired path does not carry traffic",
+        reflector.addr
+    )))
+}
+
 /// Whether anything arrives on `sock` within `wait`; then empties its queue.
 fn receives(sock: &UdpSocket, wait: Duration) -> bool {
     let mut buf = [0u8; 2048];

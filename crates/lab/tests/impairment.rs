@@ -21,8 +21,9 @@ async fn measure(imp: Impairment, count: u32, interval_ms: u64) -> (natcall_lab:
     let stats = tokio::task::spawn_blocking(move || {
         let ip = server.ip().expect("server ip");
         let refl = Reflector::start(&server, SocketAddr::from((ip, 7000))).expect("reflector");
-        // Warm-up: ARP through the forwarder, then measure.
-        let _ = echo_stats(&client, &refl, 3, Duration::from_millis(20));
+        // Warm-up: the neighbour entries resolved through the forwarder (a lost ARP exchange is
+        // retried only a second later and would count as loss), then measure.
+        natcall_lab::probe::wait_for_echo(&client, &refl, Duration::from_secs(10)).expect("the path carries traffic");
         echo_stats(&client, &refl, count, Duration::from_millis(interval_ms)).expect("echo")
     })
     .await
