@@ -136,6 +136,11 @@ impl PacketSealer {
         Ok(out)
     }
 
+    /// The sequence number the next packet of `track` gets (`None` once exhausted).
+    pub fn next_sequence(&self, track: Track) -> Option<u32> {
+        self.next[usize::from(track.0)]
+    }
+
     #[cfg(test)]
     pub(crate) fn set_next_sequence(&mut self, track: Track, sequence: u32) {
         self.next[usize::from(track.0)] = Some(sequence);

@@ -103,21 +103,23 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod crypto;
+mod feedback;
 mod packet;
+pub mod rate;
 mod receiver;
-mod report;
 mod sender;
 mod stats;
 
 use serde::Serialize;
 
 pub use crypto::{Direction, PacketOpener, PacketSealer, ReplayWindow, Role, derive_keys};
+pub use feedback::{Arrival, Feedback, MAX_ARRIVALS, MAX_FEEDBACK_LEN, TrackCount};
 pub use packet::{
     FIRST_BYTE_BASE, Flags, HEADER_LEN, Header, MAX_FRAGMENT_PAYLOAD, MAX_FRAGMENTS, MAX_FRAME, MAX_PACKET, TAG_LEN,
     fragment_count, fragment_range, packetize,
 };
+pub use rate::{RateConfig, RateController, RateReason, RateState, Usage};
 pub use receiver::{Playout, ReceivedFrame, Receiver, ReceiverConfig};
-pub use report::{REPORT_LEN, ReceiverReport};
 pub use sender::{Frame, Sender, SenderConfig, Transmit};
 pub use stats::{SendStats, Stats};
 

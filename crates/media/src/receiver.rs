@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use tracing::trace;
 
 use crate::crypto::{PacketOpener, ReplayWindow};
+use crate::feedback::{Feedback, FeedbackBuilder};
 use crate::packet::{Flags, Header, MAX_FRAME, MAX_PACKET};
-use crate::report::ReceiverReport;
 use crate::stats::{DelayEstimator, RateMeter, Stats};
 use crate::{Error, Track};
 
@@ -54,6 +54,9 @@ pub struct ReceiverConfig {
     pub max_buffered_bytes: usize,
     /// Window of [`Stats::bitrate_bps`].
     pub bitrate_window: Duration,
+    /// Transport feedback ([`Receiver::poll_feedback`]) goes to the sender this often while
+    /// packets arrive (nothing is sent while none do: the sender notices the silence).
+    pub feedback_interval: Duration,
 }
 
 impl Default for ReceiverConfig {
@@ -66,6 +69,7 @@ impl Default for ReceiverConfig {
             max_frames_per_track: 256,
             max_buffered_bytes: 2 * MAX_FRAME,
             bitrate_window: Duration::from_secs(1),
+            feedback_interval: Duration::from_millis(40),
         }
     }
 }
@@ -89,9 +93,9 @@ pub struct ReceivedFrame {
 ///
 /// # Drive contract
 /// After every [`handle_packet`](Self::handle_packet) and [`handle_timeout`](Self::handle_timeout),
-/// drain [`poll_frame`](Self::poll_frame), then arm a timer for
-/// [`poll_timeout`](Self::poll_timeout) and call `handle_timeout` when it fires. Every few
-/// hundred ms, send [`report`](Self::report) to the peer's sender over the control stream.
+/// drain [`poll_frame`](Self::poll_frame) and send what [`poll_feedback`](Self::poll_feedback)
+/// gives to the peer's sender, then arm a timer for [`poll_timeout`](Self::poll_timeout) and
+/// call `handle_timeout` when it fires.
 #[derive(Debug)]
 pub struct Receiver {
     config: ReceiverConfig,
@@ -100,6 +104,8 @@ pub struct Receiver {
     tracks: BTreeMap<Track, TrackState>,
     ready: VecDeque<ReceivedFrame>,
     malformed: u64,
+    feedback: FeedbackBuilder,
+    feedback_due: Instant,
 }
 
 impl Receiver {
@@ -114,6 +120,8 @@ impl Receiver {
             tracks: BTreeMap::new(),
             ready: VecDeque::new(),
             malformed: 0,
+            feedback: FeedbackBuilder::default(),
+            feedback_due: now,
         }
     }
 
@@ -155,6 +163,8 @@ impl Receiver {
         };
         track.replay.accept(header.sequence);
         track.on_authenticated(now, &header, data.len());
+        let at_us = now.saturating_duration_since(self.epoch).as_micros() as u64;
+        self.feedback.record(header.track, header.sequence, data.len(), at_us);
         let result = track.insert(now, &self.config, &header, payload, &mut self.ready);
         if let Err(e) = &result {
             self.malformed += 1;
@@ -177,7 +187,23 @@ impl Receiver {
 
     /// When [`handle_timeout`](Self::handle_timeout) next has work, if ever.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.tracks.values().filter_map(|t| t.deadline(&self.config)).min()
+        let feedback = self.feedback.fresh().then_some(self.feedback_due);
+        self.tracks
+            .values()
+            .filter_map(|t| t.deadline(&self.config))
+            .chain(feedback)
+            .min()
+    }
+
+    /// Transport feedback for the peer's [`crate::Sender::handle_feedback`], when one is due:
+    /// every [`ReceiverConfig::feedback_interval`] while packets arrive.
+    pub fn poll_feedback(&mut self, now: Instant) -> Option<Feedback> {
+        if !self.feedback.fresh() || now < self.feedback_due {
+            return None;
+        }
+        self.feedback_due = now + self.config.feedback_interval;
+        let at_us = now.saturating_duration_since(self.epoch).as_micros() as u64;
+        Some(self.feedback.take(at_us))
     }
 
     /// Statistics of `track`, if any packet of it arrived.
@@ -200,32 +226,6 @@ impl Receiver {
         self.tracks.values().map(|t| t.bytes).sum()
     }
 
-    /// Feedback for the peer's [`crate::Sender::handle_feedback`], covering the time since the
-    /// previous call.
-    pub fn report(&mut self, now: Instant) -> ReceiverReport {
-        let (mut expected, mut received) = (0u64, 0u64);
-        let mut report = ReceiverReport::default();
-        for t in self.tracks.values_mut() {
-            let (e, r) = (t.expected(), t.stats.packets_received);
-            expected += e.saturating_sub(t.prior.expected);
-            received += r.saturating_sub(t.prior.received);
-            report.jitter_ms = report.jitter_ms.max(t.delay.jitter_ms());
-            if r > t.prior.received {
-                report.delay_trend_ms = report.delay_trend_ms.max(t.delay.delay_ms() - t.prior.delay_ms);
-            }
-            report.received_bps += t.rate.rate_bps(now);
-            t.prior = Prior {
-                expected: e,
-                received: r,
-                delay_ms: t.delay.delay_ms(),
-            };
-        }
-        if expected > 0 {
-            report.loss_fraction = (expected.saturating_sub(received) as f64 / expected as f64).clamp(0.0, 1.0);
-        }
-        report
-    }
-
     fn release(&mut self, now: Instant) {
         for t in self.tracks.values_mut() {
             t.release(now, &self.config, &mut self.ready);
@@ -243,14 +243,6 @@ impl Receiver {
             }
         }
     }
-}
-
-/// Counters at the previous report.
-#[derive(Debug, Clone, Default)]
-struct Prior {
-    expected: u64,
-    received: u64,
-    delay_ms: f64,
 }
 
 /// One frame being reassembled or waiting for its playout time.
@@ -286,7 +278,6 @@ struct TrackState {
     rate: RateMeter,
     /// The newest timestamp and its unwrapped value in ms.
     newest_timestamp: Option<(u32, i64)>,
-    prior: Prior,
 }
 
 impl TrackState {
@@ -303,7 +294,6 @@ impl TrackState {
             delay: DelayEstimator::default(),
             rate: RateMeter::new(epoch, bitrate_window),
             newest_timestamp: None,
-            prior: Prior::default(),
         }
     }
 
@@ -570,6 +560,11 @@ mod tests {
             r.handle_packet(t0 + 10 * MS, &p).unwrap();
         }
         assert!(drain(&mut r).is_empty());
+        assert!(
+            r.poll_feedback(t0 + 10 * MS).is_some(),
+            "the first arrivals are reported at once"
+        );
+        // Nothing new to report: the next wake-up is the frame's playout.
         assert_eq!(r.poll_timeout(), Some(t0 + 90 * MS));
         r.handle_timeout(t0 + 89 * MS);
         assert!(drain(&mut r).is_empty());
@@ -629,6 +624,7 @@ mod tests {
         let frame = seal(&mut s, Track::VIDEO, 0, 0, &[1; 1000]);
         r.handle_packet(t0, &frame[0]).unwrap();
         assert!(r.buffered_bytes() > 0);
+        assert!(r.poll_feedback(t0).is_some());
         assert_eq!(r.poll_timeout(), Some(t0 + Duration::from_secs(1)));
         r.handle_timeout(t0 + Duration::from_secs(1));
         assert_eq!(r.buffered_bytes(), 0);
@@ -706,9 +702,29 @@ mod tests {
         assert_eq!(stats.frames_incomplete, 10);
         assert!(stats.jitter_ms > 4.0 && stats.jitter_ms < 9.0, "{}", stats.jitter_ms);
         assert!(stats.delay_ms < 8.0);
-        let report = r.report(now);
-        assert!((report.loss_fraction - 0.1).abs() < 0.01, "{report:?}");
-        assert_eq!(r.report(now).loss_fraction, 0.0);
+        // The feedback counts what arrived; the sender derives the loss from it.
+        let f = r.poll_feedback(now).expect("feedback is due");
+        assert_eq!(f.counts.len(), 1);
+        assert_eq!((f.counts[0].highest, f.counts[0].received), (99, 90));
+        assert!(r.poll_feedback(now).is_none(), "nothing new");
+    }
+
+    #[test]
+    fn feedback_is_due_every_interval_while_packets_arrive() {
+        let (mut s, mut r, t0) = pair(ReceiverConfig::default());
+        assert_eq!(r.poll_timeout(), None);
+        let p = seal(&mut s, Track::AUDIO, 0, 0, &[0; 80]);
+        r.handle_packet(t0, &p[0]).unwrap();
+        let f = r.poll_feedback(t0).expect("the first packet is reported at once");
+        assert_eq!(f.arrivals.len(), 1);
+        assert_eq!(f.received_bytes, p[0].len() as u64);
+        let p = seal(&mut s, Track::AUDIO, 1, 20, &[0; 80]);
+        r.handle_packet(t0 + 10 * MS, &p[0]).unwrap();
+        assert!(r.poll_feedback(t0 + 10 * MS).is_none());
+        assert!(r.poll_timeout().unwrap() <= t0 + 40 * MS);
+        let f = r.poll_feedback(t0 + 40 * MS).expect("due after the interval");
+        assert_eq!((f.arrivals.len(), f.arrivals[0].sequence), (1, 1));
+        assert_eq!(f.arrivals[0].at_us, 10_000);
     }
 
     #[test]

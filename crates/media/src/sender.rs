@@ -6,8 +6,10 @@
 //! 2. [`Sender::poll_transmit`] picks the highest-priority track with data (audio, then video,
 //!    then data tracks by number), cuts the next fragment of its current frame, seals it, and
 //!    charges the token bucket. Audio is never held back by the bucket.
-//! 3. [`Sender::handle_feedback`] adapts the rate to the receiver's reports and, under
-//!    congestion, drops whole queued video frames up to the newest key frame.
+//! 3. [`Sender::handle_feedback`] feeds the receiver's transport feedback to the call's
+//!    [`RateController`]; its target is the pacing rate. When the rate drops, video queued
+//!    for longer than [`SenderConfig::max_video_queue_delay`] at the new rate is dropped whole,
+//!    up to the newest key frame.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -15,8 +17,12 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use crate::crypto::PacketSealer;
-use crate::packet::{Flags, HEADER_LEN, MAX_FRAME, TAG_LEN, fragment_count, fragment_header, fragment_range};
-use crate::report::ReceiverReport;
+use crate::feedback::Feedback;
+use crate::packet::{
+    Flags, HEADER_LEN, MAX_FRAGMENT_PAYLOAD, MAX_FRAME, TAG_LEN, fragment_count, fragment_header, fragment_range,
+};
+use crate::rate::{RateConfig, RateController, RateState};
+use crate::stats::RateMeter;
 use crate::stats::SendStats;
 use crate::{Error, Track};
 
@@ -24,9 +30,11 @@ use crate::{Error, Track};
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct SenderConfig {
-    /// The initial pacing rate and the ceiling feedback may raise it to, in bit/s.
+    /// The ceiling of the target bitrate (what the application allows), in bit/s.
     pub rate_bps: u64,
-    /// Feedback never lowers the rate below this.
+    /// The target before any feedback (at most `rate_bps`), in bit/s.
+    pub start_rate_bps: u64,
+    /// Feedback never lowers the target below this.
     pub min_rate_bps: u64,
     /// The token bucket holds this much sending time at the current rate (at least one packet).
     pub burst: Duration,
@@ -40,18 +48,23 @@ pub struct SenderConfig {
     /// keep the pacer busy, short enough that queuing is not mistaken for a growing path delay
     /// (frame timestamps are taken when frames are queued).
     pub stream_backlog: Duration,
+    /// [`Sender::video_budget_bps`] asks for frames small enough to send the queued video
+    /// within this time.
+    pub backlog_drain: Duration,
 }
 
 impl Default for SenderConfig {
     fn default() -> Self {
         Self {
             rate_bps: 2_000_000,
+            start_rate_bps: 300_000,
             min_rate_bps: 100_000,
             burst: Duration::from_millis(20),
             max_video_queue_delay: Duration::from_millis(400),
             max_queue_bytes: MAX_FRAME + MAX_FRAME / 2,
             max_audio_frames: 50,
             stream_backlog: Duration::from_millis(20),
+            backlog_drain: Duration::from_millis(500),
         }
     }
 }
@@ -94,6 +107,8 @@ pub struct Transmit {
     pub track: Track,
     /// Its flags, bit-compatible with the relay header's flags.
     pub flags: Flags,
+    /// Its sequence number on the track (what the receiver's feedback names it by).
+    pub sequence: u32,
     /// The whole UDP payload, at most [`crate::MAX_PACKET`] bytes.
     pub contents: Vec<u8>,
 }
@@ -101,16 +116,21 @@ pub struct Transmit {
 /// The sending half of a call's media.
 ///
 /// # Drive contract
-/// After every [`handle_frame`](Self::handle_frame), [`handle_feedback`](Self::handle_feedback)
-/// and [`set_rate`](Self::set_rate), and whenever [`poll_timeout`](Self::poll_timeout) passes,
-/// drain [`poll_transmit`](Self::poll_transmit) with the current time until it returns `None`,
-/// then re-read `poll_timeout`.
+/// After every [`handle_frame`](Self::handle_frame), [`handle_feedback`](Self::handle_feedback),
+/// [`handle_budget`](Self::handle_budget), [`set_rate`](Self::set_rate) and
+/// [`set_max_rate`](Self::set_max_rate), and whenever
+/// [`poll_timeout`](Self::poll_timeout) passes, drain [`poll_transmit`](Self::poll_transmit)
+/// with the current time until it returns `None`, then re-read `poll_timeout`. Call
+/// [`handle_timeout`](Self::handle_timeout) every few tens of ms (the controller notices
+/// silent feedback there).
 #[derive(Debug)]
 pub struct Sender {
     config: SenderConfig,
     sealer: PacketSealer,
     rate_bps: u64,
-    ceiling_bps: u64,
+    rate: RateController,
+    /// Audio bytes sent over the last second: the share of the target video may not take.
+    audio_meter: RateMeter,
     tokens: f64,
     last_refill: Instant,
     tracks: BTreeMap<Track, SendTrack>,
@@ -146,12 +166,22 @@ fn wire_bytes(len: usize) -> usize {
 impl Sender {
     /// A sender sealing with `sealer` (from [`crate::derive_keys`]).
     pub fn new(config: SenderConfig, sealer: PacketSealer, now: Instant) -> Self {
-        let rate = config.rate_bps.max(config.min_rate_bps).max(1);
+        let max = config.rate_bps.max(config.min_rate_bps).max(1);
+        let rate = RateController::new(
+            RateConfig {
+                start_bps: config.start_rate_bps.min(max),
+                min_bps: config.min_rate_bps,
+                max_bps: max,
+                ..RateConfig::default()
+            },
+            now,
+        );
         let mut sender = Self {
             config,
             sealer,
-            rate_bps: rate,
-            ceiling_bps: rate,
+            rate_bps: rate.target_bps().max(1),
+            rate,
+            audio_meter: RateMeter::new(now, Duration::from_secs(1)),
             tokens: 0.0,
             last_refill: now,
             tracks: BTreeMap::new(),
@@ -188,7 +218,13 @@ impl Sender {
             t.push(frame);
             let delay_s = wire_bytes(t.queued_bytes) as f64 * 8.0 / self.rate_bps as f64;
             if t.queued_bytes > max_bytes || delay_s > self.config.max_video_queue_delay.as_secs_f64() {
-                debug!(queued = t.queued_bytes, "video queue too deep, dropping to a key frame");
+                debug!(
+                    queued = t.queued_bytes,
+                    frames = t.queue.len(),
+                    rate = self.rate_bps,
+                    tokens = self.tokens,
+                    "video queue too deep, dropping to a key frame"
+                );
                 t.drop_until_key();
             }
         } else {
@@ -200,44 +236,93 @@ impl Sender {
         Ok(())
     }
 
-    /// Adapts to the receiver's report: lowers the rate and drops queued video up to the newest
-    /// key frame under congestion (loss above 10 % or delay growing by more than 25 ms),
-    /// raises it slowly (up to the [`set_rate`](Self::set_rate) ceiling) when the path is clean.
-    pub fn handle_feedback(&mut self, now: Instant, report: &ReceiverReport) {
+    /// Feeds the receiver's transport feedback to the rate controller and paces at its target.
+    pub fn handle_feedback(&mut self, now: Instant, feedback: &Feedback) {
         self.refill(now);
-        let loss = report.loss_fraction.clamp(0.0, 1.0);
-        let rate = self.rate_bps as f64;
-        let new_rate = if loss > 0.1 || report.delay_trend_ms > 25.0 {
-            let factor = if loss > 0.1 { (1.0 - loss / 2.0).max(0.5) } else { 0.85 };
-            if let Some(video) = self.tracks.get_mut(&Track::VIDEO).filter(|v| !v.lossless) {
-                video.drop_until_key();
-            }
-            rate * factor
-        } else if loss < 0.02 && report.delay_trend_ms <= 5.0 {
-            rate * 1.08 + 1_000.0
-        } else {
-            rate
-        };
-        let floor = self.config.min_rate_bps.min(self.ceiling_bps);
-        self.rate_bps = (new_rate as u64).clamp(floor, self.ceiling_bps).max(1);
-        debug!(
-            rate_bps = self.rate_bps,
-            loss,
-            trend_ms = report.delay_trend_ms,
-            "media rate adapted"
-        );
+        self.rate.handle_feedback(now, feedback);
+        self.follow_target();
     }
 
-    /// Sets the pacing rate and the ceiling feedback may raise it back to (what the path carries).
+    /// A cap from the path (the relay's drain rate for the receiver), in bit/s.
+    pub fn handle_budget(&mut self, now: Instant, bps: u64) {
+        self.refill(now);
+        self.rate.handle_budget(now, bps);
+        self.follow_target();
+    }
+
+    /// Advances the controller's clock (silent feedback halves the target).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.refill(now);
+        self.rate.handle_timeout(now);
+        self.follow_target();
+    }
+
+    /// The path's round-trip time, for the controller's response time.
+    pub fn set_rtt(&mut self, rtt: Duration) {
+        self.rate.set_rtt(rtt);
+    }
+
+    /// Sets the ceiling of the target (what the application allows the call to use); the
+    /// controller keeps adapting below it.
+    pub fn set_max_rate(&mut self, now: Instant, bps: u64) {
+        self.refill(now);
+        self.rate.set_max(bps);
+        self.follow_target();
+    }
+
+    /// Sets the target and its ceiling at once: a fixed rate from now, which feedback then
+    /// adapts.
     pub fn set_rate(&mut self, now: Instant, bps: u64) {
         self.refill(now);
-        self.ceiling_bps = bps.max(1);
-        self.rate_bps = self.ceiling_bps;
+        self.rate.set_rate(bps);
+        self.follow_target();
     }
 
-    /// The current pacing rate in bit/s.
+    /// The current pacing rate (the controller's target) in bit/s.
     pub fn rate_bps(&self) -> u64 {
         self.rate_bps
+    }
+
+    /// What the rate controller knows.
+    pub fn rate_state(&self) -> RateState {
+        self.rate.state()
+    }
+
+    /// What video may use of the target: the target less what audio took over the last second
+    /// (audio first: it is never starved to make room for video).
+    ///
+    /// In frame bytes (what an encoder produces): the packets' own header and tag (34 of every
+    /// 512 bytes) are taken off.
+    /// Video already queued counts against it, spread over [`SenderConfig::backlog_drain`], as
+    /// an encoder's rate control does: a backlog left by a drop in the target is worked off by
+    /// smaller frames instead of lingering as delay.
+    pub fn video_budget_bps(&self, now: Instant) -> u64 {
+        let wire = self.rate_bps.saturating_sub(self.audio_meter.rate_bps(now));
+        let frames = wire * MAX_FRAGMENT_PAYLOAD as u64 / crate::MAX_PACKET as u64;
+        let queued = self.tracks.get(&Track::VIDEO).map_or(0, |t| t.queued_bytes) as f64;
+        let drain = (queued * 8.0 / self.config.backlog_drain.as_secs_f64().max(1e-3)) as u64;
+        frames.saturating_sub(drain)
+    }
+
+    fn follow_target(&mut self) {
+        let target = self.rate.target_bps().max(1);
+        let lower = target < self.rate_bps;
+        self.rate_bps = target;
+        if lower {
+            // Video queued for too long at the new rate goes, whole frames up to a key frame.
+            let limit = self.config.max_video_queue_delay.as_secs_f64();
+            if let Some(video) = self.tracks.get_mut(&Track::VIDEO).filter(|v| !v.lossless) {
+                let delay_s = wire_bytes(video.queued_bytes) as f64 * 8.0 / target as f64;
+                if delay_s > limit {
+                    debug!(
+                        target,
+                        queued = video.queued_bytes,
+                        "video queue too deep for the new rate"
+                    );
+                    video.drop_until_key();
+                }
+            }
+        }
     }
 
     /// The next packet to send now, if the pacer allows one. Audio always goes first and is
@@ -256,7 +341,12 @@ impl Sender {
             }
             match t.next_packet(track, &mut self.sealer) {
                 Ok(transmit) => {
-                    self.tokens = (self.tokens - transmit.contents.len() as f64).max(-burst);
+                    let len = transmit.contents.len();
+                    self.tokens = (self.tokens - len as f64).max(-burst);
+                    self.rate.on_sent(now, track, transmit.sequence, len);
+                    if track == Track::AUDIO {
+                        self.audio_meter.add(now, len);
+                    }
                     return Some(transmit);
                 }
                 Err(e) => {
@@ -408,6 +498,7 @@ impl SendTrack {
         let header = fragment_header(track, c.id, c.frame.timestamp, c.frame.key_frame, c.next, c.count);
         let range = fragment_range(c.frame.data.len(), c.next);
         let payload_len = range.len();
+        let sequence = sealer.next_sequence(track).ok_or(Error::SequenceExhausted(track))?;
         let contents = sealer.seal(header, &c.frame.data[range])?;
         c.next += 1;
         self.queued_bytes -= payload_len;
@@ -420,6 +511,7 @@ impl SendTrack {
         Ok(Transmit {
             track,
             flags: header.flags,
+            sequence,
             contents,
         })
     }
@@ -438,6 +530,7 @@ mod tests {
         let (sealer, _) = derive_keys(&[1; 32], Role::Caller);
         let config = SenderConfig {
             rate_bps,
+            start_rate_bps: rate_bps,
             min_rate_bps: 10_000,
             ..SenderConfig::default()
         };
@@ -492,13 +585,8 @@ mod tests {
         for i in 0..4 {
             s.handle_frame(Track::VIDEO, Frame::key(i, vec![1; 1434])).unwrap();
         }
-        let congested = ReceiverReport {
-            loss_fraction: 0.3,
-            delay_trend_ms: 60.0,
-            ..ReceiverReport::default()
-        };
-        s.handle_feedback(t0, &congested);
-        assert!(s.rate_bps() < 1_000_000);
+        s.handle_budget(t0, 300_000);
+        assert_eq!(s.rate_bps(), 300_000);
         let mut n = 0;
         for tick in 0..1000u32 {
             n += drain(&mut s, t0 + MS * tick).len();
@@ -583,7 +671,7 @@ mod tests {
     }
 
     #[test]
-    fn congestion_lowers_the_rate_and_drops_video_to_the_newest_key_frame() {
+    fn a_lower_rate_drops_video_queued_too_long_to_the_newest_key_frame() {
         let (mut s, t0) = sender(1_000_000);
         s.handle_frame(Track::VIDEO, Frame::key(0, vec![0; 2000])).unwrap();
         let sent = drain(&mut s, t0); // the key frame goes out within the burst
@@ -597,13 +685,13 @@ mod tests {
             };
             s.handle_frame(Track::VIDEO, f).unwrap();
         }
-        let report = ReceiverReport {
-            loss_fraction: 0.3,
-            ..ReceiverReport::default()
-        };
-        s.handle_feedback(t0, &report);
-        assert_eq!(s.rate_bps(), 850_000);
+        // 12 kB queued is 96 ms at 1 Mbit/s (kept), 960 ms at 100 kbit/s (over 400 ms).
+        s.handle_budget(t0, 500_000);
+        assert_eq!(s.stats(Track::VIDEO).unwrap().frames_dropped, 0);
+        s.handle_budget(t0, 100_000);
+        assert_eq!(s.rate_bps(), 100_000);
         assert_eq!(s.stats(Track::VIDEO).unwrap().frames_dropped, 2);
+        s.set_rate(t0, 1_000_000);
         let mut later = Vec::new();
         for ms in 1..500 {
             later.extend(drain(&mut s, t0 + MS * ms));
@@ -625,14 +713,9 @@ mod tests {
         s.handle_frame(Track::VIDEO, Frame::new(0, vec![0; 40_000])).unwrap();
         s.handle_frame(Track::VIDEO, Frame::new(33, vec![0; 1000])).unwrap();
         let _ = drain(&mut s, t0); // starts frame 0, which will be finished
-        s.handle_feedback(
-            t0,
-            &ReceiverReport {
-                delay_trend_ms: 40.0,
-                ..ReceiverReport::default()
-            },
-        );
+        s.handle_budget(t0, 10_000);
         assert!(s.needs_key_frame(Track::VIDEO));
+        s.set_rate(t0, 1_000_000);
         s.handle_frame(Track::VIDEO, Frame::new(66, vec![0; 1000])).unwrap();
         assert_eq!(s.stats(Track::VIDEO).unwrap().frames_dropped, 2);
         s.handle_frame(Track::VIDEO, Frame::key(99, vec![0; 1000])).unwrap();
@@ -657,22 +740,91 @@ mod tests {
     }
 
     #[test]
-    fn clean_reports_raise_the_rate_up_to_the_ceiling() {
-        let (mut s, t0) = sender(1_000_000);
-        s.handle_feedback(
-            t0,
-            &ReceiverReport {
-                loss_fraction: 1.0,
-                ..ReceiverReport::default()
-            },
-        );
-        assert_eq!(s.rate_bps(), 500_000);
-        for _ in 0..50 {
-            s.handle_feedback(t0, &ReceiverReport::default());
-        }
-        assert_eq!(s.rate_bps(), 1_000_000);
+    fn the_pace_is_the_controllers_target_and_set_rate_replaces_it() {
+        let t0 = crate::test_origin();
+        let (sealer, _) = derive_keys(&[1; 32], Role::Caller);
+        let config = SenderConfig {
+            rate_bps: 5_000_000,
+            ..SenderConfig::default()
+        };
+        let mut s = Sender::new(config, sealer, t0);
+        assert_eq!(s.rate_bps(), 300_000, "starts below the ceiling");
         s.set_rate(t0, 3_000_000);
         assert_eq!(s.rate_bps(), 3_000_000);
+        assert_eq!(s.rate_state().reason, crate::RateReason::Set);
+    }
+
+    /// The sender, a 300 kbit/s bottleneck (FIFO of 20 kB, 20 ms), the real receiver and its
+    /// feedback every 40 ms: a video source sized to the sender's video budget (30 frames/s)
+    /// with 32 kbit/s of audio. The target settles under the cap, no audio is lost and video
+    /// frames all arrive.
+    #[test]
+    fn feedback_from_the_receiver_brings_the_sender_under_a_bottleneck() {
+        use crate::receiver::{Receiver, ReceiverConfig};
+        let t0 = crate::test_origin();
+        let (sealer, _) = derive_keys(&[1; 32], Role::Caller);
+        let (_, opener) = derive_keys(&[1; 32], Role::Callee);
+        let mut s = Sender::new(SenderConfig::default(), sealer, t0);
+        let mut r = Receiver::new(ReceiverConfig::default(), opener, t0);
+        let (capacity, limit) = (300_000.0, 20_000usize);
+        let mut busy_until = t0;
+        let mut in_flight: VecDeque<(Instant, Vec<u8>)> = VecDeque::new();
+        let mut feedback: VecDeque<(Instant, Feedback)> = VecDeque::new();
+        let mut late_targets = Vec::new();
+        let mut frames = 0u32;
+        for tick in 0..10_000u32 {
+            let now = t0 + MS * tick;
+            if tick % 20 == 0 {
+                s.handle_frame(Track::AUDIO, Frame::new(tick, vec![1; 80])).unwrap();
+            }
+            if tick % 33 == 0 {
+                let bytes = (s.video_budget_bps(now) / 8 / 30) as usize;
+                let data = vec![2; bytes];
+                let f = if frames % 60 == 0 {
+                    Frame::key(tick, data)
+                } else {
+                    Frame::new(tick, data)
+                };
+                frames += 1;
+                s.handle_frame(Track::VIDEO, f).unwrap();
+            }
+            for t in drain(&mut s, now) {
+                let backlog = busy_until.saturating_duration_since(now).as_secs_f64() * capacity / 8.0;
+                if backlog as usize + t.contents.len() > limit {
+                    continue; // tail drop
+                }
+                busy_until = busy_until.max(now) + Duration::from_secs_f64(t.contents.len() as f64 * 8.0 / capacity);
+                in_flight.push_back((busy_until + 20 * MS, t.contents));
+            }
+            while in_flight.front().is_some_and(|(at, _)| *at <= now) {
+                let (_, p) = in_flight.pop_front().unwrap();
+                let _ = r.handle_packet(now, &p);
+            }
+            r.handle_timeout(now);
+            while r.poll_frame().is_some() {}
+            if let Some(f) = r.poll_feedback(now) {
+                feedback.push_back((now + 20 * MS, f));
+            }
+            while feedback.front().is_some_and(|(at, _)| *at <= now) {
+                let (_, f) = feedback.pop_front().unwrap();
+                s.handle_feedback(now, &f);
+            }
+            s.handle_timeout(now);
+            if tick >= 5_000 && tick % 100 == 0 {
+                late_targets.push(s.rate_bps());
+            }
+        }
+        let end = t0 + MS * 10_000;
+        let (lo, hi) = (late_targets.iter().min().unwrap(), late_targets.iter().max().unwrap());
+        assert!(*lo >= 150_000 && *hi <= 330_000, "targets after 5 s: {late_targets:?}");
+        let audio = r.stats(Track::AUDIO, end).unwrap();
+        assert!(audio.packets_lost <= 5, "audio lost: {audio:?}");
+        let video_sent = s.stats(Track::VIDEO).unwrap().frames_sent;
+        let video = r.stats(Track::VIDEO, end).unwrap();
+        assert!(
+            video.frames_complete - video.frames_late >= video_sent * 9 / 10,
+            "video: {video:?}, sent {video_sent}"
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ fn pair(rate_bps: u64) -> (Sender, Receiver, Instant) {
     let (_, opener) = derive_keys(&SECRET, Role::Caller);
     let mut config = SenderConfig::default();
     config.rate_bps = rate_bps;
+    config.start_rate_bps = rate_bps;
     (
         Sender::new(config, sealer, t0),
         Receiver::new(ReceiverConfig::default(), opener, t0),
