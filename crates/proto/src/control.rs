@@ -307,6 +307,12 @@ pub enum ServerMsg {
     /// A [`ClientMsg::Lookup`] of `name` was not answered (over `lookups_per_min`); the reason
     /// is for a person.
     LookupFailed { name: String, reason: String },
+    /// The relay's budget for what this peer sends in call `call`: the rate (bit/s) the other
+    /// member drains from its buffer, less what the server's other traffic to it takes, while
+    /// that buffer is the bottleneck. `dropped` counts this call's frames the buffer dropped
+    /// since the previous budget. Sent every `relay.budget_interval_ms` while the receiver is
+    /// limited; a sender obeys it for a few seconds after the last one (an SFU's REMB).
+    RelayBudget { call: u32, bps: u64, dropped: u32 },
 }
 
 /// What the server sends both members when a call is accepted: connect to `peer` (key

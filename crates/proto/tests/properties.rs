@@ -144,6 +144,11 @@ fn server_msg() -> impl Strategy<Value = ServerMsg> {
         (any::<u32>(), "\\PC{0,40}").prop_map(|(call, reason)| ServerMsg::ResumeFailed { call, reason }),
         "[a-z]{1,32}".prop_map(|name| ServerMsg::NameReleased { name }),
         ("[a-z]{1,32}", "\\PC{0,40}").prop_map(|(name, reason)| ServerMsg::LookupFailed { name, reason }),
+        (any::<u32>(), any::<u64>(), any::<u32>()).prop_map(|(call, bps, dropped)| ServerMsg::RelayBudget {
+            call,
+            bps,
+            dropped
+        }),
     ]
 }
 
