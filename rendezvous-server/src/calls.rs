@@ -571,12 +571,12 @@ impl Calls {
     /// counts it otherwise. Never blocks: the receiver's buffer applies the class policy.
     pub(crate) fn relay(&self, conn_id: u64, header: &RelayHeader, wire: Bytes, now: Instant) {
         let table = read(&self.table);
-        let other = match table.calls.get(&header.call) {
+        let sides = match table.calls.get(&header.call) {
             Some(call) if call.state == State::Active => call.sides(conn_id).map(|(_, other)| other.outbox.clone()),
             _ => None,
         };
         drop(table);
-        let Some(other) = other else {
+        let Some(other) = sides else {
             self.stats.dropped_not_in_call.fetch_add(1, Ordering::Relaxed);
             self.metrics.dropped(header.class, DropReason::NotInCall, 1, wire.len());
             debug!(
@@ -587,7 +587,20 @@ impl Calls {
             return;
         };
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-        other.push_relay(wire, header, now);
+        if let Some(g) = other.push_relay(wire, header, now) {
+            // The receiver is the bottleneck: tell this sender what it may send it (rare: at
+            // most once per budget interval, so the table is looked up again only then).
+            let table = read(&self.table);
+            if let Some((me, _)) = table.calls.get(&header.call).and_then(|c| c.sides(conn_id)) {
+                self.metrics.budget_sent();
+                let msg = ServerMsg::RelayBudget {
+                    call: header.call,
+                    bps: g.bps,
+                    dropped: g.dropped,
+                };
+                deliver(me, &msg);
+            }
+        }
     }
 }
 

@@ -101,6 +101,9 @@ pub struct RelayConfig {
     /// `TCP_NOTSENT_LOWAT` of peer connections (bytes): the socket is writable only while less
     /// than this is unsent, so backlog builds in the server's buffer where the policy sees it.
     pub notsent_lowat: u32,
+    /// While a client is the bottleneck, every this many ms the senders relaying to it are told
+    /// what it drains (`RelayBudget`); 0 turns budgets off.
+    pub budget_interval_ms: u64,
 }
 
 impl Default for RelayConfig {
@@ -117,6 +120,7 @@ impl Default for RelayConfig {
             overload_timeout_ms: 5_000,
             sndbuf: 64 * 1024,
             notsent_lowat: 16 * 1024,
+            budget_interval_ms: 100,
         }
     }
 }
@@ -133,6 +137,10 @@ impl RelayConfig {
     /// [`Self::audio_deadline_ms`] as a duration.
     pub fn audio_deadline(&self) -> Duration {
         Duration::from_millis(self.audio_deadline_ms)
+    }
+    /// [`Self::budget_interval_ms`] as a duration (zero: off).
+    pub fn budget_interval(&self) -> Duration {
+        Duration::from_millis(self.budget_interval_ms)
     }
     /// [`Self::overload_timeout_ms`] as a duration.
     pub fn overload_timeout(&self) -> Duration {

@@ -192,6 +192,7 @@ struct Inner {
     pending_resumes: Gauge,
     tls_failed: Counter,
     stun_replays: Counter,
+    budgets: Counter,
     refused: [Counter; 11],
     max_connections: Gauge,
     names_bound: Gauge,
@@ -239,6 +240,7 @@ impl Metrics {
             pending_resumes: gauge("natcall_pending_resumes", &[]),
             tls_failed: counter("natcall_tls_handshakes_failed_total", &[]),
             stun_replays: counter("natcall_stun_replays_total", &[]),
+            budgets: counter("natcall_relay_budgets_total", &[]),
             refused: Refusal::ALL.map(|r| counter("natcall_refused_total", &[("reason", r.as_str())])),
             max_connections: gauge("natcall_max_connections", &[]),
             names_bound: gauge("natcall_names_bound", &[]),
@@ -312,6 +314,11 @@ impl Metrics {
 
     pub(crate) fn stun_replayed(&self) {
         self.inner.stun_replays.increment(1);
+    }
+
+    /// A sender was told a receiver's budget (`RelayBudget`).
+    pub(crate) fn budget_sent(&self) {
+        self.inner.budgets.increment(1);
     }
 
     pub(crate) fn refused(&self, why: Refusal) {
@@ -388,6 +395,10 @@ fn describe(rec: &PrometheusRecorder) {
         (
             "natcall_stun_replays_total",
             "Token bindings dropped as replays (a transaction id not newer than the last accepted)",
+        ),
+        (
+            "natcall_relay_budgets_total",
+            "RelayBudget messages sent: a receiver was the bottleneck and a sender was told what it drains",
         ),
         (
             "natcall_refused_total",

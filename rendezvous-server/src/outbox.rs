@@ -32,6 +32,9 @@
 //! `overload_timeout` is **stalled**: the connection is closed with a reason.
 //!
 //! The connection's [`writer`] task is the one consumer: it takes batches and writes them.
+//!
+//! While the client is the bottleneck, [`budget`] turns the rate it drains into a budget for
+//! each call that relays to it, which [`Outbox::push_relay`] hands back to the sender's side.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -45,7 +48,11 @@ use tokio::sync::Notify;
 use crate::config::RelayConfig;
 use crate::metrics::{DropReason, Metrics};
 
+pub(crate) mod budget;
 pub(crate) mod writer;
+
+use budget::Budget;
+pub use budget::Grant;
 
 /// Control frames may hold up to this many times `max_bytes` before the client is disconnected.
 const CONTROL_CAP_FACTOR: usize = 4;
@@ -55,9 +62,10 @@ struct Item {
     wire: Bytes,
     at: Instant,
     flags: RelayFlags,
+    call: u32,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
     server: VecDeque<Bytes>,
     control: VecDeque<Item>,
@@ -82,6 +90,8 @@ struct State {
     stalled_since: Option<Instant>,
     /// A close was asked for: `Some(reset)`.
     close: Option<bool>,
+    /// The drain measurement behind the senders' budgets.
+    budget: Budget,
 }
 
 impl State {
@@ -126,8 +136,21 @@ impl Outbox {
     pub(crate) fn new(config: RelayConfig, metrics: Metrics, server_queue_max: usize) -> Self {
         // Start small; the first acknowledgements measure the client and open the window.
         let state = State {
+            server: VecDeque::new(),
+            control: VecDeque::new(),
+            audio: VecDeque::new(),
+            video: VecDeque::new(),
+            relay_bytes: 0,
+            control_bytes: 0,
+            idle_count: 0,
             window: (2 * config.ack_every).min(config.idle_limit),
-            ..State::default()
+            drain_rate: 0.0,
+            last_ack: None,
+            video_skip: false,
+            video_mid_frame: false,
+            stalled_since: None,
+            close: None,
+            budget: Budget::new(config.budget_interval()),
         };
         Self {
             state: Mutex::new(state),
@@ -178,34 +201,41 @@ impl Outbox {
     }
 
     /// Queues a relay frame (`wire` is the whole frame as received) and empties the buffer by
-    /// class if it is over its bounds.
-    pub fn push_relay(&self, wire: Bytes, header: &RelayHeader, now: Instant) {
+    /// class if it is over its bounds. Returns the budget waiting for this call's sender, if
+    /// the client is the bottleneck (see [`budget`]).
+    pub fn push_relay(&self, wire: Bytes, header: &RelayHeader, now: Instant) -> Option<Grant> {
         let class = header.class;
         let mut s = self.lock();
         if s.close.is_some() {
-            return;
+            return None;
         }
+        let len = wire.len();
+        let busy = s.idle_count >= s.window;
+        s.budget.on_pushed(now, header.call, len, busy);
+        s.budget.tick(now);
+        let grant = s.budget.take(header.call);
         if class == TrafficClass::Video && s.video_skip {
             if header.flags.has(RelayFlags::KEY_FRAME | RelayFlags::FRAME_START) {
                 s.video_skip = false;
             } else {
                 self.metrics.dropped(class, DropReason::AwaitingKeyFrame, 1, wire.len());
-                return;
+                s.budget.on_dropped(header.call);
+                return grant;
             }
         }
-        let len = wire.len();
         if class == TrafficClass::Control && s.control_bytes + len > self.config.max_bytes * CONTROL_CAP_FACTOR {
             // Control is never dropped, so a client that cannot even take it is overloaded:
             // the connection is closed (the writer sees the flag), memory stays bounded.
             self.overflowed.store(true, Ordering::Relaxed);
             drop(s);
             self.notify.notify_one();
-            return;
+            return grant;
         }
         let item = Item {
             wire,
             at: now,
             flags: header.flags,
+            call: header.call,
         };
         match class {
             TrafficClass::Control => {
@@ -223,6 +253,7 @@ impl Outbox {
         }
         drop(s);
         self.notify.notify_one();
+        grant
     }
 
     fn over_bounds(&self, s: &State, now: Instant) -> bool {
@@ -247,6 +278,7 @@ impl Outbox {
 
     fn forget(&self, s: &mut State, item: &Item, class: TrafficClass, reason: DropReason) {
         s.relay_bytes -= item.wire.len();
+        s.budget.on_dropped(item.call);
         self.metrics.dequeued(1);
         self.metrics.dropped(class, reason, 1, item.wire.len());
     }
@@ -301,6 +333,7 @@ impl Outbox {
     pub fn ack(&self, frames: u32, now: Instant) {
         let mut s = self.lock();
         s.idle_count = s.idle_count.saturating_sub(frames);
+        s.budget.on_acked(frames);
         s.stalled_since = None;
         if let Some(last) = s.last_ack.replace(now) {
             let dt = now.duration_since(last).as_secs_f64().max(1e-4);
@@ -356,6 +389,7 @@ impl Outbox {
             };
             s.relay_bytes -= item.wire.len();
             self.metrics.relayed(class, item.wire.len());
+            s.budget.on_written(item.wire.len());
             out.push(item.wire);
             taken += 1;
         }
