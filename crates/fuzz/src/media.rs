@@ -9,8 +9,8 @@ use std::time::Duration;
 use std::time::Instant;
 
 use natcall_media::{
-    Flags, HEADER_LEN, Header, MAX_FRAGMENT_PAYLOAD, MAX_FRAME, PacketOpener, PacketSealer, Playout, Receiver,
-    ReceiverConfig, ReceiverReport, Role, TAG_LEN, Track, derive_keys,
+    Feedback, Flags, HEADER_LEN, Header, MAX_FRAGMENT_PAYLOAD, MAX_FRAME, PacketOpener, PacketSealer, Playout,
+    Receiver, ReceiverConfig, Role, TAG_LEN, Track, derive_keys,
 };
 
 use crate::epoch;
@@ -184,9 +184,11 @@ impl ReceiverHarness {
                 self.receiver.handle_timeout(self.now);
             }
             Op::Report => {
-                let report = self.receiver.report(self.now);
-                assert!((0.0..=1.0).contains(&report.loss_fraction));
-                assert!(ReceiverReport::decode(&report.encode()).is_ok());
+                if let Some(f) = self.receiver.poll_feedback(self.now) {
+                    let wire = f.encode();
+                    assert!(wire.len() <= natcall_media::MAX_FEEDBACK_LEN);
+                    assert_eq!(Feedback::decode(&wire).map(|d| d.counts), Ok(f.counts));
+                }
                 let tracks: Vec<_> = self.receiver.tracks().collect();
                 for track in tracks {
                     let _ = self.receiver.stats(track, self.now).expect("a track seen has stats");

@@ -32,7 +32,7 @@ pub use crate::core::{Path, PathChange, Role};
 use crate::driver::Shared;
 use crate::endpoint::Inner;
 use crate::identity::CERT_NAME;
-use crate::media::{Media, MediaReport};
+use crate::media::{Media, MediaNotice, MediaRate, MediaReport};
 use crate::tls;
 use natcall_media::{Frame, ReceivedFrame, Track};
 
@@ -424,10 +424,23 @@ impl Call {
         self.media.flush().await
     }
 
-    /// Sets the media sender's pacing rate, and the ceiling its congestion control may raise it
-    /// back to, in bit/s (default 2 Mbit/s).
+    /// Sets the media rate and the ceiling the rate controller may raise it to, in bit/s
+    /// (default 2 Mbit/s; the controller starts at 300 kbit/s and adapts from there).
     pub async fn set_media_rate(&self, bps: u64) -> Result<(), Error> {
         self.media.set_rate(bps).await
+    }
+
+    /// The media rate the sender's controller sets, as it changes: the target for everything
+    /// this side sends, and what video may use of it. A source follows it (an encoder sizes its
+    /// frames to `video_bps`).
+    pub fn watch_rate(&self) -> tokio::sync::watch::Receiver<MediaRate> {
+        self.media.watch_rate()
+    }
+
+    /// The next thing the media session has to tell the application (once each): e.g. a
+    /// stream faster than the path. `None` when the call's media ended.
+    pub async fn media_notice(&self) -> Option<MediaNotice> {
+        self.media.notice().await
     }
 
     /// The next complete media frame from the peer (after the jitter buffer), or `None` when the

@@ -368,6 +368,10 @@ async fn read_loop(mut rd: ReadHalf<Stream>, mut buf: BytesMut, shared: &Shared)
                             }
                         }
                     }
+                    Ok(ServerMsg::RelayBudget { call, bps, dropped }) => {
+                        // For the call's media session, not the core's state.
+                        shared.deliver_budget(call, bps, dropped);
+                    }
                     Ok(msg) => {
                         shared.with(|core, now| core.handle_server_msg(now, msg));
                     }

@@ -532,12 +532,18 @@ impl<L: Default> PeerCore<L> {
     /// A relay frame for server call `server_call` was read.
     pub(crate) fn handle_relay(&mut self, server_call: u32) -> RelayIn {
         let ack = self.server.relay_frame_read();
-        let call = self
-            .by_server
+        RelayIn {
+            call: self.call_of_server(server_call),
+            ack,
+        }
+    }
+
+    /// The live (not ringing) call the server knows as `server_call`.
+    pub(crate) fn call_of_server(&self, server_call: u32) -> Option<CallId> {
+        self.by_server
             .get(&server_call)
             .copied()
-            .filter(|id| self.calls.get(id).is_some_and(|c| !c.is_ringing()));
-        RelayIn { call, ack }
+            .filter(|id| self.calls.get(id).is_some_and(|c| !c.is_ringing()))
     }
 
     // ---- inputs from the UDP socket ----

@@ -26,11 +26,20 @@ use tracing::{debug, trace, warn};
 use crate::control::{Lanes, Outgoing};
 use crate::core::{CallId, Event, FakeAddr, Lane, Offer, PeerCore, Route};
 
+/// What reaches a call's media session from the socket and the server.
+#[derive(Debug)]
+pub(crate) enum MediaIn {
+    /// A sealed media packet (a UDP datagram or a relay frame's payload).
+    Packet(Bytes),
+    /// The relay's budget for what this side sends, and this call's frames it dropped.
+    Budget { bps: u64, dropped: u32 },
+}
+
 /// What the async layer keeps per call, inside the core's call entry (dropped with it).
 #[derive(Debug, Default)]
 pub(crate) struct Link {
-    /// The call's media session's inbound packets.
-    pub(crate) media: Option<mpsc::Sender<Bytes>>,
+    /// The call's media session's input.
+    pub(crate) media: Option<mpsc::Sender<MediaIn>>,
     /// The QUIC connection the acceptor took for this call, until the call takes it.
     pub(crate) accepted: Option<quinn::Connection>,
 }
@@ -201,7 +210,21 @@ impl Shared {
     /// packets, like a congested link.
     pub(crate) fn deliver_media(core: &mut Core, id: CallId, packet: &[u8]) {
         if let Some(tx) = core.link_mut(id).and_then(|l| l.media.as_ref()) {
-            let _ = tx.try_send(Bytes::copy_from_slice(packet));
+            let _ = tx.try_send(MediaIn::Packet(Bytes::copy_from_slice(packet)));
+        }
+    }
+
+    /// Hands the relay's budget for server call `server_call` to its media session. A session
+    /// whose input is full loses it: the server sends the next one an interval later.
+    pub(crate) fn deliver_budget(&self, server_call: u32, bps: u64, dropped: u32) {
+        let mut core = self.lock();
+        let Some(id) = core.call_of_server(server_call) else {
+            return trace!(server_call, "budget for no live call ignored");
+        };
+        if let Some(tx) = core.link_mut(id).and_then(|l| l.media.as_ref())
+            && tx.try_send(MediaIn::Budget { bps, dropped }).is_err()
+        {
+            trace!(server_call, "media input full: relay budget dropped");
         }
     }
 

@@ -48,7 +48,7 @@ pub use control::{ServerStream, connect_tls};
 pub use endpoint::{Endpoint, EndpointConfig, IncomingCall, ServerState};
 pub use error::Error;
 pub use identity::Identity;
-pub use media::{MediaReport, TrackReport};
+pub use media::{MediaNotice, MediaRate, MediaReport, TrackReport};
 pub use natcall_media::{Frame, ReceivedFrame, Stats as MediaStats, Track};
 pub use natcall_proto::control::{Fingerprint, NameError, Policy, validate_name};
 pub use natcall_proto::server_key::ServerKey;

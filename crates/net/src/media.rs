@@ -1,7 +1,12 @@
 //! A call's media session: the sans-IO [`natcall_media`] sender and receiver driven by one task,
 //! sending sealed packets (≤ 512 bytes) on the call's current path — UDP datagrams on the
 //! peer's socket (direct, LAN), or relay frames whose traffic class (audio / video) and flags the
-//! server can see (relay) — and carrying receiver reports over QUIC datagrams.
+//! server can see (relay) — and carrying transport feedback over QUIC datagrams.
+//!
+//! Rate control: the receiver's transport feedback (every 40 ms while media arrives) goes back
+//! over a QUIC datagram to the peer's sender, whose rate controller sets the call's target; on
+//! the relay path the server's budget for the receiver (`RelayBudget`) caps it. The target is
+//! published on a watch ([`MediaRate`]) so sources follow it.
 //!
 //! Keys come from the call's QUIC session (`export_keying_material`), so media is end-to-end
 //! encrypted on every path and bound to the peer QUIC authenticated.
@@ -11,20 +16,27 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use natcall_media::{
-    Frame, ReceivedFrame, Receiver, ReceiverConfig, ReceiverReport, Role, SendStats, Sender, SenderConfig, Stats,
-    Track, derive_keys,
+    Feedback, Frame, RateReason, RateState, ReceivedFrame, Receiver, ReceiverConfig, Role, SendStats, Sender,
+    SenderConfig, Stats, Track, Usage, derive_keys,
 };
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, trace};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, trace};
 
 use crate::core::FakeAddr;
-use crate::driver::Shared;
+use crate::driver::{MediaIn, Shared};
 
 /// Label of the keying material exported from the QUIC session.
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-natcall-media";
-/// How often a receiver report goes back to the peer's sender.
+/// How often the statistics are published.
 const REPORT_EVERY: Duration = Duration::from_millis(500);
+/// How often the rate controller's clock runs (it notices silent feedback) and the target is
+/// published.
+const RATE_EVERY: Duration = Duration::from_millis(50);
+/// A stream held back by the pacer this share of a window is faster than the path.
+const STREAM_LIMITED_SHARE: f64 = 0.9;
+/// The window over which a stream's waiting is measured.
+const STREAM_WINDOW: Duration = Duration::from_secs(3);
 /// Frames queued from the application, and received frames waiting for it.
 const QUEUE: usize = 256;
 /// Stream pieces handed over ahead of the sender's room (they are stamped when taken, so
@@ -47,8 +59,56 @@ pub struct MediaReport {
     pub audio: TrackReport,
     /// Track 1.
     pub video: TrackReport,
-    /// The sender's current pacing rate (bit/s).
+    /// The sender's current pacing rate: the rate controller's target (bit/s).
     pub send_rate_bps: u64,
+}
+
+/// The call's media rate as the sender's controller sets it ([`crate::Call::watch_rate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct MediaRate {
+    /// The target for everything this side sends, bit/s (packets, headers and tags included).
+    pub target_bps: u64,
+    /// What video may use of it now, in frame bytes (audio first, queued video counted): what
+    /// an encoder should aim at.
+    pub video_bps: u64,
+    /// The rate that reached the peer over the last half second, bit/s, once measured.
+    pub delivered_bps: Option<u64>,
+    /// Loss the peer saw over the last second, 0.0–1.0.
+    pub loss: f64,
+    /// What the delay detector says of the path.
+    pub usage: Usage,
+    /// Why the target last changed.
+    pub reason: RateReason,
+    /// The relay's latest budget for this side, bit/s, while it applies.
+    pub relay_budget_bps: Option<u64>,
+}
+
+impl MediaRate {
+    fn new(state: RateState, video_bps: u64) -> Self {
+        Self {
+            target_bps: state.target_bps,
+            video_bps,
+            delivered_bps: state.acked_bps,
+            loss: state.loss,
+            usage: state.usage,
+            reason: state.reason,
+            relay_budget_bps: state.budget_bps,
+        }
+    }
+}
+
+/// Something the media session tells the application once.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "notice", rename_all = "snake_case")]
+pub enum MediaNotice {
+    /// A stream on `track` has been held back by the pacer nearly all of the last 3 s: its
+    /// source is faster than the path carries (`target_bps`), so it falls behind real time.
+    StreamTooFast {
+        /// The stream's track.
+        track: u8,
+        /// The call's target when this was noticed, bit/s.
+        target_bps: u64,
+    },
 }
 
 /// Requests that must be handled in order with stream frames.
@@ -59,7 +119,7 @@ enum Ctl {
     Stream(Track, Vec<u8>),
     /// Answered once everything queued before it has been sent.
     Flush(oneshot::Sender<()>),
-    /// The sender's pacing rate and ceiling, bit/s.
+    /// The ceiling of the sender's rate, bit/s.
     Rate(u64),
 }
 
@@ -70,6 +130,8 @@ pub(crate) struct Media {
     ctl: mpsc::Sender<Ctl>,
     frames_out: tokio::sync::Mutex<mpsc::Receiver<ReceivedFrame>>,
     report: Arc<Mutex<MediaReport>>,
+    rate: watch::Receiver<MediaRate>,
+    notices: tokio::sync::Mutex<mpsc::Receiver<MediaNotice>>,
 }
 
 impl Media {
@@ -81,7 +143,7 @@ impl Media {
         call: u32,
         socket: Arc<Shared>,
         fake: FakeAddr,
-        packets: mpsc::Receiver<Bytes>,
+        packets: mpsc::Receiver<MediaIn>,
     ) -> Result<Self, crate::Error> {
         let mut secret = [0u8; 32];
         conn.export_keying_material(&mut secret, EXPORTER_LABEL, &call.to_be_bytes())
@@ -95,6 +157,8 @@ impl Media {
         let (app_tx, frames_out) = mpsc::channel(QUEUE);
         let (ctl, ctl_rx) = mpsc::channel(STREAM_QUEUE);
         let report = Arc::new(Mutex::new(MediaReport::default()));
+        let (rate_tx, rate) = watch::channel(MediaRate::new(sender.rate_state(), sender.video_budget_bps(now)));
+        let (notice_tx, notices) = mpsc::channel(4);
         let driver = Driver {
             sender,
             receiver,
@@ -102,6 +166,9 @@ impl Media {
             fake,
             conn: conn.clone(),
             report: report.clone(),
+            rate: rate_tx,
+            notices: notice_tx,
+            stream_wait: StreamWait::default(),
         };
         tokio::spawn(driver.run(packets, app_rx, ctl_rx, app_tx));
         Ok(Self {
@@ -109,7 +176,17 @@ impl Media {
             ctl,
             frames_out: tokio::sync::Mutex::new(frames_out),
             report,
+            rate,
+            notices: tokio::sync::Mutex::new(notices),
         })
+    }
+
+    pub(crate) fn watch_rate(&self) -> watch::Receiver<MediaRate> {
+        self.rate.clone()
+    }
+
+    pub(crate) async fn notice(&self) -> Option<MediaNotice> {
+        self.notices.lock().await.recv().await
     }
 
     pub(crate) async fn send(&self, track: Track, frame: Frame) -> Result<(), crate::Error> {
@@ -160,6 +237,45 @@ struct Driver {
     fake: FakeAddr,
     conn: quinn::Connection,
     report: Arc<Mutex<MediaReport>>,
+    rate: watch::Sender<MediaRate>,
+    notices: mpsc::Sender<MediaNotice>,
+    stream_wait: StreamWait,
+}
+
+/// How long stream pieces waited for the pacer over the current window: a stream held back
+/// nearly all the time is faster than the path (told once).
+#[derive(Debug, Default)]
+struct StreamWait {
+    window_start: Option<Instant>,
+    waiting_since: Option<Instant>,
+    waited: Duration,
+    told: bool,
+}
+
+impl StreamWait {
+    /// A stream piece of `track` started (`true`) or stopped (`false`) waiting for room;
+    /// returns whether the stream has now been held back nearly all of a window.
+    fn update(&mut self, now: Instant, waiting: bool) -> bool {
+        let start = *self.window_start.get_or_insert(now);
+        if let Some(since) = self.waiting_since.take() {
+            self.waited += now.saturating_duration_since(since);
+        }
+        if waiting {
+            self.waiting_since = Some(now);
+        }
+        let span = now.saturating_duration_since(start);
+        if span < STREAM_WINDOW {
+            return false;
+        }
+        let limited = self.waited.as_secs_f64() >= STREAM_LIMITED_SHARE * span.as_secs_f64();
+        self.window_start = Some(now);
+        self.waited = Duration::ZERO;
+        if limited && !self.told {
+            self.told = true;
+            return true;
+        }
+        false
+    }
 }
 
 impl Driver {
@@ -167,7 +283,7 @@ impl Driver {
     /// report read after the call has ended is exact, not up to 500 ms old).
     async fn run(
         mut self,
-        packets: mpsc::Receiver<Bytes>,
+        packets: mpsc::Receiver<MediaIn>,
         app_rx: mpsc::Receiver<(Track, Frame)>,
         ctl_rx: mpsc::Receiver<Ctl>,
         app_tx: mpsc::Sender<ReceivedFrame>,
@@ -185,13 +301,14 @@ impl Driver {
 
     async fn drive(
         &mut self,
-        mut packets: mpsc::Receiver<Bytes>,
+        mut packets: mpsc::Receiver<MediaIn>,
         mut app_rx: mpsc::Receiver<(Track, Frame)>,
         mut ctl_rx: mpsc::Receiver<Ctl>,
         app_tx: &mpsc::Sender<ReceivedFrame>,
     ) {
         let origin = Instant::now();
         let mut next_report = origin + REPORT_EVERY;
+        let mut next_rate = origin + RATE_EVERY;
         let (mut app_open, mut ctl_open) = (true, true);
         // Stream bytes waiting for room in the sender, and who waits for the sender to drain.
         let mut waiting: Option<(Track, Vec<u8>)> = None;
@@ -206,6 +323,7 @@ impl Driver {
                 if let Err(e) = self.sender.handle_frame(track, Frame::key(ts, data)) {
                     debug!(error = %e, "media stream frame refused");
                 }
+                self.stream_waited(now, track, false);
                 self.flush(now, app_tx);
             }
             if waiting.is_none() && !flushes.is_empty() {
@@ -222,7 +340,7 @@ impl Driver {
                     let _ = f.send(());
                 });
             }
-            let mut wake = next_report;
+            let mut wake = next_report.min(next_rate);
             if waiting.is_some() {
                 wake = wake.min(self.sender.budget_at());
             }
@@ -236,10 +354,13 @@ impl Driver {
                 c = ctl_rx.recv(), if ctl_open && waiting.is_none() => match c {
                     Some(Ctl::Stream(track, data)) => {
                         self.sender.set_lossless(track);
+                        if !self.sender.has_room(track, data.len()) {
+                            self.stream_waited(Instant::now(), track, true);
+                        }
                         waiting = Some((track, data));
                     }
                     Some(Ctl::Flush(tx)) => flushes.push(tx),
-                    Some(Ctl::Rate(bps)) => self.sender.set_rate(Instant::now(), bps),
+                    Some(Ctl::Rate(bps)) => self.sender.set_max_rate(Instant::now(), bps),
                     None => ctl_open = false,
                 },
                 f = app_rx.recv(), if app_open => match f {
@@ -251,33 +372,65 @@ impl Driver {
                     None => app_open = false,
                 },
                 p = packets.recv() => match p {
-                    Some(p) => {
+                    Some(MediaIn::Packet(p)) => {
                         if let Err(e) = self.receiver.handle_packet(Instant::now(), &p) {
                             trace!(error = %e, "media packet dropped");
                         }
                     }
+                    Some(MediaIn::Budget { bps, dropped }) => {
+                        debug!(bps, dropped, "relay budget");
+                        self.sender.handle_budget(Instant::now(), bps);
+                    }
                     None => return,
                 },
                 d = self.conn.read_datagram() => match d {
-                    Ok(d) => {
-                        if let Ok(r) = ReceiverReport::decode(&d) {
-                            self.sender.handle_feedback(Instant::now(), &r);
-                        }
-                    }
+                    Ok(d) => match Feedback::decode(&d) {
+                        Ok(f) => self.sender.handle_feedback(Instant::now(), &f),
+                        Err(e) => trace!(error = %e, "datagram that is not media feedback ignored"),
+                    },
                     Err(_) => return, // the call's QUIC connection closed
                 },
                 _ = tokio::time::sleep_until(wake.into()) => {
                     let now = Instant::now();
                     self.receiver.handle_timeout(now);
+                    if now >= next_rate {
+                        next_rate = now + RATE_EVERY;
+                        self.sender.set_rtt(self.conn.rtt());
+                        self.sender.handle_timeout(now);
+                        self.publish_rate(now);
+                    }
                     if now >= next_report {
                         next_report = now + REPORT_EVERY;
-                        let r = self.receiver.report(now);
-                        let _ = self.conn.send_datagram(Bytes::copy_from_slice(&r.encode()));
                         self.publish(now);
                     }
                 }
             }
         }
+    }
+
+    /// A stream piece on `track` started or stopped waiting for room; tells the application
+    /// once when the stream is faster than the path.
+    fn stream_waited(&mut self, now: Instant, track: Track, waiting: bool) {
+        if self.stream_wait.update(now, waiting) {
+            let target_bps = self.sender.rate_bps();
+            info!(
+                track = track.number(),
+                target_bps, "a media stream is faster than the path"
+            );
+            let _ = self.notices.try_send(MediaNotice::StreamTooFast {
+                track: track.number(),
+                target_bps,
+            });
+        }
+    }
+
+    fn publish_rate(&self, now: Instant) {
+        let rate = MediaRate::new(self.sender.rate_state(), self.sender.video_budget_bps(now));
+        self.rate.send_if_modified(|r| {
+            let changed = *r != rate;
+            *r = rate;
+            changed
+        });
     }
 
     fn flush(&mut self, now: Instant, app_tx: &mpsc::Sender<ReceivedFrame>) {
@@ -288,6 +441,11 @@ impl Driver {
         while let Some(f) = self.receiver.poll_frame() {
             // An application that does not read loses frames, like a slow decoder would.
             let _ = app_tx.try_send(f);
+        }
+        while let Some(f) = self.receiver.poll_feedback(now) {
+            // Feedback that does not fit or finds QUIC's datagram queue full is lost like a
+            // packet: the next one carries the cumulative counts.
+            let _ = self.conn.send_datagram(Bytes::from(f.encode()));
         }
     }
 

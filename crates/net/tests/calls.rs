@@ -236,7 +236,9 @@ async fn media_frames_arrive_intact_on_the_direct_path_and_over_the_relay() {
             (got, report)
         });
         let call = alice.call(&format!("bob{i}"), policy).await.expect("connects");
-        let sizes = [0usize, 1, 477, 30_000]; // 30 kB: 120 ms at the 2 Mbit/s pace, under the 400 ms video queue limit
+        // 10 kB: 290 ms at the rate controller's 300 kbit/s start, under the 400 ms the sender
+        // lets video queue.
+        let sizes = [0usize, 1, 477, 10_000];
         for (n, size) in sizes.iter().enumerate() {
             let data: Vec<u8> = (0..*size).map(|b| (b * 7 + n) as u8).collect();
             let frame = if n == 0 {
