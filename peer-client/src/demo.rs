@@ -68,15 +68,17 @@ pub async fn run(json: bool) -> Result<Exit> {
         .await??
         .context("no reply")?;
     call.finish_chat().await?;
-    // A second of media (50 audio frames of 80 bytes, 30 video frames of 4 kB, the first a key
-    // frame), sealed in packets of at most 512 bytes on the call's path.
+    // A second of media (50 audio frames of 80 bytes, 30 video frames sized as an encoder
+    // would, to what the call's rate controller gives video; the first a key frame), sealed in
+    // packets of at most 512 bytes on the call's path.
     say(json, "alice sends a second of test audio and video…");
+    let rate = call.watch_rate();
     for i in 0..50u32 {
         call.send_frame(Track::AUDIO, Frame::new(i * 20, vec![0x41; 80]))
             .await?;
         if i % 5 < 3 {
             let n = i / 5 * 3 + i % 5;
-            let data = vec![0x56; 4_000];
+            let data = vec![0x56; (rate.borrow().video_bps / 8 / 30).max(1) as usize];
             call.send_frame(
                 Track::VIDEO,
                 if n == 0 {

@@ -172,11 +172,12 @@ fn path_text(call: &Call, since: Instant) -> String {
         None => String::new(),
     };
     format!(
-        "[{}] path {}  rtt {:.1} ms  {:.0} s{}{}",
+        "[{}] path {}  rtt {:.1} ms  {:.0} s  sending {:.0} kbit/s{}{}",
         call.peer(),
         call.path(),
         call.rtt().as_secs_f64() * 1000.0,
         since.elapsed().as_secs_f64(),
+        m.send_rate_bps as f64 / 1000.0,
         track("audio", &m.audio),
         track("video", &m.video),
     )
@@ -201,12 +202,15 @@ pub struct Opts {
 
 /// The built-in test source: audio (80-byte frames every 20 ms, 32 kbit/s, each starting with
 /// its number, big-endian u32, so a `--recv-audio` file shows order and gaps) and video (30
-/// frames/s at `video_kbps`, a key frame every 2 s). Runs until the call ends.
+/// frames/s, a key frame every 2 s). Video frames are sized as an encoder would: to what the
+/// call's rate controller gives video now ([`natcall::MediaRate::video_bps`]), at most
+/// `video_kbps`; the frame rate stays. Runs until the call ends.
 async fn test_source(call: &Call, video_kbps: u32) {
     let start = Instant::now();
+    let rate = call.watch_rate();
     let mut audio = tokio::time::interval(Duration::from_millis(20));
     let mut video = tokio::time::interval(Duration::from_millis(33));
-    let video_bytes = (video_kbps as usize * 1000 / 8 / 30).max(1);
+    let ceiling = u64::from(video_kbps) * 1000;
     let (mut n, mut a) = (0u32, 0u32);
     // Each frame is stamped when its tick fires (not before waiting for it), so the
     // timestamps carry no scheduling skew into the peer's jitter and delay estimates.
@@ -222,6 +226,8 @@ async fn test_source(call: &Call, video_kbps: u32) {
             }
             _ = video.tick() => {
                 let ts = stamp();
+                let bps = rate.borrow().video_bps.min(ceiling);
+                let video_bytes = (bps / 8 / 30).max(1) as usize;
                 let frame = if n % 60 == 0 { Frame::key(ts, vec![0x4b; video_bytes]) } else { Frame::new(ts, vec![0x56; video_bytes]) };
                 n += 1;
                 call.send_frame(Track::VIDEO, frame).await
@@ -229,6 +235,41 @@ async fn test_source(call: &Call, video_kbps: u32) {
         };
         if sent.is_err() {
             return std::future::pending().await;
+        }
+    }
+}
+
+/// The `rate` event: the sender's target and what it is based on.
+fn rate_event(rate: &natcall::MediaRate, since: Instant) -> serde_json::Value {
+    json!({
+        "event": "rate",
+        "at_ms": since.elapsed().as_secs_f64() * 1000.0,
+        "target_bps": rate.target_bps,
+        "video_bps": rate.video_bps,
+        "delivered_bps": rate.delivered_bps,
+        "loss": rate.loss,
+        "usage": rate.usage,
+        "reason": rate.reason,
+        "relay_budget_bps": rate.relay_budget_bps,
+    })
+}
+
+/// What the user is told once when the media session notices something.
+fn notice_text(n: &natcall::MediaNotice, media: &MediaOpts) -> String {
+    match n {
+        natcall::MediaNotice::StreamTooFast { track, target_bps } => {
+            let flag = if *track == 0 { "--send-audio" } else { "--send-video" };
+            let what = if *track == 0 {
+                &media.send_audio
+            } else {
+                &media.send_video
+            };
+            format!(
+                "{flag} {} is faster than the path carries (about {} kbit/s now): it is sent at that pace and falls behind real time; lower its bitrate (e.g. ffmpeg -b:v {}k)",
+                what.as_deref().unwrap_or("-"),
+                target_bps / 1000,
+                (target_bps * 8 / 10 / 1000).max(1),
+            )
         }
     }
 }
@@ -297,6 +338,11 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
     }
     let mut path_rx = call.watch_path();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // The target as it changes, at most every 250 ms (`rate` events with --json).
+    let mut rate_rx = call.watch_rate();
+    let mut rate_tick = tokio::time::interval(Duration::from_millis(250));
+    rate_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut notices_open = true;
     // Ends when the peer finished talking or the stream broke (the call's end says why).
     let chat_in = async {
         while let Ok(Some(line)) = call.recv_chat().await {
@@ -389,6 +435,22 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
                 output::notice(json, json!({"event": "path", "to": to, "at_s": since.elapsed().as_secs_f64()}), &format!("path changed to {to}"));
             }
             _ = tick.tick() => output::status(&path_text(&call, since)),
+            _ = rate_tick.tick(), if json => {
+                if rate_rx.has_changed().unwrap_or(false) {
+                    let rate = *rate_rx.borrow_and_update();
+                    output::line(&rate_event(&rate, since));
+                }
+            }
+            n = call.media_notice(), if notices_open => match n {
+                Some(n) => {
+                    let mut v = serde_json::to_value(&n)?;
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("event".into(), json!("media_notice"));
+                    }
+                    output::notice(json, v, &notice_text(&n, &media));
+                }
+                None => notices_open = false,
+            },
             _ = &mut chat_in, if chat_open => chat_open = false,
             r = &mut source => match r {
                 Ok(()) => {
