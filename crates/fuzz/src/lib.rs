@@ -16,6 +16,7 @@
 //! | `stun_agent` | datagrams and time to a peer's ICE agent |
 //! | `media_open` | a packet to the media opener |
 //! | `media_receiver` | a program of sealed, replayed, tampered packets and time to the receiver |
+//! | `media_feedback` | transport feedback datagrams, packets sent, budgets and time to a sender's rate controller |
 //!
 //! The same functions run three ways:
 //! 1. `crates/fuzz/fuzz/` (cargo-fuzz, nightly): each `fuzz_targets/<name>.rs` calls one;
@@ -30,6 +31,7 @@ use std::time::Instant;
 
 pub mod agent;
 pub mod control;
+pub mod feedback;
 pub mod frame;
 pub mod input;
 pub mod media;
@@ -39,6 +41,7 @@ pub mod stun;
 
 pub use agent::stun_agent;
 pub use control::{control_client, control_server};
+pub use feedback::media_feedback;
 pub use frame::frame;
 pub use media::{media_open, media_receiver};
 pub use relay::relay_header;
@@ -48,7 +51,7 @@ pub use stun::stun_server;
 pub type Target = fn(&[u8]);
 
 /// Every target, by name (the names of `fuzz_targets/*.rs` and the corpus folders).
-pub const TARGETS: [(&str, Target); 8] = [
+pub const TARGETS: [(&str, Target); 9] = [
     ("frame", frame),
     ("control_client", control_client),
     ("control_server", control_server),
@@ -57,6 +60,7 @@ pub const TARGETS: [(&str, Target); 8] = [
     ("stun_agent", stun_agent),
     ("media_open", media_open),
     ("media_receiver", media_receiver),
+    ("media_feedback", media_feedback),
 ];
 
 /// The target called `name`.

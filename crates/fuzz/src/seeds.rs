@@ -16,6 +16,7 @@ use natcall_traversal::{Agent, Candidate, Config, Credentials, Role};
 use serde::Serialize;
 
 use crate::agent::{ACTION, AGENT_ADDR, Harness, PASSWORD, SOURCES};
+use crate::feedback::FeedbackOp;
 use crate::input::Program;
 use crate::media::{Op, sealer};
 use crate::stun::TOKEN_MODE;
@@ -51,6 +52,7 @@ pub fn all() -> Vec<Seed> {
     add("stun_agent", stun_agent());
     add("media_open", media_packets());
     add("media_receiver", media_programs());
+    add("media_feedback", feedback_programs());
     seeds
 }
 
@@ -226,6 +228,14 @@ fn server_msgs() -> Vec<(String, ServerMsg)> {
             ServerMsg::ResumeFailed {
                 call: 9,
                 reason: "no proof".into(),
+            },
+        ),
+        (
+            "relay-budget",
+            ServerMsg::RelayBudget {
+                call: 9,
+                bps: 360_000,
+                dropped: 3,
             },
         ),
     ];
@@ -485,4 +495,53 @@ fn media_programs() -> Vec<(String, Vec<u8>)> {
     evict.u8(Op::Raw as u8).short_bytes(&[0x12; 40]).u8(deadline);
     seeds.push(("evict-arrival-playout".to_owned(), evict.finish()));
     seeds
+}
+
+/// A call's worth of sending and feedback: packets sent every 10 ms, feedback every 40 ms
+/// acknowledging them (arriving 20 ms later, one in ten lost), a relay budget, silence.
+fn feedback_programs() -> Vec<(String, Vec<u8>)> {
+    use natcall_media::{Arrival, Feedback, TrackCount};
+    let mut p = Program::new();
+    let (mut seq, mut received, mut bytes) = (0u32, 0u32, 0u64);
+    let mut arrivals = Vec::new();
+    for tick in 0..40u32 {
+        p.u8(FeedbackOp::Send as u8).u8(1).u8(4).u16(500);
+        for i in 0..4 {
+            if (seq + i) % 10 != 9 {
+                arrivals.push(Arrival {
+                    track: Track::VIDEO,
+                    sequence: seq + i,
+                    at_us: u64::from(tick) * 10_000 + 20_000 + u64::from(i) * 500,
+                });
+                received += 1;
+                bytes += 500;
+            }
+        }
+        seq += 4;
+        p.u8(FeedbackOp::Advance as u8).u16(10);
+        if tick % 4 == 3 {
+            let f = Feedback {
+                seq: (tick / 4) as u16,
+                received_bytes: bytes,
+                at_us: u64::from(tick) * 10_000 + 20_000,
+                counts: vec![TrackCount {
+                    track: Track::VIDEO,
+                    highest: seq - 1,
+                    received,
+                }],
+                arrivals: std::mem::take(&mut arrivals),
+            };
+            p.u8(FeedbackOp::Datagram as u8).long_bytes(&f.encode());
+        }
+    }
+    let mut budget = p.clone();
+    budget.u8(FeedbackOp::Budget as u8).u32(200_000);
+    budget.u8(FeedbackOp::Max as u8).u32(150_000);
+    let mut silent = p.clone();
+    silent.u8(FeedbackOp::Advance as u8).u16(1_500);
+    vec![
+        ("acked-with-loss".to_owned(), p.finish()),
+        ("budget-and-ceiling".to_owned(), budget.finish()),
+        ("silence".to_owned(), silent.finish()),
+    ]
 }
