@@ -307,6 +307,8 @@ impl TrackState {
             packets_lost: self.expected().saturating_sub(self.stats.packets_received),
             jitter_ms: self.delay.jitter_ms(),
             delay_ms: self.delay.delay_ms(),
+            delay_p50_ms: self.delay.delay_quantile_ms(0.5),
+            delay_p95_ms: self.delay.delay_quantile_ms(0.95),
             bitrate_bps: self.rate.rate_bps(now),
             ..self.stats.clone()
         }

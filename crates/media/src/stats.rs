@@ -42,6 +42,11 @@ pub struct Stats {
     /// How long the jitter buffer currently holds frames beyond the fastest transit, in ms:
     /// the configured target, raised to cover the delay spread seen (up to the maximum).
     pub target_delay_ms: f64,
+    /// The median of every packet's relative one-way delay (as `delay_ms`, unsmoothed) since
+    /// the call started, in ms (5 ms resolution).
+    pub delay_p50_ms: f64,
+    /// Its 95th percentile, in ms (5 ms resolution; 1 s or more counts as 1 s).
+    pub delay_p95_ms: f64,
 }
 
 /// What the sender did on one track.
@@ -123,10 +128,51 @@ pub(crate) struct DelayEstimator {
     spread_previous: i64,
     window_start_us: i64,
     smoothed_us: Option<f64>,
+    /// Every packet's relative delay, in [`HIST_BUCKET_US`] buckets (the last one: beyond).
+    histogram: Histogram,
 }
 
 /// How often the minimum transit starts afresh (two windows are kept).
 const MIN_WINDOW_US: i64 = 10_000_000;
+/// Width of a delay histogram bucket.
+const HIST_BUCKET_US: i64 = 5_000;
+/// Buckets: 0–1 s in 5 ms steps, then one for everything beyond.
+const HIST_BUCKETS: usize = 201;
+
+/// Counts of relative delays, for percentiles (fixed memory: 804 bytes a track).
+#[derive(Debug, Clone)]
+struct Histogram([u32; HIST_BUCKETS]);
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self([0; HIST_BUCKETS])
+    }
+}
+
+impl Histogram {
+    fn add(&mut self, us: i64) {
+        let i = usize::try_from(us.max(0) / HIST_BUCKET_US).unwrap_or(usize::MAX);
+        let slot = &mut self.0[i.min(HIST_BUCKETS - 1)];
+        *slot = slot.saturating_add(1);
+    }
+
+    /// The `q` quantile (0–1) in ms: the upper edge of its bucket.
+    fn quantile_ms(&self, q: f64) -> f64 {
+        let total: u64 = self.0.iter().map(|&n| u64::from(n)).sum();
+        if total == 0 {
+            return 0.0;
+        }
+        let rank = (q * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0u64;
+        for (i, &n) in self.0.iter().enumerate() {
+            seen += u64::from(n);
+            if seen >= rank {
+                return ((i as i64 + 1).min(HIST_BUCKETS as i64 - 1) * HIST_BUCKET_US) as f64 / 1000.0;
+            }
+        }
+        ((HIST_BUCKETS - 1) as i64 * HIST_BUCKET_US) as f64 / 1000.0
+    }
+}
 
 impl DelayEstimator {
     /// A packet arrived at `arrival_us` (receiver clock) with media time `timestamp_us`.
@@ -140,6 +186,7 @@ impl DelayEstimator {
         self.min_current = Some(self.min_current.map_or(transit, |m| m.min(transit)));
         let relative_us = transit - self.min_transit().unwrap_or(transit);
         self.spread_current = self.spread_current.max(relative_us);
+        self.histogram.add(relative_us);
         let relative = relative_us as f64;
         self.smoothed_us = Some(match self.smoothed_us {
             None => relative,
@@ -173,6 +220,11 @@ impl DelayEstimator {
 
     pub(crate) fn delay_ms(&self) -> f64 {
         self.smoothed_us.unwrap_or(0.0) / 1000.0
+    }
+
+    /// The `q` quantile (0–1) of every packet's relative delay so far, in ms.
+    pub(crate) fn delay_quantile_ms(&self, q: f64) -> f64 {
+        self.histogram.quantile_ms(q)
     }
 }
 
@@ -219,6 +271,19 @@ mod tests {
             d.on_packet(i * 20_000, i * 20_000, true);
         }
         assert_eq!(d.spread_us(), 0);
+    }
+
+    #[test]
+    fn delay_percentiles_come_from_every_packet() {
+        let mut d = DelayEstimator::default();
+        // 90 packets at the minimum, 10 queued 52 ms behind it.
+        for i in 0..100 {
+            let extra = if i % 10 == 9 { 52_000 } else { 0 };
+            d.on_packet(extra + i * 20_000, i * 20_000, true);
+        }
+        assert_eq!(d.delay_quantile_ms(0.5), 5.0, "the median sits in the first bucket");
+        assert_eq!(d.delay_quantile_ms(0.95), 55.0);
+        assert_eq!(DelayEstimator::default().delay_quantile_ms(0.95), 0.0);
     }
 
     #[test]
