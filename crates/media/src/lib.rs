@@ -118,12 +118,12 @@ pub use packet::{
     FIRST_BYTE_BASE, Flags, HEADER_LEN, Header, MAX_FRAGMENT_PAYLOAD, MAX_FRAGMENTS, MAX_FRAME, MAX_PACKET, TAG_LEN,
     fragment_count, fragment_range, packetize,
 };
-pub use rate::{RateConfig, RateController, RateReason, RateState, Usage};
+pub use rate::{ProbeRequest, RateConfig, RateController, RateReason, RateState, Usage};
 pub use receiver::{Playout, ReceivedFrame, Receiver, ReceiverConfig};
 pub use sender::{Frame, Sender, SenderConfig, Transmit};
 pub use stats::{SendStats, Stats};
 
-/// A media track: 0 audio, 1 video, 2..=47 data. Lower numbers are sent first.
+/// A media track: 0 audio, 1 video, 2..=46 data, 47 padding. Lower numbers are sent first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct Track(u8);
 
@@ -132,6 +132,9 @@ impl Track {
     pub const AUDIO: Track = Track(0);
     /// Video: key frames marked, dropped whole under congestion.
     pub const VIDEO: Track = Track(1);
+    /// Padding the sender adds to a rate probe: sealed like media, counted in the receiver's
+    /// feedback, never delivered to the application.
+    pub const PADDING: Track = Track(47);
     /// How many tracks the first byte can encode (16 + 47 = 63).
     pub const COUNT: u8 = 48;
 
@@ -140,9 +143,12 @@ impl Track {
         (number < Self::COUNT).then_some(Track(number))
     }
 
-    /// Data track `index` (track `2 + index`), if it fits.
+    /// Data track `index` (track `2 + index`, at most 46), if it fits.
     pub fn data(index: u8) -> Option<Track> {
-        index.checked_add(2).and_then(Self::new)
+        index
+            .checked_add(2)
+            .filter(|&n| n < Self::PADDING.0)
+            .and_then(Self::new)
     }
 
     /// The track number.
@@ -155,6 +161,7 @@ impl Track {
         match self.0 {
             0 => "audio",
             1 => "video",
+            47 => "padding",
             _ => "data",
         }
     }

@@ -165,6 +165,10 @@ impl Receiver {
         track.on_authenticated(now, &header, data.len());
         let at_us = now.saturating_duration_since(self.epoch).as_micros() as u64;
         self.feedback.record(header.track, header.sequence, data.len(), at_us);
+        if header.track == Track::PADDING {
+            // A rate probe's padding: counted for the sender, nothing to deliver.
+            return Ok(());
+        }
         let result = track.insert(now, &self.config, &header, payload, &mut self.ready);
         if let Err(e) = &result {
             self.malformed += 1;

@@ -129,11 +129,26 @@ pub struct Sender {
     sealer: PacketSealer,
     rate_bps: u64,
     rate: RateController,
-    /// Audio bytes sent over the last second: the share of the target video may not take.
+    /// Audio bytes sent over the last second (with the path's overhead): the share of the
+    /// target video may not take.
     audio_meter: RateMeter,
+    /// Bytes the path adds to every packet, counted in the target and the pace.
+    overhead: usize,
+    /// The rate probe being sent, if any.
+    probe: Option<ProbeRun>,
+    /// Frame ids of padding packets.
+    padding_frames: u32,
     tokens: f64,
     last_refill: Instant,
     tracks: BTreeMap<Track, SendTrack>,
+}
+
+/// A rate probe being sent: its packets go at `rate_bps` until `bytes_left` are out.
+#[derive(Debug, Clone, Copy)]
+struct ProbeRun {
+    id: u32,
+    rate_bps: u64,
+    bytes_left: i64,
 }
 
 #[derive(Debug, Default)]
@@ -144,6 +159,8 @@ struct SendTrack {
     current: Option<Current>,
     next_frame_id: u32,
     waiting_for_key: bool,
+    /// The path dropped frames: the next key frame is wanted (frames are not dropped here).
+    key_requested: bool,
     exhausted: bool,
     /// Fed by a source that waits for room: never dropped for congestion or depth.
     lossless: bool,
@@ -158,9 +175,10 @@ struct Current {
     count: u16,
 }
 
-/// Approximate wire bytes of a frame (data plus per-packet overhead).
-fn wire_bytes(len: usize) -> usize {
-    len + usize::from(fragment_count(len).unwrap_or(u16::MAX)) * (HEADER_LEN + TAG_LEN)
+/// Approximate wire bytes of a frame: data plus, per packet, the media header and tag and the
+/// path's `overhead`.
+fn wire_bytes(len: usize, overhead: usize) -> usize {
+    len + usize::from(fragment_count(len).unwrap_or(u16::MAX)) * (HEADER_LEN + TAG_LEN + overhead)
 }
 
 impl Sender {
@@ -182,6 +200,9 @@ impl Sender {
             rate_bps: rate.target_bps().max(1),
             rate,
             audio_meter: RateMeter::new(now, Duration::from_secs(1)),
+            overhead: 0,
+            probe: None,
+            padding_frames: 0,
             tokens: 0.0,
             last_refill: now,
             tracks: BTreeMap::new(),
@@ -215,8 +236,9 @@ impl Sender {
                 return Ok(());
             }
             t.waiting_for_key = false;
+            t.key_requested &= !frame.key_frame;
             t.push(frame);
-            let delay_s = wire_bytes(t.queued_bytes) as f64 * 8.0 / self.rate_bps as f64;
+            let delay_s = wire_bytes(t.queued_bytes, self.overhead) as f64 * 8.0 / self.rate_bps as f64;
             if t.queued_bytes > max_bytes || delay_s > self.config.max_video_queue_delay.as_secs_f64() {
                 debug!(
                     queued = t.queued_bytes,
@@ -250,11 +272,36 @@ impl Sender {
         self.follow_target();
     }
 
+    /// The path dropped frames of this call (the relay emptying its buffer for the receiver):
+    /// video may be skipped there until a key frame, so ask the encoder for one
+    /// ([`needs_key_frame`](Self::needs_key_frame)), as a receiver's picture loss indication would.
+    pub fn handle_path_drops(&mut self, dropped: u32) {
+        if dropped > 0
+            && let Some(video) = self.tracks.get_mut(&Track::VIDEO).filter(|v| !v.lossless)
+        {
+            video.key_requested = true;
+        }
+    }
+
     /// Advances the controller's clock (silent feedback halves the target).
     pub fn handle_timeout(&mut self, now: Instant) {
         self.refill(now);
         self.rate.handle_timeout(now);
         self.follow_target();
+    }
+
+    /// Bytes the current path adds to each packet (28 for UDP over IPv4, 48 over IPv6, more
+    /// through a relay): the target, the pace and the video budget count them, so the target
+    /// is what the network carries.
+    pub fn set_overhead(&mut self, bytes: usize) {
+        self.overhead = bytes;
+        self.rate.set_overhead(bytes);
+    }
+
+    /// Whether the current path may be probed ([`RateController::set_probing`]: not through a
+    /// relay).
+    pub fn set_probing(&mut self, on: bool) {
+        self.rate.set_probing(on);
     }
 
     /// The path's round-trip time, for the controller's response time.
@@ -292,13 +339,13 @@ impl Sender {
     /// (audio first: it is never starved to make room for video).
     ///
     /// In frame bytes (what an encoder produces): the packets' own header and tag (34 of every
-    /// 512 bytes) are taken off.
+    /// 512 bytes) and the path's overhead are taken off.
     /// Video already queued counts against it, spread over [`SenderConfig::backlog_drain`], as
     /// an encoder's rate control does: a backlog left by a drop in the target is worked off by
     /// smaller frames instead of lingering as delay.
     pub fn video_budget_bps(&self, now: Instant) -> u64 {
         let wire = self.rate_bps.saturating_sub(self.audio_meter.rate_bps(now));
-        let frames = wire * MAX_FRAGMENT_PAYLOAD as u64 / crate::MAX_PACKET as u64;
+        let frames = wire * MAX_FRAGMENT_PAYLOAD as u64 / (crate::MAX_PACKET + self.overhead) as u64;
         let queued = self.tracks.get(&Track::VIDEO).map_or(0, |t| t.queued_bytes) as f64;
         let drain = (queued * 8.0 / self.config.backlog_drain.as_secs_f64().max(1e-3)) as u64;
         frames.saturating_sub(drain)
@@ -312,7 +359,7 @@ impl Sender {
             // Video queued for too long at the new rate goes, whole frames up to a key frame.
             let limit = self.config.max_video_queue_delay.as_secs_f64();
             if let Some(video) = self.tracks.get_mut(&Track::VIDEO).filter(|v| !v.lossless) {
-                let delay_s = wire_bytes(video.queued_bytes) as f64 * 8.0 / target as f64;
+                let delay_s = wire_bytes(video.queued_bytes, self.overhead) as f64 * 8.0 / target as f64;
                 if delay_s > limit {
                     debug!(
                         target,
@@ -328,8 +375,17 @@ impl Sender {
     /// The next packet to send now, if the pacer allows one. Audio always goes first and is
     /// never held back; other tracks wait for tokens.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        if self.probe.is_none()
+            && let Some(p) = self.rate.poll_probe(now)
+        {
+            self.refill(now);
+            self.probe = Some(ProbeRun {
+                id: p.id,
+                rate_bps: p.rate_bps,
+                bytes_left: p.bytes as i64,
+            });
+        }
         self.refill(now);
-        let burst = self.burst_bytes();
         let tracks: Vec<Track> = self.tracks.keys().copied().collect();
         for track in tracks {
             let Some(t) = self.tracks.get_mut(&track) else { continue };
@@ -341,12 +397,7 @@ impl Sender {
             }
             match t.next_packet(track, &mut self.sealer) {
                 Ok(transmit) => {
-                    let len = transmit.contents.len();
-                    self.tokens = (self.tokens - len as f64).max(-burst);
-                    self.rate.on_sent(now, track, transmit.sequence, len);
-                    if track == Track::AUDIO {
-                        self.audio_meter.add(now, len);
-                    }
+                    self.account(now, &transmit);
                     return Some(transmit);
                 }
                 Err(e) => {
@@ -360,21 +411,68 @@ impl Sender {
                 }
             }
         }
+        // A probe with no media waiting is topped up with padding.
+        if self.probe.is_some() && self.tokens > 0.0 {
+            let transmit = self.padding_packet()?;
+            self.account(now, &transmit);
+            return Some(transmit);
+        }
         None
+    }
+
+    /// Charges a packet handed out to the pacer, the controller and a running probe.
+    fn account(&mut self, now: Instant, transmit: &Transmit) {
+        let len = transmit.contents.len();
+        let wire = len + self.overhead;
+        self.tokens = (self.tokens - wire as f64).max(-self.burst_bytes());
+        self.rate
+            .on_sent(now, transmit.track, transmit.sequence, len, self.probe.map(|p| p.id));
+        if transmit.track == Track::AUDIO {
+            self.audio_meter.add(now, wire);
+        }
+        if let Some(p) = self.probe.as_mut() {
+            p.bytes_left -= wire as i64;
+            if p.bytes_left <= 0 {
+                self.rate.probe_sent(now, p.id);
+                self.probe = None;
+            }
+        }
+    }
+
+    /// A full-size packet of padding (track [`Track::PADDING`]), `None` once that track's
+    /// sequence numbers are used up (then probes carry only media).
+    fn padding_packet(&mut self) -> Option<Transmit> {
+        let header = fragment_header(Track::PADDING, self.padding_frames, 0, false, 0, 1);
+        let sequence = self.sealer.next_sequence(Track::PADDING)?;
+        let contents = self.sealer.seal(header, &[0; MAX_FRAGMENT_PAYLOAD]).ok()?;
+        self.padding_frames = self.padding_frames.wrapping_add(1);
+        Some(Transmit {
+            track: Track::PADDING,
+            flags: header.flags,
+            sequence,
+            contents,
+        })
+    }
+
+    /// The pacer's rate: the target, or a running probe's rate.
+    fn pace_bps(&self) -> u64 {
+        self.probe.map_or(self.rate_bps, |p| p.rate_bps.max(self.rate_bps))
     }
 
     /// When [`poll_transmit`](Self::poll_transmit) will next have a packet, if anything is queued.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let pending = |t: &SendTrack| t.current.is_some() || !t.queue.is_empty();
-        if self.tracks.get(&Track::AUDIO).is_some_and(pending)
-            || (self.tokens > 0.0 && self.tracks.values().any(pending))
-        {
+        if self.rate.probe_pending() || self.tracks.get(&Track::AUDIO).is_some_and(pending) {
             return Some(self.last_refill);
         }
-        if !self.tracks.values().any(pending) {
+        let waiting = self.probe.is_some() || self.tracks.values().any(pending);
+        if !waiting {
             return None;
         }
-        let wait_s = (1.0 - self.tokens) * 8.0 / self.rate_bps as f64;
+        if self.tokens > 0.0 {
+            return Some(self.last_refill);
+        }
+        let wait_s = (1.0 - self.tokens) * 8.0 / self.pace_bps() as f64;
         Some(self.last_refill + Duration::from_secs_f64(wait_s.max(0.0)))
     }
 
@@ -395,7 +493,7 @@ impl Sender {
             return true;
         }
         let queued = t.queued_bytes + len;
-        let delay_s = wire_bytes(queued) as f64 * 8.0 / self.rate_bps as f64;
+        let delay_s = wire_bytes(queued, self.overhead) as f64 * 8.0 / self.rate_bps as f64;
         let audio_ok = track != Track::AUDIO || t.queue.len() < self.config.max_audio_frames;
         let limit = self
             .config
@@ -411,7 +509,7 @@ impl Sender {
         if self.tokens > 0.0 {
             return self.last_refill;
         }
-        let wait_s = (1.0 - self.tokens) * 8.0 / self.rate_bps as f64;
+        let wait_s = (1.0 - self.tokens) * 8.0 / self.pace_bps() as f64;
         self.last_refill + Duration::from_secs_f64(wait_s)
     }
 
@@ -436,18 +534,21 @@ impl Sender {
         })
     }
 
-    /// Whether video frames are being dropped until a key frame: ask the encoder for one.
+    /// Whether video frames are being dropped until a key frame, here or on the path
+    /// ([`handle_path_drops`](Self::handle_path_drops)): ask the encoder for one.
     pub fn needs_key_frame(&self, track: Track) -> bool {
-        self.tracks.get(&track).is_some_and(|t| t.waiting_for_key)
+        self.tracks
+            .get(&track)
+            .is_some_and(|t| t.waiting_for_key || t.key_requested)
     }
 
     fn burst_bytes(&self) -> f64 {
-        (self.rate_bps as f64 / 8.0 * self.config.burst.as_secs_f64()).max(crate::MAX_PACKET as f64)
+        (self.pace_bps() as f64 / 8.0 * self.config.burst.as_secs_f64()).max(crate::MAX_PACKET as f64)
     }
 
     fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.last_refill).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate_bps as f64 / 8.0).min(self.burst_bytes());
+        self.tokens = (self.tokens + elapsed * self.pace_bps() as f64 / 8.0).min(self.burst_bytes());
         self.last_refill = self.last_refill.max(now);
     }
 }

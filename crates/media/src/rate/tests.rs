@@ -1,0 +1,270 @@
+//! The rate controller against simulated links.
+
+use super::*;
+use crate::feedback::{Arrival, TrackCount};
+
+/// A bottleneck: `capacity` bit/s, a FIFO of at most `queue` bytes (tail drop), `delay` one
+/// way, random loss with probability `loss`.
+struct Link {
+    capacity: f64,
+    queue_limit: usize,
+    delay: Duration,
+    loss: f64,
+    busy_until: Instant,
+    queued: VecDeque<(Instant, usize)>,
+    rng: u64,
+}
+
+impl Link {
+    fn new(capacity: f64, now: Instant) -> Self {
+        Self {
+            capacity,
+            queue_limit: 30_000,
+            delay: Duration::from_millis(20),
+            loss: 0.0,
+            busy_until: now,
+            queued: VecDeque::new(),
+            rng: 0x9e37_79b9_7f4a_7c15,
+        }
+    }
+
+    fn random(&mut self) -> f64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// When the packet arrives, or `None` if dropped.
+    fn send(&mut self, now: Instant, size: usize) -> Option<Instant> {
+        while self.queued.front().is_some_and(|&(done, _)| done <= now) {
+            self.queued.pop_front();
+        }
+        if self.random() < self.loss {
+            return None;
+        }
+        let backlog: usize = self.queued.iter().map(|&(_, s)| s).sum();
+        if backlog + size > self.queue_limit {
+            return None;
+        }
+        let start = self.busy_until.max(now);
+        let done = start + Duration::from_secs_f64(size as f64 * 8.0 / self.capacity);
+        self.busy_until = done;
+        self.queued.push_back((done, size));
+        Some(done + self.delay)
+    }
+}
+
+/// Runs a source that sends what the controller allows (500-byte packets, paced at the
+/// target, 20 ms audio packets on top) through `link` for `secs`, with feedback every
+/// 40 ms; `change(t, link)` may alter the link. Returns the target every 100 ms.
+fn simulate(secs: f64, link: &mut Link, mut change: impl FnMut(f64, &mut Link)) -> Vec<(f64, u64)> {
+    let t0 = crate::test_origin();
+    let mut c = RateController::new(RateConfig::default(), t0);
+    c.set_rtt(Duration::from_millis(40));
+    let step = Duration::from_millis(1);
+    let mut pending: VecDeque<(Instant, Track, u32, usize)> = VecDeque::new();
+    let (mut seq_a, mut seq_v) = (0u32, 0u32);
+    let mut credit = 0.0;
+    let (mut counts, mut bytes, mut arrivals) = (Vec::<TrackCount>::new(), 0u64, Vec::<Arrival>::new());
+    let mut fb_seq = 0u16;
+    let mut out = Vec::new();
+    let mut now = t0;
+    let mut ms = 0u64;
+    // A probe being sent: (id, rate, bytes left). The source always has data, so a probe is
+    // the same packets sent faster.
+    let mut probe: Option<(u32, f64, f64)> = None;
+    while (ms as f64) < secs * 1000.0 {
+        change(ms as f64 / 1000.0, link);
+        if probe.is_none()
+            && let Some(p) = c.poll_probe(now)
+        {
+            probe = Some((p.id, p.rate_bps as f64, p.bytes as f64));
+        }
+        let pace = probe.map_or(0.0, |p| p.1).max(c.target_bps() as f64);
+        credit += pace / 8.0 / 1000.0;
+        let mut sends = Vec::new();
+        if ms % 20 == 0 {
+            sends.push((Track::AUDIO, seq_a, 120));
+            seq_a += 1;
+            credit -= 120.0;
+        }
+        while credit >= 500.0 {
+            sends.push((Track::VIDEO, seq_v, 500));
+            seq_v += 1;
+            credit -= 500.0;
+        }
+        credit = credit.min(1_000.0);
+        for (track, seq, size) in sends {
+            c.on_sent(now, track, seq, size, probe.map(|p| p.0));
+            if let Some((id, _, left)) = probe.as_mut() {
+                *left -= size as f64;
+                if *left <= 0.0 {
+                    c.probe_sent(now, *id);
+                    probe = None;
+                }
+            }
+            if let Some(at) = link.send(now, size) {
+                pending.push_back((at, track, seq, size));
+            }
+        }
+        while pending.front().is_some_and(|p| p.0 <= now) {
+            let (at, track, seq, size) = pending.pop_front().unwrap();
+            bytes += size as u64;
+            let at_us = at.duration_since(t0).as_micros() as u64;
+            match counts.iter_mut().find(|c| c.track == track) {
+                Some(c) => {
+                    c.highest = c.highest.max(seq);
+                    c.received += 1;
+                }
+                None => counts.push(TrackCount {
+                    track,
+                    highest: seq,
+                    received: 1,
+                }),
+            }
+            arrivals.push(Arrival {
+                track,
+                sequence: seq,
+                at_us,
+            });
+        }
+        if ms % 40 == 0 && !counts.is_empty() {
+            // Feedback takes the link's delay back (uncongested reverse path).
+            let f = Feedback {
+                seq: fb_seq,
+                received_bytes: bytes,
+                at_us: now.duration_since(t0).as_micros() as u64,
+                counts: counts.clone(),
+                arrivals: std::mem::take(&mut arrivals)
+                    .into_iter()
+                    .rev()
+                    .take(crate::feedback::MAX_ARRIVALS)
+                    .rev()
+                    .collect(),
+            };
+            fb_seq = fb_seq.wrapping_add(1);
+            c.handle_feedback(now + link.delay, &f);
+        }
+        c.handle_timeout(now);
+        if ms % 100 == 0 {
+            out.push((ms as f64 / 1000.0, c.target_bps()));
+        }
+        ms += 1;
+        now += step;
+    }
+    out
+}
+
+fn target_at(trace: &[(f64, u64)], t: f64) -> u64 {
+    trace.iter().rev().find(|(at, _)| *at <= t).map_or(0, |(_, r)| *r)
+}
+
+#[test]
+fn the_target_settles_under_a_400_kbit_bottleneck_within_5_s() {
+    let t0 = crate::test_origin();
+    let mut link = Link::new(400_000.0, t0);
+    let trace = simulate(15.0, &mut link, |_, _| {});
+    // Probing near the estimate goes up to 10 % over before the queue says so: this link's
+    // FIFO holds 600 ms, so a slow overshoot grows the delay slowly (the simulated link
+    // counts payload bytes only; on a real one headers take ~8 % more, and the lab's
+    // tests hold the target under the cap).
+    for (t, r) in trace.iter().filter(|(t, _)| *t >= 5.0) {
+        assert!((240_000..=440_000).contains(r), "target {r} at {t} s: {trace:?}");
+    }
+}
+
+#[test]
+fn the_target_follows_a_cap_that_drops_and_comes_back() {
+    let t0 = crate::test_origin();
+    let mut link = Link::new(2_000_000.0, t0);
+    let trace = simulate(24.0, &mut link, |t, l| {
+        l.capacity = if (8.0..16.0).contains(&t) {
+            300_000.0
+        } else {
+            2_000_000.0
+        };
+    });
+    let before = target_at(&trace, 7.9);
+    assert!(before >= 1_200_000, "before the drop: {before}: {trace:?}");
+    let low = target_at(&trace, 13.0);
+    assert!(
+        (180_000..=300_000).contains(&low),
+        "5 s after the drop: {low}: {trace:?}"
+    );
+    let back = target_at(&trace, 21.0);
+    assert!(back >= 1_200_000, "5 s after the cap lifted: {back}: {trace:?}");
+}
+
+#[test]
+fn two_percent_random_loss_does_not_collapse_the_target() {
+    let t0 = crate::test_origin();
+    let mut clean = Link::new(1e9, t0);
+    let reference = target_at(&simulate(10.0, &mut clean, |_, _| {}), 9.9);
+    let mut lossy = Link::new(1e9, t0);
+    lossy.loss = 0.02;
+    let trace = simulate(10.0, &mut lossy, |_, _| {});
+    for t in [5.0, 7.0, 9.9] {
+        let r = target_at(&trace, t);
+        assert!(
+            r as f64 >= 0.8 * reference as f64,
+            "{r} vs {reference} at {t} s: {trace:?}"
+        );
+    }
+}
+
+#[test]
+fn heavy_loss_cuts_the_target_and_silence_halves_it() {
+    let t0 = crate::test_origin();
+    let mut link = Link::new(1e9, t0);
+    link.loss = 0.3;
+    let trace = simulate(3.0, &mut link, |_, _| {});
+    assert!(target_at(&trace, 2.9) < 500_000, "{trace:?}");
+
+    let mut c = RateController::new(RateConfig::default(), t0);
+    let start = c.target_bps();
+    c.on_sent(t0 + Duration::from_millis(900), Track::AUDIO, 0, 100, None);
+    c.handle_timeout(t0 + Duration::from_millis(999));
+    assert_eq!(c.target_bps(), start, "not silent yet");
+    c.handle_timeout(t0 + Duration::from_millis(1000));
+    assert_eq!(c.target_bps(), start / 2);
+    assert_eq!(c.state().reason, RateReason::Silence);
+    c.handle_timeout(t0 + Duration::from_millis(1500));
+    assert_eq!(c.target_bps(), start / 2, "once per timeout");
+}
+
+#[test]
+fn a_budget_caps_the_target_while_it_is_fresh() {
+    let t0 = crate::test_origin();
+    let mut c = RateController::new(RateConfig::default(), t0);
+    c.handle_budget(t0, 200_000);
+    assert_eq!(c.target_bps(), 200_000);
+    assert_eq!(c.state().reason, RateReason::Budget);
+    c.set_rate(5_000_000);
+    assert_eq!(
+        c.target_bps(),
+        5_000_000,
+        "the application's choice replaces the target"
+    );
+    c.handle_feedback(t0 + Duration::from_millis(10), &Feedback::default());
+    assert_eq!(c.target_bps(), 200_000, "the fresh budget still caps it");
+    c.handle_feedback(
+        t0 + Duration::from_millis(2_100),
+        &Feedback {
+            seq: 1,
+            ..Feedback::default()
+        },
+    );
+    c.handle_feedback(
+        t0 + Duration::from_millis(2_200),
+        &Feedback {
+            seq: 2,
+            ..Feedback::default()
+        },
+    );
+    assert!(
+        c.target_bps() > 200_000,
+        "an old budget no longer caps it: {:?}",
+        c.state()
+    );
+}
