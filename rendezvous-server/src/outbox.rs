@@ -56,6 +56,10 @@ pub use budget::Grant;
 
 /// Control frames may hold up to this many times `max_bytes` before the client is disconnected.
 const CONTROL_CAP_FACTOR: usize = 4;
+/// The drain rate is sampled over at least this long…
+const DRAIN_SAMPLE: Duration = Duration::from_millis(50);
+/// …and a sample spanning more than this (the client was not sent anything) is dropped.
+const DRAIN_IDLE: Duration = Duration::from_millis(500);
 
 #[derive(Debug)]
 struct Item {
@@ -81,7 +85,14 @@ struct State {
     window: u32,
     /// Frames per second the client drains (from its acks), smoothed.
     drain_rate: f64,
-    last_ack: Option<Instant>,
+    /// Frames acknowledged since `drain_since`, for the next drain sample.
+    drain_frames: u32,
+    drain_since: Option<Instant>,
+    /// Relay frames written and not yet acknowledged: their sizes and when they were written
+    /// (at most `idle_limit`).
+    unacked: VecDeque<(u32, Instant)>,
+    /// Smoothed round trip from writing a frame to its acknowledgement.
+    rtt: Option<Duration>,
     /// Video is being dropped until the next key frame starts.
     video_skip: bool,
     /// The writer has sent the start of a video frame but not its end.
@@ -145,7 +156,10 @@ impl Outbox {
             idle_count: 0,
             window: (2 * config.ack_every).min(config.idle_limit),
             drain_rate: 0.0,
-            last_ack: None,
+            drain_frames: 0,
+            drain_since: None,
+            unacked: VecDeque::new(),
+            rtt: None,
             video_skip: false,
             video_mid_frame: false,
             stalled_since: None,
@@ -333,18 +347,45 @@ impl Outbox {
     pub fn ack(&self, frames: u32, now: Instant) {
         let mut s = self.lock();
         s.idle_count = s.idle_count.saturating_sub(frames);
-        s.budget.on_acked(frames);
         s.stalled_since = None;
-        if let Some(last) = s.last_ack.replace(now) {
-            let dt = now.duration_since(last).as_secs_f64().max(1e-4);
-            let rate = f64::from(frames) / dt;
+        let (mut bytes, mut written) = (0u64, None);
+        for _ in 0..frames {
+            let Some((len, at)) = s.unacked.pop_front() else { break };
+            bytes += u64::from(len);
+            written = Some(at);
+        }
+        s.budget.on_acked(bytes);
+        if let Some(at) = written {
+            // The round trip of the frame that completed this acknowledgement.
+            let sample = now.saturating_duration_since(at);
+            s.rtt = Some(s.rtt.map_or(sample, |r| (r * 7 + sample) / 8));
+        }
+        // The drain rate from what was acknowledged over at least `DRAIN_SAMPLE`: a client
+        // reads in bursts (TCP hands over what arrived together), and one burst's
+        // acknowledgements back to back are no rate.
+        let since = *s.drain_since.get_or_insert(now);
+        s.drain_frames += frames;
+        let elapsed = now.saturating_duration_since(since);
+        if elapsed > DRAIN_IDLE {
+            // A quiet spell measures nothing: start over.
+            s.drain_since = Some(now);
+            s.drain_frames = 0;
+        } else if elapsed >= DRAIN_SAMPLE {
+            let rate = f64::from(s.drain_frames) / elapsed.as_secs_f64();
             s.drain_rate = if s.drain_rate == 0.0 {
                 rate
             } else {
-                0.8 * s.drain_rate + 0.2 * rate
+                0.7 * s.drain_rate + 0.3 * rate
             };
+            s.drain_since = Some(now);
+            s.drain_frames = 0;
             let c = &self.config;
-            let target = (s.drain_rate * c.target_delay().as_secs_f64()) as u32;
+            // A round trip's worth of what it drains is in flight however the link is; on top
+            // of that, `target_delay` of it may wait in the network. (A window of only
+            // `target_delay` would, with a longer round trip, hold the client below what it
+            // can take, and shrink at each acknowledgement until it was at its floor.)
+            let span = s.rtt.unwrap_or_default() + c.target_delay();
+            let target = (s.drain_rate * span.as_secs_f64()) as u32;
             // At least `ack_every`, or the client would never have enough to acknowledge.
             s.window = target.clamp(c.ack_every, c.idle_limit);
         }
@@ -389,7 +430,8 @@ impl Outbox {
             };
             s.relay_bytes -= item.wire.len();
             self.metrics.relayed(class, item.wire.len());
-            s.budget.on_written(item.wire.len());
+            s.unacked
+                .push_back((u32::try_from(item.wire.len()).unwrap_or(u32::MAX), now));
             out.push(item.wire);
             taken += 1;
         }
@@ -481,11 +523,50 @@ mod tests {
         }
         assert_eq!(o.window(), 4);
         // A fast one: 4 frames every 5 ms = 800 frames/s → 80, capped at 64.
-        let t1 = t0 + Duration::from_secs(10);
-        for i in 0..30 {
+        let t1 = t2 + Duration::from_secs(13);
+        for i in 0..60 {
             o.ack(4, t1 + Duration::from_millis(5 * i));
         }
         assert_eq!(o.window(), 64);
+        // Acknowledgements that come in a burst (TCP hands over what arrived together) are
+        // not a rate: 16 at once after 50 ms of nothing is 64 frames in 50 ms, not 64 in 0.
+        let t3 = t1 + Duration::from_secs(2);
+        for i in 0..20u64 {
+            for _ in 0..4 {
+                o.ack(1, t3 + Duration::from_millis(50 * i));
+            }
+        }
+        assert!(o.window() <= 12, "{}", o.window());
+    }
+
+    #[test]
+    fn a_long_round_trip_keeps_a_round_trip_of_frames_in_flight() {
+        // A client that drains 100 frames/s over a path with a 150 ms round trip (a queue of
+        // other traffic before it): one round trip's worth plus 80 ms stays in flight, so the
+        // window does not shrink to its floor and hold the client below its rate.
+        let c = RelayConfig {
+            idle_limit: 64,
+            ack_every: 4,
+            target_delay_ms: 80,
+            burst: 64,
+            max_frames: 1000,
+            ..RelayConfig::default()
+        };
+        let o = Outbox::new(c, Metrics::new(), 16);
+        let t0 = Instant::now();
+        let mut batch = Vec::new();
+        for i in 0..400u32 {
+            let now = t0 + Duration::from_millis(10 * u64::from(i));
+            o.push_relay(wire(1), &header(TrafficClass::Control, START | END), now);
+            o.take(now, &mut batch);
+            // Every 40 ms the client acknowledges the 4 frames it read, written 150 ms ago.
+            if i % 4 == 3 && i >= 18 {
+                o.ack(4, now);
+            }
+        }
+        let w = o.window();
+        assert!((18..=26).contains(&w), "window {w}, rtt {:?}", o.lock().rtt);
+        assert!(o.lock().rtt.is_some_and(|r| r >= Duration::from_millis(100)));
     }
 
     fn outbox() -> Outbox {

@@ -119,7 +119,10 @@ async fn a_version_mismatch_is_refused_naming_both_versions() {
     assert_eq!(e.code, ErrorCode::VersionMismatch);
     assert_eq!(
         e.message,
-        "protocol version mismatch: this side speaks version 4, the other side version 999"
+        format!(
+            "protocol version mismatch: this side speaks version {}, the other side version 999",
+            natcall_proto::PROTOCOL_VERSION
+        )
     );
     c.expect_eof().await;
     srv.shutdown().await;

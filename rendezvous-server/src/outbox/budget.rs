@@ -12,11 +12,13 @@
 //! Data flow (all under the outbox's lock, no timers of its own):
 //! 1. [`Budget::on_pushed`] for every relay frame in (bytes per call, whether the client was
 //!    busy), [`Budget::on_dropped`] for every frame the class policy drops;
-//! 2. [`Budget::on_written`] / [`Budget::on_acked`]: the sizes of frames written, matched with
-//!    the client's acknowledgements, give the bytes it drained;
+//! 2. [`Budget::on_acked`]: the bytes of the frames the client acknowledged (the outbox matches
+//!    acknowledgements with the frames written) are what it drained;
 //! 3. when an interval has passed, the next push closes it ([`Budget::tick`]): if the client
-//!    was limited, each call's budget is computed and held until that call's sender next sends
-//!    a frame ([`Budget::take`]), which is when the server answers it.
+//!    was limited, each call's budget — from what it drained over the last five intervals, so
+//!    one interval in which its TCP connection stalled does not read as its capacity — is
+//!    computed and held until that call's sender next sends a frame ([`Budget::take`]), which
+//!    is when the server answers it.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -28,6 +30,16 @@ const FLOOR_BPS: u64 = 32_000;
 const HEADROOM: f64 = 0.9;
 /// With drops in the interval the buffer is over its bounds: a larger margin.
 const HEADROOM_AFTER_DROPS: f64 = 0.8;
+/// The drain rate is measured over this many intervals (500 ms at the default 100 ms).
+const DRAIN_INTERVALS: usize = 5;
+
+/// One closed interval.
+#[derive(Debug, Clone, Copy)]
+struct Drained {
+    /// Bytes the client acknowledged.
+    acked: u64,
+    time: Duration,
+}
 
 /// One call's traffic into this client during the current interval.
 #[derive(Debug, Clone, Copy)]
@@ -52,11 +64,10 @@ pub struct Grant {
 #[derive(Debug)]
 pub(crate) struct Budget {
     interval: Duration,
-    /// Sizes of relay frames written and not yet acknowledged, oldest first (bounded by the
-    /// client's window: at most `idle_limit` entries).
-    unacked: VecDeque<u32>,
     /// Bytes acknowledged since the interval began.
     acked: u64,
+    /// What the last intervals took in and drained, newest last.
+    drained: VecDeque<Drained>,
     started: Option<Instant>,
     pushes: u32,
     busy_pushes: u32,
@@ -69,8 +80,8 @@ impl Budget {
     pub(crate) fn new(interval: Duration) -> Self {
         Self {
             interval,
-            unacked: VecDeque::new(),
             acked: 0,
+            drained: VecDeque::new(),
             started: None,
             pushes: 0,
             busy_pushes: 0,
@@ -98,18 +109,10 @@ impl Budget {
         }
     }
 
-    /// A relay frame of `bytes` was handed to the writer.
-    pub(crate) fn on_written(&mut self, bytes: usize) {
+    /// The client acknowledged frames of `bytes` in all.
+    pub(crate) fn on_acked(&mut self, bytes: u64) {
         if !self.interval.is_zero() {
-            self.unacked.push_back(u32::try_from(bytes).unwrap_or(u32::MAX));
-        }
-    }
-
-    /// The client acknowledged `frames` more relay frames.
-    pub(crate) fn on_acked(&mut self, frames: u32) {
-        for _ in 0..frames {
-            let Some(b) = self.unacked.pop_front() else { break };
-            self.acked += u64::from(b);
+            self.acked += bytes;
         }
     }
 
@@ -122,9 +125,22 @@ impl Budget {
             return;
         }
         let dropped = self.inputs.iter().any(|c| c.dropped > 0);
+        self.drained.push_back(Drained {
+            acked: self.acked,
+            time: elapsed,
+        });
+        while self.drained.len() > DRAIN_INTERVALS {
+            self.drained.pop_front();
+        }
+        // Over the last few intervals: a TCP connection that stalls for one interval (a
+        // retransmission) drains nothing in it, which is not what the client can take.
+        let (bytes, time) = self
+            .drained
+            .iter()
+            .fold((0u64, Duration::ZERO), |(b, t), d| (b + d.acked, t + d.time));
         let limited = dropped || self.busy_pushes * 2 >= self.pushes.max(1);
-        if limited && self.acked > 0 {
-            let drain = self.acked as f64 * 8.0 / elapsed.as_secs_f64();
+        if limited && bytes > 0 {
+            let drain = bytes as f64 * 8.0 / time.as_secs_f64().max(1e-3);
             let headroom = if dropped { HEADROOM_AFTER_DROPS } else { HEADROOM };
             self.ready = share(drain * headroom, &self.inputs, elapsed);
         }
@@ -211,8 +227,7 @@ mod tests {
             }
             let drained = (drain_bps * (ms + 1) / 8_000 / 500) - (drain_bps * ms / 8_000 / 500);
             for _ in 0..drained {
-                b.on_written(500);
-                b.on_acked(1);
+                b.on_acked(500);
             }
         }
         b.tick(t0 + MS * 100);
@@ -233,8 +248,7 @@ mod tests {
         let t0 = Instant::now();
         for ms in 0..101u32 {
             b.on_pushed(t0 + MS * ms, 7, 500, false);
-            b.on_written(500);
-            b.on_acked(1);
+            b.on_acked(500);
         }
         assert_eq!(b.take(7), None);
     }
@@ -266,6 +280,6 @@ mod tests {
         let mut b = Budget::new(Duration::ZERO);
         interval(&mut b, Instant::now(), &[(7, 2_000_000)], 400_000);
         assert_eq!(b.take(7), None);
-        assert!(b.unacked.is_empty(), "nothing kept");
+        assert_eq!(b.acked, 0, "nothing counted");
     }
 }
