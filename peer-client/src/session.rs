@@ -202,7 +202,8 @@ pub struct Opts {
 
 /// The built-in test source: audio (80-byte frames every 20 ms, 32 kbit/s, each starting with
 /// its number, big-endian u32, so a `--recv-audio` file shows order and gaps) and video (30
-/// frames/s, a key frame every 2 s). Video frames are sized as an encoder would: to what the
+/// frames/s, a key frame every 2 s and whenever frames are skipped until one). Video frames are
+/// sized as an encoder would: to what the
 /// call's rate controller gives video now ([`natcall::MediaRate::video_bps`]), at most
 /// `video_kbps`; the frame rate stays. Runs until the call ends.
 async fn test_source(call: &Call, video_kbps: u32) {
@@ -226,9 +227,14 @@ async fn test_source(call: &Call, video_kbps: u32) {
             }
             _ = video.tick() => {
                 let ts = stamp();
-                let bps = rate.borrow().video_bps.min(ceiling);
+                let (bps, key_wanted) = {
+                    let r = rate.borrow();
+                    (r.video_bps.min(ceiling), r.key_frame_wanted)
+                };
                 let video_bytes = (bps / 8 / 30).max(1) as usize;
-                let frame = if n % 60 == 0 { Frame::key(ts, vec![0x4b; video_bytes]) } else { Frame::new(ts, vec![0x56; video_bytes]) };
+                // A key frame every 2 s, or at once when frames are being skipped until one.
+                let key = n % 60 == 0 || key_wanted;
+                let frame = if key { Frame::key(ts, vec![0x4b; video_bytes]) } else { Frame::new(ts, vec![0x56; video_bytes]) };
                 n += 1;
                 call.send_frame(Track::VIDEO, frame).await
             }
@@ -251,6 +257,8 @@ fn rate_event(rate: &natcall::MediaRate, since: Instant) -> serde_json::Value {
         "usage": rate.usage,
         "reason": rate.reason,
         "relay_budget_bps": rate.relay_budget_bps,
+        "queue_delay_ms": rate.queue_delay_ms,
+        "competing": rate.competing,
     })
 }
 

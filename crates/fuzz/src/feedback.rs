@@ -62,7 +62,7 @@ pub fn media_feedback(data: &[u8]) {
                 let track = Track::new(t).expect("tracks 0..3 exist");
                 let (n, size) = (input.u8(), usize::from(input.u16()) % 513);
                 for _ in 0..n {
-                    c.on_sent(now, track, next[usize::from(t)], size);
+                    c.on_sent(now, track, next[usize::from(t)], size, None);
                     next[usize::from(t)] = next[usize::from(t)].wrapping_add(1);
                 }
             }

@@ -23,7 +23,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, trace};
 
-use crate::core::FakeAddr;
+use crate::core::{FakeAddr, Route};
 use crate::driver::{MediaIn, Shared};
 
 /// Label of the keying material exported from the QUIC session.
@@ -81,11 +81,21 @@ pub struct MediaRate {
     pub reason: RateReason,
     /// The relay's latest budget for this side, bit/s, while it applies.
     pub relay_budget_bps: Option<u64>,
+    /// Video frames are being dropped (here or by the relay) until a key frame: an encoder
+    /// should make its next frame one.
+    pub key_frame_wanted: bool,
+    /// The queue on the path: one-way delay above its base, ms.
+    pub queue_delay_ms: f64,
+    /// Another flow (a download) keeps the path's queue full: only loss bounds the target.
+    pub competing: bool,
 }
 
 impl MediaRate {
-    fn new(state: RateState, video_bps: u64) -> Self {
+    fn new(state: RateState, video_bps: u64, key_frame_wanted: bool) -> Self {
         Self {
+            key_frame_wanted,
+            queue_delay_ms: state.queue_delay_ms,
+            competing: state.competing,
             target_bps: state.target_bps,
             video_bps,
             delivered_bps: state.acked_bps,
@@ -157,7 +167,7 @@ impl Media {
         let (app_tx, frames_out) = mpsc::channel(QUEUE);
         let (ctl, ctl_rx) = mpsc::channel(STREAM_QUEUE);
         let report = Arc::new(Mutex::new(MediaReport::default()));
-        let (rate_tx, rate) = watch::channel(MediaRate::new(sender.rate_state(), sender.video_budget_bps(now)));
+        let (rate_tx, rate) = watch::channel(MediaRate::new(sender.rate_state(), sender.video_budget_bps(now), false));
         let (notice_tx, notices) = mpsc::channel(4);
         let driver = Driver {
             sender,
@@ -227,6 +237,18 @@ impl Media {
 
     pub(crate) fn report(&self) -> MediaReport {
         self.report.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+}
+
+/// Bytes a path adds to each media packet: IP and UDP headers on a UDP path; on the relay the
+/// frame's length, type and relay header (11), a TLS record's header and tag (22: at call rates
+/// most frames travel in a record of their own) and TCP/IP with timestamps (52). `None`: no path.
+fn path_overhead(route: Route) -> Option<usize> {
+    match route {
+        Route::Udp(addr) if addr.ip().to_canonical().is_ipv4() => Some(20 + 8),
+        Route::Udp(_) => Some(40 + 8),
+        Route::Relay(_) => Some(11 + 22 + 52),
+        Route::Void => None,
     }
 }
 
@@ -380,6 +402,7 @@ impl Driver {
                     Some(MediaIn::Budget { bps, dropped }) => {
                         debug!(bps, dropped, "relay budget");
                         self.sender.handle_budget(Instant::now(), bps);
+                        self.sender.handle_path_drops(dropped);
                     }
                     None => return,
                 },
@@ -396,6 +419,7 @@ impl Driver {
                     if now >= next_rate {
                         next_rate = now + RATE_EVERY;
                         self.sender.set_rtt(self.conn.rtt());
+                        self.follow_path();
                         self.sender.handle_timeout(now);
                         self.publish_rate(now);
                     }
@@ -424,8 +448,26 @@ impl Driver {
         }
     }
 
+    /// Tells the sender what the call's current path adds to each packet, and whether it may
+    /// be probed (not through the relay, whose TCP connection delivers in bursts).
+    fn follow_path(&mut self) {
+        let route = self.socket.lock().route(self.fake);
+        if let Some(bytes) = path_overhead(route) {
+            self.sender.set_overhead(bytes);
+        }
+        match route {
+            Route::Udp(_) => self.sender.set_probing(true),
+            Route::Relay(_) => self.sender.set_probing(false),
+            Route::Void => {}
+        }
+    }
+
     fn publish_rate(&self, now: Instant) {
-        let rate = MediaRate::new(self.sender.rate_state(), self.sender.video_budget_bps(now));
+        let rate = MediaRate::new(
+            self.sender.rate_state(),
+            self.sender.video_budget_bps(now),
+            self.sender.needs_key_frame(Track::VIDEO),
+        );
         self.rate.send_if_modified(|r| {
             let changed = *r != rate;
             *r = rate;
