@@ -19,6 +19,9 @@
 //!   [`capture`] (tcpdump and a pcap reader), for tests of what flows on the wire.
 //! - [`setup_bench`]: the call-setup benchmark (time to connected and to first audio, per pair
 //!   and delay, next to the protocol's floor).
+//! - [`shape`]: rate caps (`tc tbf`) on a peer's downlink and a competing download;
+//!   [`quality`]: a call over such a link, direct or relayed, and what arrived in time (the
+//!   rate-control tests and `natcall-lab quality`).
 //!
 //! # Drive loop
 //! Everything is async (patchbay builds labs on tokio). The scenario driver runs the peer
@@ -46,8 +49,10 @@ mod kind;
 pub mod matrix;
 pub mod probe;
 mod process;
+pub mod quality;
 mod scenario;
 pub mod setup_bench;
+pub mod shape;
 pub mod topology;
 
 pub use error::{Error, preflight};

@@ -1,0 +1,207 @@
+//! Call quality on slow links, on the direct path and through the relay: the sender's rate
+//! controller keeps audio on time and video whole when bob's downlink is capped (also when the
+//! cap changes mid-call), does not collapse under random loss, and keeps its share beside a
+//! download.
+//!
+//! One call at a time: these measure timing (queues of tens of milliseconds, a userspace
+//! forwarder for loss), which other labs busy on the same two cores would blur.
+
+use std::time::Duration;
+
+use natcall_lab::quality::{Condition, QualityOutcome, QualityPath, QualitySpec, run_quality};
+use natcall_lab::{Binaries, preflight};
+
+/// The top of the band the target must keep to, as a share of the cap. The target counts each
+/// packet as the network carries it: on a UDP path the IP and UDP headers (exact), through the
+/// relay its framing, a TLS record and TCP/IP per frame — what a frame costs when it travels
+/// alone, a few percent more than when frames share records and segments at higher rates. So
+/// through the relay the target is the wire rate to within 5 %.
+fn top(path: QualityPath) -> f64 {
+    match path {
+        QualityPath::Direct => 1.0,
+        QualityPath::Relay => 1.05,
+    }
+}
+
+/// Held by the call running now (an async lock: the tests wait for their turn without
+/// blocking a thread the labs' runtimes may need).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn run(name: &str, path: QualityPath, condition: Condition, secs: u64, video_kbps: u32) -> QualityOutcome {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    if let Err(e) = preflight() {
+        panic!("{e}");
+    }
+    let bins = Binaries::locate(None).expect("natcall binaries next to the test (cargo build --bins)");
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("natcall-quality-{name}-{path}-"))
+        .tempdir()
+        .expect("a log folder");
+    let spec = QualitySpec {
+        name: name.to_owned(),
+        path,
+        condition,
+        duration: Duration::from_secs(secs),
+        video_kbps,
+        media_kbps: 2500,
+    };
+    let outcome = run_quality(&bins, &spec, dir.path()).await.expect("the lab builds");
+    eprintln!("{}", outcome.diagnostics());
+    if outcome.error.is_some() || std::env::var_os("NATCALL_LAB_KEEP").is_some() {
+        let _ = dir.keep();
+    }
+    assert!(outcome.error.is_none(), "{}", outcome.diagnostics());
+    assert_eq!(
+        outcome.path.as_deref(),
+        Some(path.to_string().as_str()),
+        "{}",
+        outcome.diagnostics()
+    );
+    outcome
+}
+
+/// Downlink capped at 400 kbit/s for 12 s.
+async fn capped_400(path: QualityPath) {
+    let o = run("cap400", path, Condition::cap(400), 12, 1000).await;
+    let diag = o.diagnostics();
+    assert!(
+        o.audio_on_time_share() >= 0.98,
+        "audio on time {:.3}: {diag}",
+        o.audio_on_time_share()
+    );
+    let band = o.target_over_cap(5.0, 12.0);
+    assert!(!band.is_empty(), "no rate events after 5 s: {diag}");
+    assert!(
+        band.iter().all(|r| (0.6..=top(path)).contains(r)),
+        "target/cap after 5 s outside 60–100 %: {band:?}: {diag}"
+    );
+    assert!(
+        o.video_on_time_share() >= 0.90,
+        "video on time {:.3}: {diag}",
+        o.video_on_time_share()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_400_kbit_downlink_keeps_audio_on_time_and_video_whole_on_the_direct_path() {
+    capped_400(QualityPath::Direct).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_400_kbit_downlink_keeps_audio_on_time_and_video_whole_through_the_relay() {
+    capped_400(QualityPath::Relay).await;
+}
+
+/// The cap drops from 2 Mbit/s to 300 kbit/s at 8 s and comes back at 16 s.
+async fn cap_changes(path: QualityPath) {
+    let condition = Condition {
+        caps: vec![
+            (Duration::ZERO, 2000),
+            (Duration::from_secs(8), 300),
+            (Duration::from_secs(16), 2000),
+        ],
+        loss_pct: 0.0,
+        bulk: false,
+    };
+    let o = run("steps", path, condition, 24, 2000).await;
+    let diag = o.diagnostics();
+    assert!(
+        o.audio_on_time_share() >= 0.95,
+        "audio on time {:.3}: {diag}",
+        o.audio_on_time_share()
+    );
+    // Within 5 s of each change the target is within 60–100 % of the new cap, and stays there.
+    for (from, to) in [(13.0, 16.0), (21.0, 24.0)] {
+        let band = o.target_over_cap(from, to);
+        assert!(!band.is_empty(), "no rate events in {from}–{to} s: {diag}");
+        assert!(
+            band.iter().all(|r| (0.6..=top(path)).contains(r)),
+            "target/cap in {from}–{to} s outside 60–100 %: {band:?}: {diag}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cap_that_drops_and_returns_is_followed_within_5_s_on_the_direct_path() {
+    cap_changes(QualityPath::Direct).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cap_that_drops_and_returns_is_followed_within_5_s_through_the_relay() {
+    cap_changes(QualityPath::Relay).await;
+}
+
+/// 2 % random loss each way and no cap, against the same call without loss.
+async fn random_loss(path: QualityPath) {
+    let lossy = Condition {
+        caps: Vec::new(),
+        loss_pct: 2.0,
+        bulk: false,
+    };
+    let clean = Condition {
+        loss_pct: 0.0,
+        ..lossy.clone()
+    };
+    let (o, reference) = tokio::join!(
+        run("loss2", path, lossy, 12, 2000),
+        run("lossless", path, clean, 12, 2000)
+    );
+    // Each second's mean target from 5 s on: the lossy call's lowest against the median of
+    // the lossless one's.
+    let mut uncapped = reference.targets(5.0, 12.0);
+    assert!(!uncapped.is_empty(), "{}", reference.diagnostics());
+    uncapped.sort_by(f64::total_cmp);
+    let median = uncapped[uncapped.len() / 2];
+    let targets = o.targets(5.0, 12.0);
+    assert!(!targets.is_empty(), "{}", o.diagnostics());
+    let low = targets.iter().copied().fold(f64::INFINITY, f64::min);
+    assert!(
+        low >= 0.8 * median,
+        "with 2 % loss the target fell to {low:.0} bit/s, under 80 % of {median:.0} without loss: {}",
+        o.diagnostics()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_percent_random_loss_does_not_collapse_the_target_on_the_direct_path() {
+    random_loss(QualityPath::Direct).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_percent_random_loss_does_not_collapse_the_target_through_the_relay() {
+    random_loss(QualityPath::Relay).await;
+}
+
+/// A TCP download shares bob's 400 kbit/s downlink with the call (under way when it starts).
+async fn beside_a_download(path: QualityPath) {
+    let condition = Condition {
+        caps: vec![(Duration::ZERO, 400)],
+        loss_pct: 0.0,
+        bulk: true,
+    };
+    let o = run("bulk", path, condition, 15, 1000).await;
+    let diag = o.diagnostics();
+    assert!(
+        o.audio_on_time_share() >= 0.95,
+        "audio on time {:.3}: {diag}",
+        o.audio_on_time_share()
+    );
+    let bulk = o.bulk_bps.unwrap_or(0.0);
+    eprintln!("call {:.0} bit/s, download {bulk:.0} bit/s", o.media_bps);
+    assert!(bulk > 50_000.0, "the download ran ({bulk:.0} bit/s): {diag}");
+    // Two flows: an even split is half each. A delay-based call beside a loss-based download
+    // must not starve (GCC without its threshold adaptation falls to its floor): it keeps at
+    // least half of that, a quarter of what the link carried.
+    let share = o.media_bps / (o.media_bps + bulk);
+    assert!(share >= 0.25, "the call got {:.0} % of the link: {diag}", share * 100.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_beside_the_call_leaves_it_a_fair_share_on_the_direct_path() {
+    beside_a_download(QualityPath::Direct).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_beside_the_call_leaves_it_a_fair_share_through_the_relay() {
+    beside_a_download(QualityPath::Relay).await;
+}
