@@ -90,6 +90,27 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Call quality on slow links: each scenario (a 400 kbit/s downlink, a cap that drops from
+    /// 2 Mbit/s to 300 kbit/s and back, 2 % loss and its lossless reference, a download beside
+    /// the call) on the direct path and through the relay, one call at a time; a Markdown table,
+    /// and with --charts a PNG of the target and what reached the callee over time per run.
+    Quality {
+        /// Scenarios to run (default: all of cap400, steps, loss2, lossless, bulk).
+        #[arg(long, value_delimiter = ',')]
+        scenarios: Option<Vec<String>>,
+        /// Paths to run them on (default: direct,relay).
+        #[arg(long, value_delimiter = ',')]
+        paths: Option<Vec<String>>,
+        /// Write one chart per run into DIR (<scenario>-<path>.png).
+        #[arg(long)]
+        charts: Option<PathBuf>,
+        /// Keep every run's logs in DIR/<scenario>-<path>/ (failed runs are always kept).
+        #[arg(long)]
+        keep_logs: Option<PathBuf>,
+        /// Print the outcomes as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Call-setup benchmark: sequential calls per pair (public, port-restricted, relay-only) and
     /// one-way delay; time to connected and to first audio next to the protocol's floor.
     SetupBench {
@@ -109,6 +130,75 @@ enum Cmd {
         #[arg(long)]
         keep_logs: Option<PathBuf>,
     },
+}
+
+/// `natcall-lab quality`: the scenarios one after the other, then the table (or JSON).
+async fn quality(
+    bins: &Binaries,
+    scenarios: Option<Vec<String>>,
+    paths: Option<Vec<String>>,
+    charts: Option<PathBuf>,
+    keep_logs: Option<PathBuf>,
+    json: bool,
+) -> Result<bool> {
+    use natcall_lab::quality::{QualityPath, bench, run_quality};
+    let names = scenarios.unwrap_or_else(|| bench::PRESETS.map(String::from).to_vec());
+    let paths = paths.unwrap_or_else(|| vec!["direct".into(), "relay".into()]);
+    let mut specs = Vec::new();
+    for name in &names {
+        for p in &paths {
+            let path = match p.as_str() {
+                "direct" => QualityPath::Direct,
+                "relay" => QualityPath::Relay,
+                other => bail!("unknown path {other:?}: direct or relay"),
+            };
+            let spec = bench::preset(name, path)
+                .with_context(|| format!("unknown scenario {name:?}: one of {}", bench::PRESETS.join(", ")))?;
+            specs.push(spec);
+        }
+    }
+    for dir in [&charts, &keep_logs].into_iter().flatten() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let started = Instant::now();
+    let mut outcomes = Vec::new();
+    for spec in &specs {
+        let slug = format!("{}-{}", spec.name, spec.path);
+        eprintln!("running {slug} ({} s)…", spec.duration.as_secs());
+        let (dir, temp) = match &keep_logs {
+            Some(base) => (base.join(&slug), None),
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix(&format!("natcall-quality-{slug}-"))
+                    .tempdir()
+                    .context("creating a log folder")?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let outcome = run_quality(bins, spec, &dir).await?;
+        if let Some(e) = &outcome.error {
+            eprintln!("{slug} failed: {e} (logs in {})", dir.display());
+            if let Some(t) = temp {
+                let _ = t.keep();
+            }
+        }
+        if let Some(out) = &charts {
+            let png = out.join(format!("{slug}.png"));
+            match bench::chart(&outcome, &png) {
+                Ok(()) => eprintln!("chart: {}", png.display()),
+                Err(e) => eprintln!("no chart for {slug}: {e:#}"),
+            }
+        }
+        outcomes.push(outcome);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&outcomes)?);
+    } else {
+        println!("{}", bench::table(&outcomes));
+        println!("wall time {:.1} s", started.elapsed().as_secs_f64());
+    }
+    Ok(outcomes.iter().all(|o| o.error.is_none()))
 }
 
 fn scenario(a: &str, b: &str, hairpin: bool) -> Result<Scenario> {
@@ -204,6 +294,13 @@ fn run(args: Args) -> Result<bool> {
                 }
                 Ok(outcome.passed())
             }
+            Cmd::Quality {
+                scenarios,
+                paths,
+                charts,
+                keep_logs,
+                json,
+            } => quality(&bins, scenarios, paths, charts, keep_logs, json).await,
             Cmd::SetupBench {
                 calls,
                 delays,

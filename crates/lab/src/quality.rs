@@ -29,6 +29,8 @@ use crate::shape::{BulkDownload, DownlinkCap};
 use crate::topology::{self, SERVER_PORT};
 use crate::{Error, Kind, Scenario};
 
+pub mod bench;
+
 /// The queue of a capped downlink: what a modest access router buffers.
 pub const CAP_BUFFER: Duration = Duration::from_millis(150);
 /// Where the competing download comes from, on the server's host.

@@ -6,9 +6,7 @@
 //! One call at a time: these measure timing (queues of tens of milliseconds, a userspace
 //! forwarder for loss), which other labs busy on the same two cores would blur.
 
-use std::time::Duration;
-
-use natcall_lab::quality::{Condition, QualityOutcome, QualityPath, QualitySpec, run_quality};
+use natcall_lab::quality::{QualityOutcome, QualityPath, bench, run_quality};
 use natcall_lab::{Binaries, preflight};
 
 /// The top of the band the target must keep to, as a share of the cap. The target counts each
@@ -27,7 +25,8 @@ fn top(path: QualityPath) -> f64 {
 /// blocking a thread the labs' runtimes may need).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn run(name: &str, path: QualityPath, condition: Condition, secs: u64, video_kbps: u32) -> QualityOutcome {
+/// Runs the scenario `name` (`natcall-lab quality`'s, [`bench::preset`]) on `path`.
+async fn run(name: &str, path: QualityPath) -> QualityOutcome {
     let _turn = ONE_AT_A_TIME.lock().await;
     if let Err(e) = preflight() {
         panic!("{e}");
@@ -37,14 +36,7 @@ async fn run(name: &str, path: QualityPath, condition: Condition, secs: u64, vid
         .prefix(&format!("natcall-quality-{name}-{path}-"))
         .tempdir()
         .expect("a log folder");
-    let spec = QualitySpec {
-        name: name.to_owned(),
-        path,
-        condition,
-        duration: Duration::from_secs(secs),
-        video_kbps,
-        media_kbps: 2500,
-    };
+    let spec = bench::preset(name, path).expect("a known scenario");
     let outcome = run_quality(&bins, &spec, dir.path()).await.expect("the lab builds");
     eprintln!("{}", outcome.diagnostics());
     if outcome.error.is_some() || std::env::var_os("NATCALL_LAB_KEEP").is_some() {
@@ -62,7 +54,7 @@ async fn run(name: &str, path: QualityPath, condition: Condition, secs: u64, vid
 
 /// Downlink capped at 400 kbit/s for 12 s.
 async fn capped_400(path: QualityPath) {
-    let o = run("cap400", path, Condition::cap(400), 12, 1000).await;
+    let o = run("cap400", path).await;
     let diag = o.diagnostics();
     assert!(
         o.audio_on_time_share() >= 0.98,
@@ -94,16 +86,7 @@ async fn a_400_kbit_downlink_keeps_audio_on_time_and_video_whole_through_the_rel
 
 /// The cap drops from 2 Mbit/s to 300 kbit/s at 8 s and comes back at 16 s.
 async fn cap_changes(path: QualityPath) {
-    let condition = Condition {
-        caps: vec![
-            (Duration::ZERO, 2000),
-            (Duration::from_secs(8), 300),
-            (Duration::from_secs(16), 2000),
-        ],
-        loss_pct: 0.0,
-        bulk: false,
-    };
-    let o = run("steps", path, condition, 24, 2000).await;
+    let o = run("steps", path).await;
     let diag = o.diagnostics();
     assert!(
         o.audio_on_time_share() >= 0.95,
@@ -133,19 +116,8 @@ async fn a_cap_that_drops_and_returns_is_followed_within_5_s_through_the_relay()
 
 /// 2 % random loss each way and no cap, against the same call without loss.
 async fn random_loss(path: QualityPath) {
-    let lossy = Condition {
-        caps: Vec::new(),
-        loss_pct: 2.0,
-        bulk: false,
-    };
-    let clean = Condition {
-        loss_pct: 0.0,
-        ..lossy.clone()
-    };
-    let (o, reference) = tokio::join!(
-        run("loss2", path, lossy, 12, 2000),
-        run("lossless", path, clean, 12, 2000)
-    );
+    let reference = run("lossless", path).await;
+    let o = run("loss2", path).await;
     // Each second's mean target from 5 s on: the lossy call's lowest against the median of
     // the lossless one's.
     let mut uncapped = reference.targets(5.0, 12.0);
@@ -174,12 +146,7 @@ async fn two_percent_random_loss_does_not_collapse_the_target_through_the_relay(
 
 /// A TCP download shares bob's 400 kbit/s downlink with the call (under way when it starts).
 async fn beside_a_download(path: QualityPath) {
-    let condition = Condition {
-        caps: vec![(Duration::ZERO, 400)],
-        loss_pct: 0.0,
-        bulk: true,
-    };
-    let o = run("bulk", path, condition, 15, 1000).await;
+    let o = run("bulk", path).await;
     let diag = o.diagnostics();
     assert!(
         o.audio_on_time_share() >= 0.95,

@@ -67,7 +67,7 @@ pub struct Feedback {
     pub received_bytes: u64,
     /// When this feedback was made, µs on the receiver's clock.
     pub at_us: u64,
-    /// Per-track counts (at most [`MAX_TRACKS`]).
+    /// Per-track counts (at most 8 tracks).
     pub counts: Vec<TrackCount>,
     /// Arrivals since the previous feedback, oldest first (at most [`MAX_ARRIVALS`]).
     pub arrivals: Vec<Arrival>,

@@ -1,12 +1,16 @@
 //! Sans-IO media transport for natcall: frames of any size become sealed packets of at most
-//! 512 bytes, paced with audio first; the receiver authenticates, reassembles, buffers against
-//! jitter and keeps per-track statistics.
+//! 512 bytes, paced with audio first at the target of a rate controller; the receiver
+//! authenticates, reassembles, buffers against jitter, keeps per-track statistics and sends the
+//! sender transport feedback.
 //!
 //! # Main types
 //! - [`Sender`] ([`SenderConfig`], [`Frame`], [`Transmit`]): queues, packetizes, seals, paces.
 //! - [`Receiver`] ([`ReceiverConfig`], [`ReceivedFrame`]): opens, reassembles, plays out in order.
+//! - [`Feedback`]: what the receiver got (arrival times, counts), every 40 ms, for the sender.
+//! - [`RateController`] ([`RateConfig`], [`RateState`]): the sender's target bitrate from the
+//!   feedback (GCC's delay gradient, loss limits, probes), a path's budget and its overhead.
 //! - [`derive_keys`] ([`Role`], [`PacketSealer`], [`PacketOpener`]): per-direction keys.
-//! - [`Stats`], [`SendStats`]: what happened per track; [`ReceiverReport`]: feedback to the sender.
+//! - [`Stats`], [`SendStats`]: what happened per track.
 //! - [`Header`], [`packetize`]: the packet format itself.
 //!
 //! # Packet layout
@@ -21,8 +25,9 @@
 //! bytes, so a fragment carries at most [`MAX_FRAGMENT_PAYLOAD`] = 478 bytes and a frame at
 //! most [`MAX_FRAME`] = 16 MiB (35 099 fragments; the count is a u16). The first byte, 16..=63,
 //! is what the peer's socket demultiplexer routes to media; track 0 is audio, 1 video, 2..=47
-//! data. Flags: [`Flags::KEY_FRAME`], [`Flags::FRAME_START`], [`Flags::FRAME_END`], with the same
-//! bits as the relay header's, so the relay can see them while the payload stays sealed.
+//! data (47 is [`Track::PADDING`]: a rate probe's padding, counted, never delivered). Flags:
+//! [`Flags::KEY_FRAME`], [`Flags::FRAME_START`], [`Flags::FRAME_END`], with the same bits as the
+//! relay header's, so the relay can see them while the payload stays sealed.
 //!
 //! # Keys
 //! ChaCha20-Poly1305 (ring). The caller exports 32 bytes from the call's QUIC session
@@ -32,9 +37,17 @@
 //! rather than wrap it, so nonces never repeat under a key. The receiver keeps a 64-packet
 //! replay window per track (as SRTP) and updates it only after authentication.
 //!
+//! # Rate control
+//! The sender's [`RateController`] sets the target from the receiver's [`Feedback`]
+//! ([`Sender::handle_feedback`]), a path's budget ([`Sender::handle_budget`]: the relay's, for a
+//! receiver it is the bottleneck of) and time ([`Sender::handle_timeout`]); the application sets
+//! the ceiling ([`Sender::set_max_rate`]) and the path's per-packet overhead
+//! ([`Sender::set_overhead`]). An encoder sizes its frames to [`Sender::video_budget_bps`]. See
+//! the [`rate`] module for the algorithm.
+//!
 //! # Pacing and priorities
-//! A token bucket paces packets to the rate ([`Sender::set_rate`], adapted by
-//! [`Sender::handle_feedback`]). Tracks are served by number: audio, then video, then data.
+//! A token bucket paces packets to the target (faster while a rate probe runs, topped up with
+//! padding). Tracks are served by number: audio, then video, then data.
 //! Audio is never held back: it is sent even when the bucket is empty, and its bytes are
 //! charged to the bucket, so video waits instead. Under congestion the sender lowers the rate
 //! and drops whole queued video frames up to the newest key frame (or all of them, then every
@@ -66,9 +79,10 @@
 //!
 //! # Drive loop
 //! Sender: after each `handle_*`, and when [`Sender::poll_timeout`] passes, drain
-//! [`Sender::poll_transmit`]. Receiver: after each `handle_*`, drain [`Receiver::poll_frame`],
-//! then wait for a packet or [`Receiver::poll_timeout`]. Send [`Receiver::report`] to the
-//! peer every few hundred ms; it feeds it to [`Sender::handle_feedback`].
+//! [`Sender::poll_transmit`]; call [`Sender::handle_timeout`] every few tens of ms. Receiver:
+//! after each `handle_*`, drain [`Receiver::poll_frame`] and send what
+//! [`Receiver::poll_feedback`] gives to the peer (which feeds it to
+//! [`Sender::handle_feedback`]), then wait for a packet or [`Receiver::poll_timeout`].
 //!
 //! # Example
 //! ```

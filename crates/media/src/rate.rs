@@ -9,31 +9,36 @@
 //! works on arrival times alone (no clock synchronisation), tolerates thinned feedback, and its
 //! behaviour on real links is the best known. What natcall changes: packets are named by
 //! (track, sequence) and mapped to a transport-wide send order here, so the header stays 18
-//! bytes; the ramp-up is faster (probing) so a call recovers in seconds, not tens of seconds;
-//! and the relay's per-receiver budget caps the target (an SFU's REMB).
+//! bytes; rates count the path's per-packet overhead; a call probes the link at its start; loss
+//! counts only packets sent within its window; a queue another flow keeps full is left to
+//! loss; and the relay's per-receiver budget caps the target (an SFU's REMB).
 //!
 //! The parts:
-//! - **Send history**: every packet's transport-wide index, send time and size, bounded
-//!   ([`RateConfig::history`] packets, 5 s).
-//! - **Delay gradient**: acknowledged packets in send order form groups sent within 5 ms;
-//!   between groups, `d = Δarrival − Δsend`. The accumulated `d`, smoothed (0.9), over the last
-//!   20 groups (8 at least) gives a trend (least-squares slope); `trend × min(groups, 60) × 4` against an
-//!   adaptive threshold (6–600, starting at 12.5; up 0.0087, down 0.039 per ms) says overuse
-//!   (for more than 10 ms and still rising), underuse, or normal.
+//! - **Send history** (`history`): every packet's transport-wide index, send time, wire size
+//!   and probe cluster, bounded ([`RateConfig::history`] packets, 5 s).
+//! - **Delay gradient** (`trendline`): acknowledged packets in send order form groups sent
+//!   within 5 ms; between groups, `d = Δarrival − Δsend`. The accumulated `d`, smoothed (0.9),
+//!   over the last 20 groups (8 at least) gives a trend (least-squares slope);
+//!   `trend × min(groups, 60) × 4` against an adaptive threshold (6–600, starting at 12.5; up
+//!   0.0087, down 0.039 per ms) says overuse (for more than 10 ms and still rising), underuse,
+//!   or normal.
 //! - **AIMD**: overuse → the target drops to 0.9 × the rate that reached the receiver (at most
-//!   once per 2 RTT, 200 ms at least: the queue a decrease drains takes that long to show), and
-//!   that rate feeds the link-capacity estimate; underuse → hold (queues drain); normal →
-//!   grow: additive (one packet per response time; past the estimate the step doubles every
-//!   2 s it goes on uninterrupted) near the capacity estimate, multiplicative probing
-//!   ([`RateConfig::probe_growth`] per second) far from it or when there is none. One decrease
-//!   at most halves the target (a transport stalling for a moment is not the link). Growth
-//!   never takes the target above 1.5 × what the receiver got plus 10 kbit/s.
-//! - **Loss**: over the last second, loss above 10 % cuts the target by half the loss (at most
-//!   every 300 ms); between 5 % and 10 % it may not grow; below 5 % loss says nothing (GCC holds
-//!   from 2 %, but then a link with 2 % random loss, which no rate cures, would never let the
-//!   call grow: congestion on a bottleneck shows as delay well before it shows as loss).
+//!   halving it, at most once per 2 RTT, 200 ms at least: the queue a decrease drains takes that
+//!   long to show), and that rate feeds the link-capacity estimate; underuse → hold (queues
+//!   drain); normal → grow: additively (one packet per response time) within the capacity
+//!   estimate's band, multiplicatively ([`RateConfig::probe_growth`] per second) outside it or
+//!   with none. Growth never takes the target above 1.5 × what the receiver got plus 10 kbit/s.
+//! - **Probes** (`probe`): at the call's start, clusters at twice the target (media topped up
+//!   with padding) find the link's capacity in a few round trips; a cluster that left a queue
+//!   behind found no room. Off through the relay ([`RateController::set_probing`]).
+//! - **Loss**: over the last second, of packets sent within it, loss above 10 % cuts the target
+//!   by half the loss (at most every 300 ms); between 5 % and 10 % it may not grow; below 5 %
+//!   loss says nothing (GCC holds from 2 %, but then a link with 2 % random loss, which no rate
+//!   cures, would never let the call grow: congestion on a bottleneck shows as delay first).
+//! - **Competing flows** (`queue`): a queue above 50 ms for 2 s although the target came down by
+//!   a fifth is another flow's; delay is then ignored and loss alone bounds the target.
 //! - **Budget**: a cap the path gives (the relay's drain rate for this receiver) bounds the
-//!   target while it is fresh.
+//!   target while it is fresh ([`RateConfig::budget_lifetime`]).
 //! - **Silence**: no feedback for [`RateConfig::feedback_timeout`] while sending halves the
 //!   target, once per timeout.
 
