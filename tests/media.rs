@@ -192,3 +192,59 @@ fn media_flags_that_cannot_work_are_refused_before_calling() {
         assert!(!p.seen.iter().any(|v| v["event"] == "registered"), "{:?}", p.seen);
     }
 }
+
+/// A file sent faster than the call's rate allows (`--media-kbps 150`, which the target never
+/// leaves): the user is told once, the file still arrives whole, and `rate` events show the
+/// target, never over the ceiling.
+#[test]
+fn a_stream_faster_than_the_path_is_paced_and_the_user_told_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let server = Rendezvous::start(d);
+    let (sent, recv) = (d.join("sent.bin"), d.join("recv.bin"));
+    // 110 kB: about 6 s at 150 kbit/s, so the stream waits for the pacer for well over 3 s.
+    let data: Vec<u8> = (0..110_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    std::fs::write(&sent, &data).expect("writes the file");
+    let recv_arg = recv.display().to_string();
+    let mut bob = Peer::spawn(
+        d,
+        server.addr,
+        "bob",
+        &["listen", "--once", "--no-media", "--recv-video", &recv_arg],
+    );
+    bob.wait_event("registered", EXIT, |_| true);
+    let sent_arg = sent.display().to_string();
+    let mut alice = Peer::spawn(
+        d,
+        server.addr,
+        "alice",
+        &[
+            "call",
+            "bob",
+            "--policy",
+            "direct-only",
+            "--media-kbps",
+            "150",
+            "--send-video",
+            &sent_arg,
+        ],
+    );
+    alice.close_stdin();
+    let notice = alice.wait_event("media_notice", EXIT, |_| true);
+    assert_eq!(notice["notice"], "stream_too_fast", "{notice}");
+    assert_eq!(notice["track"], 1, "{notice}");
+    assert!(notice["target_bps"].as_u64().is_some_and(|t| t <= 150_000), "{notice}");
+    assert_eq!(alice.wait_exit(EXIT), 0, "alice's log:\n{}", alice.log_text());
+    assert_eq!(bob.wait_exit(EXIT), 0, "bob's log:\n{}", bob.log_text());
+    let notices = alice.seen.iter().filter(|v| v["event"] == "media_notice").count();
+    assert_eq!(notices, 1, "told once");
+    let rates: Vec<u64> = alice
+        .seen
+        .iter()
+        .filter(|v| v["event"] == "rate")
+        .filter_map(|v| v["target_bps"].as_u64())
+        .collect();
+    assert!(!rates.is_empty(), "rate events: {:?}", alice.seen);
+    assert!(rates.iter().all(|&t| t <= 150_000), "{rates:?}");
+    assert_eq!(std::fs::read(&recv).expect("bob wrote it"), data, "arrived whole");
+}
