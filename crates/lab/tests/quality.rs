@@ -52,21 +52,31 @@ async fn run(name: &str, path: QualityPath) -> QualityOutcome {
     outcome
 }
 
+/// At least `share` of the audio frames alice's sender took were complete at bob before their
+/// playout time.
+fn audio_on_time(o: &QualityOutcome, share: f64) {
+    let got = o.audio_on_time_share();
+    assert!(got >= share, "audio on time {got:.3}: {}", o.diagnostics());
+}
+
+/// Each second's mean target from `from` to `to` (since connected) is within the band
+/// (60 %–[`top`] of the cap).
+fn in_band(o: &QualityOutcome, from: f64, to: f64) {
+    let band = o.target_over_cap(from, to);
+    assert!(!band.is_empty(), "no rate events in {from}–{to} s: {}", o.diagnostics());
+    assert!(
+        band.iter().all(|r| (0.6..=top(o.spec.path)).contains(r)),
+        "target/cap in {from}–{to} s outside 60–100 %: {band:?}: {}",
+        o.diagnostics()
+    );
+}
+
 /// Downlink capped at 400 kbit/s for 12 s.
 async fn capped_400(path: QualityPath) {
     let o = run("cap400", path).await;
     let diag = o.diagnostics();
-    assert!(
-        o.audio_on_time_share() >= 0.98,
-        "audio on time {:.3}: {diag}",
-        o.audio_on_time_share()
-    );
-    let band = o.target_over_cap(5.0, 12.0);
-    assert!(!band.is_empty(), "no rate events after 5 s: {diag}");
-    assert!(
-        band.iter().all(|r| (0.6..=top(path)).contains(r)),
-        "target/cap after 5 s outside 60–100 %: {band:?}: {diag}"
-    );
+    audio_on_time(&o, 0.98);
+    in_band(&o, 5.0, 12.0);
     assert!(
         o.video_on_time_share() >= 0.90,
         "video on time {:.3}: {diag}",
@@ -87,21 +97,10 @@ async fn a_400_kbit_downlink_keeps_audio_on_time_and_video_whole_through_the_rel
 /// The cap drops from 2 Mbit/s to 300 kbit/s at 8 s and comes back at 16 s.
 async fn cap_changes(path: QualityPath) {
     let o = run("steps", path).await;
-    let diag = o.diagnostics();
-    assert!(
-        o.audio_on_time_share() >= 0.95,
-        "audio on time {:.3}: {diag}",
-        o.audio_on_time_share()
-    );
+    audio_on_time(&o, 0.95);
     // Within 5 s of each change the target is within 60–100 % of the new cap, and stays there.
-    for (from, to) in [(13.0, 16.0), (21.0, 24.0)] {
-        let band = o.target_over_cap(from, to);
-        assert!(!band.is_empty(), "no rate events in {from}–{to} s: {diag}");
-        assert!(
-            band.iter().all(|r| (0.6..=top(path)).contains(r)),
-            "target/cap in {from}–{to} s outside 60–100 %: {band:?}: {diag}"
-        );
-    }
+    in_band(&o, 13.0, 16.0);
+    in_band(&o, 21.0, 24.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,11 +147,7 @@ async fn two_percent_random_loss_does_not_collapse_the_target_through_the_relay(
 async fn beside_a_download(path: QualityPath) {
     let o = run("bulk", path).await;
     let diag = o.diagnostics();
-    assert!(
-        o.audio_on_time_share() >= 0.95,
-        "audio on time {:.3}: {diag}",
-        o.audio_on_time_share()
-    );
+    audio_on_time(&o, 0.95);
     let bulk = o.bulk_bps.unwrap_or(0.0);
     eprintln!("call {:.0} bit/s, download {bulk:.0} bit/s", o.media_bps);
     assert!(bulk > 50_000.0, "the download ran ({bulk:.0} bit/s): {diag}");
