@@ -131,6 +131,9 @@ fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v
 }
 
+/// (seconds, kbit/s) points of one line.
+type Points = Vec<(f64, f64)>;
+
 /// Fonts tried in order (Debian: fonts-dejavu-core).
 const FONTS: [&str; 2] = [
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -197,7 +200,7 @@ pub fn chart(o: &QualityOutcome, out: &Path) -> Result<()> {
         .iter()
         .filter_map(|r| Some((r.at_s, kbps(r.delivered_bps?))))
         .collect();
-    let series: [(&str, Vec<(f64, f64)>, RGBColor); 3] = [
+    let series: [(&str, Points, RGBColor); 3] = [
         ("cap", caps, RGBColor(150, 150, 150)),
         ("alice's target", target, RGBColor(200, 40, 40)),
         ("reached bob", delivered, RGBColor(40, 80, 200)),
