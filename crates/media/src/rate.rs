@@ -25,9 +25,10 @@
 //! - **AIMD**: overuse → the target drops to 0.9 × the rate that reached the receiver (at most
 //!   halving it, at most once per 2 RTT, 200 ms at least: the queue a decrease drains takes that
 //!   long to show), and that rate feeds the link-capacity estimate; underuse → hold (queues
-//!   drain); normal → grow: additively (one packet per response time) within the capacity
-//!   estimate's band, multiplicatively ([`RateConfig::probe_growth`] per second) outside it or
-//!   with none. Growth never takes the target above 1.5 × what the receiver got plus 10 kbit/s.
+//!   drain); normal → grow: additively (one packet per response time, 5 % a second at least)
+//!   within the capacity estimate's band, multiplicatively ([`RateConfig::probe_growth`] per
+//!   second) outside it or with none. Growth never takes the target above 1.5 × what the
+//!   receiver got plus 10 kbit/s.
 //! - **Probes** (`probe`): at the call's start, clusters at twice the target (media topped up
 //!   with padding) find the link's capacity in a few round trips; a cluster that left a queue
 //!   behind found no room. Off through the relay ([`RateController::set_probing`]).
@@ -159,6 +160,8 @@ pub struct RateState {
 const LOSS_HOLD: f64 = 0.05;
 /// Loss over the last second above which the target is cut by half the loss.
 const LOSS_CUT: f64 = 0.10;
+/// Additive growth is at least this share of the target a second.
+const ADDITIVE_MIN: f64 = 0.05;
 /// Loss is measured over this long (of packets sent within it).
 const LOSS_WINDOW: Duration = Duration::from_secs(1);
 /// One decrease takes the target to no less than this share of itself.
@@ -663,13 +666,17 @@ impl RateController {
     /// its band (well below it: recovering what the link carried before; well above it: the
     /// link has changed), additively within it.
     fn increase(&mut self, dt: f64, acked: Option<f64>) {
-        // A queue another flow keeps full says nothing of the link: grow gently.
+        // Outside the estimate's band the link changed (or was never measured); a queue another
+        // flow keeps full says nothing of it: grow gently then.
         let outside = !self.queue.competing() && self.link.is_none_or(|l| (self.target - l.mean).abs() > l.band());
         let grown = if outside {
             self.target * (1.0 + self.config.probe_growth).powf(dt)
         } else {
+            // One packet per response time (GCC), and at least 5 % a second: at megabits one
+            // packet a round trip would take tens of seconds to cross the estimate's band.
             let response = (self.rtt + Duration::from_millis(100)).as_secs_f64();
-            self.target + (self.avg_packet * 8.0 / response).max(1_000.0) * dt
+            let step = (self.avg_packet * 8.0 / response).max(ADDITIVE_MIN * self.target);
+            self.target + step * dt
         };
         let cap = acked.map_or(f64::INFINITY, |a| 1.5 * a + 10_000.0);
         let next = grown.min(cap.max(self.target));

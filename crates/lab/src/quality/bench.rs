@@ -3,7 +3,7 @@
 //! The scenarios are the ones the lab's tests check ([`preset`]), each run on the direct path
 //! and through the relay, one call at a time (they measure timing). For each: audio frames on
 //! time, video frames complete and on time, alice's target against the cap (each second's
-//! mean, from 5 s after the call connected), bob's one-way delay percentiles for audio, and
+//! mean, from 5 s into each cap), bob's one-way delay percentiles for audio, and
 //! with a download beside the call what share of the link the call kept. [`chart`] draws
 //! alice's target and the rate that reached bob over time, with the cap, as a PNG.
 //!
@@ -90,20 +90,37 @@ fn pct(x: f64) -> String {
 /// A Markdown table of `outcomes`.
 pub fn table(outcomes: &[QualityOutcome]) -> String {
     let mut out = String::from(
-        "| scenario | path | audio on time | video complete, on time | target ÷ cap from 5 s (min / median / max of each second) | target from 5 s, kbit/s (median) | audio delay p50 / p95 | call's share of the link |\n\
+        "| scenario | path | audio on time | video complete, on time | target ÷ cap from 5 s into each cap (min / median / max of each second's mean) | target from 5 s, kbit/s (median) | audio delay p50 / p95 | call's share of the link |\n\
          |---|---|---|---|---|---|---|---|\n",
     );
     for o in outcomes {
         let end = o.spec.duration.as_secs_f64();
-        let ratios = sorted(o.target_over_cap(5.0, end));
-        let targets = sorted(o.targets(5.0, end));
-        let ratio = match ratios.as_slice() {
-            [] => "–".to_owned(),
-            r => format!("{:.2} / {:.2} / {:.2}", r[0], r[r.len() / 2], r[r.len() - 1]),
+        // Each phase of the cap from 5 s after it began (the whole call without a cap).
+        let mut starts: Vec<f64> = o.spec.condition.caps.iter().map(|(at, _)| at.as_secs_f64()).collect();
+        if starts.is_empty() {
+            starts.push(0.0);
+        }
+        let phases: Vec<String> = starts
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &start)| {
+                let stop = starts.get(i + 1).copied().unwrap_or(end);
+                let r = sorted(o.target_over_cap(start + 5.0, stop));
+                (!r.is_empty()).then(|| format!("{:.2} / {:.2} / {:.2}", r[0], r[r.len() / 2], r[r.len() - 1]))
+            })
+            .collect();
+        let ratio = if phases.is_empty() {
+            "–".to_owned()
+        } else {
+            phases.join("; ")
         };
-        let target = targets
-            .get(targets.len() / 2)
-            .map_or("–".to_owned(), |t| format!("{:.0}", t / 1000.0));
+        let targets = sorted(o.targets(5.0, end));
+        let target = match (targets.get(targets.len() / 2), o.final_target_bps) {
+            (Some(t), _) => format!("{:.0}", t / 1000.0),
+            // Binaries without rate events: the pace their report ended with.
+            (None, Some(last)) => format!("{:.0} (at the end)", last as f64 / 1000.0),
+            (None, None) => "–".to_owned(),
+        };
         let delay = o
             .audio_delay_ms
             .map_or("–".to_owned(), |(p50, p95)| format!("{p50:.0} / {p95:.0} ms"));
