@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use natcall_proto::relay::{RelayFlags, RelayHeader, TrafficClass};
 use tokio::sync::Notify;
+use tracing::debug;
 
 use crate::config::RelayConfig;
 use crate::metrics::{DropReason, Metrics};
@@ -226,7 +227,12 @@ impl Outbox {
         let len = wire.len();
         let busy = s.idle_count >= s.window;
         s.budget.on_pushed(now, header.call, len, busy);
-        s.budget.tick(now);
+        let pending = s
+            .unacked
+            .get((self.config.ack_every as usize).saturating_sub(1))
+            .map(|&(_, at)| at);
+        let rtt = s.rtt;
+        s.budget.tick(now, pending, rtt);
         let grant = s.budget.take(header.call);
         if class == TrafficClass::Video && s.video_skip {
             if header.flags.has(RelayFlags::KEY_FRAME | RelayFlags::FRAME_START) {
@@ -354,7 +360,13 @@ impl Outbox {
             bytes += u64::from(len);
             written = Some(at);
         }
-        s.budget.on_acked(bytes);
+        let rtt = s.rtt;
+        if let Some(stall) = s.budget.on_acked(now, bytes, written, rtt) {
+            debug!(
+                stall_ms = stall.as_millis() as u64,
+                "relay client stalled (its TCP connection retransmitting?); not counted as its drain rate"
+            );
+        }
         if let Some(at) = written {
             // The round trip of the frame that completed this acknowledgement.
             let sample = now.saturating_duration_since(at);

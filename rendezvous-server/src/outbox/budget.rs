@@ -16,9 +16,16 @@
 //!    acknowledgements with the frames written) are what it drained;
 //! 3. when an interval has passed, the next push closes it ([`Budget::tick`]): if the client
 //!    was limited, each call's budget — from what it drained over the last five intervals, so
-//!    one interval in which its TCP connection stalled does not read as its capacity — is
-//!    computed and held until that call's sender next sends a frame ([`Budget::take`]), which
-//!    is when the server answers it.
+//!    one short interval does not read as its capacity — is computed and held until that
+//!    call's sender next sends a frame ([`Budget::take`]), which is when the server answers it.
+//!
+//! A client whose TCP connection stalls (a retransmission timeout on a lossy link: 200 ms and
+//! more in which nothing is delivered, then everything at once) drains nothing for a while and
+//! then a burst, neither of which is what it can take. An acknowledgement later than twice the
+//! round trip plus `STALL_SLACK` (100 ms) after it could have come is a stall. While one is
+//! overdue by that measure no budget is given (the senders keep the last one, and their own
+//! controllers see the loss and the delay); when it comes, the measurement starts over, and
+//! the next budget is from at least `MIN_INTERVALS` intervals of draining after the stall.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -32,6 +39,10 @@ const HEADROOM: f64 = 0.9;
 const HEADROOM_AFTER_DROPS: f64 = 0.8;
 /// The drain rate is measured over this many intervals (500 ms at the default 100 ms).
 const DRAIN_INTERVALS: usize = 5;
+/// A budget is from at least this many intervals of draining (after a start or a stall).
+const MIN_INTERVALS: usize = 3;
+/// An acknowledgement later than twice the round trip plus this marks a stall.
+const STALL_SLACK: Duration = Duration::from_millis(100);
 
 /// One closed interval.
 #[derive(Debug, Clone, Copy)]
@@ -66,6 +77,8 @@ pub(crate) struct Budget {
     interval: Duration,
     /// Bytes acknowledged since the interval began.
     acked: u64,
+    /// When the last acknowledgement came.
+    last_ack: Option<Instant>,
     /// What the last intervals took in and drained, newest last.
     drained: VecDeque<Drained>,
     started: Option<Instant>,
@@ -81,6 +94,7 @@ impl Budget {
         Self {
             interval,
             acked: 0,
+            last_ack: None,
             drained: VecDeque::new(),
             started: None,
             pushes: 0,
@@ -109,16 +123,55 @@ impl Budget {
         }
     }
 
-    /// The client acknowledged frames of `bytes` in all.
-    pub(crate) fn on_acked(&mut self, bytes: u64) {
-        if !self.interval.is_zero() {
-            self.acked += bytes;
+    /// The client acknowledged, at `now`, frames of `bytes` in all, the last of them written
+    /// at `written`; `rtt`: the client's round trip so far. When this acknowledgement ends a
+    /// stall, returns how long the client was stalled (beyond a round trip).
+    pub(crate) fn on_acked(
+        &mut self,
+        now: Instant,
+        bytes: u64,
+        written: Option<Instant>,
+        rtt: Option<Duration>,
+    ) -> Option<Duration> {
+        if self.interval.is_zero() {
+            return None;
         }
+        self.acked += bytes;
+        // The acknowledgement was due a round trip after the later of the last one and the
+        // write of the frame that completed it (the client acknowledges every few frames).
+        let due_from = match (self.last_ack, written) {
+            (Some(a), Some(w)) => Some(a.max(w)),
+            (a, w) => a.or(w),
+        };
+        self.last_ack = Some(now);
+        let (from, rtt) = (due_from?, rtt?);
+        let waited = now.saturating_duration_since(from);
+        if waited <= rtt * 2 + STALL_SLACK {
+            return None;
+        }
+        // What was drained before the stall and the burst that ends it say nothing of what
+        // the client can take: measure again from here.
+        self.drained.clear();
+        self.acked = 0;
+        self.started = Some(now);
+        Some(waited - rtt)
     }
 
-    /// Closes the interval if it is over: when the client was limited in it, computes each
-    /// call's budget.
-    pub(crate) fn tick(&mut self, now: Instant) {
+    /// Whether the client is stalled now: the acknowledgement of the frame written at
+    /// `pending` (the one that completes the client's next acknowledgement, if written) is
+    /// overdue by the measure of [`Budget::on_acked`].
+    fn overdue(&self, now: Instant, pending: Option<Instant>, rtt: Option<Duration>) -> bool {
+        let (Some(pending), Some(rtt)) = (pending, rtt) else {
+            return false;
+        };
+        let from = self.last_ack.map_or(pending, |a| a.max(pending));
+        now.saturating_duration_since(from) > rtt * 2 + STALL_SLACK
+    }
+
+    /// Closes the interval if it is over: when the client was limited in it and is not
+    /// stalled now, computes each call's budget. `pending`: when the frame that completes the
+    /// client's next acknowledgement was written, if it was; `rtt`: the client's round trip.
+    pub(crate) fn tick(&mut self, now: Instant, pending: Option<Instant>, rtt: Option<Duration>) {
         let Some(started) = self.started else { return };
         let elapsed = now.saturating_duration_since(started);
         if elapsed < self.interval {
@@ -132,14 +185,16 @@ impl Budget {
         while self.drained.len() > DRAIN_INTERVALS {
             self.drained.pop_front();
         }
-        // Over the last few intervals: a TCP connection that stalls for one interval (a
-        // retransmission) drains nothing in it, which is not what the client can take.
+        // Over the last few intervals, so that one short interval is not read as capacity.
         let (bytes, time) = self
             .drained
             .iter()
             .fold((0u64, Duration::ZERO), |(b, t), d| (b + d.acked, t + d.time));
         let limited = dropped || self.busy_pushes * 2 >= self.pushes.max(1);
-        if limited && bytes > 0 {
+        // Stalled now: how long is not known until it ends, so the drain rate is not either.
+        let measured = self.drained.len() >= MIN_INTERVALS;
+        let stalled_now = self.overdue(now, pending, rtt);
+        if limited && measured && !stalled_now && bytes > 0 {
             let drain = bytes as f64 * 8.0 / time.as_secs_f64().max(1e-3);
             let headroom = if dropped { HEADROOM_AFTER_DROPS } else { HEADROOM };
             self.ready = share(drain * headroom, &self.inputs, elapsed);
@@ -227,16 +282,31 @@ mod tests {
             }
             let drained = (drain_bps * (ms + 1) / 8_000 / 500) - (drain_bps * ms / 8_000 / 500);
             for _ in 0..drained {
-                b.on_acked(500);
+                b.on_acked(now, 500, None, None);
             }
         }
-        b.tick(t0 + MS * 100);
+        b.tick(t0 + MS * 100, None, None);
+    }
+
+    /// `MIN_INTERVALS - 1` intervals of [`interval`] from `t0` (nothing to give yet); returns
+    /// when the next one starts.
+    fn warm_up(b: &mut Budget, t0: Instant, senders: &[(u32, u64)], drain_bps: u64) -> Instant {
+        let mut t = t0;
+        for _ in 1..MIN_INTERVALS {
+            interval(b, t, senders, drain_bps);
+            for &(call, _) in senders {
+                assert_eq!(b.take(call), None, "a budget from less than {MIN_INTERVALS} intervals");
+            }
+            t += MS * 100;
+        }
+        t
     }
 
     #[test]
     fn a_limited_client_gives_its_sender_the_rate_it_drains() {
         let mut b = Budget::new(100 * MS);
-        interval(&mut b, Instant::now(), &[(7, 2_000_000)], 400_000);
+        let t = warm_up(&mut b, Instant::now(), &[(7, 2_000_000)], 400_000);
+        interval(&mut b, t, &[(7, 2_000_000)], 400_000);
         let g = b.take(7).expect("a budget for call 7");
         assert!((340_000..=380_000).contains(&g.bps), "{g:?}");
         assert_eq!(b.take(7), None, "given once");
@@ -246,20 +316,21 @@ mod tests {
     fn a_client_that_keeps_up_gives_no_budget() {
         let mut b = Budget::new(100 * MS);
         let t0 = Instant::now();
-        for ms in 0..101u32 {
+        for ms in 0..401u32 {
             b.on_pushed(t0 + MS * ms, 7, 500, false);
-            b.on_acked(500);
+            b.on_acked(t0 + MS * ms, 500, None, None);
+            b.tick(t0 + MS * ms, None, None);
+            assert_eq!(b.take(7), None);
         }
-        assert_eq!(b.take(7), None);
     }
 
     #[test]
     fn drops_lower_the_budget_and_are_reported() {
         let mut b = Budget::new(100 * MS);
-        let t0 = Instant::now();
+        let t = warm_up(&mut b, Instant::now(), &[(7, 1_000_000)], 400_000);
         b.on_dropped(7);
         b.on_dropped(7);
-        interval(&mut b, t0, &[(7, 1_000_000)], 400_000);
+        interval(&mut b, t, &[(7, 1_000_000)], 400_000);
         let g = b.take(7).unwrap();
         assert_eq!(g.dropped, 2);
         assert!((300_000..=340_000).contains(&g.bps), "{g:?}");
@@ -268,11 +339,97 @@ mod tests {
     #[test]
     fn a_small_sender_is_not_capped_below_its_fair_share() {
         let mut b = Budget::new(100 * MS);
-        interval(&mut b, Instant::now(), &[(1, 2_000_000), (2, 80_000)], 400_000);
+        let senders = [(1, 2_000_000), (2, 80_000)];
+        let t = warm_up(&mut b, Instant::now(), &senders, 400_000);
+        interval(&mut b, t, &senders, 400_000);
         let (big, small) = (b.take(1).unwrap(), b.take(2).unwrap());
         // 360 kbit/s to share: the small sender keeps room up to half, the big one gets the rest.
         assert!((170_000..=190_000).contains(&small.bps), "{small:?}");
         assert!((270_000..=300_000).contains(&big.bps), "{big:?}");
+    }
+
+    /// A client that drains 2 Mbit/s, acknowledging every 4 ms what was written 10 ms before,
+    /// stalls for `stall_ms` from 300 ms (a retransmission timeout), then catches up; its
+    /// sender pushes 2.4 Mbit/s into the buffer, which drops what does not fit. Returns the
+    /// budgets given after the stall began.
+    fn stalled_client(stall_ms: u64) -> Vec<Grant> {
+        let mut b = Budget::new(100 * MS);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + MS * ms as u32;
+        let rtt = Some(10 * MS);
+        let mut grants = Vec::new();
+        let (stall_from, stall_to) = (300, 300 + stall_ms);
+        for ms in 0..1_500u64 {
+            let now = at(ms);
+            let stalled = (stall_from..stall_to).contains(&ms);
+            b.on_pushed(now, 7, 300, stalled);
+            if stalled {
+                b.on_dropped(7);
+            }
+            if ms % 4 == 0 && !stalled {
+                // 1 kB per 4 ms; the first acknowledgement after the stall brings what waited.
+                let bytes = if ms == stall_to.next_multiple_of(4) {
+                    30_000
+                } else {
+                    1_000
+                };
+                let written = at(ms.min(stall_from + 4).saturating_sub(10));
+                b.on_acked(now, bytes, Some(written), rtt);
+            }
+            // The frame completing the next acknowledgement: written 6 ms ago, or, while the
+            // client is stalled, just before the stall (the window is full since).
+            let pending = at(if stalled { stall_from } else { ms }.saturating_sub(6));
+            b.tick(now, Some(pending), rtt);
+            if ms >= stall_from {
+                grants.extend(b.take(7));
+            }
+        }
+        grants
+    }
+
+    #[test]
+    fn a_stall_is_not_read_as_the_clients_capacity() {
+        for stall in [250, 400, 700] {
+            let grants = stalled_client(stall);
+            assert!(!grants.is_empty(), "the client was limited while it stalled");
+            let low = grants.iter().map(|g| g.bps).min().unwrap();
+            // Its drain rate is 2 Mbit/s; 80 % of that with drops. Until a stall is known
+            // (an acknowledgement overdue by 2 round trips + 100 ms) some of it counts; all of
+            // it would give a fifth or less of that, the burst after it far more.
+            assert!(low >= 1_200_000, "{stall} ms stall: lowest budget {low} in {grants:?}");
+            let high = grants.iter().map(|g| g.bps).max().unwrap();
+            assert!(
+                high <= 1_800_000,
+                "{stall} ms stall: highest budget {high} in {grants:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_budget_while_an_acknowledgement_is_overdue() {
+        let grants = stalled_client(2_000);
+        // The stall lasts past the end: after the interval in which it is first noticed,
+        // none.
+        assert!(grants.len() <= 2, "{grants:?}");
+    }
+
+    #[test]
+    fn the_stall_is_reported_and_a_client_that_only_stalls_gets_no_budget() {
+        let mut b = Budget::new(100 * MS);
+        let t0 = Instant::now();
+        let rtt = Some(10 * MS);
+        assert_eq!(b.on_acked(t0, 500, Some(t0 - MS * 10), rtt), None, "on time");
+        for ms in 0..100u32 {
+            b.on_pushed(t0 + MS * (700 + ms), 7, 500, true);
+        }
+        let stall = b.on_acked(t0 + MS * 800, 500, Some(t0), rtt);
+        assert_eq!(stall, Some(790 * MS), "800 ms late, less the round trip");
+        b.tick(t0 + MS * 800, None, rtt);
+        assert_eq!(
+            b.take(7),
+            None,
+            "measured again from the end of the stall: no budget yet"
+        );
     }
 
     #[test]
