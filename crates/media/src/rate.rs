@@ -548,9 +548,16 @@ impl RateController {
 
     /// Loss over the last second, if enough packets were expected to tell.
     fn loss(&self) -> Option<f64> {
+        self.loss_since(None)
+    }
+
+    /// Loss reported over the last second and after `since`, if enough packets were expected
+    /// to tell.
+    fn loss_since(&self, since: Option<Instant>) -> Option<f64> {
         let (e, l) = self
             .losses
             .iter()
+            .filter(|&&(t, _, _)| since.is_none_or(|s| t > s))
             .fold((0.0, 0.0), |(e, l), &(_, de, dl)| (e + de, l + dl));
         (e >= 20.0).then(|| (l / e).clamp(0.0, 1.0))
     }
@@ -641,7 +648,10 @@ impl RateController {
             Aimd::Increase if loss.is_none_or(|l| l < LOSS_HOLD) => self.increase(dt, acked),
             Aimd::Increase | Aimd::Hold => {}
         }
-        if let Some(l) = loss.filter(|&l| l > LOSS_CUT)
+        // A cut answers the losses reported since the last one: one burst cuts once (it stays
+        // in the last second's loss, which holds the target, until it ages out).
+        let recent_loss = self.loss_since(self.last_loss_cut);
+        if let Some(l) = recent_loss.filter(|&l| l > LOSS_CUT)
             && self
                 .last_loss_cut
                 .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_millis(300))

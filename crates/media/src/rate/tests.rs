@@ -214,6 +214,30 @@ fn two_percent_random_loss_does_not_collapse_the_target() {
 }
 
 #[test]
+fn one_burst_of_loss_cuts_the_target_once() {
+    let t0 = crate::test_origin();
+    let mut link = Link::new(1e9, t0);
+    // 60 % loss for 300 ms at 5 s (a wireless hiccup), none otherwise.
+    let trace = simulate(7.0, &mut link, |t, l| {
+        l.loss = if (5.0..5.3).contains(&t) { 0.6 } else { 0.0 };
+    });
+    let before = target_at(&trace, 4.9) as f64;
+    let low = trace
+        .iter()
+        .filter(|&&(t, _)| (5.0..7.0).contains(&t))
+        .map(|&(_, r)| r)
+        .min()
+        .unwrap() as f64;
+    // The burst is 18 % of the second's packets: cut to about 80 % (82 % measured). Cutting
+    // again every 300 ms while the burst is in the last second's loss took it to 72 %.
+    assert!(low >= 0.77 * before, "{low} after {before}: {trace:?}");
+    assert!(
+        low <= 0.95 * before,
+        "the burst cut the target: {low} after {before}: {trace:?}"
+    );
+}
+
+#[test]
 fn heavy_loss_cuts_the_target_and_silence_halves_it() {
     let t0 = crate::test_origin();
     let mut link = Link::new(1e9, t0);
