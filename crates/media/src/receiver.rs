@@ -273,8 +273,9 @@ struct TrackState {
     epoch: Instant,
     replay: ReplayWindow,
     frames: BTreeMap<u32, Assembly>,
-    /// Frames below this were delivered or given up.
-    next_frame: Option<u32>,
+    /// Frames below this were delivered or given up (u64: once frame `u32::MAX` is out, every
+    /// frame id is below it).
+    next_frame: Option<u64>,
     bytes: usize,
     stats: Stats,
     seq_span: Option<(u32, u32)>,
@@ -377,7 +378,7 @@ impl TrackState {
         out: &mut VecDeque<ReceivedFrame>,
     ) -> Result<(), Error> {
         let id = header.frame_id;
-        if self.next_frame.is_some_and(|next| id < next) {
+        if self.next_frame.is_some_and(|next| u64::from(id) < next) {
             self.stats.packets_late += 1;
             return Ok(());
         }
@@ -456,10 +457,10 @@ impl TrackState {
         let dropped = std::mem::replace(&mut self.frames, keep);
         self.bytes -= dropped.values().map(|f| f.bytes).sum::<usize>();
         self.stats.frames_incomplete += match self.next_frame {
-            Some(next) => u64::from(id.saturating_sub(next)),
+            Some(next) => u64::from(id).saturating_sub(next),
             None => dropped.len() as u64,
         };
-        self.next_frame = Some(self.next_frame.map_or(id, |next| next.max(id)));
+        self.next_frame = Some(self.next_frame.map_or(u64::from(id), |next| next.max(u64::from(id))));
     }
 
     fn deliver_head(&mut self, out: &mut VecDeque<ReceivedFrame>) {
@@ -468,7 +469,7 @@ impl TrackState {
         };
         self.bytes -= frame.bytes;
         self.stats.frames_complete += 1;
-        self.next_frame = Some(id.saturating_add(1));
+        self.next_frame = Some(u64::from(id) + 1);
         let mut data = Vec::with_capacity(frame.bytes);
         for part in frame.fragments.into_values() {
             data.extend_from_slice(&part);
@@ -490,7 +491,7 @@ impl TrackState {
         if let Some((id, frame)) = self.frames.pop_first() {
             self.bytes -= frame.bytes;
             self.stats.frames_incomplete += 1;
-            self.next_frame = Some(id.saturating_add(1));
+            self.next_frame = Some(u64::from(id) + 1);
         }
     }
 
@@ -622,6 +623,23 @@ mod tests {
         assert_eq!(stats.frames_incomplete, 1);
         assert_eq!(stats.packets_late, 1);
         assert_eq!(stats.packets_lost, 1);
+    }
+
+    #[test]
+    fn the_last_frame_id_plays_once() {
+        // Found by the media_receiver fuzzer: after frame u32::MAX the next expected id
+        // saturated at u32::MAX, so the same frame id sent again played a second time.
+        let (mut s, mut r, t0) = pair(ReceiverConfig::default());
+        for (i, at) in [(0u32, 0u32), (1, 200)] {
+            for p in seal(&mut s, Track::AUDIO, u32::MAX, 20 * i, &[i as u8; 100]) {
+                let _ = r.handle_packet(t0 + at * MS, &p);
+            }
+            r.handle_timeout(t0 + (at + 150) * MS);
+        }
+        let frames = drain(&mut r);
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        assert_eq!(frames[0].data, vec![0; 100]);
+        assert_eq!(r.stats(Track::AUDIO, t0).unwrap().packets_late, 1);
     }
 
     #[test]
