@@ -333,7 +333,8 @@ impl Calls {
     /// A nonzero id no live call has.
     fn fresh_id(&self, table: &Table) -> u32 {
         loop {
-            let id = self.random_u32();
+            // Rooms' ids have the top bit set: a call's never does.
+            let id = self.random_u32() & !natcall_proto::relay::ROOM_ID_BIT;
             if id != 0 && !table.calls.contains_key(&id) {
                 return id;
             }

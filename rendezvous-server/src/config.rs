@@ -211,6 +211,15 @@ pub struct Limits {
     pub outbound_queue: usize,
     /// Calls (ringing, active, or waiting to be resumed) one peer may be in at once.
     pub max_calls_per_peer: usize,
+    /// Rooms on the server at once.
+    pub max_rooms: usize,
+    /// Members of one room at once (the creator included; at least 2).
+    pub max_room_members: usize,
+    /// Rooms one peer may be in at once.
+    pub max_rooms_per_peer: usize,
+    /// `RoomCreate`s and `RoomJoin`s one connection may make per minute (join codes cannot be
+    /// guessed by trying); over it they are refused.
+    pub room_joins_per_min: u32,
     /// A call not answered within this is ended with "no answer" (ms).
     pub ring_timeout_ms: u64,
     /// A `Resume` the other member does not match within this fails (ms).
@@ -243,6 +252,10 @@ impl Default for Limits {
             relay_frames_per_sec: 20_000,
             outbound_queue: 1024,
             max_calls_per_peer: 4,
+            max_rooms: 10_000,
+            max_room_members: 16,
+            max_rooms_per_peer: 4,
+            room_joins_per_min: 30,
             ring_timeout_ms: 30_000,
             resume_timeout_ms: 30_000,
             hello_timeout_ms: 10_000,
@@ -414,6 +427,9 @@ impl Config {
             ("relay_frames_per_sec", u64::from(l.relay_frames_per_sec)),
             ("outbound_queue", l.outbound_queue as u64),
             ("max_calls_per_peer", l.max_calls_per_peer as u64),
+            ("max_rooms", l.max_rooms as u64),
+            ("max_rooms_per_peer", l.max_rooms_per_peer as u64),
+            ("room_joins_per_min", u64::from(l.room_joins_per_min)),
             ("ring_timeout_ms", l.ring_timeout_ms),
             ("resume_timeout_ms", l.resume_timeout_ms),
             ("ping_interval_ms", l.ping_interval_ms),
@@ -429,6 +445,12 @@ impl Config {
                 "tls_cert and tls_key go together: set both (a CA certificate) or neither (the server's own key)"
                     .into(),
             ));
+        }
+        if l.max_room_members < 2 {
+            return Err(ConfigError::Invalid(format!(
+                "limits.max_room_members must be at least 2, not {}",
+                l.max_room_members
+            )));
         }
         if l.idle_timeout_ms <= l.ping_interval_ms {
             return Err(ConfigError::Invalid(format!(

@@ -58,6 +58,7 @@ pub(crate) struct Context {
     pub(crate) config: Config,
     pub(crate) registry: Arc<Registry>,
     pub(crate) calls: Arc<Calls>,
+    pub(crate) rooms: Arc<crate::rooms::Rooms>,
     pub(crate) metrics: Metrics,
     /// Turns true when the server drains for shutdown.
     pub(crate) drain: watch::Receiver<bool>,
@@ -104,6 +105,8 @@ struct Conn {
     binding: [u8; 32],
     /// `Lookup`s in the current minute (`limits.lookups_per_min`).
     lookups: crate::limits::RateWindows<()>,
+    /// `RoomCreate`s and `RoomJoin`s in the current minute (`limits.room_joins_per_min`).
+    room_joins: crate::limits::RateWindows<()>,
 }
 
 /// Sealed TLS records waiting for the socket at most (bytes).
@@ -201,6 +204,7 @@ pub(crate) async fn serve(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr
         control_tokens: TokenBucket::new(limits.frames_per_sec, now),
         relay_tokens: TokenBucket::new(limits.relay_frames_per_sec, now),
         lookups: crate::limits::RateWindows::new(limits.lookups_per_min, Duration::from_secs(60), 1),
+        room_joins: crate::limits::RateWindows::new(limits.room_joins_per_min, Duration::from_secs(60), 1),
         ctx,
         id,
         addr,
@@ -220,6 +224,7 @@ pub(crate) async fn serve(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr
         let why = matches!(end, End::Shed(Disconnect::Stalled, _))
             .then(|| format!("{name}'s connection could not keep up with the relay and was closed"));
         conn.ctx.calls.leave(id, why);
+        conn.ctx.rooms.leave_all(id);
         info!(peer = %name, %addr, "peer left");
     }
     let (rd, reset) = conn.finish(rd, end).await;
@@ -437,9 +442,12 @@ impl Conn {
             trace!(addr = %self.addr, call = header.call, "relay frame over the relay rate dropped");
             return None;
         }
-        self.ctx
-            .calls
-            .relay(self.id, &header, raw.into_wire(), self.last_rx.into_std());
+        let now = self.last_rx.into_std();
+        if header.call & natcall_proto::relay::ROOM_ID_BIT != 0 {
+            self.ctx.rooms.relay(self.id, &header, raw.into_wire(), now);
+        } else {
+            self.ctx.calls.relay(self.id, &header, raw.into_wire(), now);
+        }
         self.relaying = true;
         None
     }
@@ -563,6 +571,32 @@ impl Conn {
                 self.ctx.calls.set_path(self.id, call, path);
                 None
             }
+            (Phase::Registered { name }, ClientMsg::RoomCreate { room, invite }) => {
+                let (me, fingerprint) = self.room_member(name)?;
+                if self.room_join_limited() {
+                    self.ctx
+                        .rooms
+                        .refuse_rate(&me, &room, self.ctx.config.limits.room_joins_per_min);
+                } else {
+                    self.ctx.rooms.create(me, fingerprint, &room, invite);
+                }
+                None
+            }
+            (Phase::Registered { name }, ClientMsg::RoomJoin { room, code }) => {
+                let (me, fingerprint) = self.room_member(name)?;
+                if self.room_join_limited() {
+                    self.ctx
+                        .rooms
+                        .refuse_rate(&me, &room, self.ctx.config.limits.room_joins_per_min);
+                } else {
+                    self.ctx.rooms.join(me, fingerprint, &room, code.as_deref());
+                }
+                None
+            }
+            (Phase::Registered { .. }, ClientMsg::RoomLeave { room }) => {
+                self.ctx.rooms.leave(self.id, &room);
+                None
+            }
             (Phase::Registered { name }, ClientMsg::ReleaseName) => {
                 let name = name.clone();
                 Some(self.release_name(name))
@@ -573,6 +607,18 @@ impl Conn {
             ))),
             (_, _) => Some(End::Graceful(error_frame(ErrorCode::NotRegistered, "register first"))),
         }
+    }
+
+    /// This connection as a member of a room, with its key; `None` if its registration was
+    /// taken over by a newer connection (whose own messages count).
+    fn room_member(&self, name: &str) -> Option<(Member, natcall_proto::control::Fingerprint)> {
+        let peer = self.ctx.registry.peer(name).filter(|p| p.conn_id == self.id)?;
+        Some((self.member(name), peer.fingerprint))
+    }
+
+    /// Whether this connection is over `limits.room_joins_per_min`.
+    fn room_join_limited(&mut self) -> bool {
+        self.room_joins.check(&(), self.last_rx.into_std()) != crate::limits::Verdict::Allowed
     }
 
     /// This connection as a member of a call.

@@ -5,8 +5,8 @@
 //!   peer's registration token records that peer's public address as its NAT maps it;
 //! - **TCP**: one long-lived TLS 1.3 connection per peer ([`tls`], [`conn`]): version hello, registration of a
 //!   name to a key (proven by a signature), presence lookups, pings with RTT measurement, call
-//!   signalling and relaying between the two peers of a call ([`calls`]), and a graceful drain
-//!   on shutdown;
+//!   signalling and relaying between the two peers of a call ([`calls`]), rooms whose members'
+//!   relay frames fan out to every other member ([`rooms`]), and a graceful drain on shutdown;
 //! - the **relay engine**: one [`outbox::Outbox`] per client — `idle_count` and health checks,
 //!   class-aware dropping (control never, audio by deadline, video by whole frames to the next
 //!   key frame), stalled clients disconnected — and Prometheus [`metrics`] with a health check
@@ -32,6 +32,7 @@ pub mod limits;
 pub mod metrics;
 pub mod outbox;
 pub mod registry;
+pub mod rooms;
 mod server;
 pub mod sockopt;
 pub mod stun;
@@ -40,5 +41,6 @@ pub mod tls;
 pub use calls::{Calls, RelayCounts, start_delays};
 pub use config::{Config, Limits, RelayConfig, StateDir};
 pub use metrics::Metrics;
+pub use rooms::Rooms;
 pub use server::{Server, ServerError, run};
 pub use sockopt::Sockets;

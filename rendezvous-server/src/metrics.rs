@@ -20,6 +20,9 @@
 //! | `natcall_names_bound` | gauge | (name → key bindings held) |
 //! | `natcall_names_expired_total` | counter | (bindings freed for being unused too long) |
 //! | `natcall_tracked_sources` | gauge | (sources in the per-source rate tables) |
+//! | `natcall_rooms` | gauge | (rooms now) |
+//! | `natcall_room_members` | gauge | (members of all rooms now) |
+//! | `natcall_room_copies_total` | counter | `class`: relay frames a room's fan-out handed to receivers' buffers |
 
 use std::sync::Arc;
 
@@ -137,10 +140,20 @@ pub enum Refusal {
     AlreadyRinging,
     /// `limits.lookups_per_min`.
     LookupRate,
+    /// `limits.max_rooms`.
+    Rooms,
+    /// `limits.max_room_members`.
+    RoomFull,
+    /// `limits.max_rooms_per_peer`.
+    PeerRooms,
+    /// `limits.room_joins_per_min`.
+    RoomJoinRate,
+    /// A join without an invitation or the room's code.
+    RoomNotInvited,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 11] = [
+    const ALL: [Refusal; 16] = [
         Self::ServerFull,
         Self::PerIpConnections,
         Self::FdLimit,
@@ -152,6 +165,11 @@ impl Refusal {
         Self::RingRate,
         Self::AlreadyRinging,
         Self::LookupRate,
+        Self::Rooms,
+        Self::RoomFull,
+        Self::PeerRooms,
+        Self::RoomJoinRate,
+        Self::RoomNotInvited,
     ];
 
     /// The `reason` label.
@@ -168,6 +186,11 @@ impl Refusal {
             Self::RingRate => "ring_rate",
             Self::AlreadyRinging => "already_ringing",
             Self::LookupRate => "lookup_rate",
+            Self::Rooms => "rooms",
+            Self::RoomFull => "room_full",
+            Self::PeerRooms => "peer_rooms",
+            Self::RoomJoinRate => "room_join_rate",
+            Self::RoomNotInvited => "room_not_invited",
         }
     }
 }
@@ -193,7 +216,10 @@ struct Inner {
     tls_failed: Counter,
     stun_replays: Counter,
     budgets: Counter,
-    refused: [Counter; 11],
+    refused: [Counter; 16],
+    rooms: Gauge,
+    room_members: Gauge,
+    room_copies: [Counter; 3],
     max_connections: Gauge,
     names_bound: Gauge,
     names_expired: Counter,
@@ -246,6 +272,9 @@ impl Metrics {
             names_bound: gauge("natcall_names_bound", &[]),
             names_expired: counter("natcall_names_expired_total", &[]),
             tracked_sources: gauge("natcall_tracked_sources", &[]),
+            rooms: gauge("natcall_rooms", &[]),
+            room_members: gauge("natcall_room_members", &[]),
+            room_copies: per_class("natcall_room_copies_total"),
             handle: rec.handle(),
         };
         Self { inner: Arc::new(inner) }
@@ -317,6 +346,15 @@ impl Metrics {
     }
 
     /// A sender was told a receiver's budget (`RelayBudget`).
+    pub(crate) fn set_rooms(&self, rooms: usize, members: usize) {
+        self.inner.rooms.set(rooms as f64);
+        self.inner.room_members.set(members as f64);
+    }
+
+    pub(crate) fn room_copies(&self, class: TrafficClass, copies: u64) {
+        self.inner.room_copies[class_index(class)].increment(copies);
+    }
+
     pub(crate) fn budget_sent(&self) {
         self.inner.budgets.increment(1);
     }
@@ -388,6 +426,12 @@ fn describe(rec: &PrometheusRecorder) {
             "Resumes answered with ResumeFailed (not matched in time, over the call limit, bad name)",
         ),
         ("natcall_pending_resumes", "Resumes waiting for the other member's"),
+        ("natcall_rooms", "Rooms now"),
+        ("natcall_room_members", "Members of all rooms now"),
+        (
+            "natcall_room_copies_total",
+            "Relay frames a room's fan-out handed to its receivers' buffers, by class (one per receiver)",
+        ),
         (
             "natcall_tls_handshakes_failed_total",
             "TCP connections whose TLS handshake failed or did not finish within the hello deadline",

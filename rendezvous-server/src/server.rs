@@ -27,6 +27,7 @@ use crate::limits::SourceSlot;
 use crate::limits::{self, FdReserve};
 use crate::metrics::{Metrics, Refusal};
 use crate::registry::Registry;
+use crate::rooms::Rooms;
 use crate::sockopt::Sockets;
 use crate::stun;
 use crate::tls::{ServerTls, TlsSource};
@@ -72,6 +73,7 @@ impl Server {
             Registry::new(config.state_dir().as_ref(), &config.limits, metrics.clone()).map_err(ServerError::State)?;
         let (drain_tx, drain) = watch::channel(false);
         let calls = Calls::new(&config.limits, metrics.clone());
+        let rooms = Rooms::new(&config.limits, metrics.clone());
         let tls = ServerTls::load(config.tls_source())?;
         Ok(Self {
             ctx: Arc::new(Context {
@@ -79,6 +81,7 @@ impl Server {
                 config,
                 registry: Arc::new(registry),
                 calls,
+                rooms,
                 metrics,
                 drain,
             }),
@@ -106,6 +109,11 @@ impl Server {
         self.ctx.tls.reload()
     }
 
+    /// The room table.
+    pub fn rooms(&self) -> &Rooms {
+        &self.ctx.rooms
+    }
+
     /// The call table (ringing and active calls, relay counters).
     pub fn calls(&self) -> &Calls {
         &self.ctx.calls
@@ -119,9 +127,10 @@ impl Server {
     /// The `/health` document: status and a few counts.
     pub fn health(&self) -> String {
         format!(
-            "{{\"status\":\"ok\",\"registered_peers\":{},\"calls\":{}}}\n",
+            "{{\"status\":\"ok\",\"registered_peers\":{},\"calls\":{},\"rooms\":{}}}\n",
             self.ctx.registry.online_count(),
-            self.ctx.calls.len()
+            self.ctx.calls.len(),
+            self.ctx.rooms.len()
         )
     }
 

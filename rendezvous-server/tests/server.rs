@@ -529,7 +529,7 @@ async fn prometheus_metrics_and_health_are_served_over_http() {
     let health = http_get(metrics_addr, "/health").await;
     assert!(health.starts_with("HTTP/1.1 200 OK"), "{health}");
     assert!(
-        health.ends_with("{\"status\":\"ok\",\"registered_peers\":2,\"calls\":0}\n"),
+        health.ends_with("{\"status\":\"ok\",\"registered_peers\":2,\"calls\":0,\"rooms\":0}\n"),
         "{health}"
     );
     assert!(http_get(metrics_addr, "/nope").await.starts_with("HTTP/1.1 404"));

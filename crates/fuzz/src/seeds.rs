@@ -8,7 +8,9 @@ use bytes::BytesMut;
 use natcall_media::{Track, packetize};
 use natcall_proto::auth::registration_message;
 use natcall_proto::codec::encode_control_body;
-use natcall_proto::control::{CallFailure, CallStart, Candidates, ClientMsg, Fingerprint, PathKind, Policy, ServerMsg};
+use natcall_proto::control::{
+    CallFailure, CallStart, Candidates, ClientMsg, Fingerprint, PathKind, Policy, RoomMember, RoomRefusal, ServerMsg,
+};
 use natcall_proto::frame::{self, ErrorCode};
 use natcall_proto::relay::{RelayFlags, RelayHeader, TrafficClass};
 use natcall_proto::stun::{self as wire, TokenCredentials};
@@ -133,6 +135,21 @@ fn client_msgs() -> Vec<(String, ClientMsg)> {
                 proof: [0xab; 32],
             },
         ),
+        (
+            "room-create",
+            ClientMsg::RoomCreate {
+                room: "team".into(),
+                invite: vec!["bob".into(), "carol".into()],
+            },
+        ),
+        (
+            "room-join",
+            ClientMsg::RoomJoin {
+                room: "team".into(),
+                code: Some("abcdefghjkmn".into()),
+            },
+        ),
+        ("room-leave", ClientMsg::RoomLeave { room: "team".into() }),
     ];
     msgs.into_iter().map(|(n, m)| (n.to_owned(), m)).collect()
 }
@@ -236,6 +253,34 @@ fn server_msgs() -> Vec<(String, ServerMsg)> {
                 call: 9,
                 bps: 360_000,
                 dropped: 3,
+            },
+        ),
+        (
+            "room-joined",
+            ServerMsg::RoomJoined {
+                room: "team".into(),
+                id: 0x8000_0009,
+                code: None,
+                members: vec![RoomMember {
+                    name: "alice".into(),
+                    fingerprint,
+                }],
+            },
+        ),
+        (
+            "room-refused",
+            ServerMsg::RoomRefused {
+                room: "team".into(),
+                refusal: RoomRefusal::NotInvited,
+                reason: "not invited".into(),
+            },
+        ),
+        (
+            "room-member-left",
+            ServerMsg::RoomMemberLeft {
+                room: "team".into(),
+                name: "bob".into(),
+                reason: "left".into(),
             },
         ),
     ];

@@ -142,6 +142,17 @@ pub enum ClientMsg {
     /// (anyone may register it next) and the peer is offline. Answered by
     /// [`ServerMsg::NameReleased`], after which the server closes the connection.
     ReleaseName,
+    /// Create room `room` (a name like a peer's) and join it; `invite`: the names that may join
+    /// besides the creator (at most `limits.max_room_members`). Answered by
+    /// [`ServerMsg::RoomJoined`], with the room's join code, or [`ServerMsg::RoomRefused`].
+    RoomCreate { room: String, invite: Vec<String> },
+    /// Join room `room`: allowed to its creator, to the names it invited, and to anyone who
+    /// gives its join `code`. Answered by [`ServerMsg::RoomJoined`] or
+    /// [`ServerMsg::RoomRefused`]; the members already in it get [`ServerMsg::RoomMemberJoined`].
+    RoomJoin { room: String, code: Option<String> },
+    /// Leave room `room`; the other members get [`ServerMsg::RoomMemberLeft`]. A room whose
+    /// last member left is gone.
+    RoomLeave { room: String },
 }
 
 /// The TLS exporter label of a call's resume proof ([`ClientMsg::Resume`]); the context is
@@ -313,6 +324,59 @@ pub enum ServerMsg {
     /// since the previous budget. Sent every `relay.budget_interval_ms` while the receiver is
     /// limited; a sender obeys it for a few seconds after the last one (an SFU's REMB).
     RelayBudget { call: u32, bps: u64, dropped: u32 },
+    /// This peer is in room `room` now (answer to [`ClientMsg::RoomCreate`] or
+    /// [`ClientMsg::RoomJoin`]). Relay frames sent with call id `id` go to every other member
+    /// (fan-out). `code` (to the creator only) lets others join without an invitation;
+    /// `members`: the others in the room now.
+    RoomJoined {
+        room: String,
+        id: u32,
+        code: Option<String>,
+        members: Vec<RoomMember>,
+    },
+    /// A [`ClientMsg::RoomCreate`] or [`ClientMsg::RoomJoin`] of `room` was refused; the
+    /// reason is for a person.
+    RoomRefused {
+        room: String,
+        refusal: RoomRefusal,
+        reason: String,
+    },
+    /// `member` joined room `room`.
+    RoomMemberJoined { room: String, member: RoomMember },
+    /// `name` left room `room` (it left, or its connection ended: `reason`).
+    RoomMemberLeft { room: String, name: String, reason: String },
+}
+
+/// A member of a room, as the others are told of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomMember {
+    /// Its name.
+    pub name: String,
+    /// Its key (the other members pin it for their pairwise sessions).
+    pub fingerprint: Fingerprint,
+}
+
+/// Why a room could not be created or joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RoomRefusal {
+    /// The room's name is not a valid name, or an invited name is not.
+    InvalidName,
+    /// A room of that name exists.
+    Exists,
+    /// No room of that name exists.
+    NoSuchRoom,
+    /// Neither invited nor holding the room's join code.
+    NotInvited,
+    /// The room has `limits.max_room_members` members.
+    Full,
+    /// The server has `limits.max_rooms` rooms.
+    TooManyRooms,
+    /// This peer is in `limits.max_rooms_per_peer` rooms.
+    PeerRoomLimit,
+    /// This peer is in the room already.
+    AlreadyMember,
+    /// Over `limits.room_joins_per_min` attempts from this connection.
+    RateLimited,
 }
 
 /// What the server sends both members when a call is accepted: connect to `peer` (key

@@ -8,11 +8,16 @@
 //! ```
 //!
 //! `call` is the id the server gave the call; the server forwards a relay frame only to the
-//! other peer of that call. `class` is [`TrafficClass`]; `flags` are [`RelayFlags`].
+//! other peer of that call. An id with [`ROOM_ID_BIT`] set names a room instead (see
+//! [`crate::control::ServerMsg::RoomJoined`]): the frame goes to every other member. `class` is
+//! [`TrafficClass`]; `flags` are [`RelayFlags`].
 
 use bytes::{BufMut, BytesMut};
 
 use crate::frame::FrameError;
+
+/// Set in the ids of rooms, clear in the ids of calls: the two never collide.
+pub const ROOM_ID_BIT: u32 = 1 << 31;
 
 /// Bytes of a [`RelayHeader`] on the wire.
 pub const RELAY_HEADER_LEN: usize = 6;

@@ -5,7 +5,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::BytesMut;
 use natcall_proto::codec::decode_control;
-use natcall_proto::control::{CallFailure, CallStart, Candidates, ClientMsg, Fingerprint, PathKind, Policy, ServerMsg};
+use natcall_proto::control::{
+    CallFailure, CallStart, Candidates, ClientMsg, Fingerprint, PathKind, Policy, RoomMember, RoomRefusal, ServerMsg,
+};
 use natcall_proto::frame::{self, DEFAULT_MAX_FRAME_LEN, ErrorCode, Frame, FrameDecoder, FrameError, MAX_ERROR_TEXT};
 use natcall_proto::relay::{RelayFlags, RelayHeader, TrafficClass};
 use natcall_proto::stun::{self, StunError, TokenCredentials};
@@ -53,6 +55,10 @@ fn client_msg() -> impl Strategy<Value = ClientMsg> {
             proof
         }),
         Just(ClientMsg::ReleaseName),
+        ("[a-z]{1,32}", prop::collection::vec("[a-z]{1,32}", 0..5))
+            .prop_map(|(room, invite)| ClientMsg::RoomCreate { room, invite }),
+        ("[a-z]{1,32}", prop::option::of("[a-z2-9]{12}")).prop_map(|(room, code)| ClientMsg::RoomJoin { room, code }),
+        "[a-z]{1,32}".prop_map(|room| ClientMsg::RoomLeave { room }),
     ]
 }
 
@@ -149,6 +155,50 @@ fn server_msg() -> impl Strategy<Value = ServerMsg> {
             bps,
             dropped
         }),
+        (
+            "[a-z]{1,32}",
+            any::<u32>(),
+            prop::option::of("[a-z2-9]{12}"),
+            prop::collection::vec(room_member(), 0..4)
+        )
+            .prop_map(|(room, id, code, members)| ServerMsg::RoomJoined {
+                room,
+                id,
+                code,
+                members
+            }),
+        ("[a-z]{1,32}", room_refusal(), "\\PC{0,40}").prop_map(|(room, refusal, reason)| ServerMsg::RoomRefused {
+            room,
+            refusal,
+            reason
+        }),
+        ("[a-z]{1,32}", room_member()).prop_map(|(room, member)| ServerMsg::RoomMemberJoined { room, member }),
+        ("[a-z]{1,32}", "[a-z]{1,32}", "\\PC{0,40}").prop_map(|(room, name, reason)| ServerMsg::RoomMemberLeft {
+            room,
+            name,
+            reason
+        }),
+    ]
+}
+
+fn room_member() -> impl Strategy<Value = RoomMember> {
+    ("[a-z]{1,32}", any::<[u8; 32]>()).prop_map(|(name, fp)| RoomMember {
+        name,
+        fingerprint: Fingerprint(fp),
+    })
+}
+
+fn room_refusal() -> impl Strategy<Value = RoomRefusal> {
+    prop_oneof![
+        Just(RoomRefusal::InvalidName),
+        Just(RoomRefusal::Exists),
+        Just(RoomRefusal::NoSuchRoom),
+        Just(RoomRefusal::NotInvited),
+        Just(RoomRefusal::Full),
+        Just(RoomRefusal::TooManyRooms),
+        Just(RoomRefusal::PeerRoomLimit),
+        Just(RoomRefusal::AlreadyMember),
+        Just(RoomRefusal::RateLimited),
     ]
 }
 

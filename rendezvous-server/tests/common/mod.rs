@@ -141,6 +141,11 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// The key's fingerprint, as the server records it.
+    pub fn fingerprint(&self) -> natcall_proto::control::Fingerprint {
+        natcall_proto::control::Fingerprint::of_cert(&self.cert)
+    }
+
     pub fn generate() -> Self {
         let key = rcgen::KeyPair::generate().expect("keygen");
         let cert = rcgen::CertificateParams::new(vec!["natcall.invalid".into()])

@@ -1,0 +1,503 @@
+//! Rooms (group calls): who may join, who is in, and the fan-out of relay frames to every other
+//! member — the seed's "everyone but me", through each receiver's own [`Outbox`].
+//!
+//! Flow:
+//! 1. `RoomCreate { room, invite }` creates a room (a name like a peer's), with its creator as
+//!    the first member, the invited names, a fresh id with [`ROOM_ID_BIT`] set (relay frames
+//!    carrying it are the room's) and a random join code; the creator gets `RoomJoined` with
+//!    the code;
+//! 2. `RoomJoin { room, code }` is allowed to the creator, to an invited name, and to anyone
+//!    with the code (compared in constant time; `limits.room_joins_per_min` per connection
+//!    bounds guessing); the joiner gets `RoomJoined` with the members already in (names and
+//!    keys, which they pin for their pairwise sessions), they get `RoomMemberJoined`;
+//! 3. a relay frame with the room's id from a member is handed, bytes untouched, to every
+//!    other member's buffer (one copy each, `natcall_room_copies_total`); each buffer applies
+//!    the relay engine's class policy on its own, so a slow member loses its own video frames
+//!    and nobody else's. Rooms send no budgets: a sender is not held to its slowest receiver;
+//! 4. `RoomLeave`, or the member's connection ending, tells the others `RoomMemberLeft`; a
+//!    room whose last member left is gone.
+//!
+//! Members are connections, as in calls: a name that registers again from a new connection
+//! and joins replaces its old membership.
+//!
+//! One lock guards the table (rooms by name, by id, and each connection's rooms); relay
+//! fan-out only reads it and clones the receivers' buffers out of it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Instant;
+
+use bytes::Bytes;
+use natcall_proto::control::{Fingerprint, RoomMember, RoomRefusal, ServerMsg, validate_name};
+use natcall_proto::frame::control_frame;
+use natcall_proto::relay::{ROOM_ID_BIT, RelayHeader};
+use ring::rand::{SecureRandom, SystemRandom};
+use tracing::{debug, info, warn};
+
+use crate::calls::Member;
+use crate::config::Limits;
+use crate::metrics::{DropReason, Metrics, Refusal};
+use crate::outbox::Outbox;
+
+/// Characters of a join code: lowercase letters and digits without the look-alikes
+/// (`i l o 0 1`).
+const CODE_ALPHABET: &[u8] = b"abcdefghjkmnpqrstuvwxyz23456789";
+/// Characters in a join code: 12 of 31, about 59 bits.
+const CODE_LEN: usize = 12;
+
+#[derive(Debug)]
+struct InRoom {
+    member: Member,
+    fingerprint: Fingerprint,
+}
+
+impl InRoom {
+    fn public(&self) -> RoomMember {
+        RoomMember {
+            name: self.member.name.clone(),
+            fingerprint: self.fingerprint,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Room {
+    id: u32,
+    creator: String,
+    invited: HashSet<String>,
+    code: String,
+    members: Vec<InRoom>,
+}
+
+impl Room {
+    fn may_join(&self, name: &str, code: Option<&str>) -> bool {
+        name == self.creator
+            || self.invited.contains(name)
+            || code.is_some_and(|c| same_secret(c.as_bytes(), self.code.as_bytes()))
+    }
+}
+
+/// Compares two secrets in time that depends only on their lengths.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    rooms: HashMap<String, Room>,
+    /// Room id → name.
+    by_id: HashMap<u32, String>,
+    /// Connection id → the rooms it is in.
+    by_conn: HashMap<u64, Vec<String>>,
+}
+
+impl Table {
+    fn members(&self) -> usize {
+        self.rooms.values().map(|r| r.members.len()).sum()
+    }
+
+    fn rooms_of(&self, conn_id: u64) -> usize {
+        self.by_conn.get(&conn_id).map_or(0, Vec::len)
+    }
+}
+
+/// A refusal, as the peer is told it.
+struct Refused(RoomRefusal, String);
+
+/// The room table.
+#[derive(Debug)]
+pub struct Rooms {
+    table: RwLock<Table>,
+    max_rooms: usize,
+    max_members: usize,
+    max_per_peer: usize,
+    rng: SystemRandom,
+    metrics: Metrics,
+}
+
+fn read(t: &RwLock<Table>) -> RwLockReadGuard<'_, Table> {
+    // Every update keeps the three maps consistent before it can panic.
+    t.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write(t: &RwLock<Table>) -> RwLockWriteGuard<'_, Table> {
+    t.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Queues a control message to a member; a full or closed queue drops it (logged).
+fn deliver(to: &Member, msg: &ServerMsg) {
+    match control_frame(msg) {
+        Ok(frame) => {
+            if !to.outbox.push_server(frame) {
+                debug!(peer = %to.name, "room message not queued: the peer is not reading");
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot encode a room message"),
+    }
+}
+
+impl Rooms {
+    /// An empty table with the room limits of `limits`.
+    pub fn new(limits: &Limits, metrics: Metrics) -> Arc<Self> {
+        Arc::new(Self {
+            table: RwLock::new(Table::default()),
+            max_rooms: limits.max_rooms,
+            max_members: limits.max_room_members,
+            max_per_peer: limits.max_rooms_per_peer,
+            rng: SystemRandom::new(),
+            metrics,
+        })
+    }
+
+    /// Rooms now.
+    pub fn len(&self) -> usize {
+        read(&self.table).rooms.len()
+    }
+
+    /// Whether there are no rooms.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn publish(&self, table: &Table) {
+        self.metrics.set_rooms(table.rooms.len(), table.members());
+    }
+
+    fn refuse(&self, to: &Member, room: &str, Refused(refusal, reason): Refused) {
+        let counted = match refusal {
+            RoomRefusal::TooManyRooms => Some(Refusal::Rooms),
+            RoomRefusal::Full => Some(Refusal::RoomFull),
+            RoomRefusal::PeerRoomLimit => Some(Refusal::PeerRooms),
+            RoomRefusal::RateLimited => Some(Refusal::RoomJoinRate),
+            RoomRefusal::NotInvited => Some(Refusal::RoomNotInvited),
+            _ => None,
+        };
+        if let Some(r) = counted {
+            self.metrics.refused(r);
+        }
+        debug!(peer = %to.name, %room, ?refusal, "room refused");
+        deliver(
+            to,
+            &ServerMsg::RoomRefused {
+                room: room.to_owned(),
+                refusal,
+                reason,
+            },
+        );
+    }
+
+    /// Refuses a create or join over `limits.room_joins_per_min`.
+    pub(crate) fn refuse_rate(&self, to: &Member, room: &str, per_min: u32) {
+        let reason = format!("too many room requests: at most {per_min} a minute; try later");
+        self.refuse(to, room, Refused(RoomRefusal::RateLimited, reason));
+    }
+
+    /// Handles `RoomCreate { room, invite }` from `me` (key `fingerprint`).
+    pub(crate) fn create(&self, me: Member, fingerprint: Fingerprint, room: &str, invite: Vec<String>) {
+        let mut table = write(&self.table);
+        match self.check_create(&table, &me, room, &invite) {
+            Err(refused) => {
+                drop(table);
+                self.refuse(&me, room, refused);
+            }
+            Ok(()) => {
+                let id = self.fresh_id(&table);
+                let code = self.fresh_code();
+                let invited: HashSet<String> = invite.into_iter().filter(|n| *n != me.name).collect();
+                info!(%room, id, creator = %me.name, invited = invited.len(), "room created");
+                deliver(
+                    &me,
+                    &ServerMsg::RoomJoined {
+                        room: room.to_owned(),
+                        id,
+                        code: Some(code.clone()),
+                        members: Vec::new(),
+                    },
+                );
+                table.by_id.insert(id, room.to_owned());
+                table.by_conn.entry(me.conn_id).or_default().push(room.to_owned());
+                table.rooms.insert(
+                    room.to_owned(),
+                    Room {
+                        id,
+                        creator: me.name.clone(),
+                        invited,
+                        code,
+                        members: vec![InRoom {
+                            member: me,
+                            fingerprint,
+                        }],
+                    },
+                );
+                self.publish(&table);
+            }
+        }
+    }
+
+    fn check_create(&self, table: &Table, me: &Member, room: &str, invite: &[String]) -> Result<(), Refused> {
+        validate_name(room).map_err(|e| Refused(RoomRefusal::InvalidName, format!("room name: {e}")))?;
+        for name in invite {
+            validate_name(name)
+                .map_err(|e| Refused(RoomRefusal::InvalidName, format!("invited name {name:?}: {e}")))?;
+        }
+        if invite.len() > self.max_members {
+            return Err(Refused(
+                RoomRefusal::Full,
+                format!(
+                    "{} invited, but a room holds at most {} members",
+                    invite.len(),
+                    self.max_members
+                ),
+            ));
+        }
+        if table.rooms.contains_key(room) {
+            return Err(Refused(
+                RoomRefusal::Exists,
+                format!("a room named {room} exists; join it, or pick another name"),
+            ));
+        }
+        if table.rooms.len() >= self.max_rooms {
+            return Err(Refused(
+                RoomRefusal::TooManyRooms,
+                "the server holds as many rooms as it allows; try later".into(),
+            ));
+        }
+        self.check_peer_rooms(table, me)
+    }
+
+    fn check_peer_rooms(&self, table: &Table, me: &Member) -> Result<(), Refused> {
+        if table.rooms_of(me.conn_id) >= self.max_per_peer {
+            return Err(Refused(
+                RoomRefusal::PeerRoomLimit,
+                format!(
+                    "you are in {} rooms, the most allowed; leave one first",
+                    self.max_per_peer
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Handles `RoomJoin { room, code }` from `me` (key `fingerprint`).
+    pub(crate) fn join(&self, me: Member, fingerprint: Fingerprint, room: &str, code: Option<&str>) {
+        let mut table = write(&self.table);
+        let checked = self.check_join(&table, &me, room, code);
+        let replaced = match checked {
+            Err(refused) => {
+                drop(table);
+                self.refuse(&me, room, refused);
+                return;
+            }
+            Ok(replaced) => replaced,
+        };
+        // The same name from an older connection (it registered again): that membership ends.
+        if let Some(old_conn) = replaced
+            && let Some(list) = table.by_conn.get_mut(&old_conn)
+        {
+            list.retain(|r| r != room);
+            if list.is_empty() {
+                table.by_conn.remove(&old_conn);
+            }
+        }
+        let Some(r) = table.rooms.get_mut(room) else { return };
+        r.members.retain(|m| m.member.name != me.name);
+        let others: Vec<RoomMember> = r.members.iter().map(InRoom::public).collect();
+        let joined = RoomMember {
+            name: me.name.clone(),
+            fingerprint,
+        };
+        for m in &r.members {
+            deliver(
+                &m.member,
+                &ServerMsg::RoomMemberJoined {
+                    room: room.to_owned(),
+                    member: joined.clone(),
+                },
+            );
+        }
+        deliver(
+            &me,
+            &ServerMsg::RoomJoined {
+                room: room.to_owned(),
+                id: r.id,
+                code: (me.name == r.creator).then(|| r.code.clone()),
+                members: others,
+            },
+        );
+        info!(%room, peer = %me.name, members = r.members.len() + 1, "joined room");
+        let conn_id = me.conn_id;
+        r.members.push(InRoom {
+            member: me,
+            fingerprint,
+        });
+        table.by_conn.entry(conn_id).or_default().push(room.to_owned());
+        self.publish(&table);
+    }
+
+    /// Whether `me` may join `room`: `Ok(Some(conn))` when its name is in it from an older
+    /// connection `conn`.
+    fn check_join(&self, table: &Table, me: &Member, room: &str, code: Option<&str>) -> Result<Option<u64>, Refused> {
+        let Some(r) = table.rooms.get(room) else {
+            return Err(Refused(
+                RoomRefusal::NoSuchRoom,
+                format!("there is no room named {room} on this server"),
+            ));
+        };
+        let existing = r.members.iter().find(|m| m.member.name == me.name);
+        if let Some(m) = existing {
+            if m.member.conn_id == me.conn_id {
+                return Err(Refused(
+                    RoomRefusal::AlreadyMember,
+                    format!("you are in room {room} already"),
+                ));
+            }
+            return Ok(Some(m.member.conn_id));
+        }
+        if !r.may_join(&me.name, code) {
+            let why = if code.is_some() {
+                format!("wrong join code for room {room}")
+            } else {
+                format!(
+                    "{} is not invited to room {room}; ask its creator {} for an invitation or the join code",
+                    me.name, r.creator
+                )
+            };
+            return Err(Refused(RoomRefusal::NotInvited, why));
+        }
+        if r.members.len() >= self.max_members {
+            return Err(Refused(
+                RoomRefusal::Full,
+                format!("room {room} is full ({} members)", self.max_members),
+            ));
+        }
+        self.check_peer_rooms(table, me)?;
+        Ok(None)
+    }
+
+    /// Handles `RoomLeave { room }` from connection `conn_id`.
+    pub(crate) fn leave(&self, conn_id: u64, room: &str) {
+        let mut table = write(&self.table);
+        if let Some(name) = remove_conn_room(&mut table, conn_id, room) {
+            notify_left(&table, room, &name, "left");
+        }
+        self.publish(&table);
+    }
+
+    /// Connection `conn_id` ended: it leaves every room it was in.
+    pub(crate) fn leave_all(&self, conn_id: u64) {
+        let mut table = write(&self.table);
+        let rooms = table.by_conn.get(&conn_id).cloned().unwrap_or_default();
+        for room in rooms {
+            if let Some(name) = remove_conn_room(&mut table, conn_id, &room) {
+                notify_left(&table, &room, &name, "connection ended");
+            }
+        }
+        self.publish(&table);
+    }
+
+    /// Forwards relay frame `wire` (with its parsed `header`, whose id is a room's) from
+    /// connection `conn_id` to every other member of that room; drops and counts it when the
+    /// sender is not a member. Never blocks.
+    pub(crate) fn relay(&self, conn_id: u64, header: &RelayHeader, wire: Bytes, now: Instant) {
+        let table = read(&self.table);
+        let receivers: Option<Vec<Arc<Outbox>>> = table
+            .by_id
+            .get(&header.call)
+            .and_then(|name| table.rooms.get(name))
+            .filter(|r| r.members.iter().any(|m| m.member.conn_id == conn_id))
+            .map(|r| {
+                r.members
+                    .iter()
+                    .filter(|m| m.member.conn_id != conn_id)
+                    .map(|m| m.member.outbox.clone())
+                    .collect()
+            });
+        drop(table);
+        let Some(receivers) = receivers else {
+            self.metrics.dropped(header.class, DropReason::NotInCall, 1, wire.len());
+            debug!(
+                room = header.call,
+                conn = conn_id,
+                "relay frame for a room this peer is not in dropped"
+            );
+            return;
+        };
+        self.metrics.room_copies(header.class, receivers.len() as u64);
+        for outbox in receivers {
+            // A budget is for one sender and one receiver; in a room a sender is not held to
+            // its slowest receiver, whose own buffer thins its video instead.
+            let _ = outbox.push_relay(wire.clone(), header, now);
+        }
+    }
+
+    fn fresh_id(&self, table: &Table) -> u32 {
+        loop {
+            let mut b = [0u8; 4];
+            // SystemRandom only fails when the OS has no randomness at all.
+            self.rng.fill(&mut b).expect("the OS random source works");
+            let id = u32::from_be_bytes(b) | ROOM_ID_BIT;
+            if !table.by_id.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn fresh_code(&self) -> String {
+        let mut b = [0u8; CODE_LEN];
+        self.rng.fill(&mut b).expect("the OS random source works");
+        // 256 is not a multiple of 31: the first 8 characters are a little more likely
+        // (9 ways against 8), which costs well under a bit of the code's ~59.
+        b.iter()
+            .map(|x| char::from(CODE_ALPHABET[usize::from(*x) % CODE_ALPHABET.len()]))
+            .collect()
+    }
+}
+
+/// Takes connection `conn_id` out of `room`; returns its name if it was in it. Removes the room
+/// when it is empty.
+fn remove_conn_room(table: &mut Table, conn_id: u64, room: &str) -> Option<String> {
+    if let Some(list) = table.by_conn.get_mut(&conn_id) {
+        list.retain(|r| r != room);
+        if list.is_empty() {
+            table.by_conn.remove(&conn_id);
+        }
+    }
+    let r = table.rooms.get_mut(room)?;
+    let i = r.members.iter().position(|m| m.member.conn_id == conn_id)?;
+    let gone = r.members.swap_remove(i);
+    if r.members.is_empty() {
+        let id = r.id;
+        table.rooms.remove(room);
+        table.by_id.remove(&id);
+        info!(%room, "room closed: its last member left");
+    }
+    Some(gone.member.name)
+}
+
+fn notify_left(table: &Table, room: &str, name: &str, reason: &str) {
+    let Some(r) = table.rooms.get(room) else { return };
+    info!(%room, peer = %name, reason, members = r.members.len(), "left room");
+    for m in &r.members {
+        deliver(
+            &m.member,
+            &ServerMsg::RoomMemberLeft {
+                room: room.to_owned(),
+                name: name.to_owned(),
+                reason: reason.to_owned(),
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abc", b"abd"));
+        assert!(!same_secret(b"abc", b"ab"));
+        assert!(!same_secret(b"", b"a"));
+    }
+}
