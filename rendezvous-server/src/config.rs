@@ -217,6 +217,10 @@ pub struct Limits {
     pub max_room_members: usize,
     /// Rooms one peer may be in at once.
     pub max_rooms_per_peer: usize,
+    /// Relay frames per second one connection may send to rooms (burst = one second's worth;
+    /// each is copied to every other member, so this bounds what one sender makes the server
+    /// do); frames over it are dropped. Counted within `relay_frames_per_sec` too.
+    pub room_frames_per_sec: u32,
     /// `RoomCreate`s and `RoomJoin`s one connection may make per minute (join codes cannot be
     /// guessed by trying); over it they are refused.
     pub room_joins_per_min: u32,
@@ -256,6 +260,7 @@ impl Default for Limits {
             max_room_members: 16,
             max_rooms_per_peer: 4,
             room_joins_per_min: 30,
+            room_frames_per_sec: 2_000,
             ring_timeout_ms: 30_000,
             resume_timeout_ms: 30_000,
             hello_timeout_ms: 10_000,
@@ -430,6 +435,7 @@ impl Config {
             ("max_rooms", l.max_rooms as u64),
             ("max_rooms_per_peer", l.max_rooms_per_peer as u64),
             ("room_joins_per_min", u64::from(l.room_joins_per_min)),
+            ("room_frames_per_sec", u64::from(l.room_frames_per_sec)),
             ("ring_timeout_ms", l.ring_timeout_ms),
             ("resume_timeout_ms", l.resume_timeout_ms),
             ("ping_interval_ms", l.ping_interval_ms),

@@ -96,6 +96,9 @@ struct Conn {
     control_tokens: TokenBucket,
     /// Budget for relay frames: over it, they are dropped.
     relay_tokens: TokenBucket,
+    /// Budget for relay frames to rooms (each is copied to every other member): over it,
+    /// they are dropped.
+    room_tokens: TokenBucket,
     last_rx: Instant,
     ping: Option<(u64, Instant)>,
     rtt: Option<Duration>,
@@ -203,6 +206,7 @@ pub(crate) async fn serve(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr
     let mut conn = Conn {
         control_tokens: TokenBucket::new(limits.frames_per_sec, now),
         relay_tokens: TokenBucket::new(limits.relay_frames_per_sec, now),
+        room_tokens: TokenBucket::new(limits.room_frames_per_sec, now),
         lookups: crate::limits::RateWindows::new(limits.lookups_per_min, Duration::from_secs(60), 1),
         room_joins: crate::limits::RateWindows::new(limits.room_joins_per_min, Duration::from_secs(60), 1),
         ctx,
@@ -444,6 +448,13 @@ impl Conn {
         }
         let now = self.last_rx.into_std();
         if header.call & natcall_proto::relay::ROOM_ID_BIT != 0 {
+            if !self.room_tokens.take(self.last_rx) {
+                self.ctx
+                    .metrics
+                    .dropped(header.class, DropReason::RateLimit, 1, raw.wire().len());
+                trace!(addr = %self.addr, room = header.call, "room frame over the room rate dropped");
+                return None;
+            }
             self.ctx.rooms.relay(self.id, &header, raw.into_wire(), now);
         } else {
             self.ctx.calls.relay(self.id, &header, raw.into_wire(), now);

@@ -374,3 +374,35 @@ async fn room_limits_refuse_with_a_reason_and_are_counted() {
     );
     srv.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_over_the_room_rate_has_its_frames_dropped_not_copied() {
+    let mut config = test_config();
+    config.limits.room_frames_per_sec = 10;
+    let srv = Running::start(config).await;
+    let (mut alice, _) = registered(&srv, "alice").await;
+    let (mut bob, _) = registered(&srv, "bob").await;
+    let (id, _) = created(create(&mut alice, "team", &["bob"]).await);
+    join(&mut bob, "team", None).await;
+    alice.next_msg().await;
+    // 30 frames at once: a second's worth (10) is copied, the rest dropped.
+    for n in 0u32..30 {
+        alice
+            .send_raw(&relay_frame_with(id, TrafficClass::Control, 0, &n.to_be_bytes()))
+            .await;
+    }
+    let mut got = 0;
+    while let Some(Got::Relay(_)) = bob.try_next(Duration::from_millis(300)).await {
+        got += 1;
+    }
+    assert!((10..=12).contains(&got), "{got} copied");
+    let metrics = srv.server.metrics().render();
+    assert!(
+        metrics.contains(&format!(
+            "natcall_relay_dropped_frames_total{{class=\"control\",reason=\"rate_limit\"}} {}",
+            30 - got
+        )),
+        "{metrics}"
+    );
+    srv.shutdown().await;
+}
