@@ -77,6 +77,8 @@ struct Call {
     serial: u64,
     /// The path the members last reported.
     path: Option<PathKind>,
+    /// The room whose two members this pairwise session joins (see [`Calls::start_pair`]).
+    room: Option<u32>,
 }
 
 impl Call {
@@ -128,9 +130,14 @@ impl Table {
         })
     }
 
-    /// Calls of connection `conn_id` and its waiting resumes (at most `max_per_peer`).
+    /// Calls of connection `conn_id` and its waiting resumes (at most `max_per_peer`); a
+    /// room's pairwise sessions are bounded by the room limits instead.
     fn count(&self, conn_id: u64) -> usize {
-        self.by_conn.get(&conn_id).map_or(0, Vec::len) + self.resumes.count(conn_id)
+        let calls = self.by_conn.get(&conn_id).into_iter().flatten();
+        calls
+            .filter(|id| self.calls.get(id).is_some_and(|c| c.room.is_none()))
+            .count()
+            + self.resumes.count(conn_id)
     }
 
     fn insert(&mut self, id: u32, call: Call) {
@@ -424,6 +431,7 @@ impl Calls {
             policy,
             serial,
             path: None,
+            room: None,
         };
         table.insert(id, call);
         self.publish(&table);
@@ -529,6 +537,11 @@ impl Calls {
                 continue;
             };
             match call.state {
+                State::Active if call.room.is_some() => {
+                    // Its connection ended, so it left the room: the session ends with it.
+                    info!(call = id, peer = %me.name, other = %other.name, "room session ended: member left");
+                    ended(other, id, format!("{} left the room", me.name));
+                }
                 State::Active => {
                     info!(call = id, peer = %me.name, other = %other.name, "call suspended: member left");
                     deliver(other, &ServerMsg::CallSuspended { call: id });
@@ -545,6 +558,66 @@ impl Calls {
                 conn = conn_id,
                 dropped, "waiting resumes dropped: their connection ended"
             );
+        }
+        self.publish(&table);
+    }
+
+    /// Sets up the pairwise session of `joiner`, who just joined room `room_name` (id
+    /// `room`), and `other`, a member already in it: an active call (its relay frames are
+    /// forwarded as any call's) announced to both with `RoomPeer`; the joiner controls.
+    pub(crate) fn start_pair(&self, registry: &Registry, room_name: &str, room: u32, joiner: Member, other: Member) {
+        let (Some(j), Some(o)) = (current(registry, &joiner), current(registry, &other)) else {
+            // One of them left; its room membership ends with it.
+            return;
+        };
+        let mut table = write(&self.table);
+        let id = self.fresh_id(&table);
+        table.next_serial += 1;
+        let (joiner_delay, other_delay) = start_delays(j.rtt, o.rtt);
+        let password = crate::registry::random_hex(&self.rng, 16);
+        let start = |peer: &Member, info: &PeerInfo, controlling, delay_ms| ServerMsg::RoomPeer {
+            room: room_name.to_owned(),
+            start: CallStart {
+                call: id,
+                peer: peer.name.clone(),
+                fingerprint: info.fingerprint,
+                candidates: candidates(info),
+                password: password.clone(),
+                controlling,
+                delay_ms,
+                policy: Policy::Auto,
+            },
+        };
+        deliver(&joiner, &start(&other, &o, true, joiner_delay));
+        deliver(&other, &start(&joiner, &j, false, other_delay));
+        debug!(call = id, room = room_name, joiner = %joiner.name, other = %other.name, "room session started");
+        let call = Call {
+            caller: joiner,
+            callee: other,
+            state: State::Active,
+            policy: Policy::Auto,
+            serial: table.next_serial,
+            path: None,
+            room: Some(room),
+        };
+        table.insert(id, call);
+        self.publish(&table);
+    }
+
+    /// Connection `conn_id` left room `room`: its pairwise sessions in that room end, the
+    /// other member of each told why.
+    pub(crate) fn end_pairs(&self, conn_id: u64, room: u32) {
+        let mut table = write(&self.table);
+        let ids = table.by_conn.get(&conn_id).cloned().unwrap_or_default();
+        for id in ids {
+            if table.calls.get(&id).is_none_or(|c| c.room != Some(room)) {
+                continue;
+            }
+            let Some(call) = table.remove(id) else { continue };
+            if let Some((me, other)) = call.sides(conn_id) {
+                ended(other, id, format!("{} left the room", me.name));
+                ended(me, id, "you left the room".into());
+            }
         }
         self.publish(&table);
     }

@@ -600,12 +600,20 @@ impl Conn {
                         .rooms
                         .refuse_rate(&me, &room, self.ctx.config.limits.room_joins_per_min);
                 } else {
-                    self.ctx.rooms.join(me, fingerprint, &room, code.as_deref());
+                    if let Some((id, others)) = self.ctx.rooms.join(me.clone(), fingerprint, &room, code.as_deref()) {
+                        for other in others {
+                            self.ctx
+                                .calls
+                                .start_pair(&self.ctx.registry, &room, id, me.clone(), other);
+                        }
+                    }
                 }
                 None
             }
             (Phase::Registered { .. }, ClientMsg::RoomLeave { room }) => {
-                self.ctx.rooms.leave(self.id, &room);
+                if let Some(id) = self.ctx.rooms.leave(self.id, &room) {
+                    self.ctx.calls.end_pairs(self.id, id);
+                }
                 None
             }
             (Phase::Registered { name }, ClientMsg::ReleaseName) => {

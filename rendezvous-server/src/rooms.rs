@@ -278,15 +278,23 @@ impl Rooms {
         Ok(())
     }
 
-    /// Handles `RoomJoin { room, code }` from `me` (key `fingerprint`).
-    pub(crate) fn join(&self, me: Member, fingerprint: Fingerprint, room: &str, code: Option<&str>) {
+    /// Handles `RoomJoin { room, code }` from `me` (key `fingerprint`). When `me` joined,
+    /// returns the room's id and the members already in it, each of whom needs a pairwise
+    /// session with `me` ([`crate::calls::Calls::start_pair`]).
+    pub(crate) fn join(
+        &self,
+        me: Member,
+        fingerprint: Fingerprint,
+        room: &str,
+        code: Option<&str>,
+    ) -> Option<(u32, Vec<Member>)> {
         let mut table = write(&self.table);
         let checked = self.check_join(&table, &me, room, code);
         let replaced = match checked {
             Err(refused) => {
                 drop(table);
                 self.refuse(&me, room, refused);
-                return;
+                return None;
             }
             Ok(replaced) => replaced,
         };
@@ -299,7 +307,7 @@ impl Rooms {
                 table.by_conn.remove(&old_conn);
             }
         }
-        let Some(r) = table.rooms.get_mut(room) else { return };
+        let r = table.rooms.get_mut(room)?;
         r.members.retain(|m| m.member.name != me.name);
         let others: Vec<RoomMember> = r.members.iter().map(InRoom::public).collect();
         let joined = RoomMember {
@@ -326,12 +334,15 @@ impl Rooms {
         );
         info!(%room, peer = %me.name, members = r.members.len() + 1, "joined room");
         let conn_id = me.conn_id;
+        let id = r.id;
+        let pairs = r.members.iter().map(|m| m.member.clone()).collect();
         r.members.push(InRoom {
             member: me,
             fingerprint,
         });
         table.by_conn.entry(conn_id).or_default().push(room.to_owned());
         self.publish(&table);
+        Some((id, pairs))
     }
 
     /// Whether `me` may join `room`: `Ok(Some(conn))` when its name is in it from an older
@@ -374,13 +385,17 @@ impl Rooms {
         Ok(None)
     }
 
-    /// Handles `RoomLeave { room }` from connection `conn_id`.
-    pub(crate) fn leave(&self, conn_id: u64, room: &str) {
+    /// Handles `RoomLeave { room }` from connection `conn_id`; returns the room's id if it
+    /// was in it (its pairwise sessions there end: [`crate::calls::Calls::end_pairs`]).
+    pub(crate) fn leave(&self, conn_id: u64, room: &str) -> Option<u32> {
         let mut table = write(&self.table);
-        if let Some(name) = remove_conn_room(&mut table, conn_id, room) {
-            notify_left(&table, room, &name, "left");
+        let id = table.rooms.get(room).map(|r| r.id);
+        let left = remove_conn_room(&mut table, conn_id, room);
+        if let Some(name) = &left {
+            notify_left(&table, room, name, "left");
         }
         self.publish(&table);
+        left.and(id)
     }
 
     /// Connection `conn_id` ended: it leaves every room it was in.

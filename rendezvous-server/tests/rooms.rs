@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Client, Got, Identity, Running, eventually, relay_frame_with, test_config};
-use natcall_proto::control::{ClientMsg, RoomMember, RoomRefusal, ServerMsg};
+use natcall_proto::control::{CallStart, ClientMsg, RoomMember, RoomRefusal, ServerMsg};
 use natcall_proto::relay::{ROOM_ID_BIT, RelayFlags, TrafficClass};
 use natcall_rendezvous::Config;
 
@@ -33,6 +33,45 @@ async fn join(c: &mut Client, room: &str, code: Option<&str>) -> ServerMsg {
     })
     .await;
     c.next_msg().await
+}
+
+/// `c` joins `room`: its `RoomJoined`, then one pairwise session per member already in.
+async fn join_in(c: &mut Client, room: &str, code: Option<&str>) -> (ServerMsg, Vec<CallStart>) {
+    let joined = join(c, room, code).await;
+    let ServerMsg::RoomJoined { members, .. } = &joined else {
+        panic!("expected RoomJoined, got {joined:?}")
+    };
+    let mut starts = Vec::new();
+    for _ in 0..members.len() {
+        match c.next_msg().await {
+            ServerMsg::RoomPeer { room: r, start } if r == room => starts.push(start),
+            other => panic!("expected RoomPeer, got {other:?}"),
+        }
+    }
+    (joined, starts)
+}
+
+/// What a member already in `room` is sent when another joins: who, and their session.
+async fn told_of_join(c: &mut Client, room: &str) -> (RoomMember, CallStart) {
+    let member = match c.next_msg().await {
+        ServerMsg::RoomMemberJoined { room: r, member } if r == room => member,
+        other => panic!("expected RoomMemberJoined, got {other:?}"),
+    };
+    match c.next_msg().await {
+        ServerMsg::RoomPeer { room: r, start } if r == room => (member, start),
+        other => panic!("expected RoomPeer, got {other:?}"),
+    }
+}
+
+/// alice creates `team` inviting bob and carol, who join: returns the room's id.
+async fn team_of_three(alice: &mut Client, bob: &mut Client, carol: &mut Client) -> u32 {
+    let (id, _) = created(create(alice, "team", &["bob", "carol"]).await);
+    join_in(bob, "team", None).await;
+    told_of_join(alice, "team").await;
+    join_in(carol, "team", None).await;
+    told_of_join(alice, "team").await;
+    told_of_join(bob, "team").await;
+    id
 }
 
 /// The room's id and join code from a creator's `RoomJoined`.
@@ -77,8 +116,11 @@ async fn invited_members_and_code_holders_join_everyone_else_is_refused() {
     assert_ne!(id & ROOM_ID_BIT, 0, "a room's id has the room bit");
     assert_eq!(code.len(), 12);
 
-    // bob is invited: he is told alice is in; alice is told bob joined.
-    match join(&mut bob, "team", None).await {
+    // bob is invited: he is told alice is in; alice is told bob joined. Both get their
+    // pairwise session: one call, one password, bob (the joiner) controls, each pins the
+    // other's key.
+    let (joined, bob_starts) = join_in(&mut bob, "team", None).await;
+    match joined {
         ServerMsg::RoomJoined {
             room,
             id: got,
@@ -94,13 +136,16 @@ async fn invited_members_and_code_holders_join_everyone_else_is_refused() {
         }
         other => panic!("bob: {other:?}"),
     }
-    assert_eq!(
-        alice.next_msg().await,
-        ServerMsg::RoomMemberJoined {
-            room: "team".into(),
-            member: member("bob", &bob_id)
-        }
-    );
+    let (joined, alice_start) = told_of_join(&mut alice, "team").await;
+    assert_eq!(joined, member("bob", &bob_id));
+    let bob_start = &bob_starts[0];
+    assert_eq!((bob_start.peer.as_str(), alice_start.peer.as_str()), ("alice", "bob"));
+    assert_eq!(bob_start.call, alice_start.call);
+    assert_eq!(bob_start.call & ROOM_ID_BIT, 0, "a session is a call");
+    assert_eq!(bob_start.password, alice_start.password);
+    assert!(bob_start.controlling && !alice_start.controlling);
+    assert_eq!(bob_start.fingerprint, alice_id.fingerprint());
+    assert_eq!(alice_start.fingerprint, bob_id.fingerprint());
 
     // mallory is not invited and has no code; a wrong code is refused too.
     let (r, reason) = refusal(join(&mut mallory, "team", None).await);
@@ -110,8 +155,9 @@ async fn invited_members_and_code_holders_join_everyone_else_is_refused() {
     assert_eq!(r, RoomRefusal::NotInvited);
     assert!(reason.contains("wrong join code"), "{reason}");
 
-    // carol has the code.
-    match join(&mut carol, "team", Some(&code)).await {
+    // carol has the code: sessions with both.
+    let (joined, starts) = join_in(&mut carol, "team", Some(&code)).await;
+    match joined {
         ServerMsg::RoomJoined { members, .. } => {
             let mut names: Vec<_> = members.iter().map(|m| m.name.as_str()).collect();
             names.sort();
@@ -119,13 +165,17 @@ async fn invited_members_and_code_holders_join_everyone_else_is_refused() {
         }
         other => panic!("carol: {other:?}"),
     }
+    let mut peers: Vec<_> = starts.iter().map(|s| s.peer.as_str()).collect();
+    peers.sort();
+    assert_eq!(peers, ["alice", "bob"]);
     for c in [&mut alice, &mut bob] {
-        assert_eq!(
-            c.next_msg().await,
-            ServerMsg::RoomMemberJoined {
-                room: "team".into(),
-                member: member("carol", &carol_id)
-            }
+        let (joined, start) = told_of_join(c, "team").await;
+        assert_eq!(joined, member("carol", &carol_id));
+        assert_eq!(start.peer, "carol");
+        assert!(
+            starts
+                .iter()
+                .any(|s| s.call == start.call && s.password == start.password)
         );
     }
 
@@ -165,12 +215,7 @@ async fn a_members_relay_frame_reaches_everyone_but_itself_and_strangers_reach_n
     let (mut bob, _) = registered(&srv, "bob").await;
     let (mut carol, _) = registered(&srv, "carol").await;
     let (mut mallory, _) = registered(&srv, "mallory").await;
-    let (id, _) = created(create(&mut alice, "team", &["bob", "carol"]).await);
-    join(&mut bob, "team", None).await;
-    alice.next_msg().await;
-    join(&mut carol, "team", None).await;
-    alice.next_msg().await;
-    bob.next_msg().await;
+    let id = team_of_three(&mut alice, &mut bob, &mut carol).await;
 
     // Each member sends one frame of each class: the other two get it, byte for byte.
     let flags = RelayFlags::FRAME_START | RelayFlags::FRAME_END | RelayFlags::KEY_FRAME;
@@ -228,12 +273,7 @@ async fn members_who_leave_or_vanish_are_announced_and_the_last_one_closes_the_r
     let (mut alice, _) = registered(&srv, "alice").await;
     let (mut bob, _) = registered(&srv, "bob").await;
     let (mut carol, _) = registered(&srv, "carol").await;
-    let (id, _) = created(create(&mut alice, "team", &["bob", "carol"]).await);
-    join(&mut bob, "team", None).await;
-    alice.next_msg().await;
-    join(&mut carol, "team", None).await;
-    alice.next_msg().await;
-    bob.next_msg().await;
+    let id = team_of_three(&mut alice, &mut bob, &mut carol).await;
 
     carol.send(&ClientMsg::RoomLeave { room: "team".into() }).await;
     for c in [&mut alice, &mut bob] {
@@ -245,6 +285,17 @@ async fn members_who_leave_or_vanish_are_announced_and_the_last_one_closes_the_r
                 reason: "left".into()
             }
         );
+        // Their sessions with carol end.
+        match c.next_msg().await {
+            ServerMsg::CallEnded { reason, .. } => assert_eq!(reason, "carol left the room"),
+            other => panic!("expected CallEnded, got {other:?}"),
+        }
+    }
+    for _ in 0..2 {
+        match carol.next_msg().await {
+            ServerMsg::CallEnded { reason, .. } => assert_eq!(reason, "you left the room"),
+            other => panic!("expected CallEnded, got {other:?}"),
+        }
     }
     // carol is out: frames to the room no longer reach her, hers reach nobody.
     alice
@@ -252,8 +303,16 @@ async fn members_who_leave_or_vanish_are_announced_and_the_last_one_closes_the_r
         .await;
     assert!(matches!(bob.next().await, Got::Relay(_)));
     assert!(carol.try_next(Duration::from_millis(200)).await.is_none());
+    carol
+        .send_raw(&relay_frame_with(id, TrafficClass::Control, 0, b"me too"))
+        .await;
+    assert!(alice.try_next(Duration::from_millis(200)).await.is_none());
 
     drop(bob);
+    match alice.next_msg().await {
+        ServerMsg::CallEnded { reason, .. } => assert_eq!(reason, "bob left the room"),
+        other => panic!("expected CallEnded, got {other:?}"),
+    }
     assert_eq!(
         alice.next_msg().await,
         ServerMsg::RoomMemberLeft {
@@ -279,12 +338,7 @@ async fn a_member_that_stops_reading_costs_only_itself() {
     let (mut alice, _) = registered(&srv, "alice").await;
     let (mut bob, _) = registered(&srv, "bob").await;
     let (mut carol, _) = registered(&srv, "carol").await;
-    let (id, _) = created(create(&mut alice, "team", &["bob", "carol"]).await);
-    join(&mut bob, "team", None).await;
-    alice.next_msg().await;
-    join(&mut carol, "team", None).await;
-    alice.next_msg().await;
-    bob.next_msg().await;
+    let id = team_of_three(&mut alice, &mut bob, &mut carol).await;
     carol.acks = false; // and carol never reads again
 
     // 3 s of audio every 20 ms from alice: bob gets every frame, in order, while carol's
@@ -308,17 +362,25 @@ async fn a_member_that_stops_reading_costs_only_itself() {
                 other => panic!("bob: {other:?}"),
             }
         }
-        if let Some(Got::Msg(m)) = alice.try_next(Duration::from_millis(20)).await {
+        while let Some(Got::Msg(m)) = alice.try_next(Duration::from_millis(10)).await {
             alice_told.push(m);
         }
     }
-    let left = vec![ServerMsg::RoomMemberLeft {
-        room: "team".into(),
-        name: "carol".into(),
-        reason: "connection ended".into(),
-    }];
-    assert_eq!(alice_told, left);
-    assert_eq!(bob_told, left);
+    for told in [alice_told, bob_told] {
+        assert_eq!(told.len(), 2, "{told:?}");
+        assert!(
+            matches!(&told[0], ServerMsg::CallEnded { reason, .. } if reason == "carol left the room"),
+            "{told:?}"
+        );
+        assert_eq!(
+            told[1],
+            ServerMsg::RoomMemberLeft {
+                room: "team".into(),
+                name: "carol".into(),
+                reason: "connection ended".into(),
+            }
+        );
+    }
     assert!(srv.server.registry().peer("carol").is_none(), "carol was shed");
     srv.shutdown().await;
 }
@@ -342,8 +404,8 @@ async fn room_limits_refuse_with_a_reason_and_are_counted() {
     assert_eq!(r, RoomRefusal::PeerRoomLimit);
     assert!(reason.contains("leave one first"), "{reason}");
     // Two members per room.
-    join(&mut bob, "one", None).await;
-    alice.next_msg().await;
+    join_in(&mut bob, "one", None).await;
+    told_of_join(&mut alice, "one").await;
     let (r, reason) = refusal(join(&mut carol, "one", None).await);
     assert_eq!(r, RoomRefusal::Full);
     assert!(reason.contains("full"), "{reason}");
@@ -383,8 +445,8 @@ async fn a_sender_over_the_room_rate_has_its_frames_dropped_not_copied() {
     let (mut alice, _) = registered(&srv, "alice").await;
     let (mut bob, _) = registered(&srv, "bob").await;
     let (id, _) = created(create(&mut alice, "team", &["bob"]).await);
-    join(&mut bob, "team", None).await;
-    alice.next_msg().await;
+    join_in(&mut bob, "team", None).await;
+    told_of_join(&mut alice, "team").await;
     // 30 frames at once: a second's worth (10) is copied, the rest dropped.
     for n in 0u32..30 {
         alice
@@ -403,6 +465,70 @@ async fn a_sender_over_the_room_rate_has_its_frames_dropped_not_copied() {
             30 - got
         )),
         "{metrics}"
+    );
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pairwise_session_relays_between_its_two_members_only() {
+    let srv = Running::start(test_config()).await;
+    let (mut alice, _) = registered(&srv, "alice").await;
+    let (mut bob, _) = registered(&srv, "bob").await;
+    let (mut carol, _) = registered(&srv, "carol").await;
+    created(create(&mut alice, "team", &["bob", "carol"]).await);
+    let (_, bob_starts) = join_in(&mut bob, "team", None).await;
+    told_of_join(&mut alice, "team").await;
+    join_in(&mut carol, "team", None).await;
+    told_of_join(&mut alice, "team").await;
+    told_of_join(&mut bob, "team").await;
+    let ab = bob_starts[0].call;
+
+    let f = relay_frame_with(ab, TrafficClass::Control, 0, b"alice to bob");
+    alice.send_raw(&f).await;
+    assert_eq!(bob.expect_relay().await, f);
+    let f = relay_frame_with(ab, TrafficClass::Control, 0, b"bob to alice");
+    bob.send_raw(&f).await;
+    assert_eq!(alice.expect_relay().await, f);
+    // carol is in the room, not in that session.
+    carol
+        .send_raw(&relay_frame_with(ab, TrafficClass::Control, 0, b"carol"))
+        .await;
+    for c in [&mut alice, &mut bob, &mut carol] {
+        assert!(c.try_next(Duration::from_millis(200)).await.is_none());
+    }
+    assert_eq!(srv.server.calls().len(), 3, "one session per pair");
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_sessions_do_not_count_against_the_calls_a_peer_may_have() {
+    // max_calls_per_peer is 4; a room of six gives each member five sessions, and a member
+    // can still place a call.
+    let srv = Running::start(test_config()).await;
+    let names = ["m0", "m1", "m2", "m3", "m4", "m5"];
+    let mut members = Vec::new();
+    for n in names {
+        members.push(registered(&srv, n).await.0);
+    }
+    created(create(&mut members[0], "six", &names[1..]).await);
+    for i in 1..names.len() {
+        let (_, starts) = join_in(&mut members[i], "six", None).await;
+        assert_eq!(starts.len(), i);
+        for earlier in &mut members[..i] {
+            told_of_join(earlier, "six").await;
+        }
+    }
+    assert_eq!(srv.server.calls().len(), 15);
+    members[0]
+        .send(&ClientMsg::Call {
+            request: 1,
+            callee: "m1".into(),
+            policy: natcall_proto::control::Policy::Auto,
+        })
+        .await;
+    assert!(
+        matches!(members[0].next_msg().await, ServerMsg::Ringing { request: 1, .. }),
+        "not busy"
     );
     srv.shutdown().await;
 }

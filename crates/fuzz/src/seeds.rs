@@ -230,7 +230,7 @@ fn server_msgs() -> Vec<(String, ServerMsg)> {
                 policy: Policy::RelayOnly,
             },
         ),
-        ("start", ServerMsg::Start(start)),
+        ("start", ServerMsg::Start(start.clone())),
         (
             "call-ended",
             ServerMsg::CallEnded {
@@ -273,6 +273,13 @@ fn server_msgs() -> Vec<(String, ServerMsg)> {
                 room: "team".into(),
                 refusal: RoomRefusal::NotInvited,
                 reason: "not invited".into(),
+            },
+        ),
+        (
+            "room-peer",
+            ServerMsg::RoomPeer {
+                room: "team".into(),
+                start,
             },
         ),
         (

@@ -150,8 +150,8 @@ pub enum ClientMsg {
     /// gives its join `code`. Answered by [`ServerMsg::RoomJoined`] or
     /// [`ServerMsg::RoomRefused`]; the members already in it get [`ServerMsg::RoomMemberJoined`].
     RoomJoin { room: String, code: Option<String> },
-    /// Leave room `room`; the other members get [`ServerMsg::RoomMemberLeft`]. A room whose
-    /// last member left is gone.
+    /// Leave room `room`; the other members get [`ServerMsg::RoomMemberLeft`], and the pairwise
+    /// sessions with them end. A room whose last member left is gone.
     RoomLeave { room: String },
 }
 
@@ -345,6 +345,11 @@ pub enum ServerMsg {
     RoomMemberJoined { room: String, member: RoomMember },
     /// `name` left room `room` (it left, or its connection ended: `reason`).
     RoomMemberLeft { room: String, name: String, reason: String },
+    /// A pairwise session with another member of room `room`, set up by the server when one of
+    /// the two joined (nobody rings): connect as for [`ServerMsg::Start`] (the joiner
+    /// controls). The members hand each other their media keys over it, and send mesh media
+    /// on it. It ends with [`ServerMsg::CallEnded`] when either leaves the room.
+    RoomPeer { room: String, start: CallStart },
 }
 
 /// A member of a room, as the others are told of it.

@@ -125,25 +125,7 @@ fn server_msg() -> impl Strategy<Value = ServerMsg> {
                 policy,
             }
         }),
-        (
-            (any::<u32>(), "[a-z]{1,32}", any::<[u8; 32]>()),
-            (prop::option::of(addr()), prop::collection::vec(addr(), 0..8)),
-            ("[a-f0-9]{32}", any::<bool>(), any::<u32>(), policy())
-        )
-            .prop_map(
-                |((call, peer, fp), (public, lan), (password, controlling, delay_ms, policy))| {
-                    ServerMsg::Start(CallStart {
-                        call,
-                        peer,
-                        fingerprint: Fingerprint(fp),
-                        candidates: Candidates { public, lan },
-                        password,
-                        controlling,
-                        delay_ms,
-                        policy,
-                    })
-                }
-            ),
+        start().prop_map(ServerMsg::Start),
         (any::<u32>(), "\\PC{0,40}").prop_map(|(call, reason)| ServerMsg::CallEnded { call, reason }),
         any::<u32>().prop_map(|call| ServerMsg::CallSuspended { call }),
         (any::<u32>(), any::<u32>()).prop_map(|(call, id)| ServerMsg::Resumed { call, id }),
@@ -173,12 +155,33 @@ fn server_msg() -> impl Strategy<Value = ServerMsg> {
             reason
         }),
         ("[a-z]{1,32}", room_member()).prop_map(|(room, member)| ServerMsg::RoomMemberJoined { room, member }),
+        ("[a-z]{1,32}", start()).prop_map(|(room, start)| ServerMsg::RoomPeer { room, start }),
         ("[a-z]{1,32}", "[a-z]{1,32}", "\\PC{0,40}").prop_map(|(room, name, reason)| ServerMsg::RoomMemberLeft {
             room,
             name,
             reason
         }),
     ]
+}
+
+fn start() -> impl Strategy<Value = CallStart> {
+    (
+        (any::<u32>(), "[a-z]{1,32}", any::<[u8; 32]>()),
+        (prop::option::of(addr()), prop::collection::vec(addr(), 0..8)),
+        ("[a-f0-9]{32}", any::<bool>(), any::<u32>(), policy()),
+    )
+        .prop_map(
+            |((call, peer, fp), (public, lan), (password, controlling, delay_ms, policy))| CallStart {
+                call,
+                peer,
+                fingerprint: Fingerprint(fp),
+                candidates: Candidates { public, lan },
+                password,
+                controlling,
+                delay_ms,
+                policy,
+            },
+        )
 }
 
 fn room_member() -> impl Strategy<Value = RoomMember> {

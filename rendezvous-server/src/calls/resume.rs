@@ -191,6 +191,7 @@ impl Calls {
             policy: Policy::Auto,
             serial: table.next_serial,
             path: None,
+            room: None,
         };
         table.insert(id, call);
     }
