@@ -345,6 +345,7 @@ impl Conn {
                 info!(peer = %name, addr = %self.addr, "name released");
                 self.ctx.metrics.set_registered(self.ctx.registry.online_count());
                 self.ctx.calls.leave(self.id, None);
+                self.ctx.rooms.leave_all(self.id);
                 self.phase = Phase::AwaitHello; // nothing is left to unregister
                 let frame = control_frame(&ServerMsg::NameReleased { name }).unwrap_or_default();
                 End::Graceful(frame)
@@ -451,7 +452,7 @@ impl Conn {
             if !self.room_tokens.take(self.last_rx) {
                 self.ctx
                     .metrics
-                    .dropped(header.class, DropReason::RateLimit, 1, raw.wire().len());
+                    .dropped(header.class, DropReason::RoomRate, 1, raw.wire().len());
                 trace!(addr = %self.addr, room = header.call, "room frame over the room rate dropped");
                 return None;
             }
@@ -589,7 +590,9 @@ impl Conn {
                         .rooms
                         .refuse_rate(&me, &room, self.ctx.config.limits.room_joins_per_min);
                 } else {
-                    self.ctx.rooms.create(me, fingerprint, &room, invite);
+                    self.ctx
+                        .rooms
+                        .create(&self.ctx.registry, me, fingerprint, &room, invite);
                 }
                 None
             }
@@ -704,6 +707,7 @@ impl Conn {
                 .push_server(going_away("replaced by a newer connection of the same peer"));
             old.outbox.close(false);
             self.ctx.calls.leave(old.conn_id, None);
+            self.ctx.rooms.leave_all(old.conn_id);
         }
         info!(peer = %name, addr = %self.addr, key = %fingerprint.short(), "peer registered");
         self.ctx.metrics.set_registered(self.ctx.registry.online_count());

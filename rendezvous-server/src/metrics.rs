@@ -45,15 +45,22 @@ pub enum DropReason {
     NotInCall,
     /// Over the sender's relay rate.
     RateLimit,
+    /// Over the sender's rate of frames to rooms (`limits.room_frames_per_sec`).
+    RoomRate,
+    /// A control-class frame to a room: rooms carry media only (a control frame is never
+    /// dropped, so one sender could fill every member's buffer with them).
+    RoomControl,
 }
 
 impl DropReason {
-    const ALL: [DropReason; 5] = [
+    const ALL: [DropReason; 7] = [
         Self::AudioDeadline,
         Self::Overload,
         Self::AwaitingKeyFrame,
         Self::NotInCall,
         Self::RateLimit,
+        Self::RoomRate,
+        Self::RoomControl,
     ];
 
     fn as_str(self) -> &'static str {
@@ -63,6 +70,8 @@ impl DropReason {
             Self::AwaitingKeyFrame => "awaiting_key_frame",
             Self::NotInCall => "not_in_call",
             Self::RateLimit => "rate_limit",
+            Self::RoomRate => "room_rate",
+            Self::RoomControl => "room_control",
         }
     }
 }
@@ -205,8 +214,8 @@ struct Inner {
     calls: [Gauge; 5],
     relayed_frames: [Counter; 3],
     relayed_bytes: [Counter; 3],
-    dropped_frames: [[Counter; 5]; 3],
-    dropped_bytes: [[Counter; 5]; 3],
+    dropped_frames: [[Counter; 7]; 3],
+    dropped_bytes: [[Counter; 7]; 3],
     queued: Gauge,
     disconnects: [Counter; 8],
     stun: Counter,
@@ -345,7 +354,6 @@ impl Metrics {
         self.inner.stun_replays.increment(1);
     }
 
-    /// A sender was told a receiver's budget (`RelayBudget`).
     pub(crate) fn set_rooms(&self, rooms: usize, members: usize) {
         self.inner.rooms.set(rooms as f64);
         self.inner.room_members.set(members as f64);
@@ -355,6 +363,7 @@ impl Metrics {
         self.inner.room_copies[class_index(class)].increment(copies);
     }
 
+    /// A sender was told a receiver's budget (`RelayBudget`).
     pub(crate) fn budget_sent(&self) {
         self.inner.budgets.increment(1);
     }

@@ -3,34 +3,38 @@
 //!
 //! Flow:
 //! 1. `RoomCreate { room, invite }` creates a room (a name like a peer's), with its creator as
-//!    the first member, the invited names, a fresh id with [`ROOM_ID_BIT`] set (relay frames
-//!    carrying it are the room's) and a random join code; the creator gets `RoomJoined` with
-//!    the code;
-//! 2. `RoomJoin { room, code }` is allowed to the creator, to an invited name, and to anyone
-//!    with the code (compared in constant time; `limits.room_joins_per_min` per connection
-//!    bounds guessing); the joiner gets `RoomJoined` with the members already in (names and
-//!    keys, which they pin for their pairwise sessions), they get `RoomMemberJoined`;
-//! 3. a relay frame with the room's id from a member is handed, bytes untouched, to every
-//!    other member's buffer (one copy each, `natcall_room_copies_total`); each buffer applies
-//!    the relay engine's class policy on its own, so a slow member loses its own video frames
-//!    and nobody else's. Rooms send no budgets: a sender is not held to its slowest receiver;
-//! 4. `RoomLeave`, or the member's connection ending, tells the others `RoomMemberLeft`; a
-//!    room whose last member left is gone.
+//!    the first member, the invited names (each with the key it is bound to now, if any), a
+//!    fresh id with [`ROOM_ID_BIT`] set (relay frames carrying it are the room's) and a random
+//!    join code; the creator gets `RoomJoined` with the code;
+//! 2. `RoomJoin { room, code }` is allowed to the creator (its name and key), to an invited
+//!    name under the key it was invited with, and to anyone with the code (compared in
+//!    constant time; `limits.room_joins_per_min` per connection bounds guessing); the joiner
+//!    gets `RoomJoined` with the members already in (names and keys, which they pin for their
+//!    pairwise sessions), they get `RoomMemberJoined`; the connection then sets up a pairwise
+//!    session between the joiner and each of them ([`crate::calls::Calls::start_pair`]);
+//! 3. an audio or video relay frame with the room's id from a member is handed, bytes
+//!    untouched, to every other member's buffer (one copy each, `natcall_room_copies_total`);
+//!    each buffer applies the relay engine's class policy on its own, so a slow member loses
+//!    its own video frames and nobody else's. Rooms send no budgets: a sender is not held to
+//!    its slowest receiver. Control-class frames are dropped: they are never dropped by a
+//!    buffer, so one sender's could fill every member's;
+//! 4. `RoomLeave`, the member's connection ending, or its name being released tells the
+//!    others `RoomMemberLeft`; a room whose last member left is gone.
 //!
-//! Members are connections, as in calls: a name that registers again from a new connection
-//! and joins replaces its old membership.
+//! Members are connections, as in calls: the same peer (name and key) joining again from a new
+//! connection replaces its old membership.
 //!
-//! One lock guards the table (rooms by name, by id, and each connection's rooms); relay
-//! fan-out only reads it and clones the receivers' buffers out of it.
+//! One lock guards the table (rooms by name, by id, each connection's rooms, the member
+//! count); relay fan-out only reads it and clones the receivers' buffers out of it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 use bytes::Bytes;
 use natcall_proto::control::{Fingerprint, RoomMember, RoomRefusal, ServerMsg, validate_name};
 use natcall_proto::frame::control_frame;
-use natcall_proto::relay::{ROOM_ID_BIT, RelayHeader};
+use natcall_proto::relay::{ROOM_ID_BIT, RelayHeader, TrafficClass};
 use ring::rand::{SecureRandom, SystemRandom};
 use tracing::{debug, info, warn};
 
@@ -38,6 +42,7 @@ use crate::calls::Member;
 use crate::config::Limits;
 use crate::metrics::{DropReason, Metrics, Refusal};
 use crate::outbox::Outbox;
+use crate::registry::Registry;
 
 /// Characters of a join code: lowercase letters and digits without the look-alikes
 /// (`i l o 0 1`).
@@ -64,15 +69,23 @@ impl InRoom {
 struct Room {
     id: u32,
     creator: String,
-    invited: HashSet<String>,
+    /// The creator's key: a name released and taken by another key is not the creator.
+    creator_key: Fingerprint,
+    /// Invited names, with the key each was bound to when invited (`None`: not bound yet; the
+    /// first key to register it is the one the creator meant).
+    invited: HashMap<String, Option<Fingerprint>>,
     code: String,
     members: Vec<InRoom>,
 }
 
 impl Room {
-    fn may_join(&self, name: &str, code: Option<&str>) -> bool {
-        name == self.creator
-            || self.invited.contains(name)
+    fn is_creator(&self, name: &str, key: Fingerprint) -> bool {
+        name == self.creator && key == self.creator_key
+    }
+
+    fn may_join(&self, name: &str, key: Fingerprint, code: Option<&str>) -> bool {
+        self.is_creator(name, key)
+            || self.invited.get(name).is_some_and(|k| k.is_none_or(|k| k == key))
             || code.is_some_and(|c| same_secret(c.as_bytes(), self.code.as_bytes()))
     }
 }
@@ -89,13 +102,11 @@ struct Table {
     by_id: HashMap<u32, String>,
     /// Connection id → the rooms it is in.
     by_conn: HashMap<u64, Vec<String>>,
+    /// Members of all rooms (kept as they come and go: the gauge is published often).
+    members: usize,
 }
 
 impl Table {
-    fn members(&self) -> usize {
-        self.rooms.values().map(|r| r.members.len()).sum()
-    }
-
     fn rooms_of(&self, conn_id: u64) -> usize {
         self.by_conn.get(&conn_id).map_or(0, Vec::len)
     }
@@ -160,7 +171,7 @@ impl Rooms {
     }
 
     fn publish(&self, table: &Table) {
-        self.metrics.set_rooms(table.rooms.len(), table.members());
+        self.metrics.set_rooms(table.rooms.len(), table.members);
     }
 
     fn refuse(&self, to: &Member, room: &str, Refused(refusal, reason): Refused) {
@@ -192,8 +203,19 @@ impl Rooms {
         self.refuse(to, room, Refused(RoomRefusal::RateLimited, reason));
     }
 
-    /// Handles `RoomCreate { room, invite }` from `me` (key `fingerprint`).
-    pub(crate) fn create(&self, me: Member, fingerprint: Fingerprint, room: &str, invite: Vec<String>) {
+    /// Handles `RoomCreate { room, invite }` from `me` (key `fingerprint`); `registry` says
+    /// which key each invited name is bound to.
+    pub(crate) fn create(
+        &self,
+        registry: &Registry,
+        me: Member,
+        fingerprint: Fingerprint,
+        room: &str,
+        mut invite: Vec<String>,
+    ) {
+        invite.sort();
+        invite.dedup();
+        invite.retain(|n| *n != me.name);
         let mut table = write(&self.table);
         match self.check_create(&table, &me, room, &invite) {
             Err(refused) => {
@@ -203,7 +225,13 @@ impl Rooms {
             Ok(()) => {
                 let id = self.fresh_id(&table);
                 let code = self.fresh_code();
-                let invited: HashSet<String> = invite.into_iter().filter(|n| *n != me.name).collect();
+                let invited: HashMap<String, Option<Fingerprint>> = invite
+                    .into_iter()
+                    .map(|n| {
+                        let key = registry.owner(&n);
+                        (n, key)
+                    })
+                    .collect();
                 info!(%room, id, creator = %me.name, invited = invited.len(), "room created");
                 deliver(
                     &me,
@@ -221,6 +249,7 @@ impl Rooms {
                     Room {
                         id,
                         creator: me.name.clone(),
+                        creator_key: fingerprint,
                         invited,
                         code,
                         members: vec![InRoom {
@@ -229,6 +258,7 @@ impl Rooms {
                         }],
                     },
                 );
+                table.members += 1;
                 self.publish(&table);
             }
         }
@@ -240,12 +270,15 @@ impl Rooms {
             validate_name(name)
                 .map_err(|e| Refused(RoomRefusal::InvalidName, format!("invited name {name:?}: {e}")))?;
         }
+        // Invitations are bounded by the room's size (members come and go, so up to that many
+        // may be invited besides the creator), which bounds what a room holds.
         if invite.len() > self.max_members {
             return Err(Refused(
                 RoomRefusal::Full,
                 format!(
-                    "{} invited, but a room holds at most {} members",
+                    "{} invited, but at most {} may be (a room holds {} members at once)",
                     invite.len(),
+                    self.max_members,
                     self.max_members
                 ),
             ));
@@ -289,7 +322,7 @@ impl Rooms {
         code: Option<&str>,
     ) -> Option<(u32, Vec<Member>)> {
         let mut table = write(&self.table);
-        let checked = self.check_join(&table, &me, room, code);
+        let checked = self.check_join(&table, &me, fingerprint, room, code);
         let replaced = match checked {
             Err(refused) => {
                 drop(table);
@@ -299,13 +332,14 @@ impl Rooms {
             Ok(replaced) => replaced,
         };
         // The same name from an older connection (it registered again): that membership ends.
-        if let Some(old_conn) = replaced
-            && let Some(list) = table.by_conn.get_mut(&old_conn)
-        {
-            list.retain(|r| r != room);
-            if list.is_empty() {
-                table.by_conn.remove(&old_conn);
+        if let Some(old_conn) = replaced {
+            if let Some(list) = table.by_conn.get_mut(&old_conn) {
+                list.retain(|r| r != room);
+                if list.is_empty() {
+                    table.by_conn.remove(&old_conn);
+                }
             }
+            table.members -= 1;
         }
         let r = table.rooms.get_mut(room)?;
         r.members.retain(|m| m.member.name != me.name);
@@ -328,7 +362,7 @@ impl Rooms {
             &ServerMsg::RoomJoined {
                 room: room.to_owned(),
                 id: r.id,
-                code: (me.name == r.creator).then(|| r.code.clone()),
+                code: r.is_creator(&me.name, fingerprint).then(|| r.code.clone()),
                 members: others,
             },
         );
@@ -341,13 +375,21 @@ impl Rooms {
             fingerprint,
         });
         table.by_conn.entry(conn_id).or_default().push(room.to_owned());
+        table.members += 1;
         self.publish(&table);
         Some((id, pairs))
     }
 
     /// Whether `me` may join `room`: `Ok(Some(conn))` when its name is in it from an older
     /// connection `conn`.
-    fn check_join(&self, table: &Table, me: &Member, room: &str, code: Option<&str>) -> Result<Option<u64>, Refused> {
+    fn check_join(
+        &self,
+        table: &Table,
+        me: &Member,
+        key: Fingerprint,
+        room: &str,
+        code: Option<&str>,
+    ) -> Result<Option<u64>, Refused> {
         let Some(r) = table.rooms.get(room) else {
             return Err(Refused(
                 RoomRefusal::NoSuchRoom,
@@ -356,21 +398,23 @@ impl Rooms {
         };
         let existing = r.members.iter().find(|m| m.member.name == me.name);
         if let Some(m) = existing {
-            if m.member.conn_id == me.conn_id {
+            if m.member.conn_id == me.conn_id || m.fingerprint != key {
                 return Err(Refused(
                     RoomRefusal::AlreadyMember,
-                    format!("you are in room {room} already"),
+                    format!("{} is in room {room} already", me.name),
                 ));
             }
+            // The same peer from a newer connection: it takes over its membership.
+            self.check_peer_rooms(table, me)?;
             return Ok(Some(m.member.conn_id));
         }
-        if !r.may_join(&me.name, code) {
+        if !r.may_join(&me.name, key, code) {
             let why = if code.is_some() {
                 format!("wrong join code for room {room}")
             } else {
                 format!(
-                    "{} is not invited to room {room}; ask its creator {} for an invitation or the join code",
-                    me.name, r.creator
+                    "{} is not invited to room {room}; ask its creator for an invitation or the join code",
+                    me.name
                 )
             };
             return Err(Refused(RoomRefusal::NotInvited, why));
@@ -389,13 +433,11 @@ impl Rooms {
     /// was in it (its pairwise sessions there end: [`crate::calls::Calls::end_pairs`]).
     pub(crate) fn leave(&self, conn_id: u64, room: &str) -> Option<u32> {
         let mut table = write(&self.table);
-        let id = table.rooms.get(room).map(|r| r.id);
-        let left = remove_conn_room(&mut table, conn_id, room);
-        if let Some(name) = &left {
-            notify_left(&table, room, name, "left");
-        }
+        let id = table.rooms.get(room).map(|r| r.id)?;
+        let name = remove_conn_room(&mut table, conn_id, room)?;
+        notify_left(&table, room, &name, "left");
         self.publish(&table);
-        left.and(id)
+        Some(id)
     }
 
     /// Connection `conn_id` ended: it leaves every room it was in.
@@ -414,6 +456,18 @@ impl Rooms {
     /// connection `conn_id` to every other member of that room; drops and counts it when the
     /// sender is not a member. Never blocks.
     pub(crate) fn relay(&self, conn_id: u64, header: &RelayHeader, wire: Bytes, now: Instant) {
+        if header.class == TrafficClass::Control {
+            // Rooms carry media; control frames are never dropped, so one sender's could fill
+            // every member's buffer until the server closed their connections.
+            self.metrics
+                .dropped(header.class, DropReason::RoomControl, 1, wire.len());
+            debug!(
+                room = header.call,
+                conn = conn_id,
+                "control-class frame to a room dropped"
+            );
+            return;
+        }
         let table = read(&self.table);
         let receivers: Option<Vec<Arc<Outbox>>> = table
             .by_id
@@ -480,8 +534,10 @@ fn remove_conn_room(table: &mut Table, conn_id: u64, room: &str) -> Option<Strin
     let r = table.rooms.get_mut(room)?;
     let i = r.members.iter().position(|m| m.member.conn_id == conn_id)?;
     let gone = r.members.swap_remove(i);
-    if r.members.is_empty() {
-        let id = r.id;
+    let empty = r.members.is_empty();
+    let id = r.id;
+    table.members -= 1;
+    if empty {
         table.rooms.remove(room);
         table.by_id.remove(&id);
         info!(%room, "room closed: its last member left");

@@ -150,7 +150,10 @@ async fn invited_members_and_code_holders_join_everyone_else_is_refused() {
     // mallory is not invited and has no code; a wrong code is refused too.
     let (r, reason) = refusal(join(&mut mallory, "team", None).await);
     assert_eq!(r, RoomRefusal::NotInvited);
-    assert!(reason.contains("not invited") && reason.contains("alice"), "{reason}");
+    assert!(
+        reason.contains("not invited") && !reason.contains("alice"),
+        "the reason does not name the creator to strangers: {reason}"
+    );
     let (r, reason) = refusal(join(&mut mallory, "team", Some("aaaaaaaaaaaa")).await);
     assert_eq!(r, RoomRefusal::NotInvited);
     assert!(reason.contains("wrong join code"), "{reason}");
@@ -199,10 +202,10 @@ async fn invited_members_and_code_holders_join_everyone_else_is_refused() {
     );
 
     let metrics = srv.server.metrics().render();
-    assert!(metrics.contains("natcall_rooms 1"), "{metrics}");
-    assert!(metrics.contains("natcall_room_members 3"), "{metrics}");
+    assert!(metrics.contains("natcall_rooms 1\n"), "{metrics}");
+    assert!(metrics.contains("natcall_room_members 3\n"), "{metrics}");
     assert!(
-        metrics.contains("natcall_refused_total{reason=\"room_not_invited\"} 2"),
+        metrics.contains("natcall_refused_total{reason=\"room_not_invited\"} 2\n"),
         "{metrics}"
     );
     srv.shutdown().await;
@@ -217,11 +220,16 @@ async fn a_members_relay_frame_reaches_everyone_but_itself_and_strangers_reach_n
     let (mut mallory, _) = registered(&srv, "mallory").await;
     let id = team_of_three(&mut alice, &mut bob, &mut carol).await;
 
-    // Each member sends one frame of each class: the other two get it, byte for byte.
+    // Each member sends two frames of each media class: the other two get them, byte for byte.
     let flags = RelayFlags::FRAME_START | RelayFlags::FRAME_END | RelayFlags::KEY_FRAME;
     let mut sent = Vec::new();
     for (i, sender) in [&mut alice, &mut bob, &mut carol].into_iter().enumerate() {
-        for class in [TrafficClass::Control, TrafficClass::Audio, TrafficClass::Video] {
+        for class in [
+            TrafficClass::Audio,
+            TrafficClass::Video,
+            TrafficClass::Audio,
+            TrafficClass::Video,
+        ] {
             let f = relay_frame_with(id, class, flags, format!("from {i} {class:?}").as_bytes());
             sender.send_raw(&f).await;
             sent.push((i, f));
@@ -229,7 +237,7 @@ async fn a_members_relay_frame_reaches_everyone_but_itself_and_strangers_reach_n
     }
     for (me, c) in [&mut alice, &mut bob, &mut carol].into_iter().enumerate() {
         let mut got = Vec::new();
-        for _ in 0..6 {
+        for _ in 0..8 {
             got.push(c.expect_relay().await);
         }
         let mut want: Vec<_> = sent
@@ -246,22 +254,31 @@ async fn a_members_relay_frame_reaches_everyone_but_itself_and_strangers_reach_n
         );
     }
 
-    // mallory is not a member: her frame to the room's id reaches nobody.
+    // mallory is not a member: her frame to the room's id reaches nobody. Nor does a
+    // member's control-class frame: rooms carry media (control frames are never dropped, so
+    // they could fill every member's buffer).
     mallory
-        .send_raw(&relay_frame_with(id, TrafficClass::Control, flags, b"let me in"))
+        .send_raw(&relay_frame_with(id, TrafficClass::Audio, flags, b"let me in"))
+        .await;
+    alice
+        .send_raw(&relay_frame_with(id, TrafficClass::Control, flags, b"control"))
         .await;
     for c in [&mut alice, &mut bob, &mut carol] {
         assert!(c.try_next(Duration::from_millis(200)).await.is_none());
     }
     let metrics = srv.server.metrics().render();
-    for class in ["control", "audio", "video"] {
+    for class in ["audio", "video"] {
         assert!(
-            metrics.contains(&format!("natcall_room_copies_total{{class=\"{class}\"}} 6")),
+            metrics.contains(&format!("natcall_room_copies_total{{class=\"{class}\"}} 12\n")),
             "{metrics}"
         );
     }
     assert!(
-        metrics.contains("natcall_relay_dropped_frames_total{class=\"control\",reason=\"not_in_call\"} 1"),
+        metrics.contains("natcall_relay_dropped_frames_total{class=\"audio\",reason=\"not_in_call\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("natcall_relay_dropped_frames_total{class=\"control\",reason=\"room_control\"} 1\n"),
         "{metrics}"
     );
     srv.shutdown().await;
@@ -299,12 +316,12 @@ async fn members_who_leave_or_vanish_are_announced_and_the_last_one_closes_the_r
     }
     // carol is out: frames to the room no longer reach her, hers reach nobody.
     alice
-        .send_raw(&relay_frame_with(id, TrafficClass::Control, 0, b"after"))
+        .send_raw(&relay_frame_with(id, TrafficClass::Audio, 0, b"after"))
         .await;
     assert!(matches!(bob.next().await, Got::Relay(_)));
     assert!(carol.try_next(Duration::from_millis(200)).await.is_none());
     carol
-        .send_raw(&relay_frame_with(id, TrafficClass::Control, 0, b"me too"))
+        .send_raw(&relay_frame_with(id, TrafficClass::Audio, 0, b"me too"))
         .await;
     assert!(alice.try_next(Duration::from_millis(200)).await.is_none());
 
@@ -424,16 +441,12 @@ async fn room_limits_refuse_with_a_reason_and_are_counted() {
     assert!(reason.contains("at most 3 a minute"), "{reason}");
 
     let metrics = srv.server.metrics().render();
-    for reason in ["rooms", "room_full", "peer_rooms", "room_join_rate"] {
+    for (reason, n) in [("rooms", 1), ("room_full", 2), ("peer_rooms", 1), ("room_join_rate", 1)] {
         assert!(
-            metrics.contains(&format!("natcall_refused_total{{reason=\"{reason}\"}}")),
+            metrics.contains(&format!("natcall_refused_total{{reason=\"{reason}\"}} {n}\n")),
             "{reason}: {metrics}"
         );
     }
-    assert!(
-        metrics.contains("natcall_refused_total{reason=\"room_full\"} 2"),
-        "{metrics}"
-    );
     srv.shutdown().await;
 }
 
@@ -450,7 +463,7 @@ async fn a_sender_over_the_room_rate_has_its_frames_dropped_not_copied() {
     // 30 frames at once: a second's worth (10) is copied, the rest dropped.
     for n in 0u32..30 {
         alice
-            .send_raw(&relay_frame_with(id, TrafficClass::Control, 0, &n.to_be_bytes()))
+            .send_raw(&relay_frame_with(id, TrafficClass::Audio, 0, &n.to_be_bytes()))
             .await;
     }
     let mut got = 0;
@@ -461,7 +474,7 @@ async fn a_sender_over_the_room_rate_has_its_frames_dropped_not_copied() {
     let metrics = srv.server.metrics().render();
     assert!(
         metrics.contains(&format!(
-            "natcall_relay_dropped_frames_total{{class=\"control\",reason=\"rate_limit\"}} {}",
+            "natcall_relay_dropped_frames_total{{class=\"audio\",reason=\"room_rate\"}} {}\n",
             30 - got
         )),
         "{metrics}"
@@ -530,5 +543,50 @@ async fn room_sessions_do_not_count_against_the_calls_a_peer_may_have() {
         matches!(members[0].next_msg().await, ServerMsg::Ringing { request: 1, .. }),
         "not busy"
     );
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_name_leaves_its_rooms_and_a_new_key_under_it_is_not_the_member_invited() {
+    let srv = Running::start(test_config()).await;
+    let (mut alice, _) = registered(&srv, "alice").await;
+    let (mut bob, bob_id) = registered(&srv, "bob").await;
+    created(create(&mut alice, "team", &["bob", "carol"]).await);
+    join_in(&mut bob, "team", None).await;
+    told_of_join(&mut alice, "team").await;
+
+    // bob frees his name: he leaves the room, alice is told, his session ends.
+    bob.send(&ClientMsg::ReleaseName).await;
+    assert!(matches!(bob.next_msg().await, ServerMsg::NameReleased { .. }));
+    match alice.next_msg().await {
+        ServerMsg::CallEnded { reason, .. } => assert_eq!(reason, "bob left the room"),
+        other => panic!("expected CallEnded, got {other:?}"),
+    }
+    assert_eq!(
+        alice.next_msg().await,
+        ServerMsg::RoomMemberLeft {
+            room: "team".into(),
+            name: "bob".into(),
+            reason: "connection ended".into()
+        }
+    );
+    let metrics = srv.server.metrics().render();
+    assert!(metrics.contains("natcall_room_members 1\n"), "{metrics}");
+
+    // Someone else registers "bob" with another key: not the bob alice invited.
+    let (mut other_bob, other_id) = registered(&srv, "bob").await;
+    assert_ne!(other_id.fingerprint(), bob_id.fingerprint());
+    assert_eq!(
+        refusal(join(&mut other_bob, "team", None).await).0,
+        RoomRefusal::NotInvited
+    );
+
+    // alice frees her name too: the room, now empty, is gone.
+    alice.send(&ClientMsg::ReleaseName).await;
+    assert!(matches!(alice.next_msg().await, ServerMsg::NameReleased { .. }));
+    eventually("the room is gone with its last member", || {
+        srv.server.rooms().is_empty()
+    })
+    .await;
     srv.shutdown().await;
 }
