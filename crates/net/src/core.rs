@@ -156,6 +156,17 @@ pub(crate) enum Event {
     Incoming(Offer),
     /// The server asked us to leave: close the control connection now, come back after `after`.
     GoingAway { reason: String, after: Duration },
+    /// News of a room this peer asked for or is in (`RoomJoined`, `RoomRefused`,
+    /// `RoomMemberJoined`, `RoomMemberLeft`).
+    Room(ServerMsg),
+    /// The server set up a pairwise session with `peer`, another member of `room`: call `id`
+    /// (already accepted, connecting) in `role`.
+    RoomPeer {
+        room: String,
+        peer: String,
+        id: CallId,
+        role: Role,
+    },
 }
 
 /// Every call of an endpoint; see the module docs for the drive contract. `L` is what the async
@@ -390,6 +401,11 @@ impl<L: Default> PeerCore<L> {
                 received: now,
             })),
             ServerMsg::Start(start) => self.on_start(now, start),
+            ServerMsg::RoomPeer { room, start } => self.on_room_peer(now, room, start),
+            msg @ (ServerMsg::RoomJoined { .. }
+            | ServerMsg::RoomRefused { .. }
+            | ServerMsg::RoomMemberJoined { .. }
+            | ServerMsg::RoomMemberLeft { .. }) => self.events.push_back(Event::Room(msg)),
             ServerMsg::CallEnded { call, reason } => {
                 if let Some(c) = self.by_server.get(&call).and_then(|id| self.calls.get_mut(id)) {
                     c.end(CallEnd::Ended(reason));
@@ -475,6 +491,29 @@ impl<L: Default> PeerCore<L> {
             call.set_path(now, Path::Relay, None);
         }
         self.report_path(id);
+    }
+
+    /// A room's pairwise session: a call nobody rings, accepted by joining the room, which
+    /// starts at once (the member that joined controls).
+    fn on_room_peer(&mut self, now: Instant, room: String, start: CallStart) {
+        let id = self.alloc();
+        let role = if start.controlling { Role::Caller } else { Role::Callee };
+        let mut call = CallState::new(start.peer.clone(), role, Phase::Accepted, start.policy, now);
+        call.offered_key = Some(start.fingerprint);
+        call.server_id = Some(start.call);
+        call.last_server_id = Some(start.call);
+        self.by_server.insert(start.call, id);
+        self.calls.insert(id, call);
+        let peer = start.peer.clone();
+        debug!(call = %id, %room, %peer, "room session");
+        self.on_start(now, start);
+        self.events.push_back(Event::RoomPeer { room, peer, id, role });
+    }
+
+    /// Asks the server for a room (`RoomCreate`, `RoomJoin`, `RoomLeave`); the answer comes as
+    /// [`Event::Room`].
+    pub(crate) fn room_request(&mut self, msg: ClientMsg) {
+        self.send(msg);
     }
 
     fn on_resumed(&mut self, old: u32, new: u32) {

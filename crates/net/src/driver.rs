@@ -25,6 +25,7 @@ use tracing::{debug, trace, warn};
 
 use crate::control::{Lanes, Outgoing};
 use crate::core::{CallId, Event, FakeAddr, Lane, Offer, PeerCore, Route};
+use crate::room::RoomInput;
 
 /// What reaches a call's media session from the socket and the server.
 #[derive(Debug)]
@@ -59,6 +60,8 @@ pub(crate) struct Shared {
     /// Relayed QUIC packets, with the call's fake address, for quinn.
     pub(crate) relay_quic: mpsc::Sender<(FakeAddr, Bytes)>,
     offers: mpsc::Sender<Offer>,
+    /// Room news and sessions, for the endpoint's room router ([`crate::room::route`]).
+    rooms: mpsc::Sender<RoomInput>,
     /// [`crate::Endpoint::close`] was called, or the endpoint is gone: every task ends.
     closing: AtomicBool,
     /// A `GoingAway` asked to come back after this many milliseconds (`u64::MAX`: none).
@@ -75,6 +78,7 @@ impl Shared {
         lanes: Lanes,
         relay_quic: mpsc::Sender<(FakeAddr, Bytes)>,
         offers: mpsc::Sender<Offer>,
+        rooms: mpsc::Sender<RoomInput>,
     ) -> Self {
         Self {
             core: Mutex::new(core),
@@ -85,6 +89,7 @@ impl Shared {
             lanes,
             relay_quic,
             offers,
+            rooms,
             closing: AtomicBool::new(false),
             come_back_ms: AtomicU64::new(u64::MAX),
             blackhole: AtomicBool::new(false),
@@ -275,6 +280,17 @@ impl Shared {
                     };
                     debug!(caller = %offer.caller, "offer declined: nobody is accepting calls");
                     self.with(|core, _| core.reject(&offer));
+                }
+            }
+            Event::Room(msg) => {
+                if self.rooms.try_send(RoomInput::Msg(msg)).is_err() {
+                    debug!("room news dropped: the room router is not keeping up");
+                }
+            }
+            Event::RoomPeer { room, peer, id, role } => {
+                if self.rooms.try_send(RoomInput::Peer { room, peer, id, role }).is_err() {
+                    debug!(call = %id, "room session hung up: the room router is not keeping up");
+                    self.with(|core, now| core.release(now, id, "not taken"));
                 }
             }
             Event::GoingAway { reason, after } => {

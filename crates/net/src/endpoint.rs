@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use natcall_proto::control::{Fingerprint, Policy};
+use natcall_proto::control::{ClientMsg, Fingerprint, Policy};
 
 use crate::server_trust::ServerTrust;
 use natcall_proto::frame::ErrorCode;
@@ -31,6 +31,7 @@ use crate::control::{self, LaneReceivers};
 use crate::core::{CallId, CoreConfig, FakeAddr, Offer, PeerCore, Role};
 use crate::driver::{self, Shared};
 use crate::identity::Identity;
+use crate::room::Room;
 use crate::socket::MuxSocket;
 use crate::tls;
 
@@ -155,6 +156,8 @@ pub(crate) struct Inner {
     /// The keys met before, checked on every call.
     pub(crate) contacts: Option<Contacts>,
     offers: tokio::sync::Mutex<mpsc::Receiver<Offer>>,
+    /// The rooms this endpoint asked for, and where their news goes.
+    pub(crate) rooms: crate::room::Router,
     /// The state the supervisor last published.
     state: tokio::sync::watch::Sender<ServerState>,
 }
@@ -168,7 +171,7 @@ impl Drop for Inner {
 /// A peer registered with a rendezvous server, able to place and receive calls.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 /// The private addresses of this host's interfaces, with `port`. Loopback is included only when
@@ -243,6 +246,7 @@ impl Endpoint {
         let (lanes, lane_rx) = control::lanes();
         let (relay_tx, relay_rx) = mpsc::channel(4096);
         let (offers_tx, offers_rx) = mpsc::channel(16);
+        let (rooms_tx, rooms_rx) = mpsc::channel(256);
         let shared = Arc::new(Shared::new(
             core,
             udp,
@@ -250,6 +254,7 @@ impl Endpoint {
             lanes,
             relay_tx,
             offers_tx,
+            rooms_tx,
         ));
         let socket = Arc::new(MuxSocket::new(shared.clone(), relay_rx));
         let mut ep_config = quinn::EndpointConfig::default();
@@ -274,8 +279,10 @@ impl Endpoint {
             traversal_budget: config.traversal.budget,
             contacts: config.contacts,
             offers: tokio::sync::Mutex::new(offers_rx),
+            rooms: crate::room::Router::default(),
             state: tokio::sync::watch::channel(ServerState::Up).0,
         });
+        tokio::spawn(crate::room::route(Arc::downgrade(&inner), rooms_rx));
         tokio::spawn(supervise(Arc::downgrade(&inner), who, lane_rx, reader));
         tokio::spawn(accept_quic(Arc::downgrade(&shared), quic));
         let ep = Self { inner };
@@ -381,6 +388,27 @@ impl Endpoint {
         let id = self.inner.shared.with(|core, now| core.place_call(now, callee, policy));
         debug!(callee, call = %id, "calling");
         call::establish(self.inner.clone(), id, Role::Caller).await
+    }
+
+    /// Creates room `room` with this peer as its creator and first member; `invite`: the
+    /// names that may join (the creator also gets a join code for others: [`Room::code`]).
+    /// Fails with [`Error::Room`] when the server refuses (the name is taken, a limit).
+    pub async fn create_room(&self, room: &str, invite: &[&str]) -> Result<Room, Error> {
+        let msg = ClientMsg::RoomCreate {
+            room: room.to_owned(),
+            invite: invite.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        Room::open(self, room, msg).await
+    }
+
+    /// Joins room `room`, invited or with its join `code`. Each member already in, and each
+    /// that joins later, comes with a pairwise session ([`crate::RoomEvent::Session`]).
+    pub async fn join_room(&self, room: &str, code: Option<&str>) -> Result<Room, Error> {
+        let msg = ClientMsg::RoomJoin {
+            room: room.to_owned(),
+            code: code.map(str::to_owned),
+        };
+        Room::open(self, room, msg).await
     }
 
     /// The next incoming call offer. Fails only when the endpoint can no longer be reached

@@ -78,6 +78,14 @@ pub enum Error {
     /// Timed out.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The server refused to create or join a room.
+    #[error("{reason}")]
+    Room {
+        /// Why, as the protocol says it.
+        refusal: natcall_proto::control::RoomRefusal,
+        /// Why, for a person.
+        reason: String,
+    },
 }
 
 impl From<quinn::ConnectionError> for Error {

@@ -11,7 +11,9 @@
 //!   changes as the traversal agent ([`natcall_traversal`]) finds, loses and regains direct paths;
 //! - [`Identity`]: the peer's certificate and key, kept in its config directory;
 //! - [`Contacts`]: the keys of the peers it met (trust on first use; a changed key refuses the
-//!   call), and [`SafetyNumber`], which two peers read to each other to compare keys.
+//!   call), and [`SafetyNumber`], which two peers read to each other to compare keys;
+//! - [`Room`]: a group call on the server ([`Endpoint::create_room`], [`Endpoint::join_room`]):
+//!   who joins and leaves, and a pairwise session ([`Call`]) with each other member.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), natcall::Error> {
@@ -37,6 +39,7 @@ mod error;
 mod file;
 mod identity;
 mod media;
+mod room;
 mod safety;
 mod server_trust;
 mod socket;
@@ -51,6 +54,8 @@ pub use identity::Identity;
 pub use media::{MediaNotice, MediaRate, MediaReport, TrackReport};
 pub use natcall_media::{Frame, ReceivedFrame, Stats as MediaStats, Track};
 pub use natcall_proto::control::{Fingerprint, NameError, Policy, validate_name};
+pub use natcall_proto::control::{RoomMember, RoomRefusal};
 pub use natcall_proto::server_key::ServerKey;
+pub use room::{Room, RoomEvent};
 pub use safety::SafetyNumber;
 pub use server_trust::{KnownServers, ServerTrust};

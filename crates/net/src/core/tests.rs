@@ -1023,3 +1023,50 @@ fn a_start_nobody_waits_for_is_hung_up() {
     ));
     assert_eq!(w.cores[0].len(), 0);
 }
+
+#[test]
+fn a_room_session_starts_without_ringing_and_ends_with_the_server() {
+    let mut w = World::new(Net::between(Kind::FullCone, Kind::FullCone));
+    let now = w.now;
+    let start = CallStart {
+        call: 4343,
+        peer: "bob".into(),
+        fingerprint: key(2),
+        candidates: Candidates::default(),
+        password: "pw".into(),
+        controlling: false,
+        delay_ms: 0,
+        policy: Policy::Auto,
+    };
+    w.cores[0].handle_server_msg(
+        now,
+        ServerMsg::RoomPeer {
+            room: "team".into(),
+            start: start.clone(),
+        },
+    );
+    let id = match w.cores[0].poll_event() {
+        Some(Event::RoomPeer { room, peer, id, role }) => {
+            assert_eq!((room.as_str(), peer.as_str(), role), ("team", "bob", Role::Callee));
+            id
+        }
+        other => panic!("{other:?}"),
+    };
+    let view = w.cores[0].call(id).expect("the session is a call");
+    assert_eq!(view.phase, Phase::Running, "nobody rings: it starts at once");
+    assert_eq!(view.start.as_ref(), Some(&start));
+    assert_eq!(w.cores[0].call_of_server(4343), Some(id));
+    assert!(
+        w.cores[0].is_pinned(&key(2)),
+        "the other member's key is pinned for the QUIC handshake"
+    );
+    w.cores[0].handle_server_msg(
+        now,
+        ServerMsg::CallEnded {
+            call: 4343,
+            reason: "bob left the room".into(),
+        },
+    );
+    let view = w.cores[0].call(id).expect("still known until released");
+    assert_eq!(view.end, Some(CallEnd::Ended("bob left the room".into())));
+}

@@ -1,0 +1,302 @@
+//! Rooms on the peer side: creating or joining one, its news, and the pairwise sessions the
+//! server sets up with each other member (see `docs/rooms.md`).
+//!
+//! Data flow: [`Endpoint::create_room`] / [`Endpoint::join_room`] register the room's name
+//! with the endpoint's router and send the request; the core turns the server's answers and
+//! news into `Event::Room` and each pairwise session into `Event::RoomPeer`, which the driver
+//! hands to [`route`]. The router passes news to the room's handle and, for a session, checks
+//! the peer's key against the contacts and connects the call as any accepted call
+//! ([`crate::call::establish`]), then hands the connected [`Call`] to the handle.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use natcall_proto::control::{ClientMsg, RoomMember, RoomRefusal, ServerMsg};
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use crate::call::{self, Call, Role};
+use crate::contacts;
+use crate::core::CallId;
+use crate::endpoint::{Endpoint, Inner};
+use crate::error::Error;
+
+/// How long a create or join waits for the server's answer.
+const ANSWER_WAIT: Duration = Duration::from_secs(10);
+/// News and sessions queued for a room's handle at most; beyond, news is dropped (logged) and
+/// sessions hung up.
+const QUEUE: usize = 64;
+
+/// What the driver hands the router.
+#[derive(Debug)]
+pub(crate) enum RoomInput {
+    /// `RoomJoined`, `RoomRefused`, `RoomMemberJoined` or `RoomMemberLeft`.
+    Msg(ServerMsg),
+    /// A pairwise session with `peer` in `room`: call `id` of the core, in `role`.
+    Peer {
+        room: String,
+        peer: String,
+        id: CallId,
+        role: Role,
+    },
+}
+
+/// What happens in a room, as its handle reports it.
+#[derive(Debug)]
+pub enum RoomEvent {
+    /// `member` joined.
+    MemberJoined(RoomMember),
+    /// `name` left (`reason`: "left", or "connection ended").
+    MemberLeft {
+        /// Who left.
+        name: String,
+        /// Why, as the server says it.
+        reason: String,
+    },
+    /// The pairwise session with `peer` is connected: an end-to-end encrypted call (pinned
+    /// keys, the best path that pair has) for chat, media and the room's keys.
+    Session {
+        /// The other member.
+        peer: String,
+        /// The session (boxed: a call is large, the other events small).
+        call: Box<Call>,
+    },
+    /// The pairwise session with `peer` did not connect.
+    SessionFailed {
+        /// The other member.
+        peer: String,
+        /// Why.
+        error: Error,
+    },
+}
+
+/// What the router passes to one room's handle.
+#[derive(Debug)]
+enum Delivery {
+    Joined {
+        id: u32,
+        code: Option<String>,
+        members: Vec<RoomMember>,
+    },
+    Refused {
+        refusal: RoomRefusal,
+        reason: String,
+    },
+    Event(RoomEvent),
+}
+
+/// The rooms this endpoint asked for, by name: where their news goes.
+#[derive(Debug, Default)]
+pub(crate) struct Router {
+    rooms: Mutex<HashMap<String, mpsc::Sender<Delivery>>>,
+}
+
+impl Router {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<Delivery>>> {
+        self.rooms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sender(&self, room: &str) -> Option<mpsc::Sender<Delivery>> {
+        self.lock().get(room).cloned()
+    }
+}
+
+/// The router task: hands the core's room news and sessions to the rooms' handles until the
+/// endpoint is gone.
+pub(crate) async fn route(inner: Weak<Inner>, mut rx: mpsc::Receiver<RoomInput>) {
+    while let Some(input) = rx.recv().await {
+        let Some(inner) = inner.upgrade() else { return };
+        match input {
+            RoomInput::Msg(msg) => {
+                let (room, delivery) = match msg {
+                    ServerMsg::RoomJoined {
+                        room,
+                        id,
+                        code,
+                        members,
+                    } => (room, Delivery::Joined { id, code, members }),
+                    ServerMsg::RoomRefused { room, refusal, reason } => (room, Delivery::Refused { refusal, reason }),
+                    ServerMsg::RoomMemberJoined { room, member } => {
+                        (room, Delivery::Event(RoomEvent::MemberJoined(member)))
+                    }
+                    ServerMsg::RoomMemberLeft { room, name, reason } => {
+                        (room, Delivery::Event(RoomEvent::MemberLeft { name, reason }))
+                    }
+                    other => {
+                        debug!(?other, "not room news");
+                        continue;
+                    }
+                };
+                match inner.rooms.sender(&room) {
+                    Some(tx) => {
+                        if tx.try_send(delivery).is_err() {
+                            debug!(%room, "room news dropped: its handle is not reading");
+                        }
+                    }
+                    None => debug!(%room, "news of a room this endpoint is not in"),
+                }
+            }
+            RoomInput::Peer { room, peer, id, role } => {
+                let Some(tx) = inner.rooms.sender(&room) else {
+                    debug!(%room, %peer, "session of a room this endpoint is not in: hung up");
+                    inner.shared.with(|core, now| core.release(now, id, "not in that room"));
+                    continue;
+                };
+                tokio::spawn(connect(inner, tx, peer, id, role));
+            }
+        }
+    }
+}
+
+/// Connects a room's pairwise session and hands it (or why it failed) to the room's handle.
+async fn connect(inner: Arc<Inner>, tx: mpsc::Sender<Delivery>, peer: String, id: CallId, role: Role) {
+    let key = inner
+        .shared
+        .lock()
+        .call(id)
+        .and_then(|v| v.start.as_ref().map(|s| s.fingerprint));
+    let screened = match key {
+        Some(key) => contacts::screen(inner.contacts.as_ref(), &peer, key).await,
+        None => Err(Error::Ended(format!("the session with {peer} is gone"))),
+    };
+    let event = match screened {
+        Err(error) => {
+            inner.shared.with(|core, now| core.release(now, id, "key refused"));
+            RoomEvent::SessionFailed { peer, error }
+        }
+        Ok(()) => match call::establish(inner, id, role).await {
+            Ok(call) => RoomEvent::Session {
+                peer,
+                call: Box::new(call),
+            },
+            Err(error) => RoomEvent::SessionFailed { peer, error },
+        },
+    };
+    if let Err(e) = tx.try_send(Delivery::Event(event)) {
+        // The handle is gone or not reading: a session nobody takes is hung up (dropped).
+        debug!(error = %e, "room session not taken");
+    }
+}
+
+/// A room this endpoint is in. Dropping it (or [`Room::leave`]) leaves the room: the server
+/// tells the others, and every pairwise session ends.
+#[derive(Debug)]
+pub struct Room {
+    endpoint: Endpoint,
+    name: String,
+    id: u32,
+    code: Option<String>,
+    members: Vec<RoomMember>,
+    events: mpsc::Receiver<Delivery>,
+    left: bool,
+}
+
+impl Room {
+    /// Sends `msg` (a create or a join of `name`) and waits for the server's answer.
+    pub(crate) async fn open(endpoint: &Endpoint, name: &str, msg: ClientMsg) -> Result<Self, Error> {
+        let inner = &endpoint.inner;
+        let (tx, mut events) = mpsc::channel(QUEUE);
+        {
+            let mut rooms = inner.rooms.lock();
+            if rooms.contains_key(name) {
+                return Err(Error::Room {
+                    refusal: RoomRefusal::AlreadyMember,
+                    reason: format!("this endpoint is in room {name} already, or joining it"),
+                });
+            }
+            rooms.insert(name.to_owned(), tx);
+        }
+        let mut room = Self {
+            endpoint: endpoint.clone(),
+            name: name.to_owned(),
+            id: 0,
+            code: None,
+            members: Vec::new(),
+            events: mpsc::channel(1).1,
+            left: true, // until the server says we are in
+        };
+        inner.shared.with(|core, _| core.room_request(msg));
+        let answer = tokio::time::timeout(ANSWER_WAIT, async {
+            loop {
+                match events.recv().await {
+                    Some(Delivery::Event(e)) => debug!(?e, "room news before the answer: ignored"),
+                    other => return other,
+                }
+            }
+        })
+        .await;
+        match answer {
+            Ok(Some(Delivery::Joined { id, code, members })) => {
+                room.id = id;
+                room.code = code;
+                room.members = members;
+                room.events = events;
+                room.left = false;
+                Ok(room)
+            }
+            Ok(Some(Delivery::Refused { refusal, reason })) => Err(Error::Room { refusal, reason }),
+            Ok(Some(Delivery::Event(_))) => unreachable!("events are skipped above"),
+            Ok(None) => Err(Error::ServerLost("the endpoint closed".into())),
+            Err(_) => {
+                // It may still answer: leaving makes sure the server does not keep us in.
+                room.left = false;
+                Err(Error::Timeout(format!("the server did not answer about room {name}")))
+            }
+        }
+    }
+
+    /// The room's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The room's id on the server (relay frames with it fan out to every other member).
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The join code (to its creator only): whoever has it may join.
+    pub fn code(&self) -> Option<&str> {
+        self.code.as_deref()
+    }
+
+    /// The members who were in the room when this endpoint joined (later changes come as
+    /// [`RoomEvent`]s).
+    pub fn members(&self) -> &[RoomMember] {
+        &self.members
+    }
+
+    /// The next thing that happens in the room; `None` once the endpoint is closed.
+    pub async fn next_event(&mut self) -> Option<RoomEvent> {
+        loop {
+            match self.events.recv().await? {
+                Delivery::Event(e) => return Some(e),
+                other => debug!(?other, "a second answer for the room: ignored"),
+            }
+        }
+    }
+
+    /// Leaves the room: the others are told, the pairwise sessions end.
+    pub fn leave(mut self) {
+        self.leave_now();
+    }
+
+    fn leave_now(&mut self) {
+        let inner = &self.endpoint.inner;
+        inner.rooms.lock().remove(&self.name);
+        if !self.left {
+            self.left = true;
+            let room = self.name.clone();
+            inner
+                .shared
+                .with(|core, _| core.room_request(ClientMsg::RoomLeave { room }));
+        }
+    }
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        self.leave_now();
+    }
+}
