@@ -5,6 +5,7 @@ mod config;
 mod contacts;
 mod demo;
 mod output;
+mod room;
 mod session;
 mod stream;
 
@@ -13,6 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use natcall::Policy;
 use tracing_subscriber::EnvFilter;
@@ -59,6 +61,29 @@ enum Cmd {
         /// Which paths the call may use: auto, direct-only, relay-only, lan-only.
         #[arg(long, default_value = "auto")]
         policy: Policy,
+        #[command(flatten)]
+        session: SessionArgs,
+    },
+    /// Create or join ROOM, a group call: a session with every other member (media and chat to
+    /// each), members listed as they come and go. Creates it with --create or --invite (you get
+    /// a join code to hand out); otherwise joins it, invited or with --code.
+    #[command(after_help = "Examples:
+  natcall room team --invite bob,carol     create room team; bob and carol may join
+  natcall room team                        join team (you were invited)
+  natcall room team --code k3x9m2pq7wdn    join team with the code its creator gave you
+  natcall room team --duration 60 --json   leave after a minute; JSON events and a report")]
+    Room {
+        /// The room's name (like a peer's: a-z 0-9 . _ -).
+        room: String,
+        /// Create the room (implied by --invite).
+        #[arg(long)]
+        create: bool,
+        /// Names that may join (comma-separated); creates the room.
+        #[arg(long, value_name = "NAMES")]
+        invite: Vec<String>,
+        /// Join with this code (from the room's creator) instead of an invitation.
+        #[arg(long, conflicts_with_all = ["create", "invite"])]
+        code: Option<String>,
         #[command(flatten)]
         session: SessionArgs,
     },
@@ -274,6 +299,24 @@ fn main() -> ExitCode {
                 let opts = how.into_opts(json)?;
                 let settings = config::Settings::resolve(args.server, args.name, args.home).await?;
                 session::listen(settings, opts, once).await
+            }
+            Cmd::Room {
+                room,
+                create,
+                invite,
+                code,
+                session: how,
+            } => {
+                natcall::validate_name(&room).with_context(|| format!("room name {room:?}"))?;
+                let invite = room::parse_invite(&invite)?;
+                let entry = if create || !invite.is_empty() {
+                    room::Entry::Create { invite }
+                } else {
+                    room::Entry::Join { code }
+                };
+                let opts = how.into_opts(json)?;
+                let settings = config::Settings::resolve(args.server, args.name, args.home).await?;
+                room::run(settings, opts, &room, entry).await
             }
             Cmd::Call {
                 peer,

@@ -21,7 +21,7 @@ pub enum Exit {
     Internal = 1,
     /// The rendezvous server cannot be reached, or was lost.
     Server = 3,
-    /// The server refused this peer (name taken, bad name, full, version).
+    /// The server refused this peer (name taken, bad name, full, version; a room).
     Refused = 4,
     /// The peer is offline, busy, or declined.
     Peer = 5,
@@ -41,7 +41,8 @@ pub const EXIT_CODES: &str = "Exit codes:
   1  anything else
   2  bad usage (an unknown flag, a missing or invalid argument)
   3  the rendezvous server is unreachable or was lost
-  4  the server refused you (name taken by another key, bad name, full, version)
+  4  the server refused you (name taken by another key, bad name, full, version;
+     a room you are not invited to, or full)
   5  the peer is offline, busy or declined
   6  no path the policy allows could be established
   7  the call connected, then was lost
@@ -60,7 +61,7 @@ impl From<Exit> for ExitCode {
 pub fn classify(e: &anyhow::Error) -> Exit {
     match e.downcast_ref::<Error>() {
         Some(Error::Unreachable { .. } | Error::ServerLost(_)) => Exit::Server,
-        Some(Error::Refused { .. }) => Exit::Refused,
+        Some(Error::Refused { .. } | Error::Room { .. }) => Exit::Refused,
         Some(Error::Offline(_) | Error::Busy(_) | Error::SelfCall | Error::Ended(_)) => Exit::Peer,
         Some(Error::NoPath(_) | Error::Timeout(_)) => Exit::NoPath,
         Some(Error::KeyChanged(_)) => Exit::PeerKeyChanged,

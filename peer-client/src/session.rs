@@ -23,7 +23,7 @@ pub struct Stdin {
 
 impl Stdin {
     /// Chat from stdin, unless a media input reads it.
-    fn for_chat(media: &MediaOpts) -> Self {
+    pub(crate) fn for_chat(media: &MediaOpts) -> Self {
         if media.reads_stdin() {
             let (_, rx) = mpsc::channel(1);
             return Self { rx, closed: true };
@@ -44,14 +44,19 @@ impl Stdin {
         Self { rx, closed: false }
     }
 
-    async fn next(&mut self) -> Option<String> {
+    /// Whether stdin has ended.
+    pub(crate) fn closed(&self) -> bool {
+        self.closed
+    }
+
+    pub(crate) async fn next(&mut self) -> Option<String> {
         let line = self.rx.recv().await;
         self.closed = line.is_none();
         line
     }
 }
 
-async fn bind(settings: &Settings, json: bool) -> Result<Endpoint> {
+pub(crate) async fn bind(settings: &Settings, json: bool) -> Result<Endpoint> {
     let server = settings.server;
     let name = settings.name.clone();
     let mut config = EndpointConfig::new(server, &settings.name, settings.identity.clone());
@@ -206,7 +211,7 @@ pub struct Opts {
 /// sized as an encoder would: to what the
 /// call's rate controller gives video now ([`natcall::MediaRate::video_bps`]), at most
 /// `video_kbps`; the frame rate stays. Runs until the call ends.
-async fn test_source(call: &Call, video_kbps: u32) {
+pub(crate) async fn test_source(call: &Call, video_kbps: u32) {
     let start = Instant::now();
     let rate = call.watch_rate();
     let mut audio = tokio::time::interval(Duration::from_millis(20));
