@@ -661,7 +661,7 @@ impl Calls {
             return;
         };
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-        if let Some(g) = other.push_relay(wire, header, now) {
+        if let Some(g) = other.push_relay(conn_id, wire, header, now) {
             // The receiver is the bottleneck: tell this sender what it may send it (rare: at
             // most once per budget interval, so the table is looked up again only then).
             let table = read(&self.table);

@@ -68,6 +68,9 @@ struct Item {
     at: Instant,
     flags: RelayFlags,
     call: u32,
+    /// The sender's connection: video frames are whole per sender (a room's senders share
+    /// one id, and their frames interleave here).
+    from: u64,
 }
 
 #[derive(Debug)]
@@ -94,10 +97,10 @@ struct State {
     unacked: VecDeque<(u32, Instant)>,
     /// Smoothed round trip from writing a frame to its acknowledgement.
     rtt: Option<Duration>,
-    /// Video is being dropped until the next key frame starts.
-    video_skip: bool,
-    /// The writer has sent the start of a video frame but not its end.
-    video_mid_frame: bool,
+    /// Senders whose video is being dropped until their next key frame starts.
+    video_skip: Vec<u64>,
+    /// Senders of which the writer has sent the start of a video frame but not its end.
+    video_mid_frame: Vec<u64>,
     /// Since when the client has made no progress while frames wait.
     stalled_since: Option<Instant>,
     /// A close was asked for: `Some(reset)`.
@@ -161,8 +164,8 @@ impl Outbox {
             drain_since: None,
             unacked: VecDeque::new(),
             rtt: None,
-            video_skip: false,
-            video_mid_frame: false,
+            video_skip: Vec::new(),
+            video_mid_frame: Vec::new(),
             stalled_since: None,
             close: None,
             budget: Budget::new(config.budget_interval()),
@@ -218,7 +221,8 @@ impl Outbox {
     /// Queues a relay frame (`wire` is the whole frame as received) and empties the buffer by
     /// class if it is over its bounds. Returns the budget waiting for this call's sender, if
     /// the client is the bottleneck (see [`budget`]).
-    pub fn push_relay(&self, wire: Bytes, header: &RelayHeader, now: Instant) -> Option<Grant> {
+    /// `from`: the sender's connection (each sender's video is dropped and resumed on its own).
+    pub fn push_relay(&self, from: u64, wire: Bytes, header: &RelayHeader, now: Instant) -> Option<Grant> {
         let class = header.class;
         let mut s = self.lock();
         if s.close.is_some() {
@@ -234,9 +238,9 @@ impl Outbox {
         let rtt = s.rtt;
         s.budget.tick(now, pending, rtt);
         let grant = s.budget.take(header.call);
-        if class == TrafficClass::Video && s.video_skip {
+        if class == TrafficClass::Video && s.video_skip.contains(&from) {
             if header.flags.has(RelayFlags::KEY_FRAME | RelayFlags::FRAME_START) {
-                s.video_skip = false;
+                s.video_skip.retain(|f| *f != from);
             } else {
                 self.metrics.dropped(class, DropReason::AwaitingKeyFrame, 1, wire.len());
                 s.budget.on_dropped(header.call);
@@ -256,6 +260,7 @@ impl Outbox {
             at: now,
             flags: header.flags,
             call: header.call,
+            from,
         };
         match class {
             TrafficClass::Control => {
@@ -315,36 +320,62 @@ impl Outbox {
         }
     }
 
-    /// Drops whole video frames from the oldest up to the next key frame. Returns whether
-    /// anything was dropped.
+    /// Drops whole video frames of the sender with the most video waiting (the oldest's on a
+    /// tie), from its oldest up to its next key frame; other senders' frames stay. Returns
+    /// whether anything was dropped.
     fn drop_video_frames(&self, s: &mut State) -> bool {
+        let mut counts: Vec<(u64, usize)> = Vec::new();
+        for i in &s.video {
+            match counts.iter_mut().find(|(f, _)| *f == i.from) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((i.from, 1)),
+            }
+        }
+        // `counts` is in order of each sender's oldest packet: `max_by_key` keeps the last
+        // maximum, so reverse to prefer the oldest.
+        let Some(from) = counts.iter().rev().max_by_key(|(_, n)| *n).map(|(f, _)| *f) else {
+            return false;
+        };
+        // This sender's packets, by position in the queue.
+        let mine: Vec<usize> = s
+            .video
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| i.from == from)
+            .map(|(n, _)| n)
+            .collect();
         // Packets of a frame the client is already receiving must all go out.
         let mut start = 0;
-        if s.video_mid_frame {
-            match s.video.iter().position(|i| i.flags.has(RelayFlags::FRAME_END)) {
+        if s.video_mid_frame.contains(&from) {
+            match mine.iter().position(|&n| s.video[n].flags.has(RelayFlags::FRAME_END)) {
                 Some(end) => start = end + 1,
                 None => return false,
             }
         }
-        if start >= s.video.len() {
+        if start >= mine.len() {
             return false;
         }
-        // The next key frame after the oldest waiting frame, if any, survives with what follows.
-        let next_key = s
-            .video
-            .iter()
-            .enumerate()
-            .skip(start + 1)
-            .find(|(_, i)| i.flags.has(RelayFlags::KEY_FRAME | RelayFlags::FRAME_START))
-            .map(|(n, _)| n);
-        let end = next_key.unwrap_or(s.video.len());
-        let dropped: Vec<Item> = s.video.drain(start..end).collect();
+        // The next key frame after its oldest waiting frame, if any, survives with what follows.
+        let next_key = (start + 1..mine.len()).find(|&k| {
+            s.video[mine[k]]
+                .flags
+                .has(RelayFlags::KEY_FRAME | RelayFlags::FRAME_START)
+        });
+        let end = next_key.unwrap_or(mine.len());
+        let gone: Vec<usize> = mine[start..end].to_vec();
+        let mut dropped = Vec::with_capacity(gone.len());
+        // From the back, so the positions before stay valid.
+        for &n in gone.iter().rev() {
+            if let Some(item) = s.video.remove(n) {
+                dropped.push(item);
+            }
+        }
         for item in &dropped {
             self.forget(s, item, TrafficClass::Video, DropReason::Overload);
         }
-        if next_key.is_none() {
-            // The next video that can be shown starts at a key frame.
-            s.video_skip = true;
+        if next_key.is_none() && !s.video_skip.contains(&from) {
+            // The next video of this sender that can be shown starts at a key frame.
+            s.video_skip.push(from);
         }
         !dropped.is_empty()
     }
@@ -430,11 +461,11 @@ impl Outbox {
                 break;
             } else if let Some(i) = s.video.pop_front() {
                 video_taken += 1;
-                if i.flags.has(RelayFlags::FRAME_START) {
-                    s.video_mid_frame = true;
+                if i.flags.has(RelayFlags::FRAME_START) && !s.video_mid_frame.contains(&i.from) {
+                    s.video_mid_frame.push(i.from);
                 }
                 if i.flags.has(RelayFlags::FRAME_END) {
-                    s.video_mid_frame = false;
+                    s.video_mid_frame.retain(|f| *f != i.from);
                 }
                 (i, TrafficClass::Video)
             } else {
@@ -569,7 +600,7 @@ mod tests {
         let mut batch = Vec::new();
         for i in 0..400u32 {
             let now = t0 + Duration::from_millis(10 * u64::from(i));
-            o.push_relay(wire(1), &header(TrafficClass::Control, START | END), now);
+            o.push_relay(1, wire(1), &header(TrafficClass::Control, START | END), now);
             o.take(now, &mut batch);
             // Every 40 ms the client acknowledges the 4 frames it read, written 150 ms ago.
             if i % 4 == 3 && i >= 18 {
@@ -604,6 +635,11 @@ mod tests {
 
     /// Pushes a video frame of `packets` packets, all tagged `tag`.
     fn video_frame(o: &Outbox, tag: u8, packets: usize, key: bool, now: Instant) {
+        video_frame_from(o, 1, tag, packets, key, now);
+    }
+
+    /// Pushes a video frame of `packets` packets from sender `from`, all tagged `tag`.
+    fn video_frame_from(o: &Outbox, from: u64, tag: u8, packets: usize, key: bool, now: Instant) {
         for i in 0..packets {
             let mut flags = if key { KEY } else { 0 };
             if i == 0 {
@@ -612,7 +648,7 @@ mod tests {
             if i + 1 == packets {
                 flags |= END;
             }
-            o.push_relay(wire(tag), &header(TrafficClass::Video, flags), now);
+            o.push_relay(from, wire(tag), &header(TrafficClass::Video, flags), now);
         }
     }
 
@@ -638,7 +674,7 @@ mod tests {
         let o = outbox();
         let now = Instant::now();
         for i in 0..6 {
-            o.push_relay(wire(i), &header(TrafficClass::Control, START | END), now);
+            o.push_relay(1, wire(i), &header(TrafficClass::Control, START | END), now);
         }
         let mut batch = Vec::new();
         assert_eq!(o.take(now, &mut batch), Take::Frames);
@@ -656,7 +692,7 @@ mod tests {
         let o = outbox();
         let now = Instant::now();
         for i in 0..4 {
-            o.push_relay(wire(i), &header(TrafficClass::Control, START | END), now);
+            o.push_relay(1, wire(i), &header(TrafficClass::Control, START | END), now);
         }
         let mut batch = Vec::new();
         o.take(now, &mut batch);
@@ -675,8 +711,8 @@ mod tests {
         let o = outbox();
         let now = Instant::now();
         video_frame(&o, 30, 1, true, now);
-        o.push_relay(wire(20), &header(TrafficClass::Audio, START | END), now);
-        o.push_relay(wire(10), &header(TrafficClass::Control, 0), now);
+        o.push_relay(1, wire(20), &header(TrafficClass::Audio, START | END), now);
+        o.push_relay(1, wire(10), &header(TrafficClass::Control, 0), now);
         assert_eq!(drain(&o, now), vec![10, 20, 30]);
     }
 
@@ -684,8 +720,9 @@ mod tests {
     fn late_audio_is_dropped_oldest_first() {
         let o = outbox();
         let t0 = Instant::now();
-        o.push_relay(wire(1), &header(TrafficClass::Audio, START | END), t0);
+        o.push_relay(1, wire(1), &header(TrafficClass::Audio, START | END), t0);
         o.push_relay(
+            1,
             wire(2),
             &header(TrafficClass::Audio, START | END),
             t0 + Duration::from_millis(100),
@@ -700,7 +737,7 @@ mod tests {
         let now = Instant::now();
         // Fill the client's window so everything waits here.
         for i in 0..4 {
-            o.push_relay(wire(i), &header(TrafficClass::Control, START | END), now);
+            o.push_relay(1, wire(i), &header(TrafficClass::Control, START | END), now);
         }
         let mut batch = Vec::new();
         o.take(now, &mut batch);
@@ -719,11 +756,46 @@ mod tests {
     }
 
     #[test]
+    fn each_senders_video_is_dropped_and_resumed_on_its_own() {
+        // A room: two senders' video interleaves in one receiver's buffer under one id.
+        let o = outbox();
+        let now = Instant::now();
+        for i in 0..4 {
+            o.push_relay(1, wire(i), &header(TrafficClass::Control, START | END), now);
+        }
+        let mut batch = Vec::new();
+        o.take(now, &mut batch);
+        // Sender 1's deltas (10..14, 2 packets each) fill the buffer past its bound (10):
+        // sender 1 has the most waiting, so its frames are dropped and it waits for a key
+        // frame. Sender 2's frames are not touched, and its key frame does not end sender 1's
+        // wait.
+        video_frame_from(&o, 2, 20, 2, true, now);
+        for tag in 10..15 {
+            video_frame_from(&o, 1, tag, 2, false, now);
+        }
+        video_frame_from(&o, 2, 21, 2, false, now);
+        video_frame_from(&o, 2, 22, 2, true, now);
+        video_frame_from(&o, 1, 15, 2, false, now); // sender 1 still waits: dropped
+        video_frame_from(&o, 1, 30, 2, true, now); // its key frame: kept
+        o.ack(4, now);
+        let got = drain(&o, now);
+        assert!(!got.contains(&15), "sender 1's delta before its key frame: {got:?}");
+        assert!(got.contains(&30), "sender 1 resumes at its key frame: {got:?}");
+        for tag in [20, 21, 22] {
+            assert!(got.contains(&tag), "sender 2's frame {tag} stays: {got:?}");
+        }
+        for tag in got.iter().copied().collect::<std::collections::BTreeSet<_>>() {
+            let n = got.iter().filter(|t| **t == tag).count();
+            assert_eq!(n, 2, "frame {tag} arrived whole: {got:?}");
+        }
+    }
+
+    #[test]
     fn with_no_key_frame_waiting_video_resumes_at_the_next_one() {
         let o = outbox();
         let now = Instant::now();
         for i in 0..4 {
-            o.push_relay(wire(i), &header(TrafficClass::Control, START | END), now);
+            o.push_relay(1, wire(i), &header(TrafficClass::Control, START | END), now);
         }
         let mut batch = Vec::new();
         o.take(now, &mut batch);
@@ -779,7 +851,7 @@ mod tests {
         let o = outbox();
         let now = Instant::now();
         for i in 0..100 {
-            o.push_relay(wire(i), &header(TrafficClass::Control, 0), now);
+            o.push_relay(1, wire(i), &header(TrafficClass::Control, 0), now);
         }
         assert_eq!(drain(&o, now).len(), 100);
     }
@@ -789,7 +861,7 @@ mod tests {
         let o = outbox();
         let t0 = Instant::now();
         for i in 0..8 {
-            o.push_relay(wire(i), &header(TrafficClass::Control, 0), t0);
+            o.push_relay(1, wire(i), &header(TrafficClass::Control, 0), t0);
         }
         let mut batch = Vec::new();
         o.take(t0, &mut batch);
@@ -812,7 +884,7 @@ mod tests {
         );
         let now = Instant::now();
         for i in 0..50 {
-            o.push_relay(wire(i), &header(TrafficClass::Control, 0), now); // 100 bytes each
+            o.push_relay(1, wire(i), &header(TrafficClass::Control, 0), now); // 100 bytes each
         }
         assert!(o.overflowed());
         assert_eq!(o.waiting(), 40, "capped at 4 × max_bytes");

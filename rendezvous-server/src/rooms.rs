@@ -495,7 +495,7 @@ impl Rooms {
         for outbox in receivers {
             // A budget is for one sender and one receiver; in a room a sender is not held to
             // its slowest receiver, whose own buffer thins its video instead.
-            let _ = outbox.push_relay(wire.clone(), header, now);
+            let _ = outbox.push_relay(conn_id, wire.clone(), header, now);
         }
     }
 
