@@ -32,4 +32,6 @@ chart_dir=$(mktemp -d)
 trap 'rm -rf "$chart_dir"' EXIT
 cargo run -q --locked -p natcall-bench -- compare --quick --chart "$chart_dir/chart.png"
 test -s "$chart_dir/chart.png"
-echo "bench-smoke: 1 passed, 0 failed"
+# Room fan-out: one room of three for a second; fails if no copy was delivered.
+cargo run -q --locked -p natcall-bench -- room --rooms 1 --members 3 --rate 20 --seconds 1
+echo "bench-smoke: 2 passed, 0 failed"

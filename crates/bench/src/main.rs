@@ -33,6 +33,7 @@ mod media_path;
 mod peers;
 mod relay;
 mod resume;
+mod room;
 mod server;
 mod stun;
 mod turn;
@@ -94,6 +95,23 @@ enum Cmd {
         rate: Option<f64>,
         /// Seconds of load.
         #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// Room fan-out: ROOMS rooms of MEMBERS raw clients, each member sending 512-byte audio
+    /// frames to its room at RATE frames/s; copies delivered per second, loss, one-way latency
+    /// per copy, server CPU per copy.
+    Room {
+        /// Members per room.
+        #[arg(long, default_value_t = 4)]
+        members: usize,
+        /// Rooms at once.
+        #[arg(long, default_value_t = 1)]
+        rooms: usize,
+        /// Frames per second each member sends.
+        #[arg(long, default_value_t = 50.0)]
+        rate: f64,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 4)]
         seconds: u64,
     },
     /// The relay's maximum rate, then latency at 50 % and 90 % of it, for 1 and 50 calls.
@@ -238,6 +256,42 @@ async fn work(cmd: Cmd) -> Result<()> {
                 })
                 .await?;
             print_relay(calls, rate, &o);
+        }
+        Cmd::Room {
+            members,
+            rooms,
+            rate,
+            seconds,
+        } => {
+            let r = room::run(
+                rooms,
+                members,
+                load::Load {
+                    calls: 0,
+                    rate: Some(rate),
+                    duration: Duration::from_secs(seconds),
+                },
+            )
+            .await?;
+            let o = &r.outcome;
+            if o.received == 0 {
+                anyhow::bail!("no copies were delivered ({} frames sent)", o.sent);
+            }
+            println!(
+                "room: {rooms} rooms × {members} members, {rate:.0} frames/s each: sent {} frames, delivered {} of {} copies ({:.0} copies/s), loss {:.3} %, one-way latency per copy p50 {:.3} ms p90 {:.3} ms p99 {:.3} ms p99.9 {:.3} ms; server CPU {:.2} s ({:.1} µs per copy), peak RSS {} KiB",
+                o.sent,
+                o.received,
+                r.expected(),
+                o.delivered_rate(),
+                r.loss() * 100.0,
+                o.latency_ms(0.5),
+                o.latency_ms(0.9),
+                o.latency_ms(0.99),
+                o.latency_ms(0.999),
+                o.server_cpu,
+                o.cpu_us_per_packet(),
+                o.server_rss / 1024
+            );
         }
         Cmd::RelaySweep { seconds } => {
             let d = Duration::from_secs(seconds);

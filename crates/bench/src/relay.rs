@@ -33,11 +33,13 @@ use crate::server::Spawned;
 const ACK_EVERY: u32 = 4;
 
 pub struct Side {
-    call: u32,
-    writer: Arc<Mutex<OwnedWriteHalf>>,
-    reader: OwnedReadHalf,
+    pub(crate) call: u32,
+    pub(crate) writer: Arc<Mutex<OwnedWriteHalf>>,
+    pub(crate) reader: OwnedReadHalf,
     /// Frames this side has received from its peer.
-    received: Arc<AtomicU64>,
+    pub(crate) received: Arc<AtomicU64>,
+    /// Bytes read during the set-up beyond the last message taken (the next frame's start).
+    pub(crate) pending: BytesMut,
 }
 
 async fn expect<F: Fn(&ServerMsg) -> bool>(
@@ -91,16 +93,17 @@ async fn pair(addr: SocketAddr, i: usize, signer: &Signer) -> Result<(Side, Side
     for (s, buf) in [(&mut a, &mut abuf), (&mut b, &mut bbuf)] {
         expect(s, buf, "start", |m| matches!(m, ServerMsg::Start(_))).await?;
     }
-    let side = |s: ServerStream| {
+    let side = |s: ServerStream, pending: BytesMut| {
         let (r, w) = tokio::io::split(s);
         Side {
             call,
             writer: Arc::new(Mutex::new(w)),
             reader: r,
             received: Arc::new(AtomicU64::new(0)),
+            pending,
         }
     };
-    Ok((side(a), side(b)))
+    Ok((side(a, abuf), side(b, bbuf)))
 }
 
 fn frame_template(call: u32) -> Result<Vec<u8>> {
@@ -131,14 +134,16 @@ async fn ack_if_due(writer: &Mutex<OwnedWriteHalf>, unacked: &mut u32) -> Result
     Ok(())
 }
 
-async fn receive(
+pub(crate) async fn receive(
     mut reader: OwnedReadHalf,
     writer: Arc<Mutex<OwnedWriteHalf>>,
     mut rec: Recorder,
     end: Instant,
+    pending: BytesMut,
 ) -> Result<Vec<u32>> {
     let decoder = FrameDecoder::new(MAX_FRAME_LEN);
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut buf = pending;
+    buf.reserve(64 * 1024);
     let mut unacked = 0u32;
     let deadline = tokio::time::sleep_until(end.into());
     tokio::pin!(deadline);
@@ -201,7 +206,7 @@ pub async fn run(load: Load) -> Result<Outcome> {
         }
         for s in [a, b] {
             let rec = Recorder::new(w.base, s.received);
-            receivers.push(tokio::spawn(receive(s.reader, s.writer, rec, w.drain)));
+            receivers.push(tokio::spawn(receive(s.reader, s.writer, rec, w.drain, s.pending)));
         }
     }
     let mut o = w.finish(senders, receivers, load).await?;
