@@ -414,6 +414,11 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
     tokio::pin!(sink);
     let mut sink_done = false;
     let mut failure: Option<anyhow::Error> = None;
+    // One listener for the whole call: a `ctrl_c()` made anew in each turn of the loop misses
+    // a SIGINT that lands between two turns (the loop turns for every chat line, tick and
+    // notice).
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     let ended = loop {
         tokio::select! {
             line = stdin.next(), if !stdin.closed => match line {
@@ -431,7 +436,7 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
                 None => {}
             },
             reason = call.ended() => break reason,
-            _ = tokio::signal::ctrl_c() => {
+            _ = &mut ctrl_c => {
                 call.hangup("interrupted");
                 break EndReason::Local;
             }
