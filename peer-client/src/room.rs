@@ -91,6 +91,10 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry) -> Re
     let mut chat_sent = 0u64;
     let mut chat_received = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // One listener for the whole room: a `ctrl_c()` made anew in each turn of the loop misses a
+    // SIGINT that lands between two turns.
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     let exit = loop {
         tokio::select! {
             ev = r.next_event() => match ev {
@@ -171,7 +175,7 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry) -> Re
             }
             _ = tick.tick() => output::status(&status_text(room, &sessions, since)),
             _ = sleep_until_opt(deadline) => break Exit::Ok,
-            _ = tokio::signal::ctrl_c() => break Exit::Ok,
+            _ = &mut ctrl_c => break Exit::Ok,
         }
     };
     r.leave();

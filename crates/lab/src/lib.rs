@@ -50,6 +50,7 @@ pub mod matrix;
 pub mod probe;
 mod process;
 pub mod quality;
+pub mod room;
 mod scenario;
 pub mod setup_bench;
 pub mod shape;

@@ -1,0 +1,205 @@
+//! A room in the lab: more than two peers, each behind its own router of a given [`Kind`], in
+//! one `natcall room` with the built-in test source; each member's `--json` report holds, per
+//! other member, that pair's session report (path, media received and sent).
+//!
+//! ```text
+//!   dc (public) ── server (natcall-rendezvous)
+//!   m1's router(s) ── m1    m2's router(s) ── m2    …
+//! ```
+//!
+//! The first member creates the room inviting the others, who join once it exists; once every
+//! member has a session with every other, the room runs `secs`, then all leave at once
+//! (SIGINT), so each pair's media is measured over the same time on both sides.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path as FsPath, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::process::{Binaries, Proc};
+use crate::scenario::{peer_args, start_server};
+use crate::topology::{SERVER_PORT, add_device, add_uplink, new_lab};
+use crate::{Error, Kind, Path, Scenario};
+
+/// The room's name in the lab.
+pub const ROOM: &str = "lab";
+
+/// What a room run produced.
+#[derive(Debug)]
+pub struct RoomOutcome {
+    /// Each member's kind, in the order given.
+    pub members: Vec<(String, Kind)>,
+    /// Each member's final report (`None` if it printed none).
+    pub reports: BTreeMap<String, Option<Value>>,
+    /// Each member's exit code.
+    pub exit_codes: BTreeMap<String, Option<i32>>,
+    /// What went wrong driving the processes, if anything.
+    pub error: Option<String>,
+    /// Where the logs are.
+    pub dir: PathBuf,
+}
+
+/// How one member received another's media on their session.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Received {
+    /// The session's path as the receiver's report says.
+    pub path: Option<Path>,
+    /// Audio frames complete and on time over those the sender sent on that session.
+    pub audio_on_time: f64,
+    /// Video frames complete and on time over those the sender sent.
+    pub video_on_time: f64,
+}
+
+impl RoomOutcome {
+    /// How `receiver` got `sender`'s media (`None` without both reports or that session).
+    pub fn received(&self, receiver: &str, sender: &str) -> Option<Received> {
+        let r = self.reports.get(receiver)?.as_ref()?;
+        let s = self.reports.get(sender)?.as_ref()?;
+        let got = &r["members"][sender];
+        let sent = &s["members"][receiver]["media"];
+        let on_time = |track: &str| {
+            let rx = &got["media"][track]["received"];
+            let complete = rx["frames_complete"].as_f64()?;
+            let late = rx["frames_late"].as_f64().unwrap_or(0.0);
+            let sent = sent[track]["sent"]["frames_sent"].as_f64()?;
+            Some(if sent == 0.0 { 0.0 } else { (complete - late) / sent })
+        };
+        Some(Received {
+            path: got["path"].as_str().and_then(Path::from_report),
+            audio_on_time: on_time("audio")?,
+            video_on_time: on_time("video")?,
+        })
+    }
+
+    /// The path the lab's oracle expects between two members' kinds.
+    pub fn expected_path(&self, a: &str, b: &str) -> Option<Path> {
+        let kind = |n: &str| self.members.iter().find(|(m, _)| m == n).map(|(_, k)| *k);
+        Some(Scenario::pair(kind(a)?, kind(b)?).expected())
+    }
+
+    /// Everything needed to see why a run failed.
+    pub fn diagnostics(&self) -> String {
+        let mut out = format!("error: {:?}\nexit codes: {:?}\n", self.error, self.exit_codes);
+        for (name, r) in &self.reports {
+            out.push_str(&format!("\n--- {name}'s report ---\n"));
+            out.push_str(&r.as_ref().map_or("(none)".into(), Value::to_string));
+        }
+        out.push_str(&format!("\n(logs in {})", self.dir.display()));
+        out
+    }
+}
+
+/// Builds a lab with one router per member, runs the room for `secs`, tears the lab down. Logs
+/// go to `dir`.
+pub async fn run_room(
+    bins: &Binaries,
+    members: &[(&str, Kind)],
+    secs: f64,
+    dir: &FsPath,
+) -> Result<RoomOutcome, Error> {
+    if members.len() < 2 {
+        return Err(Error::InvalidScenario("a room needs at least two members".into()));
+    }
+    let lab = new_lab().await?;
+    let dc = lab.add_router("dc").build().await.map_err(Error::Lab)?;
+    let server_dev = add_device(&lab, "server", &dc).await?;
+    let mut devices = Vec::new();
+    let mut routers = Vec::new();
+    for (i, (name, kind)) in members.iter().enumerate() {
+        let index = u8::try_from(i + 1).map_err(|_| Error::InvalidScenario("too many members".into()))?;
+        let r = add_uplink(&lab, *kind, &format!("m{index}"), index).await?;
+        let last = r
+            .last()
+            .ok_or_else(|| Error::InvalidScenario("a kind without a router".into()))?;
+        devices.push(add_device(&lab, name, last).await?);
+        routers.extend(r);
+    }
+    let ip = server_dev
+        .ip()
+        .ok_or_else(|| Error::InvalidScenario("the server has no IPv4 address".into()))?;
+    let server = SocketAddr::from((ip, SERVER_PORT));
+    let names: Vec<String> = members.iter().map(|(n, _)| (*n).to_owned()).collect();
+    let kinds: Vec<(String, Kind)> = members.iter().map(|(n, k)| ((*n).to_owned(), *k)).collect();
+    let (bins, dir) = (bins.clone(), dir.to_path_buf());
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut out = RoomOutcome {
+            members: kinds,
+            reports: BTreeMap::new(),
+            exit_codes: BTreeMap::new(),
+            error: None,
+            dir: dir.clone(),
+        };
+        let mut procs: Vec<Proc> = Vec::new();
+        let result = (|| -> Result<(), String> {
+            procs.push(start_server(&bins, &dir, &server_dev, server)?);
+            // Members stay until interrupted (with a bound in case that fails).
+            let bound = format!("{:.0}", secs + 60.0);
+            let first = vec![
+                "room".to_string(),
+                ROOM.to_string(),
+                "--invite".to_string(),
+                names[1..].join(","),
+                "--duration".to_string(),
+                bound.clone(),
+            ];
+            let args = peer_args(server, &dir, &names[0], &first);
+            procs.push(Proc::spawn(&devices[0], &dir, &names[0], &bins.natcall, &args).map_err(|e| e.to_string())?);
+            procs[1].wait_event("room", Duration::from_secs(20), |_| true)?;
+            for (i, name) in names.iter().enumerate().skip(1) {
+                let cmd = vec![
+                    "room".to_string(),
+                    ROOM.to_string(),
+                    "--duration".to_string(),
+                    bound.clone(),
+                ];
+                let args = peer_args(server, &dir, name, &cmd);
+                procs.push(Proc::spawn(&devices[i], &dir, name, &bins.natcall, &args).map_err(|e| e.to_string())?);
+            }
+            // Once every member has a session with every other, the room runs `secs`; then all
+            // leave at once (SIGINT, as Ctrl-C), so each pair's media is measured over the
+            // same time on both sides.
+            for p in procs.iter_mut().skip(1) {
+                p.wait_nth("connected", names.len() - 1, Duration::from_secs(30))
+                    .map_err(|e| e.to_string())?;
+            }
+            std::thread::sleep(Duration::from_secs_f64(secs));
+            for p in procs.iter().skip(1) {
+                let pid = p.id().to_string();
+                let status = std::process::Command::new("kill")
+                    .args(["-INT", &pid])
+                    .status()
+                    .map_err(|e| format!("kill -INT {pid}: {e}"))?;
+                if !status.success() {
+                    return Err(format!("kill -INT {pid} failed"));
+                }
+            }
+            for (i, name) in names.iter().enumerate() {
+                let code = procs[i + 1].wait_exit(Duration::from_secs(20))?;
+                out.exit_codes.insert(name.clone(), Some(code));
+            }
+            Ok(())
+        })();
+        out.error = result.err();
+        for p in &mut procs {
+            p.kill();
+            p.drain();
+        }
+        for name in &names {
+            let r = procs.iter().find(|p| &p.name == name).and_then(Proc::report);
+            if let Some(r) = &r {
+                // Beside the logs, for a person reading them.
+                let _ = std::fs::write(dir.join(format!("{name}.report.json")), r.to_string());
+            }
+            out.reports.insert(name.clone(), r);
+            out.exit_codes.entry(name.clone()).or_insert(None);
+        }
+        out
+    })
+    .await
+    .map_err(|e| Error::InvalidScenario(format!("the room driver panicked: {e}")))?;
+    drop(routers);
+    drop(lab);
+    Ok(outcome)
+}
