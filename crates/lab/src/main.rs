@@ -111,6 +111,21 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// A room: one peer per kind given (each behind its own router), all in one `natcall room`
+    /// with the built-in test source for --seconds; a Markdown table per pair (receiver ←
+    /// sender): the session's path and the one expected for those kinds, audio frames on time
+    /// and video frames complete and on time. Exits 1 if a path is not the expected one.
+    Room {
+        /// The members' kinds, comma-separated (default: public,port-restricted,symmetric,udp-blocked).
+        #[arg(long, value_delimiter = ',')]
+        kinds: Option<Vec<String>>,
+        /// Seconds the room runs once everyone is connected.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Keep the logs and reports in DIR.
+        #[arg(long)]
+        keep_logs: Option<PathBuf>,
+    },
     /// Call-setup benchmark: sequential calls per pair (public, port-restricted, relay-only) and
     /// one-way delay; time to connected and to first audio next to the protocol's floor.
     SetupBench {
@@ -301,6 +316,11 @@ fn run(args: Args) -> Result<bool> {
                 keep_logs,
                 json,
             } => quality(&bins, scenarios, paths, charts, keep_logs, json).await,
+            Cmd::Room {
+                kinds,
+                seconds,
+                keep_logs,
+            } => room(&bins, kinds, seconds, keep_logs).await,
             Cmd::SetupBench {
                 calls,
                 delays,
@@ -334,4 +354,66 @@ fn run(args: Args) -> Result<bool> {
             }
         }
     })
+}
+
+/// `natcall-lab room`: one room of the given kinds; prints the per-pair table.
+async fn room(bins: &Binaries, kinds: Option<Vec<String>>, seconds: f64, keep_logs: Option<PathBuf>) -> Result<bool> {
+    let names = kinds.unwrap_or_else(|| {
+        ["public", "port-restricted", "symmetric", "udp-blocked"]
+            .map(String::from)
+            .to_vec()
+    });
+    let mut members = Vec::new();
+    for (i, k) in names.iter().enumerate() {
+        let kind: Kind = k.parse().map_err(|e| anyhow::anyhow!("--kinds: {e}"))?;
+        members.push((format!("m{}-{k}", i + 1), kind));
+    }
+    if !(2..=8).contains(&members.len()) {
+        bail!("--kinds: a room of 2 to 8 members");
+    }
+    let (dir, _tmp) = match keep_logs {
+        Some(d) => {
+            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+            (d, None)
+        }
+        None => {
+            let t = tempfile::Builder::new().prefix("natcall-lab-room-").tempdir()?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    let refs: Vec<(&str, Kind)> = members.iter().map(|(n, k)| (n.as_str(), *k)).collect();
+    let out = natcall_lab::room::run_room(bins, &refs, seconds, &dir).await?;
+    if out.error.is_some() {
+        println!("{}", out.diagnostics());
+        return Ok(false);
+    }
+    println!("| receiver ← sender | path | expected | audio on time | video complete, on time |");
+    println!("|---|---|---|---|---|");
+    let mut ok = true;
+    for (r, _) in &refs {
+        for (s, _) in refs.iter().filter(|(s, _)| s != r) {
+            let expected = out.expected_path(r, s);
+            match out.received(r, s) {
+                Some(got) => {
+                    ok &= got.path == expected;
+                    let name = |p: Option<natcall_lab::Path>| p.map_or("?", |p| p.name());
+                    println!(
+                        "| {r} ← {s} | {} | {} | {:.1} % | {:.1} % |",
+                        name(got.path),
+                        name(expected),
+                        got.audio_on_time * 100.0,
+                        got.video_on_time * 100.0
+                    );
+                }
+                None => {
+                    ok = false;
+                    println!(
+                        "| {r} ← {s} | no session | {} | – | – |",
+                        expected.map_or("?", |p| p.name())
+                    );
+                }
+            }
+        }
+    }
+    Ok(ok)
 }
