@@ -9,7 +9,9 @@
 //!
 //! The first member creates the room inviting the others, who join once it exists; once every
 //! member has a session with every other, the room runs `secs`, then all leave at once
-//! (SIGINT), so each pair's media is measured over the same time on both sides.
+//! (SIGINT), so each pair's media is measured over the same time on both sides. With
+//! departures ([`run_room_with`]), the members named leave (SIGINT) or are killed (SIGKILL)
+//! halfway.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -26,6 +28,15 @@ use crate::{Error, Kind, Path, Scenario};
 /// The room's name in the lab.
 pub const ROOM: &str = "lab";
 
+/// How a member leaves before the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Departure {
+    /// It leaves (SIGINT, as Ctrl-C: it tells the server).
+    Leave,
+    /// Its process is killed (SIGKILL: its connection just ends).
+    Kill,
+}
+
 /// What a room run produced.
 #[derive(Debug)]
 pub struct RoomOutcome {
@@ -35,6 +46,8 @@ pub struct RoomOutcome {
     pub reports: BTreeMap<String, Option<Value>>,
     /// Each member's exit code.
     pub exit_codes: BTreeMap<String, Option<i32>>,
+    /// Each member's JSON events, in order.
+    pub events: BTreeMap<String, Vec<Value>>,
     /// What went wrong driving the processes, if anything.
     pub error: Option<String>,
     /// Where the logs are.
@@ -99,6 +112,18 @@ pub async fn run_room(
     secs: f64,
     dir: &FsPath,
 ) -> Result<RoomOutcome, Error> {
+    run_room_with(bins, members, secs, &[], dir).await
+}
+
+/// [`run_room`], with members leaving halfway: `departures` names each by its index in
+/// `members` and says how.
+pub async fn run_room_with(
+    bins: &Binaries,
+    members: &[(&str, Kind)],
+    secs: f64,
+    departures: &[(usize, Departure)],
+    dir: &FsPath,
+) -> Result<RoomOutcome, Error> {
     if members.len() < 2 {
         return Err(Error::InvalidScenario("a room needs at least two members".into()));
     }
@@ -123,11 +148,16 @@ pub async fn run_room(
     let names: Vec<String> = members.iter().map(|(n, _)| (*n).to_owned()).collect();
     let kinds: Vec<(String, Kind)> = members.iter().map(|(n, k)| ((*n).to_owned(), *k)).collect();
     let (bins, dir) = (bins.clone(), dir.to_path_buf());
+    let departures = departures.to_vec();
+    if departures.iter().any(|(i, _)| *i >= members.len()) {
+        return Err(Error::InvalidScenario("a departure names no member".into()));
+    }
     let outcome = tokio::task::spawn_blocking(move || {
         let mut out = RoomOutcome {
             members: kinds,
             reports: BTreeMap::new(),
             exit_codes: BTreeMap::new(),
+            events: BTreeMap::new(),
             error: None,
             dir: dir.clone(),
         };
@@ -164,15 +194,34 @@ pub async fn run_room(
                 p.wait_nth("connected", names.len() - 1, Duration::from_secs(30))
                     .map_err(|e| e.to_string())?;
             }
-            std::thread::sleep(Duration::from_secs_f64(secs));
-            for p in procs.iter().skip(1) {
+            let signal = |p: &Proc, sig: &str| -> Result<(), String> {
                 let pid = p.id().to_string();
                 let status = std::process::Command::new("kill")
-                    .args(["-INT", &pid])
+                    .args([sig, &pid])
                     .status()
-                    .map_err(|e| format!("kill -INT {pid}: {e}"))?;
-                if !status.success() {
-                    return Err(format!("kill -INT {pid} failed"));
+                    .map_err(|e| format!("kill {sig} {pid}: {e}"))?;
+                if status.success() {
+                    Ok(())
+                } else {
+                    Err(format!("kill {sig} {pid} failed"))
+                }
+            };
+            if departures.is_empty() {
+                std::thread::sleep(Duration::from_secs_f64(secs));
+            } else {
+                std::thread::sleep(Duration::from_secs_f64(secs / 2.0));
+                for (i, how) in &departures {
+                    let sig = match how {
+                        Departure::Leave => "-INT",
+                        Departure::Kill => "-KILL",
+                    };
+                    signal(&procs[i + 1], sig)?;
+                }
+                std::thread::sleep(Duration::from_secs_f64(secs / 2.0));
+            }
+            for (i, p) in procs.iter().enumerate().skip(1) {
+                if !departures.iter().any(|(d, _)| *d == i - 1) {
+                    signal(p, "-INT")?;
                 }
             }
             for (i, name) in names.iter().enumerate() {
@@ -193,6 +242,8 @@ pub async fn run_room(
                 let _ = std::fs::write(dir.join(format!("{name}.report.json")), r.to_string());
             }
             out.reports.insert(name.clone(), r);
+            let seen = procs.iter().find(|p| &p.name == name).map(|p| p.seen.clone());
+            out.events.insert(name.clone(), seen.unwrap_or_default());
             out.exit_codes.entry(name.clone()).or_insert(None);
         }
         out

@@ -2,7 +2,7 @@
 //! path the lab's oracle expects for those two kinds, and every member receives every other
 //! member's audio on time and its video whole.
 
-use natcall_lab::room::run_room;
+use natcall_lab::room::{Departure, run_room, run_room_with};
 use natcall_lab::{Binaries, Kind, preflight};
 
 /// A run's log folder: kept when the test fails (or `NATCALL_LAB_KEEP` is set), else removed.
@@ -72,5 +72,75 @@ async fn four_peers_behind_four_kinds_of_nat_each_receive_everyone_on_the_expect
             got.video_on_time >= 0.90,
             "{receiver} ← {sender} video:\n{table}\n{diag}"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_who_leaves_and_one_who_is_killed_are_announced_and_the_rest_go_on() {
+    if let Err(e) = preflight() {
+        panic!("{e}");
+    }
+    let bins = Binaries::locate(None).expect("natcall binaries next to the test (cargo build --bins)");
+    let logs = Logs(Some(
+        tempfile::Builder::new()
+            .prefix("natcall-room-")
+            .tempdir()
+            .expect("tempdir"),
+    ));
+    let dir = logs.0.as_ref().expect("set").path().to_path_buf();
+    let members = [
+        ("stays", Kind::PortRestricted),
+        ("also", Kind::Public),
+        ("leaves", Kind::Symmetric),
+        ("killed", Kind::UdpBlocked),
+    ];
+    let out = run_room_with(
+        &bins,
+        &members,
+        8.0,
+        &[(2, Departure::Leave), (3, Departure::Kill)],
+        &dir,
+    )
+    .await
+    .expect("the lab runs");
+    let diag = out.diagnostics();
+    assert_eq!(out.error, None, "{diag}");
+    for name in ["stays", "also", "leaves"] {
+        assert_eq!(out.exit_codes[name], Some(0), "{name} exits 0: {diag}");
+    }
+    assert_eq!(out.exit_codes["killed"], Some(-1), "SIGKILL: {diag}");
+    for name in ["stays", "also"] {
+        let left: Vec<(String, String)> = out.events[name]
+            .iter()
+            .filter(|e| e["event"] == "member_left")
+            .map(|e| {
+                (
+                    e["name"].as_str().unwrap_or("").to_owned(),
+                    e["reason"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect();
+        assert!(
+            left.contains(&("leaves".into(), "left".into())),
+            "{name}: {left:?}\n{diag}"
+        );
+        assert!(
+            left.contains(&("killed".into(), "connection ended".into())),
+            "{name}: {left:?}\n{diag}"
+        );
+    }
+    // The two who stay keep receiving each other for the whole room, before and after.
+    for (receiver, sender) in [("stays", "also"), ("also", "stays")] {
+        let got = out.received(receiver, sender).expect("a session");
+        assert!(got.audio_on_time >= 0.98, "{receiver} ← {sender} {got:?}: {diag}");
+        assert!(got.video_on_time >= 0.90, "{receiver} ← {sender} {got:?}: {diag}");
+    }
+    // Their sessions with the two who went ended (the server said so), not by timeout.
+    for name in ["stays", "also"] {
+        let report = out.reports[name].as_ref().expect("a report");
+        for gone in ["leaves", "killed"] {
+            let ended = &report["members"][gone]["ended"];
+            assert!(!ended.is_null(), "{name}'s session with {gone} ended: {diag}");
+        }
     }
 }
