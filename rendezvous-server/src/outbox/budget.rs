@@ -2,7 +2,7 @@
 //!
 //! The outbox already knows how fast its client drains: the client acknowledges what it reads
 //! ([`natcall_proto::control::ClientMsg::RelayAck`]). While that client is the bottleneck —
-//! relay frames keep finding it busy, or its buffer had to drop some — the rate it drained over
+//! relay frames keep finding it busy (drops alone do not count: see `tick`) — the rate it drained over
 //! the last interval is what the senders may send it, shared out max-min fairly among the calls
 //! that relay to it. Each sender is then told its share
 //! ([`natcall_proto::control::ServerMsg::RelayBudget`]) and its rate controller takes the
@@ -190,7 +190,11 @@ impl Budget {
             .drained
             .iter()
             .fold((0u64, Duration::ZERO), |(b, t), d| (b + d.acked, t + d.time));
-        let limited = dropped || self.busy_pushes * 2 >= self.pushes.max(1);
+        // Limited: relay frames kept finding the client busy. Drops alone are not enough: a
+        // client that mostly keeps up drains what its senders send, and a budget from that
+        // would hold them there, lower at each drop, down to the floor (a call beside a
+        // download through the relay once fell to 23 % of the link that way).
+        let limited = self.busy_pushes * 2 >= self.pushes.max(1);
         // Stalled now: how long is not known until it ends, so the drain rate is not either.
         let measured = self.drained.len() >= MIN_INTERVALS;
         let stalled_now = self.overdue(now, pending, rtt);
