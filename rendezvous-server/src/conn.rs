@@ -583,34 +583,9 @@ impl Conn {
                 self.ctx.calls.set_path(self.id, call, path);
                 None
             }
-            (Phase::Registered { name }, ClientMsg::RoomCreate { room, invite }) => {
-                let (me, fingerprint) = self.room_member(name)?;
-                if self.room_join_limited() {
-                    self.ctx
-                        .rooms
-                        .refuse_rate(&me, &room, self.ctx.config.limits.room_joins_per_min);
-                } else {
-                    self.ctx
-                        .rooms
-                        .create(&self.ctx.registry, me, fingerprint, &room, invite);
-                }
-                None
-            }
-            (Phase::Registered { name }, ClientMsg::RoomJoin { room, code }) => {
-                let (me, fingerprint) = self.room_member(name)?;
-                if self.room_join_limited() {
-                    self.ctx
-                        .rooms
-                        .refuse_rate(&me, &room, self.ctx.config.limits.room_joins_per_min);
-                } else {
-                    if let Some((id, others)) = self.ctx.rooms.join(me.clone(), fingerprint, &room, code.as_deref()) {
-                        for other in others {
-                            self.ctx
-                                .calls
-                                .start_pair(&self.ctx.registry, &room, id, me.clone(), other);
-                        }
-                    }
-                }
+            (Phase::Registered { name }, msg @ (ClientMsg::RoomCreate { .. } | ClientMsg::RoomJoin { .. })) => {
+                let name = name.clone();
+                self.room_request(&name, msg);
                 None
             }
             (Phase::Registered { .. }, ClientMsg::RoomLeave { room }) => {
@@ -636,6 +611,41 @@ impl Conn {
     fn room_member(&self, name: &str) -> Option<(Member, natcall_proto::control::Fingerprint)> {
         let peer = self.ctx.registry.peer(name).filter(|p| p.conn_id == self.id)?;
         Some((self.member(name), peer.fingerprint))
+    }
+
+    /// `RoomCreate` or `RoomJoin` from `name`: refused over `limits.room_joins_per_min`, else
+    /// handed to the rooms; a join sets up the joiner's session with each member already in.
+    fn room_request(&mut self, name: &str, msg: ClientMsg) {
+        let Some((me, fingerprint)) = self.room_member(name) else {
+            return;
+        };
+        let room = match &msg {
+            ClientMsg::RoomCreate { room, .. } | ClientMsg::RoomJoin { room, .. } => room.clone(),
+            _ => return,
+        };
+        if self.room_join_limited() {
+            let per_min = self.ctx.config.limits.room_joins_per_min;
+            self.ctx.rooms.refuse_rate(&me, &room, per_min);
+            return;
+        }
+        match msg {
+            ClientMsg::RoomCreate { invite, .. } => {
+                self.ctx
+                    .rooms
+                    .create(&self.ctx.registry, me, fingerprint, &room, invite);
+            }
+            ClientMsg::RoomJoin { code, .. } => {
+                let Some((id, others)) = self.ctx.rooms.join(me.clone(), fingerprint, &room, code.as_deref()) else {
+                    return;
+                };
+                for other in others {
+                    self.ctx
+                        .calls
+                        .start_pair(&self.ctx.registry, &room, id, me.clone(), other);
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Whether this connection is over `limits.room_joins_per_min`.

@@ -18,18 +18,22 @@ impl Drop for Logs {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn four_peers_behind_four_kinds_of_nat_each_receive_everyone_on_the_expected_path() {
+/// The binaries, after the lab's preflight, and a log folder for the run.
+fn setup() -> (Binaries, Logs) {
     if let Err(e) = preflight() {
         panic!("{e}");
     }
     let bins = Binaries::locate(None).expect("natcall binaries next to the test (cargo build --bins)");
-    let logs = Logs(Some(
-        tempfile::Builder::new()
-            .prefix("natcall-room-")
-            .tempdir()
-            .expect("tempdir"),
-    ));
+    let dir = tempfile::Builder::new()
+        .prefix("natcall-room-")
+        .tempdir()
+        .expect("tempdir");
+    (bins, Logs(Some(dir)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_peers_behind_four_kinds_of_nat_each_receive_everyone_on_the_expected_path() {
+    let (bins, logs) = setup();
     let dir = logs.0.as_ref().expect("set").path().to_path_buf();
     let members = [
         ("pub", Kind::Public),
@@ -77,16 +81,7 @@ async fn four_peers_behind_four_kinds_of_nat_each_receive_everyone_on_the_expect
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_who_leaves_and_one_who_is_killed_are_announced_and_the_rest_go_on() {
-    if let Err(e) = preflight() {
-        panic!("{e}");
-    }
-    let bins = Binaries::locate(None).expect("natcall binaries next to the test (cargo build --bins)");
-    let logs = Logs(Some(
-        tempfile::Builder::new()
-            .prefix("natcall-room-")
-            .tempdir()
-            .expect("tempdir"),
-    ));
+    let (bins, logs) = setup();
     let dir = logs.0.as_ref().expect("set").path().to_path_buf();
     let members = [
         ("stays", Kind::PortRestricted),
