@@ -102,17 +102,35 @@ fn in_band(o: &QualityOutcome, from: f64, to: f64, top: f64) {
     );
 }
 
+/// Runs scenario `name` on `path` and applies `check` (which panics on a miss). A run that
+/// misses is run once more and the second must pass: these measure one 12–24 s call's timing
+/// on two shared cores, and CI runs of unchanged code missed a band in about 1 run in 4 (one
+/// or two seconds a few percent outside it, a download's share at 23 % against 25 %). The
+/// first run's miss is printed.
+async fn run_checked(name: &str, path: QualityPath, check: impl Fn(&QualityOutcome)) {
+    let first = run(name, path).await;
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&first))).is_ok() {
+        return;
+    }
+    eprintln!("{name} ({path}): the first run missed (above); running it once more");
+    drop(first);
+    let second = run(name, path).await;
+    check(&second);
+}
+
 /// Downlink capped at 400 kbit/s for 12 s.
 async fn capped_400(path: QualityPath) {
-    let o = run("cap400", path).await;
-    let diag = o.diagnostics();
-    audio_on_time(&o, 0.98);
-    in_band(&o, 5.0, 12.0, top(path));
-    assert!(
-        o.video_on_time_share() >= 0.90,
-        "video on time {:.3}: {diag}",
-        o.video_on_time_share()
-    );
+    run_checked("cap400", path, |o| {
+        let diag = o.diagnostics();
+        audio_on_time(o, 0.98);
+        in_band(o, 5.0, 12.0, top(path));
+        assert!(
+            o.video_on_time_share() >= 0.90,
+            "video on time {:.3}: {diag}",
+            o.video_on_time_share()
+        );
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,14 +145,16 @@ async fn a_400_kbit_downlink_keeps_audio_on_time_and_video_whole_through_the_rel
 
 /// The cap drops from 2 Mbit/s to 300 kbit/s at 8 s and comes back at 16 s.
 async fn cap_changes(path: QualityPath) {
-    let o = run("steps", path).await;
-    audio_on_time(&o, 0.95);
-    // Within 5 s of each change the target is back within 60–100 % of the new cap, and stays
-    // there. After the cap went up, growth (multiplicative: the link changed) runs past the new
-    // cap once before the delay detector brings it back: one second's mean may be up to 10 %
-    // over then.
-    in_band(&o, 13.0, 16.0, top(path));
-    in_band(&o, 21.0, 24.0, top(path) + 0.1);
+    run_checked("steps", path, |o| {
+        audio_on_time(o, 0.95);
+        // Within 5 s of each change the target is back within 60–100 % of the new cap, and
+        // stays there. After the cap went up, growth (multiplicative: the link changed) runs
+        // past the new cap once before the delay detector brings it back: one second's mean may
+        // be up to 10 % over then.
+        in_band(o, 13.0, 16.0, top(path));
+        in_band(o, 21.0, 24.0, top(path) + 0.1);
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,17 +199,19 @@ async fn two_percent_random_loss_does_not_collapse_the_target_through_the_relay(
 
 /// A TCP download shares bob's 400 kbit/s downlink with the call (under way when it starts).
 async fn beside_a_download(path: QualityPath) {
-    let o = run("bulk", path).await;
-    let diag = o.diagnostics();
-    audio_on_time(&o, 0.95);
-    let bulk = o.bulk_bps.unwrap_or(0.0);
-    eprintln!("call {:.0} bit/s, download {bulk:.0} bit/s", o.media_bps);
-    assert!(bulk > 50_000.0, "the download ran ({bulk:.0} bit/s): {diag}");
-    // Two flows: an even split is half each. A delay-based call beside a loss-based download
-    // must not starve (GCC without its threshold adaptation falls to its floor): it keeps at
-    // least half of that, a quarter of what the link carried.
-    let share = o.media_bps / (o.media_bps + bulk);
-    assert!(share >= 0.25, "the call got {:.0} % of the link: {diag}", share * 100.0);
+    run_checked("bulk", path, |o| {
+        let diag = o.diagnostics();
+        audio_on_time(o, 0.95);
+        let bulk = o.bulk_bps.unwrap_or(0.0);
+        eprintln!("call {:.0} bit/s, download {bulk:.0} bit/s", o.media_bps);
+        assert!(bulk > 50_000.0, "the download ran ({bulk:.0} bit/s): {diag}");
+        // Two flows: an even split is half each. A delay-based call beside a loss-based
+        // download must not starve (GCC without its threshold adaptation falls to its floor):
+        // it keeps at least half of that, a quarter of what the link carried.
+        let share = o.media_bps / (o.media_bps + bulk);
+        assert!(share >= 0.25, "the call got {:.0} % of the link: {diag}", share * 100.0);
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
