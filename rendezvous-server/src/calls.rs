@@ -469,23 +469,11 @@ impl Calls {
             return;
         };
         call.state = State::Active;
-        let (caller_delay, callee_delay) = start_delays(caller.rtt, callee.rtt);
-        let password = crate::registry::random_hex(&self.rng, 16);
-        let start = |peer: &Member, info: &PeerInfo, controlling, delay_ms| {
-            ServerMsg::Start(CallStart {
-                call: id,
-                peer: peer.name.clone(),
-                fingerprint: info.fingerprint,
-                candidates: candidates(info),
-                password: password.clone(),
-                controlling,
-                delay_ms,
-                policy: call.policy,
-            })
-        };
-        deliver(&call.caller, &start(&call.callee, &callee, true, caller_delay));
-        deliver(&call.callee, &start(&call.caller, &caller, false, callee_delay));
-        info!(call = id, caller = %call.caller.name, callee = %call.callee.name, caller_delay, callee_delay, "call active");
+        let (to_caller, to_callee) = self.starts(id, call.policy, (&call.caller, &caller), (&call.callee, &callee));
+        let delays = (to_caller.delay_ms, to_callee.delay_ms);
+        deliver(&call.caller, &ServerMsg::Start(to_caller));
+        deliver(&call.callee, &ServerMsg::Start(to_callee));
+        info!(call = id, caller = %call.caller.name, callee = %call.callee.name, ?delays, "call active");
         self.publish(&table);
     }
 
@@ -573,23 +561,13 @@ impl Calls {
         let mut table = write(&self.table);
         let id = self.fresh_id(&table);
         table.next_serial += 1;
-        let (joiner_delay, other_delay) = start_delays(j.rtt, o.rtt);
-        let password = crate::registry::random_hex(&self.rng, 16);
-        let start = |peer: &Member, info: &PeerInfo, controlling, delay_ms| ServerMsg::RoomPeer {
+        let (to_joiner, to_other) = self.starts(id, Policy::Auto, (&joiner, &j), (&other, &o));
+        let peer_msg = |start| ServerMsg::RoomPeer {
             room: room_name.to_owned(),
-            start: CallStart {
-                call: id,
-                peer: peer.name.clone(),
-                fingerprint: info.fingerprint,
-                candidates: candidates(info),
-                password: password.clone(),
-                controlling,
-                delay_ms,
-                policy: Policy::Auto,
-            },
+            start,
         };
-        deliver(&joiner, &start(&other, &o, true, joiner_delay));
-        deliver(&other, &start(&joiner, &j, false, other_delay));
+        deliver(&joiner, &peer_msg(to_joiner));
+        deliver(&other, &peer_msg(to_other));
         debug!(call = id, room = room_name, joiner = %joiner.name, other = %other.name, "room session started");
         let call = Call {
             caller: joiner,
@@ -620,6 +598,30 @@ impl Calls {
             }
         }
         self.publish(&table);
+    }
+
+    /// The `CallStart`s of call `id` for its controlling member `a` and for `b` (each with the
+    /// other's key and candidates, one password, the start delays of their RTTs).
+    fn starts(
+        &self,
+        id: u32,
+        policy: Policy,
+        a: (&Member, &PeerInfo),
+        b: (&Member, &PeerInfo),
+    ) -> (CallStart, CallStart) {
+        let (a_delay, b_delay) = start_delays(a.1.rtt, b.1.rtt);
+        let password = crate::registry::random_hex(&self.rng, 16);
+        let start = |peer: &Member, info: &PeerInfo, controlling, delay_ms| CallStart {
+            call: id,
+            peer: peer.name.clone(),
+            fingerprint: info.fingerprint,
+            candidates: candidates(info),
+            password: password.clone(),
+            controlling,
+            delay_ms,
+            policy,
+        };
+        (start(b.0, b.1, true, a_delay), start(a.0, a.1, false, b_delay))
     }
 
     /// Ends call `id` if it is the same call (`serial`) and still ringing.
