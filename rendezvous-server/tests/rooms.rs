@@ -74,6 +74,14 @@ async fn team_of_three(alice: &mut Client, bob: &mut Client, carol: &mut Client)
     id
 }
 
+/// The next message is `CallEnded` with `reason`.
+async fn expect_ended(c: &mut Client, reason: &str) {
+    match c.next_msg().await {
+        ServerMsg::CallEnded { reason: got, .. } => assert_eq!(got, reason),
+        other => panic!("expected CallEnded, got {other:?}"),
+    }
+}
+
 /// The room's id and join code from a creator's `RoomJoined`.
 fn created(msg: ServerMsg) -> (u32, String) {
     match msg {
@@ -303,16 +311,10 @@ async fn members_who_leave_or_vanish_are_announced_and_the_last_one_closes_the_r
             }
         );
         // Their sessions with carol end.
-        match c.next_msg().await {
-            ServerMsg::CallEnded { reason, .. } => assert_eq!(reason, "carol left the room"),
-            other => panic!("expected CallEnded, got {other:?}"),
-        }
+        expect_ended(c, "carol left the room").await;
     }
     for _ in 0..2 {
-        match carol.next_msg().await {
-            ServerMsg::CallEnded { reason, .. } => assert_eq!(reason, "you left the room"),
-            other => panic!("expected CallEnded, got {other:?}"),
-        }
+        expect_ended(&mut carol, "you left the room").await;
     }
     // carol is out: frames to the room no longer reach her, hers reach nobody.
     alice
@@ -326,10 +328,7 @@ async fn members_who_leave_or_vanish_are_announced_and_the_last_one_closes_the_r
     assert!(alice.try_next(Duration::from_millis(200)).await.is_none());
 
     drop(bob);
-    match alice.next_msg().await {
-        ServerMsg::CallEnded { reason, .. } => assert_eq!(reason, "bob left the room"),
-        other => panic!("expected CallEnded, got {other:?}"),
-    }
+    expect_ended(&mut alice, "bob left the room").await;
     assert_eq!(
         alice.next_msg().await,
         ServerMsg::RoomMemberLeft {
@@ -558,10 +557,7 @@ async fn a_released_name_leaves_its_rooms_and_a_new_key_under_it_is_not_the_memb
     // bob frees his name: he leaves the room, alice is told, his session ends.
     bob.send(&ClientMsg::ReleaseName).await;
     assert!(matches!(bob.next_msg().await, ServerMsg::NameReleased { .. }));
-    match alice.next_msg().await {
-        ServerMsg::CallEnded { reason, .. } => assert_eq!(reason, "bob left the room"),
-        other => panic!("expected CallEnded, got {other:?}"),
-    }
+    expect_ended(&mut alice, "bob left the room").await;
     assert_eq!(
         alice.next_msg().await,
         ServerMsg::RoomMemberLeft {
