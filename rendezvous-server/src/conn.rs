@@ -188,7 +188,7 @@ pub(crate) async fn serve(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr
     // TLS buffers sealed records only up to what one batch fills: the backlog stays in the
     // outbox, where the class policy sees it (see docs/relay.md).
     tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
-    let (rd, wr) = tokio::io::split(tls);
+    let (rd, wr) = crate::tls::stream::split(tls);
     let outbox = Arc::new(Outbox::new(
         ctx.config.relay.clone(),
         ctx.metrics.clone(),

@@ -384,7 +384,7 @@ impl Client {
 /// TLS to the server under test. These tests exercise the server, not how peers trust it
 /// (`crates/net` tests pinning against a man in the middle): any key is taken, but the
 /// handshake signature is still checked.
-fn tls_connector() -> tokio_rustls::TlsConnector {
+pub fn tls_connector() -> tokio_rustls::TlsConnector {
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
