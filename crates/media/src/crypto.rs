@@ -18,6 +18,8 @@ use crate::packet::{HEADER_LEN, Header, MAX_FRAGMENT_PAYLOAD, TAG_LEN};
 use crate::{Error, Track};
 
 const HKDF_SALT: &[u8] = b"natcall media v1";
+/// The HKDF label of a room sender's key (see [`crate::room`]).
+const ROOM_SENDER_LABEL: &str = "natcall room sender";
 
 /// Which end of the call this side is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -65,12 +67,16 @@ impl Direction {
     }
 
     fn key(self, secret: &[u8; 32]) -> LessSafeKey {
-        let prk = Salt::new(HKDF_SHA256, HKDF_SALT).extract(secret);
-        let info = [self.label().as_bytes()];
-        // Invariant: expanding to 32 bytes is far below HKDF-SHA256's 255 × 32 byte limit.
-        let okm = prk.expand(&info, &CHACHA20_POLY1305).expect("HKDF output of 32 bytes");
-        LessSafeKey::new(UnboundKey::from(okm))
+        expand(secret, self.label())
     }
+}
+
+fn expand(secret: &[u8; 32], label: &str) -> LessSafeKey {
+    let prk = Salt::new(HKDF_SHA256, HKDF_SALT).extract(secret);
+    let info = [label.as_bytes()];
+    // Invariant: expanding to 32 bytes is far below HKDF-SHA256's 255 × 32 byte limit.
+    let okm = prk.expand(&info, &CHACHA20_POLY1305).expect("HKDF output of 32 bytes");
+    LessSafeKey::new(UnboundKey::from(okm))
 }
 
 /// Derives this side's sealer and opener from the 32-byte secret exported from the call's
@@ -109,6 +115,22 @@ impl PacketSealer {
             key: direction.key(secret),
             next: [Some(0); Track::COUNT as usize],
         }
+    }
+
+    /// A sealer for a room sender's media, keyed by its sender key's `secret`
+    /// ([`crate::room::SenderKey`]).
+    pub fn for_room(secret: &[u8; 32]) -> Self {
+        Self {
+            key: expand(secret, ROOM_SENDER_LABEL),
+            next: [Some(0); Track::COUNT as usize],
+        }
+    }
+
+    /// Seals from now on with a room sender key's new `secret`. Sequence numbers go on from
+    /// where they are: a receiver's replay window stays valid, and no nonce repeats under
+    /// either key.
+    pub fn rekey_room(&mut self, secret: &[u8; 32]) {
+        self.key = expand(secret, ROOM_SENDER_LABEL);
     }
 
     /// Assigns the next sequence number of `header.track` and returns the whole packet.
@@ -163,6 +185,13 @@ impl PacketOpener {
     pub fn new(secret: &[u8; 32], direction: Direction) -> Self {
         Self {
             key: direction.key(secret),
+        }
+    }
+
+    /// An opener for a room sender's media sealed with [`PacketSealer::for_room`].
+    pub fn for_room(secret: &[u8; 32]) -> Self {
+        Self {
+            key: expand(secret, ROOM_SENDER_LABEL),
         }
     }
 

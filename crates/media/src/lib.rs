@@ -121,6 +121,7 @@ mod feedback;
 mod packet;
 pub mod rate;
 mod receiver;
+pub mod room;
 mod sender;
 mod stats;
 
@@ -134,6 +135,7 @@ pub use packet::{
 };
 pub use rate::{ProbeRequest, RateConfig, RateController, RateReason, RateState, Usage};
 pub use receiver::{Playout, ReceivedFrame, Receiver, ReceiverConfig};
+pub use room::{RoomReceiver, SenderKey};
 pub use sender::{Frame, Sender, SenderConfig, Transmit};
 pub use stats::{SendStats, Stats};
 

@@ -128,6 +128,17 @@ impl Receiver {
     /// Feeds one datagram whose first byte is in 16..=63. Bad packets are dropped and counted;
     /// the error says why (for a `trace!`), nothing else needs doing with it.
     pub fn handle_packet(&mut self, now: Instant, data: &[u8]) -> Result<(), Error> {
+        self.handle_sealed(now, data, None)
+    }
+
+    /// Feeds one packet sealed with another key than the receiver's own: a room sender's
+    /// packet under one of its keys (current or just replaced, [`crate::room`]). Sequence
+    /// numbers and the replay window go on across its keys.
+    pub fn handle_packet_opened_by(&mut self, now: Instant, data: &[u8], opener: &PacketOpener) -> Result<(), Error> {
+        self.handle_sealed(now, data, Some(opener))
+    }
+
+    fn handle_sealed(&mut self, now: Instant, data: &[u8], opener: Option<&PacketOpener>) -> Result<(), Error> {
         let header = match Header::decode(data) {
             Ok((header, _)) => header,
             Err(e) => {
@@ -149,7 +160,7 @@ impl Receiver {
             trace!(track = header.track.0, seq = header.sequence, "media packet replayed");
             return Err(e);
         }
-        let (header, payload) = match self.opener.open(data) {
+        let (header, payload) = match opener.unwrap_or(&self.opener).open(data) {
             Ok(opened) => opened,
             Err(e) => {
                 track.stats.packets_auth_failed += 1;

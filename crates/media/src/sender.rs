@@ -211,6 +211,11 @@ impl Sender {
         sender
     }
 
+    /// Seals from now on with a room sender key's new `secret` ([`PacketSealer::rekey_room`]).
+    pub fn rekey_room(&mut self, secret: &[u8; 32]) {
+        self.sealer.rekey_room(secret);
+    }
+
     /// Queues a frame on `track`. Video frames may be dropped (and counted) instead; a data
     /// track whose queue is full refuses the frame with [`Error::QueueFull`].
     pub fn handle_frame(&mut self, track: Track, frame: Frame) -> Result<(), Error> {
