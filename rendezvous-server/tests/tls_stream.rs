@@ -95,7 +95,11 @@ async fn a_megabyte_each_way_at_once_arrives_intact() {
         .expect("reader ends")
         .expect("task")
         .expect("a clean end, not an error");
-    timeout(WAIT, writer).await.expect("writer ends").expect("task").expect("shutdown");
+    timeout(WAIT, writer)
+        .await
+        .expect("writer ends")
+        .expect("task")
+        .expect("shutdown");
     let mut rest = Vec::new();
     let n = timeout(WAIT, c.read_to_end(&mut rest))
         .await
@@ -144,7 +148,10 @@ async fn a_record_that_does_not_open_is_refused_and_the_peer_told_why() {
     // The alert the session made while reading goes out with the writer's close.
     let _ = timeout(WAIT, wr.shutdown()).await.expect("closes");
     let mut raw = Vec::new();
-    timeout(WAIT, tcp.read_to_end(&mut raw)).await.expect("closes").expect("reads");
+    timeout(WAIT, tcp.read_to_end(&mut raw))
+        .await
+        .expect("closes")
+        .expect("reads");
     conn.read_tls(&mut &raw[..]).expect("takes the records");
     let err = conn.process_new_packets().expect_err("an alert");
     assert_eq!(

@@ -43,7 +43,9 @@ pub struct SenderKey {
 
 impl std::fmt::Debug for SenderKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SenderKey").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("SenderKey")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -233,7 +235,13 @@ mod tests {
 
     /// Sends `frames` audio frames from `sender` (sealing with its current key) to `rx` as
     /// `who`'s; returns how many opened.
-    fn send_audio(sender: &mut Sender, key_id: u32, rx: &mut RoomReceiver<&'static str>, now: &mut Instant, frames: u32) -> usize {
+    fn send_audio(
+        sender: &mut Sender,
+        key_id: u32,
+        rx: &mut RoomReceiver<&'static str>,
+        now: &mut Instant,
+        frames: u32,
+    ) -> usize {
         let mut opened = 0;
         for i in 0..frames {
             sender
@@ -274,7 +282,9 @@ mod tests {
         let stats = bob.stats(&"alice", Track::AUDIO, now).expect("stats");
         assert_eq!((stats.packets_received, stats.packets_lost), (20, 0));
         // A packet sealed with the new key but labelled with the old id does not open.
-        alice.handle_frame(Track::AUDIO, Frame::new(999, vec![1; 10])).expect("queued");
+        alice
+            .handle_frame(Track::AUDIO, Frame::new(999, vec![1; 10]))
+            .expect("queued");
         let t = alice.poll_transmit(now).expect("packet");
         assert!(bob.handle_packet(now, &fan_out_packet(k1.id, &t.contents)).is_err());
         // After a third key, the first is forgotten.
@@ -309,7 +319,9 @@ mod tests {
         rx.add_key(now, "alice", &key(5, 1)).expect("key");
         assert!(rx.add_key(now, "mallory", &key(5, 2)).is_err());
         let mut alice = Sender::new(SenderConfig::default(), key(5, 1).sealer(), now);
-        alice.handle_frame(Track::AUDIO, Frame::new(0, vec![1; 10])).expect("queued");
+        alice
+            .handle_frame(Track::AUDIO, Frame::new(0, vec![1; 10]))
+            .expect("queued");
         let t = alice.poll_transmit(now).expect("packet");
         rx.remove_sender(&"alice");
         assert!(rx.handle_packet(now, &fan_out_packet(5, &t.contents)).is_err());

@@ -339,6 +339,11 @@ impl Call {
     }
 
     /// The other peer's name.
+    pub(crate) fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    /// The peer's name.
     pub fn peer(&self) -> &str {
         &self.start.peer
     }

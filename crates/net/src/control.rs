@@ -16,7 +16,7 @@ use natcall_proto::PROTOCOL_VERSION;
 use natcall_proto::codec::decode_control;
 use natcall_proto::control::{ClientMsg, ServerMsg};
 use natcall_proto::frame::{self, ErrorFrame, Frame, FrameDecoder, LEN_PREFIX, MAX_FRAME_LEN};
-use natcall_proto::relay::{RELAY_HEADER_LEN, TrafficClass};
+use natcall_proto::relay::{RELAY_HEADER_LEN, ROOM_ID_BIT, TrafficClass};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -352,6 +352,9 @@ async fn read_loop(mut rd: ReadHalf<Stream>, mut buf: BytesMut, shared: &Shared)
                                 return "the endpoint closed".into();
                             }
                         }
+                    }
+                    if header.call & ROOM_ID_BIT != 0 && header.class != TrafficClass::Control {
+                        shared.deliver_room(header.call, payload.clone());
                     }
                     // QUIC travels as control class; a full queue is a congested link.
                     if let Some(id) = into {

@@ -62,6 +62,9 @@ pub(crate) struct Shared {
     offers: mpsc::Sender<Offer>,
     /// Room news and sessions, for the endpoint's room router ([`crate::room::route`]).
     rooms: mpsc::Sender<RoomInput>,
+    /// Fan-out packets of each room this endpoint is in, by room id
+    /// ([`crate::room_media`]).
+    room_packets: Mutex<std::collections::HashMap<u32, mpsc::Sender<Bytes>>>,
     /// [`crate::Endpoint::close`] was called, or the endpoint is gone: every task ends.
     closing: AtomicBool,
     /// A `GoingAway` asked to come back after this many milliseconds (`u64::MAX`: none).
@@ -90,6 +93,7 @@ impl Shared {
             relay_quic,
             offers,
             rooms,
+            room_packets: Mutex::default(),
             closing: AtomicBool::new(false),
             come_back_ms: AtomicU64::new(u64::MAX),
             blackhole: AtomicBool::new(false),
@@ -216,6 +220,38 @@ impl Shared {
     pub(crate) fn deliver_media(core: &mut Core, id: CallId, packet: &[u8]) {
         if let Some(tx) = core.link_mut(id).and_then(|l| l.media.as_ref()) {
             let _ = tx.try_send(MediaIn::Packet(Bytes::copy_from_slice(packet)));
+        }
+    }
+
+    /// Fan-out packets to room `id` go to `tx` from now on.
+    pub(crate) fn register_room(&self, id: u32, tx: mpsc::Sender<Bytes>) {
+        self.room_packets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+    }
+
+    /// Forgets room `id`: its packets are dropped from now on.
+    pub(crate) fn unregister_room(&self, id: u32) {
+        self.room_packets.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+
+    /// Hands a fan-out packet of room `id` to the room's media; a room that cannot keep up
+    /// loses packets, like a congested link.
+    pub(crate) fn deliver_room(&self, id: u32, payload: Bytes) {
+        let tx = self
+            .room_packets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned();
+        match tx {
+            Some(tx) => {
+                if tx.try_send(payload).is_err() {
+                    trace!(room = id, "room media input full: packet dropped");
+                }
+            }
+            None => trace!(room = id, "fan-out packet of a room this endpoint is not in dropped"),
         }
     }
 

@@ -16,12 +16,17 @@ use natcall_proto::control::{ClientMsg, RoomMember, RoomRefusal, ServerMsg};
 use tokio::sync::mpsc;
 use tracing::debug;
 
+use natcall_media::{Frame, Track};
+
 use crate::call::{self, Call, Role};
 use crate::contacts;
 use crate::core::CallId;
 use crate::endpoint::{Endpoint, Inner};
 use crate::error::Error;
+use crate::room_media::{self, FanOutReport, RoomMedia};
 
+/// What a member sends at in fan-out unless told otherwise ([`Room::set_fan_out_rate`]), bit/s.
+pub const FAN_OUT_RATE_BPS: u64 = 800_000;
 /// How long a create or join waits for the server's answer.
 const ANSWER_WAIT: Duration = Duration::from_secs(10);
 /// News and sessions queued for a room's handle at most; beyond, news is dropped (logged) and
@@ -190,6 +195,9 @@ pub struct Room {
     members: Vec<RoomMember>,
     events: mpsc::Receiver<Delivery>,
     left: bool,
+    /// The room's fan-out media: keys, what this member sends to everyone through the server,
+    /// what arrives from the others that way.
+    media: Option<RoomMedia>,
 }
 
 impl Room {
@@ -215,6 +223,7 @@ impl Room {
             members: Vec::new(),
             events: mpsc::channel(1).1,
             left: true, // until the server says we are in
+            media: None,
         };
         inner.shared.with(|core, _| core.room_request(msg));
         let answer = tokio::time::timeout(ANSWER_WAIT, async {
@@ -233,6 +242,7 @@ impl Room {
                 room.members = members;
                 room.events = events;
                 room.left = false;
+                room.media = Some(RoomMedia::start(inner.shared.clone(), id, FAN_OUT_RATE_BPS));
                 Ok(room)
             }
             Ok(Some(Delivery::Refused { refusal, reason })) => Err(Error::Room { refusal, reason }),
@@ -268,13 +278,61 @@ impl Room {
     }
 
     /// The next thing that happens in the room; `None` once the endpoint is closed.
+    ///
+    /// A connected session is first given to the room's keys (this member's sender key goes to
+    /// the member over it, and the member's keys are read from it); a member who leaves makes
+    /// this member rekey, so it cannot open what this member sends after.
     pub async fn next_event(&mut self) -> Option<RoomEvent> {
         loop {
             match self.events.recv().await? {
-                Delivery::Event(e) => return Some(e),
+                Delivery::Event(e) => {
+                    self.to_media(&e).await;
+                    return Some(e);
+                }
                 other => debug!(?other, "a second answer for the room: ignored"),
             }
         }
+    }
+
+    async fn to_media(&self, e: &RoomEvent) {
+        let Some(media) = &self.media else { return };
+        let ctl = match e {
+            RoomEvent::Session { peer, call } => room_media::Ctl::Session {
+                peer: peer.clone(),
+                conn: call.connection().clone(),
+            },
+            RoomEvent::MemberLeft { name, .. } => room_media::Ctl::Left(name.clone()),
+            _ => return,
+        };
+        let _ = media.ctl.send(ctl).await;
+    }
+
+    /// Sends a frame in fan-out: one copy to the server, which forwards it to every other
+    /// member; sealed with this member's sender key, paced at the fan-out rate. Frames beyond
+    /// what the pacer holds are dropped (video) as in a call.
+    pub async fn send_fan_out_frame(&self, track: Track, frame: Frame) -> Result<(), Error> {
+        let media = self
+            .media
+            .as_ref()
+            .ok_or_else(|| Error::Ended("not in the room".into()))?;
+        media
+            .ctl
+            .send(room_media::Ctl::Frame(track, frame))
+            .await
+            .map_err(|_| Error::Ended("the room's media ended".into()))
+    }
+
+    /// Sets what this member sends at in fan-out, bit/s (default [`FAN_OUT_RATE_BPS`]).
+    pub async fn set_fan_out_rate(&self, bps: u64) {
+        if let Some(media) = &self.media {
+            let _ = media.ctl.send(room_media::Ctl::Rate(bps)).await;
+        }
+    }
+
+    /// Fan-out statistics: what this member sent to the room, and what arrived from each other
+    /// member through the server.
+    pub fn fan_out_report(&self) -> FanOutReport {
+        self.media.as_ref().map(RoomMedia::report).unwrap_or_default()
     }
 
     /// Leaves the room: the others are told, the pairwise sessions end.

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{Lab, server};
-use natcall::{Call, EndReason, Endpoint, EndpointConfig, Error, Identity, Room, RoomEvent, RoomRefusal};
+use natcall::{Call, EndReason, Endpoint, EndpointConfig, Error, Frame, Identity, Room, RoomEvent, RoomRefusal, Track};
 
 const STEP: Duration = Duration::from_secs(10);
 
@@ -121,4 +121,111 @@ async fn three_members_get_a_session_with_each_other_and_chat_on_every_one() {
         calls.remove("carol");
     }
     chat_everywhere(&all).await;
+}
+
+/// Sends `frames` audio frames of 80 bytes (20 ms apart) and, every fifth, a video key frame of
+/// 2 000 bytes, in fan-out.
+async fn send_fan_out(room: &Room, frames: u32) {
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    for i in 0..frames {
+        tick.tick().await;
+        room.send_fan_out_frame(Track::AUDIO, Frame::new(i * 20, vec![7; 80]))
+            .await
+            .expect("queued");
+        if i % 5 == 0 {
+            room.send_fan_out_frame(Track::VIDEO, Frame::key(i * 20, vec![9; 2_000]))
+                .await
+                .expect("queued");
+        }
+    }
+}
+
+/// Complete audio frames `room`'s member got from `from` by fan-out.
+fn audio_from(room: &Room, from: &str) -> u64 {
+    room.fan_out_report()
+        .received
+        .get(from)
+        .and_then(|m| m.audio.received.as_ref())
+        .map_or(0, |s| s.frames_complete)
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + STEP;
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn fan_out_media_reaches_every_other_member_under_sender_keys_that_change_when_one_leaves() {
+    let lab = server().await;
+    let alice = peer(&lab, "alice").await;
+    let bob = peer(&lab, "bob").await;
+    let carol = peer(&lab, "carol").await;
+    let mut a = alice.create_room("fan", &["bob", "carol"]).await.expect("created");
+    let mut b = bob.join_room("fan", None).await.expect("joins");
+    let mut c = carol.join_room("fan", None).await.expect("joins");
+    // The sessions carry the keys: each member has both others' once they connected.
+    let mut all = BTreeMap::new();
+    all.insert("alice", sessions(&mut a, &["bob", "carol"]).await);
+    all.insert("bob", sessions(&mut b, &["alice", "carol"]).await);
+    all.insert("carol", sessions(&mut c, &["alice", "bob"]).await);
+    for room in [&a, &b, &c] {
+        eventually("every member has the others' keys", || {
+            room.fan_out_report().received.len() == 2
+        })
+        .await;
+    }
+
+    tokio::join!(send_fan_out(&a, 50), send_fan_out(&b, 50), send_fan_out(&c, 50));
+    for (me, room, others) in [
+        ("alice", &a, ["bob", "carol"]),
+        ("bob", &b, ["alice", "carol"]),
+        ("carol", &c, ["alice", "bob"]),
+    ] {
+        for from in others {
+            eventually(&format!("{me} gets {from}'s audio"), || audio_from(room, from) >= 48).await;
+            let video = room.fan_out_report().received[from]
+                .video
+                .received
+                .clone()
+                .expect("video");
+            assert!(video.frames_complete >= 9, "{me} from {from}: {video:?}");
+        }
+        let report = room.fan_out_report();
+        assert_eq!(report.keys_made, 1, "{me}");
+        assert_eq!(
+            report.unknown_key_packets, 0,
+            "{me}: every packet came under a key it had"
+        );
+        let sent = report.sent[0].clone().expect("audio sent");
+        assert_eq!(sent.frames_sent, 50, "{me}");
+    }
+
+    // carol leaves: alice and bob make new keys and give them only to each other.
+    c.leave();
+    for (me, room) in [("alice", &mut a), ("bob", &mut b)] {
+        match next(room).await {
+            RoomEvent::MemberLeft { name, .. } => assert_eq!(name, "carol", "{me}"),
+            other => panic!("{me}: {other:?}"),
+        }
+    }
+    for (me, room) in [("alice", &a), ("bob", &b)] {
+        eventually(&format!("{me} rekeyed"), || room.fan_out_report().keys_made == 2).await;
+    }
+    let (before_a, before_b) = (audio_from(&b, "alice"), audio_from(&a, "bob"));
+    tokio::join!(send_fan_out(&a, 50), send_fan_out(&b, 50));
+    eventually("bob opens alice's media under her new key", || {
+        audio_from(&b, "alice") >= before_a + 48
+    })
+    .await;
+    eventually("alice opens bob's media under his new key", || {
+        audio_from(&a, "bob") >= before_b + 48
+    })
+    .await;
+    for (me, room) in [("alice", &a), ("bob", &b)] {
+        assert_eq!(room.fan_out_report().unknown_key_packets, 0, "{me}");
+    }
+    drop(all);
 }
