@@ -64,14 +64,17 @@ enum Cmd {
         #[command(flatten)]
         session: SessionArgs,
     },
-    /// Create or join ROOM, a group call: a session with every other member (media and chat to
-    /// each), members listed as they come and go. Creates it with --create or --invite (you get
-    /// a join code to hand out); otherwise joins it, invited or with --code.
+    /// Create or join ROOM, a group call: a session with every other member (chat to each, keys,
+    /// and media in mesh), members listed as they come and go; media goes to each member on its
+    /// session (mesh) or as one copy through the server (fan-out, sealed with your own key).
+    /// Creates it with --create or --invite (you get a join code to hand out); otherwise joins
+    /// it, invited or with --code.
     #[command(after_help = "Examples:
   natcall room team --invite bob,carol     create room team; bob and carol may join
   natcall room team                        join team (you were invited)
   natcall room team --code k3x9m2pq7wdn    join team with the code its creator gave you
-  natcall room team --duration 60 --json   leave after a minute; JSON events and a report")]
+  natcall room team --duration 60 --json   leave after a minute; JSON events and a report
+  natcall room team --topology fan-out     send one copy of your media through the server")]
     Room {
         /// The room's name (like a peer's: a-z 0-9 . _ -).
         room: String,
@@ -84,6 +87,10 @@ enum Cmd {
         /// Join with this code (from the room's creator) instead of an invitation.
         #[arg(long, conflicts_with_all = ["create", "invite"])]
         code: Option<String>,
+        /// How this member's media travels: to each member on its own session (mesh), one
+        /// copy through the server (fan-out), or chosen by the room's size and the uplink.
+        #[arg(long, value_enum, default_value_t = room::TopologyArg::Auto)]
+        topology: room::TopologyArg,
         #[command(flatten)]
         session: SessionArgs,
     },
@@ -305,6 +312,7 @@ fn main() -> ExitCode {
                 create,
                 invite,
                 code,
+                topology,
                 session: how,
             } => {
                 natcall::validate_name(&room).with_context(|| format!("room name {room:?}"))?;
@@ -316,7 +324,7 @@ fn main() -> ExitCode {
                 };
                 let opts = how.into_opts(json)?;
                 let settings = config::Settings::resolve(args.server, args.name, args.home).await?;
-                room::run(settings, opts, &room, entry).await
+                room::run(settings, opts, &room, entry, topology).await
             }
             Cmd::Call {
                 peer,

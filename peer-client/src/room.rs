@@ -1,23 +1,32 @@
 //! `natcall room ROOM`: a group call. Creates the room (`--create`, or `--invite NAMES`) or
-//! joins it (invited, or `--code CODE`), then, with every other member, runs what a 1:1 call
-//! runs on their pairwise session: the built-in test source (or nothing with `--no-media`),
-//! received media counted, chat from stdin to everyone and from each member to the screen. Each
-//! member's media goes to each other member on that pair's session (mesh; see docs/rooms.md).
+//! joins it (invited, or `--code CODE`), then, with every other member, keeps a pairwise
+//! session: chat from stdin to everyone and from each member to the screen, the room's keys,
+//! and, in mesh, the built-in test source (or nothing with `--no-media`). In fan-out the test
+//! source goes once to the server, which forwards it to everyone, sealed with this member's
+//! sender key. `--topology auto` (the default) starts in mesh and moves by
+//! [`natcall::TopologyChooser`] (see docs/rooms.md); each change and why is in the report.
 //! The report holds each member's session report in the shape of a 1:1 call's
-//! (`members.NAME.media.audio.received` …) and the topology changes.
+//! (`members.NAME.media.audio.received` …: what came over the session), what came from it
+//! by fan-out (`members.NAME.fan_out`, the same shape), this member's topology changes
+//! (`topology`: mode and why) and each session's path changes (`paths`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use natcall::{Call, EndReason, RoomEvent};
+use natcall::{
+    Call, EndReason, FanOutSender, Frame, RateReason, RoomEvent, Topology, TopologyChooser, TopologyRule, Track,
+};
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::Settings;
 use crate::output::{self, Exit};
 use crate::session::{self, Opts, Stdin};
+
+/// The built-in test source's audio rate, kbit/s (80-byte frames every 20 ms, and headers).
+const AUDIO_KBPS: u64 = 40;
 
 /// How this peer enters the room.
 #[derive(Debug, Clone)]
@@ -26,6 +35,17 @@ pub enum Entry {
     Create { invite: Vec<String> },
     /// Join it, invited or with a join code.
     Join { code: Option<String> },
+}
+
+/// `--topology`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TopologyArg {
+    /// Mesh while the room is small and the uplink carries a copy for everyone; else fan-out.
+    Auto,
+    /// Always to each member on its own session.
+    Mesh,
+    /// Always one copy through the server.
+    FanOut,
 }
 
 /// What a member's session task reports to the room loop.
@@ -45,7 +65,7 @@ struct Member {
 }
 
 /// `natcall room ROOM`.
-pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry) -> Result<Exit> {
+pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry, topology_arg: TopologyArg) -> Result<Exit> {
     let json = opts.json;
     let mut stdin = Stdin::for_chat(&opts.media);
     let ep = session::bind(&settings, json).await?;
@@ -88,6 +108,53 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry) -> Re
     let (tx, mut rx) = mpsc::channel::<FromMember>(256);
     let mut sessions: BTreeMap<String, Member> = BTreeMap::new();
     let mut topology: Vec<serde_json::Value> = Vec::new();
+    let mut paths: Vec<serde_json::Value> = Vec::new();
+    // How this member's media travels, and the rule that moves it.
+    let mut chooser = TopologyChooser::new(TopologyRule::default());
+    let first = match topology_arg {
+        TopologyArg::FanOut => Topology::FanOut,
+        _ => Topology::Mesh,
+    };
+    let (mode_tx, mode) = watch::channel(first);
+    let mut members_now = r.members().len() + 1;
+    let want_bps = opts
+        .media
+        .media_kbps
+        .min(u64::from(opts.media.video_kbps) + AUDIO_KBPS)
+        .saturating_mul(1000);
+    r.set_fan_out_rate(want_bps.max(100_000)).await;
+    let mut uplink_bps: Option<u64> = None;
+    let mode_event = |topology: &mut Vec<serde_json::Value>, to: Topology, why: &str| {
+        topology.push(json!({
+            "at_ms": since.elapsed().as_secs_f64() * 1000.0,
+            "mode": to,
+            "why": why,
+        }));
+        output::notice(
+            json,
+            json!({"event": "topology", "mode": to, "why": why, "at_ms": since.elapsed().as_secs_f64() * 1000.0}),
+            &format!(
+                "sending {}: {why}",
+                match to {
+                    Topology::Mesh => "to each member (mesh)",
+                    Topology::FanOut => "one copy through the server (fan-out)",
+                }
+            ),
+        );
+    };
+    match topology_arg {
+        TopologyArg::FanOut => mode_event(&mut topology, Topology::FanOut, "--topology fan-out"),
+        TopologyArg::Mesh => mode_event(&mut topology, Topology::Mesh, "--topology mesh"),
+        TopologyArg::Auto => mode_event(&mut topology, Topology::Mesh, "a small room starts in mesh"),
+    }
+    let fan_out_source = match (r.fan_out_sender(), opts.media.no_media) {
+        (Some(sender), false) => Some(tokio::spawn(fan_out_source(
+            sender,
+            opts.media.video_kbps,
+            mode.clone(),
+        ))),
+        _ => None,
+    };
     let mut chat_sent = 0u64;
     let mut chat_received = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -98,12 +165,16 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry) -> Re
     let exit = loop {
         tokio::select! {
             ev = r.next_event() => match ev {
-                Some(RoomEvent::MemberJoined(m)) => output::notice(
-                    json,
-                    json!({"event": "member_joined", "room": room, "name": m.name, "fingerprint": m.fingerprint.to_string()}),
-                    &format!("{} joined", m.name),
-                ),
+                Some(RoomEvent::MemberJoined(m)) => {
+                    members_now += 1;
+                    output::notice(
+                        json,
+                        json!({"event": "member_joined", "room": room, "name": m.name, "fingerprint": m.fingerprint.to_string()}),
+                        &format!("{} joined", m.name),
+                    );
+                }
                 Some(RoomEvent::MemberLeft { name, reason }) => {
+                    members_now = members_now.saturating_sub(1).max(1);
                     output::notice(
                         json,
                         json!({"event": "member_left", "room": room, "name": name, "reason": reason}),
@@ -113,19 +184,18 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry) -> Re
                 Some(RoomEvent::Session { peer, call }) => {
                     let call = Arc::new(*call);
                     let report = call.report();
-                    topology.push(json!({
+                    paths.push(json!({
                         "at_ms": since.elapsed().as_secs_f64() * 1000.0,
                         "member": peer,
-                        "mode": "mesh",
                         "path": report.path,
-                        "why": "a session per pair: media goes to each member on its own path",
+                        "why": "the pair's session connected",
                     }));
                     output::notice(
                         json,
                         json!({"event": "connected", "peer": peer, "path": report.path, "time_to_connected_ms": report.time_to_connected_ms}),
                         &format!("connected to {peer} via {} in {:.1} ms", report.path, report.time_to_connected_ms),
                     );
-                    let task = tokio::spawn(member_task(call.clone(), opts.clone(), tx.clone()));
+                    let task = tokio::spawn(member_task(call.clone(), opts.clone(), tx.clone(), mode.clone()));
                     if let Some(old) = sessions.insert(peer, Member { call, task, ended: None }) {
                         old.call.hangup("replaced");
                         old.task.abort();
@@ -144,10 +214,9 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry) -> Re
                     output::chat(json, &from, &line);
                 }
                 Some(FromMember::Path { peer, to }) => {
-                    topology.push(json!({
+                    paths.push(json!({
                         "at_ms": since.elapsed().as_secs_f64() * 1000.0,
                         "member": peer,
-                        "mode": "mesh",
                         "path": to,
                         "why": "the pair's path changed",
                     }));
@@ -173,11 +242,32 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry) -> Re
                 }
                 chat_sent += 1;
             }
-            _ = tick.tick() => output::status(&status_text(room, &sessions, since)),
+            _ = tick.tick() => {
+                if topology_arg == TopologyArg::Auto {
+                    // In mesh, the pairs' controllers measure the uplink: when one backs off
+                    // for delay or loss, the sum of their targets is what it carries.
+                    if *mode.borrow() == Topology::Mesh {
+                        let live: Vec<_> = sessions.values().filter(|s| s.ended.is_none()).map(|s| *s.call.watch_rate().borrow()).collect();
+                        let congested = live.iter().any(|r| matches!(r.reason, RateReason::Delay | RateReason::Loss));
+                        if congested {
+                            uplink_bps = Some(live.iter().map(|r| r.target_bps).sum());
+                        }
+                    }
+                    if let Some((to, why)) = chooser.update(std::time::Instant::now(), members_now, want_bps, uplink_bps) {
+                        mode_event(&mut topology, to, &why);
+                        mode_tx.send_replace(to);
+                    }
+                }
+                output::status(&status_text(room, &sessions, since, *mode.borrow()));
+            }
             _ = sleep_until_opt(deadline) => break Exit::Ok,
             _ = &mut ctrl_c => break Exit::Ok,
         }
     };
+    if let Some(t) = fan_out_source {
+        t.abort();
+    }
+    let fan_out = r.fan_out_report();
     r.leave();
     for s in sessions.values() {
         s.call.hangup("left the room");
@@ -191,6 +281,9 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry) -> Re
         if let (Some(o), Some(end)) = (v.as_object_mut(), &s.ended) {
             o.insert("ended".into(), serde_json::to_value(end)?);
         }
+        if let (Some(o), Some(f)) = (v.as_object_mut(), fan_out.received.get(peer)) {
+            o.insert("fan_out".into(), serde_json::to_value(f)?);
+        }
         reports.insert(peer.clone(), v);
     }
     if json {
@@ -200,6 +293,12 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry) -> Re
             "name": ep.name(),
             "members": reports,
             "topology": topology,
+            "paths": paths,
+            "fan_out": {
+                "sent": {"audio": fan_out.sent[0], "video": fan_out.sent[1]},
+                "keys_made": fan_out.keys_made,
+                "unknown_key_packets": fan_out.unknown_key_packets,
+            },
             "chat_sent": chat_sent,
             "chat_received": chat_received,
             "exit_code": exit as u8,
@@ -214,12 +313,15 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry) -> Re
             let rep = s.call.report();
             let got = |t: &natcall::TrackReport| t.received.as_ref().map_or(0, |s| s.frames_complete);
             let m = s.call.media_report();
+            let f = fan_out.received.get(peer).cloned().unwrap_or_default();
             eprintln!(
-                "  {peer}: path {}, rtt {:.1} ms, received {} audio and {} video frames",
+                "  {peer}: path {}, rtt {:.1} ms, received {} audio and {} video frames on the session, {} and {} by fan-out",
                 rep.path,
                 rep.rtt_ms,
                 got(&m.audio),
-                got(&m.video)
+                got(&m.video),
+                got(&f.audio),
+                got(&f.video)
             );
         }
     }
@@ -229,16 +331,23 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry) -> Re
 
 /// One member's session: the test source (unless `--no-media`), received media drained (the
 /// statistics count it), and its chat lines passed to the room loop; until the session ends.
-async fn member_task(call: Arc<Call>, opts: Opts, tx: mpsc::Sender<FromMember>) {
+async fn member_task(call: Arc<Call>, opts: Opts, tx: mpsc::Sender<FromMember>, mut mode: watch::Receiver<Topology>) {
     let peer = call.peer().to_owned();
     if let Err(e) = call.set_media_rate(opts.media.media_kbps.saturating_mul(1000)).await {
         tracing::warn!(error = %e, "cannot set the media rate");
     }
+    // The test source runs on the session while this member is in mesh.
     let source = async {
-        if !opts.media.no_media {
-            session::test_source(&call, opts.media.video_kbps).await;
+        loop {
+            let on = mode.wait_for(|m| *m == Topology::Mesh).await.is_ok();
+            if !on || opts.media.no_media {
+                return std::future::pending::<()>().await;
+            }
+            tokio::select! {
+                () = session::test_source(&call, opts.media.video_kbps) => {}
+                () = left(&mut mode, Topology::Mesh) => {}
+            }
         }
-        std::future::pending::<()>().await
     };
     // Received frames are counted in the session's statistics.
     let sink = async {
@@ -273,8 +382,58 @@ async fn member_task(call: Arc<Call>, opts: Opts, tx: mpsc::Sender<FromMember>) 
     let _ = tx.send(FromMember::Ended { peer, reason }).await;
 }
 
-fn status_text(room: &str, sessions: &BTreeMap<String, Member>, since: Instant) -> String {
-    let mut parts = vec![format!("[{room}] {:.0} s", since.elapsed().as_secs_f64())];
+/// The built-in test source in fan-out, while this member is in fan-out: audio as
+/// [`session::test_source`]'s, video at `video_kbps` (30 frames/s, a key frame every 2 s and
+/// after each move to fan-out). Nothing comes back to adapt it: the server thins a slow
+/// receiver's video in its own buffer.
+async fn fan_out_source(sender: FanOutSender, video_kbps: u32, mut mode: watch::Receiver<Topology>) {
+    let start = Instant::now();
+    let stamp = || start.elapsed().as_millis() as u32;
+    let video_bytes = (u64::from(video_kbps) * 1000 / 8 / 30).max(1) as usize;
+    let (mut n, mut a) = (0u32, 0u32);
+    loop {
+        let on = mode.wait_for(|m| *m == Topology::FanOut).await.is_ok();
+        if !on {
+            return;
+        }
+        let mut audio = tokio::time::interval(Duration::from_millis(20));
+        let mut video = tokio::time::interval(Duration::from_millis(33));
+        let mut first = true;
+        loop {
+            let sent = tokio::select! {
+                () = left(&mut mode, Topology::FanOut) => break,
+                _ = audio.tick() => {
+                    let mut frame = vec![0x41; 80];
+                    frame[..4].copy_from_slice(&a.to_be_bytes());
+                    a = a.wrapping_add(1);
+                    sender.send_frame(Track::AUDIO, Frame::new(stamp(), frame)).await
+                }
+                _ = video.tick() => {
+                    let key = first || n % 60 == 0;
+                    first = false;
+                    n += 1;
+                    let frame = if key { Frame::key(stamp(), vec![0x4b; video_bytes]) } else { Frame::new(stamp(), vec![0x56; video_bytes]) };
+                    sender.send_frame(Track::VIDEO, frame).await
+                }
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Resolves when the topology is no longer `from` (or its sender is gone).
+async fn left(mode: &mut watch::Receiver<Topology>, from: Topology) {
+    let _ = mode.wait_for(|m| *m != from).await.map(|_| ());
+}
+
+fn status_text(room: &str, sessions: &BTreeMap<String, Member>, since: Instant, mode: Topology) -> String {
+    let how = match mode {
+        Topology::Mesh => "mesh",
+        Topology::FanOut => "fan-out",
+    };
+    let mut parts = vec![format!("[{room}] {:.0} s {how}", since.elapsed().as_secs_f64())];
     for (peer, s) in sessions {
         if s.ended.is_some() {
             continue;

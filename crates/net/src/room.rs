@@ -184,6 +184,140 @@ async fn connect(inner: Arc<Inner>, tx: mpsc::Sender<Delivery>, peer: String, id
     }
 }
 
+/// Sends frames in a room's fan-out ([`Room::fan_out_sender`]); cloneable.
+#[derive(Debug, Clone)]
+pub struct FanOutSender {
+    ctl: mpsc::Sender<room_media::Ctl>,
+}
+
+impl FanOutSender {
+    /// As [`Room::send_fan_out_frame`].
+    pub async fn send_frame(&self, track: Track, frame: Frame) -> Result<(), Error> {
+        self.ctl
+            .send(room_media::Ctl::Frame(track, frame))
+            .await
+            .map_err(|_| Error::Ended("the room's media ended".into()))
+    }
+}
+
+/// How one member's media travels to the others (see `docs/rooms.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Topology {
+    /// To each other member over that pair's session.
+    Mesh,
+    /// One copy to the server, which forwards it to every other member.
+    FanOut,
+}
+
+/// When a member moves between mesh and fan-out: to fan-out when the room has more than
+/// `max_mesh_members`, or when sending its rate to every other member needs more than its
+/// uplink was measured to carry; back to mesh when neither holds, with `margin` to spare, for
+/// `hold`.
+#[derive(Debug, Clone)]
+pub struct TopologyRule {
+    /// Rooms larger than this use fan-out.
+    pub max_mesh_members: usize,
+    /// Back to mesh only with this share of the uplink to spare.
+    pub margin: f64,
+    /// ... for this long.
+    pub hold: Duration,
+}
+
+impl Default for TopologyRule {
+    fn default() -> Self {
+        Self {
+            max_mesh_members: 4,
+            margin: 0.2,
+            hold: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Applies a [`TopologyRule`] over time (sans-IO: time comes in).
+#[derive(Debug, Clone)]
+pub struct TopologyChooser {
+    rule: TopologyRule,
+    current: Topology,
+    /// Since when mesh would do, while in fan-out.
+    mesh_ok_since: Option<std::time::Instant>,
+}
+
+impl TopologyChooser {
+    /// Starts in mesh.
+    pub fn new(rule: TopologyRule) -> Self {
+        Self {
+            rule,
+            current: Topology::Mesh,
+            mesh_ok_since: None,
+        }
+    }
+
+    /// The current topology.
+    pub fn current(&self) -> Topology {
+        self.current
+    }
+
+    /// Re-decides with the room's size (`members`, this one included), the rate this member
+    /// wants to send to each other member, and what its uplink was measured to carry to all of
+    /// them together (`None`: not measured yet). Returns the new topology and why, on a change.
+    pub fn update(
+        &mut self,
+        now: std::time::Instant,
+        members: usize,
+        want_bps: u64,
+        uplink_bps: Option<u64>,
+    ) -> Option<(Topology, String)> {
+        let others = members.saturating_sub(1) as u64;
+        let need = others * want_bps;
+        let too_many = members > self.rule.max_mesh_members;
+        let too_much = uplink_bps.filter(|&up| others > 1 && need > up);
+        match self.current {
+            Topology::Mesh => {
+                let why = if too_many {
+                    format!(
+                        "the room has {members} members, more than {} for mesh",
+                        self.rule.max_mesh_members
+                    )
+                } else if let Some(up) = too_much {
+                    format!(
+                        "sending {} kbit/s to each of {others} members needs {} kbit/s; the uplink carries {} kbit/s",
+                        want_bps / 1000,
+                        need / 1000,
+                        up / 1000
+                    )
+                } else {
+                    return None;
+                };
+                self.current = Topology::FanOut;
+                self.mesh_ok_since = None;
+                Some((Topology::FanOut, why))
+            }
+            Topology::FanOut => {
+                let fits = uplink_bps.is_none_or(|up| need as f64 <= up as f64 * (1.0 - self.rule.margin));
+                if too_many || !fits {
+                    self.mesh_ok_since = None;
+                    return None;
+                }
+                let since = *self.mesh_ok_since.get_or_insert(now);
+                if now.saturating_duration_since(since) < self.rule.hold {
+                    return None;
+                }
+                self.current = Topology::Mesh;
+                self.mesh_ok_since = None;
+                Some((
+                    Topology::Mesh,
+                    format!(
+                        "{members} members and the uplink carries what mesh needs ({} kbit/s) with room to spare for {} s",
+                        need / 1000,
+                        self.rule.hold.as_secs()
+                    ),
+                ))
+            }
+        }
+    }
+}
+
 /// A room this endpoint is in. Dropping it (or [`Room::leave`]) leaves the room: the server
 /// tells the others, and every pairwise session ends.
 #[derive(Debug)]
@@ -322,6 +456,12 @@ impl Room {
             .map_err(|_| Error::Ended("the room's media ended".into()))
     }
 
+    /// A handle that sends frames in fan-out, for a source task that runs beside the room's
+    /// event loop.
+    pub fn fan_out_sender(&self) -> Option<FanOutSender> {
+        self.media.as_ref().map(|m| FanOutSender { ctl: m.ctl.clone() })
+    }
+
     /// Sets what this member sends at in fan-out, bit/s (default [`FAN_OUT_RATE_BPS`]).
     pub async fn set_fan_out_rate(&self, bps: u64) {
         if let Some(media) = &self.media {
@@ -356,5 +496,46 @@ impl Room {
 impl Drop for Room {
     fn drop(&mut self) {
         self.leave_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_moves_to_fan_out_when_the_room_grows_or_the_uplink_is_short_and_back_after_a_hold() {
+        let t0 = std::time::Instant::now();
+        let mut c = TopologyChooser::new(TopologyRule::default());
+        // Three members, 500 kbit/s each, uplink 2 Mbit/s: mesh.
+        assert_eq!(c.update(t0, 3, 500_000, Some(2_000_000)), None);
+        assert_eq!(c.current(), Topology::Mesh);
+        // The uplink measures 800 kbit/s: two copies of 500 do not fit.
+        let (to, why) = c.update(t0, 3, 500_000, Some(800_000)).expect("a change");
+        assert_eq!(to, Topology::FanOut);
+        assert!(
+            why.contains("needs 1000 kbit/s") && why.contains("carries 800"),
+            "{why}"
+        );
+        // It fits again, but only with the margin for the hold: back to mesh after 10 s.
+        assert_eq!(c.update(t0, 3, 500_000, Some(1_300_000)), None);
+        assert_eq!(c.update(t0 + Duration::from_secs(9), 3, 500_000, Some(1_300_000)), None);
+        let (to, _) = c
+            .update(t0 + Duration::from_secs(10), 3, 500_000, Some(1_300_000))
+            .expect("back to mesh");
+        assert_eq!(to, Topology::Mesh);
+        // A fifth member: fan-out whatever the uplink.
+        let (to, why) = c.update(t0, 5, 100_000, None).expect("a change");
+        assert_eq!(to, Topology::FanOut);
+        assert!(why.contains("5 members"), "{why}");
+        // Near the line (within the margin) it stays in fan-out.
+        let mut c = TopologyChooser::new(TopologyRule::default());
+        c.update(t0, 3, 500_000, Some(900_000)).expect("fan-out");
+        for s in 0..30 {
+            assert_eq!(c.update(t0 + Duration::from_secs(s), 3, 500_000, Some(1_100_000)), None);
+        }
+        // A pair (one other member) never needs fan-out for its uplink.
+        let mut c = TopologyChooser::new(TopologyRule::default());
+        assert_eq!(c.update(t0, 2, 500_000, Some(100_000)), None);
     }
 }
