@@ -122,7 +122,8 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry, topol
         .media_kbps
         .min(u64::from(opts.media.video_kbps) + AUDIO_KBPS)
         .saturating_mul(1000);
-    r.set_fan_out_rate(want_bps.max(100_000)).await;
+    // The pacer needs room above the media for headers and tags (about 8 %) and bursts.
+    r.set_fan_out_rate((want_bps * 5 / 4).max(100_000)).await;
     let mut uplink_bps: Option<u64> = None;
     let mode_event = |topology: &mut Vec<serde_json::Value>, to: Topology, why: &str| {
         topology.push(json!({

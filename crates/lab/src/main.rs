@@ -122,6 +122,13 @@ enum Cmd {
         /// Seconds the room runs once everyone is connected.
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
+        /// Every member's `natcall room --topology`: mesh, fan-out or auto.
+        #[arg(long, default_value = "mesh")]
+        topology: String,
+        /// Cap a member's downlink: its position in --kinds (from 1) and kbit/s, e.g. 3:600;
+        /// repeatable.
+        #[arg(long, value_name = "MEMBER:KBIT")]
+        cap: Vec<String>,
         /// Keep the logs and reports in DIR.
         #[arg(long)]
         keep_logs: Option<PathBuf>,
@@ -319,8 +326,10 @@ fn run(args: Args) -> Result<bool> {
             Cmd::Room {
                 kinds,
                 seconds,
+                topology,
+                cap,
                 keep_logs,
-            } => room(&bins, kinds, seconds, keep_logs).await,
+            } => room(&bins, kinds, seconds, &topology, &cap, keep_logs).await,
             Cmd::SetupBench {
                 calls,
                 delays,
@@ -357,7 +366,17 @@ fn run(args: Args) -> Result<bool> {
 }
 
 /// `natcall-lab room`: one room of the given kinds; prints the per-pair table.
-async fn room(bins: &Binaries, kinds: Option<Vec<String>>, seconds: f64, keep_logs: Option<PathBuf>) -> Result<bool> {
+async fn room(
+    bins: &Binaries,
+    kinds: Option<Vec<String>>,
+    seconds: f64,
+    topology: &str,
+    caps: &[String],
+    keep_logs: Option<PathBuf>,
+) -> Result<bool> {
+    if !["mesh", "fan-out", "auto"].contains(&topology) {
+        bail!("--topology: mesh, fan-out or auto, not {topology:?}");
+    }
     let names = kinds.unwrap_or_else(|| {
         ["public", "port-restricted", "symmetric", "udp-blocked"]
             .map(String::from)
@@ -381,11 +400,44 @@ async fn room(bins: &Binaries, kinds: Option<Vec<String>>, seconds: f64, keep_lo
             (t.path().to_path_buf(), Some(t))
         }
     };
+    let mut options = natcall_lab::room::RoomOptions {
+        topology: topology.to_owned(),
+        ..Default::default()
+    };
+    for c in caps {
+        let parsed = c
+            .split_once(':')
+            .and_then(|(m, k)| Some((m.parse::<usize>().ok()?, k.parse::<u32>().ok()?)))
+            .filter(|(m, k)| (1..=members.len()).contains(m) && *k > 0);
+        let (m, k) =
+            parsed.ok_or_else(|| anyhow::anyhow!("--cap {c}: MEMBER:KBIT, MEMBER from 1 to {}", members.len()))?;
+        options.caps.push((m - 1, k));
+    }
     let refs: Vec<(&str, Kind)> = members.iter().map(|(n, k)| (n.as_str(), *k)).collect();
-    let out = natcall_lab::room::run_room(bins, &refs, seconds, &dir).await?;
+    let out = natcall_lab::room::run_room_with(bins, &refs, seconds, &options, &dir).await?;
     if out.error.is_some() {
         println!("{}", out.diagnostics());
         return Ok(false);
+    }
+    if topology != "mesh" {
+        // Fan-out media (and mesh media, for members that stayed in mesh), per pair.
+        println!("| receiver ← sender | session audio / video on time | fan-out audio / video on time |");
+        println!("|---|---|---|");
+        for (r, _) in &refs {
+            for (s, _) in refs.iter().filter(|(s, _)| s != r) {
+                let pct = |g: Option<natcall_lab::room::Received>| {
+                    g.map_or("–".to_owned(), |g| {
+                        format!("{:.1} % / {:.1} %", g.audio_on_time * 100.0, g.video_on_time * 100.0)
+                    })
+                };
+                println!(
+                    "| {r} ← {s} | {} | {} |",
+                    pct(out.received(r, s)),
+                    pct(out.received_fan_out(r, s))
+                );
+            }
+        }
+        return Ok(out.exit_codes.values().all(|c| *c == Some(0)));
     }
     println!("| receiver ← sender | path | expected | audio on time | video complete, on time |");
     println!("|---|---|---|---|---|");

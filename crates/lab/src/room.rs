@@ -11,7 +11,8 @@
 //! member has a session with every other, the room runs `secs`, then all leave at once
 //! (SIGINT), so each pair's media is measured over the same time on both sides. With
 //! departures ([`run_room_with`]), the members named leave (SIGINT) or are killed (SIGKILL)
-//! halfway.
+//! halfway. [`RoomOptions`] also sets every member's `--topology` (mesh unless told) and caps
+//! members' downlinks ([`DownlinkCap`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -22,6 +23,7 @@ use serde_json::Value;
 
 use crate::process::{Binaries, Proc};
 use crate::scenario::{peer_args, start_server};
+use crate::shape::DownlinkCap;
 use crate::topology::{SERVER_PORT, add_device, add_uplink, new_lab};
 use crate::{Error, Kind, Path, Scenario};
 
@@ -86,6 +88,29 @@ impl RoomOutcome {
         })
     }
 
+    /// How `receiver` got `sender`'s media by fan-out, through the server (`None` without the
+    /// receiver's report; `path` is `None`). Counted from the first frame the receiver could
+    /// open (the sender's key reaches a member when their session connects; what the sender
+    /// sent before is not the member's to read): frames complete and on time over those
+    /// complete or given up (frame ids never seen included).
+    pub fn received_fan_out(&self, receiver: &str, sender: &str) -> Option<Received> {
+        let r = self.reports.get(receiver)?.as_ref()?;
+        let got = &r["members"][sender]["fan_out"];
+        let on_time = |track: &str| {
+            let rx = &got[track]["received"];
+            let complete = rx["frames_complete"].as_f64().unwrap_or(0.0);
+            let late = rx["frames_late"].as_f64().unwrap_or(0.0);
+            let incomplete = rx["frames_incomplete"].as_f64().unwrap_or(0.0);
+            let all = complete + incomplete;
+            Some(if all == 0.0 { 0.0 } else { (complete - late) / all })
+        };
+        Some(Received {
+            path: None,
+            audio_on_time: on_time("audio")?,
+            video_on_time: on_time("video")?,
+        })
+    }
+
     /// The path the lab's oracle expects between two members' kinds.
     pub fn expected_path(&self, a: &str, b: &str) -> Option<Path> {
         let kind = |n: &str| self.members.iter().find(|(m, _)| m == n).map(|(_, k)| *k);
@@ -104,24 +129,45 @@ impl RoomOutcome {
     }
 }
 
-/// Builds a lab with one router per member, runs the room for `secs`, tears the lab down. Logs
-/// go to `dir`.
+/// How a room run goes beyond its members and length.
+#[derive(Debug, Clone)]
+pub struct RoomOptions {
+    /// Members leaving halfway: each by its index in the members, and how.
+    pub departures: Vec<(usize, Departure)>,
+    /// Every member's `--topology` (`auto`, `mesh`, `fan-out`).
+    pub topology: String,
+    /// Downlink caps: a member's index and its router's downlink cap, kbit/s (`tc tbf`, a queue
+    /// of 200 ms), in force from before the members start.
+    pub caps: Vec<(usize, u32)>,
+}
+
+impl Default for RoomOptions {
+    fn default() -> Self {
+        Self {
+            departures: Vec::new(),
+            topology: "mesh".into(),
+            caps: Vec::new(),
+        }
+    }
+}
+
+/// Builds a lab with one router per member, runs the room for `secs` with every member in mesh,
+/// tears the lab down. Logs go to `dir`.
 pub async fn run_room(
     bins: &Binaries,
     members: &[(&str, Kind)],
     secs: f64,
     dir: &FsPath,
 ) -> Result<RoomOutcome, Error> {
-    run_room_with(bins, members, secs, &[], dir).await
+    run_room_with(bins, members, secs, &RoomOptions::default(), dir).await
 }
 
-/// [`run_room`], with members leaving halfway: `departures` names each by its index in
-/// `members` and says how.
+/// [`run_room`] as `options` say: departures halfway, a topology, downlink caps.
 pub async fn run_room_with(
     bins: &Binaries,
     members: &[(&str, Kind)],
     secs: f64,
-    departures: &[(usize, Departure)],
+    options: &RoomOptions,
     dir: &FsPath,
 ) -> Result<RoomOutcome, Error> {
     if members.len() < 2 {
@@ -132,6 +178,7 @@ pub async fn run_room_with(
     let server_dev = add_device(&lab, "server", &dc).await?;
     let mut devices = Vec::new();
     let mut routers = Vec::new();
+    let mut caps = Vec::new();
     for (i, (name, kind)) in members.iter().enumerate() {
         let index = u8::try_from(i + 1).map_err(|_| Error::InvalidScenario("too many members".into()))?;
         let r = add_uplink(&lab, *kind, &format!("m{index}"), index).await?;
@@ -139,7 +186,13 @@ pub async fn run_room_with(
             .last()
             .ok_or_else(|| Error::InvalidScenario("a kind without a router".into()))?;
         devices.push(add_device(&lab, name, last).await?);
+        for (_, kbit) in options.caps.iter().filter(|(m, _)| *m == i) {
+            caps.push(DownlinkCap::apply(last, *kbit, Duration::from_millis(200))?);
+        }
         routers.extend(r);
+    }
+    if options.caps.iter().any(|(i, _)| *i >= members.len()) {
+        return Err(Error::InvalidScenario("a cap names no member".into()));
     }
     let ip = server_dev
         .ip()
@@ -148,7 +201,8 @@ pub async fn run_room_with(
     let names: Vec<String> = members.iter().map(|(n, _)| (*n).to_owned()).collect();
     let kinds: Vec<(String, Kind)> = members.iter().map(|(n, k)| ((*n).to_owned(), *k)).collect();
     let (bins, dir) = (bins.clone(), dir.to_path_buf());
-    let departures = departures.to_vec();
+    let departures = options.departures.clone();
+    let topology = options.topology.clone();
     if departures.iter().any(|(i, _)| *i >= members.len()) {
         return Err(Error::InvalidScenario("a departure names no member".into()));
     }
@@ -173,6 +227,8 @@ pub async fn run_room_with(
                 names[1..].join(","),
                 "--duration".to_string(),
                 bound.clone(),
+                "--topology".to_string(),
+                topology.clone(),
             ];
             let args = peer_args(server, &dir, &names[0], &first);
             procs.push(Proc::spawn(&devices[0], &dir, &names[0], &bins.natcall, &args).map_err(|e| e.to_string())?);
@@ -183,6 +239,8 @@ pub async fn run_room_with(
                     ROOM.to_string(),
                     "--duration".to_string(),
                     bound.clone(),
+                    "--topology".to_string(),
+                    topology.clone(),
                 ];
                 let args = peer_args(server, &dir, name, &cmd);
                 procs.push(Proc::spawn(&devices[i], &dir, name, &bins.natcall, &args).map_err(|e| e.to_string())?);
@@ -250,6 +308,7 @@ pub async fn run_room_with(
     })
     .await
     .map_err(|e| Error::InvalidScenario(format!("the room driver panicked: {e}")))?;
+    drop(caps);
     drop(routers);
     drop(lab);
     Ok(outcome)

@@ -2,7 +2,7 @@
 //! path the lab's oracle expects for those two kinds, and every member receives every other
 //! member's audio on time and its video whole.
 
-use natcall_lab::room::{Departure, run_room, run_room_with};
+use natcall_lab::room::{Departure, RoomOptions, run_room, run_room_with};
 use natcall_lab::{Binaries, Kind, preflight};
 
 /// A run's log folder: kept when the test fails (or `NATCALL_LAB_KEEP` is set), else removed.
@@ -89,15 +89,13 @@ async fn a_member_who_leaves_and_one_who_is_killed_are_announced_and_the_rest_go
         ("leaves", Kind::Symmetric),
         ("killed", Kind::UdpBlocked),
     ];
-    let out = run_room_with(
-        &bins,
-        &members,
-        8.0,
-        &[(2, Departure::Leave), (3, Departure::Kill)],
-        &dir,
-    )
-    .await
-    .expect("the lab runs");
+    let options = RoomOptions {
+        departures: vec![(2, Departure::Leave), (3, Departure::Kill)],
+        ..RoomOptions::default()
+    };
+    let out = run_room_with(&bins, &members, 8.0, &options, &dir)
+        .await
+        .expect("the lab runs");
     let diag = out.diagnostics();
     assert_eq!(out.error, None, "{diag}");
     for name in ["stays", "also", "leaves"] {
@@ -137,5 +135,72 @@ async fn a_member_who_leaves_and_one_who_is_killed_are_announced_and_the_rest_go
             let ended = &report["members"][gone]["ended"];
             assert!(!ended.is_null(), "{name}'s session with {gone} ended: {diag}");
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_fan_out_a_slow_member_gets_thinner_video_and_costs_the_others_nothing() {
+    let (bins, logs) = setup();
+    let dir = logs.0.as_ref().expect("set").path().to_path_buf();
+    let members = [
+        ("alice", Kind::PortRestricted),
+        ("bob", Kind::Public),
+        ("slow", Kind::Symmetric),
+    ];
+    // Everyone sends one copy through the server; slow's downlink carries 600 kbit/s, less
+    // than the two others' video (about 1 Mbit/s each).
+    let options = RoomOptions {
+        topology: "fan-out".into(),
+        caps: vec![(2, 600)],
+        ..RoomOptions::default()
+    };
+    let out = run_room_with(&bins, &members, 10.0, &options, &dir)
+        .await
+        .expect("the lab runs");
+    let diag = out.diagnostics();
+    assert_eq!(out.error, None, "{diag}");
+    for (name, _) in &members {
+        assert_eq!(out.exit_codes[*name], Some(0), "{name} exits 0: {diag}");
+        let report = out.reports[*name].as_ref().expect("a report");
+        assert_eq!(report["topology"][0]["mode"], "fan_out", "{name}: {diag}");
+    }
+    let got = |r: &str, s: &str| {
+        out.received_fan_out(r, s)
+            .unwrap_or_else(|| panic!("{r} has {s}'s fan-out statistics: {diag}"))
+    };
+    let table: Vec<String> = [
+        ("alice", "bob"),
+        ("bob", "alice"),
+        ("slow", "alice"),
+        ("slow", "bob"),
+        ("alice", "slow"),
+        ("bob", "slow"),
+    ]
+    .iter()
+    .map(|(r, s)| {
+        let g = got(r, s);
+        format!(
+            "{r} ← {s}: audio {:.1} %, video {:.1} %",
+            g.audio_on_time * 100.0,
+            g.video_on_time * 100.0
+        )
+    })
+    .collect();
+    let table = table.join("\n");
+    println!("{table}");
+    // The fast members get each other's and slow's media whole: slow costs them nothing.
+    for (r, s) in [("alice", "bob"), ("bob", "alice"), ("alice", "slow"), ("bob", "slow")] {
+        let g = got(r, s);
+        assert!(g.audio_on_time >= 0.98, "{r} ← {s}:\n{table}\n{diag}");
+        assert!(g.video_on_time >= 0.90, "{r} ← {s}:\n{table}\n{diag}");
+    }
+    // slow's own buffer at the server thins its video: whole frames, resuming at key frames
+    // (2 s apart; nothing asks the senders for one in fan-out), so little video but all of it
+    // complete; its audio goes first (measured: 95-96 % on time, 4 % of the video).
+    for s in ["alice", "bob"] {
+        let g = got("slow", s);
+        assert!(g.audio_on_time >= 0.90, "slow ← {s}:\n{table}\n{diag}");
+        assert!(g.video_on_time < 0.85, "slow ← {s} was not thinned:\n{table}\n{diag}");
+        assert!(g.video_on_time > 0.0, "slow ← {s} got no video:\n{table}\n{diag}");
     }
 }
