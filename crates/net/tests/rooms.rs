@@ -229,3 +229,83 @@ async fn fan_out_media_reaches_every_other_member_under_sender_keys_that_change_
     }
     drop(all);
 }
+
+/// A member of the room as the server sees members: a raw client (the rendezvous server's test
+/// client), which gets every fan-out copy byte for byte as the server forwards it.
+#[path = "../../../rendezvous-server/tests/common/mod.rs"]
+#[allow(dead_code, unused_imports)]
+mod raw;
+
+const MARKER: &[u8] = b"PLAINTEXT-MARKER";
+
+fn marked(len: usize) -> Vec<u8> {
+    MARKER.iter().copied().cycle().take(len).collect()
+}
+
+#[tokio::test]
+async fn what_the_server_forwards_in_fan_out_is_sealed_and_a_member_without_keys_reads_nothing() {
+    let lab = server().await;
+    let alice = peer(&lab, "alice").await;
+    let bob = peer(&lab, "bob").await;
+    let mut a = alice.create_room("seal", &["bob"]).await.expect("created");
+    let code = a.code().expect("code").to_owned();
+    let mut b = bob.join_room("seal", None).await.expect("joins");
+    let _sa = sessions(&mut a, &["bob"]).await;
+    let _sb = sessions(&mut b, &["alice"]).await;
+    eventually("bob has alice's key", || {
+        b.fan_out_report().received.contains_key("alice")
+    })
+    .await;
+
+    // eve joins with the code, as the server's own view of a member: no session, no keys.
+    let (mut eve, _) = raw::Client::register(lab.addr, "eve", &raw::Identity::generate()).await;
+    eve.send(&natcall_proto::control::ClientMsg::RoomJoin {
+        room: "seal".into(),
+        code: Some(code),
+    })
+    .await;
+    let room_id = match eve.next_msg().await {
+        natcall_proto::control::ServerMsg::RoomJoined { id, .. } => id,
+        other => panic!("eve: {other:?}"),
+    };
+
+    // alice sends frames whose plaintext is a marker, in fan-out.
+    let sending = async {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        for i in 0..50u32 {
+            tick.tick().await;
+            a.send_fan_out_frame(Track::AUDIO, Frame::new(i * 20, marked(80)))
+                .await
+                .expect("queued");
+            if i % 10 == 0 {
+                a.send_fan_out_frame(Track::VIDEO, Frame::key(i * 20, marked(3_000)))
+                    .await
+                    .expect("queued");
+            }
+        }
+    };
+    let watching = async {
+        let mut copies = Vec::new();
+        let deadline = tokio::time::Instant::now() + STEP;
+        while copies.len() < 60 && tokio::time::Instant::now() < deadline {
+            match eve.try_next(Duration::from_millis(500)).await {
+                Some(raw::Got::Relay(frame)) => copies.push(frame),
+                Some(_) | None => {}
+            }
+        }
+        copies
+    };
+    let ((), copies) = tokio::join!(sending, watching);
+    assert!(copies.len() >= 60, "eve got {} fan-out copies", copies.len());
+    let header = natcall_proto::frame::LEN_PREFIX + 1;
+    for c in &copies {
+        let call = u32::from_be_bytes(c[header..header + 4].try_into().expect("4 bytes"));
+        assert_eq!(call, room_id, "a copy of the room's traffic");
+        assert!(
+            !c.windows(MARKER.len()).any(|w| w == MARKER),
+            "the server forwarded plaintext: {c:?}"
+        );
+    }
+    // bob, who has alice's key, reads the same packets.
+    eventually("bob opens alice's frames", || audio_from(&b, "alice") >= 48).await;
+}
