@@ -233,7 +233,7 @@ async fn fan_out_media_reaches_every_other_member_under_sender_keys_that_change_
 /// A member of the room as the server sees members: a raw client (the rendezvous server's test
 /// client), which gets every fan-out copy byte for byte as the server forwards it.
 #[path = "../../../rendezvous-server/tests/common/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod raw;
 
 const MARKER: &[u8] = b"PLAINTEXT-MARKER";
