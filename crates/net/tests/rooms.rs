@@ -288,9 +288,8 @@ async fn what_the_server_forwards_in_fan_out_is_sealed_and_a_member_without_keys
         let mut copies = Vec::new();
         let deadline = tokio::time::Instant::now() + STEP;
         while copies.len() < 60 && tokio::time::Instant::now() < deadline {
-            match eve.try_next(Duration::from_millis(500)).await {
-                Some(raw::Got::Relay(frame)) => copies.push(frame),
-                Some(_) | None => {}
+            if let Some(raw::Got::Relay(frame)) = eve.try_next(Duration::from_millis(500)).await {
+                copies.push(frame);
             }
         }
         copies
