@@ -25,6 +25,9 @@ use crate::config::Settings;
 use crate::output::{self, Exit};
 use crate::session::{self, Opts, Stdin};
 
+/// Status ticks (half a second each) in a row with a pair's controller backing off for delay or
+/// loss before the sum of the pairs' targets counts as what the uplink carries.
+const CONGESTED_TICKS: u32 = 4;
 /// The built-in test source's audio rate, kbit/s (80-byte frames every 20 ms, and headers).
 const AUDIO_KBPS: u64 = 40;
 
@@ -125,6 +128,7 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry, topol
     // The pacer needs room above the media for headers and tags (about 8 %) and bursts.
     r.set_fan_out_rate((want_bps * 5 / 4).max(100_000)).await;
     let mut uplink_bps: Option<u64> = None;
+    let mut congested_ticks = 0u32;
     let mode_event = |topology: &mut Vec<serde_json::Value>, to: Topology, why: &str| {
         topology.push(json!({
             "at_ms": since.elapsed().as_secs_f64() * 1000.0,
@@ -247,10 +251,13 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry, topol
                 if topology_arg == TopologyArg::Auto {
                     // In mesh, the pairs' controllers measure the uplink: when one backs off
                     // for delay or loss, the sum of their targets is what it carries.
+                    // Only a backing-off that lasts (CONGESTED_TICKS in a row) counts: a lone
+                    // delay spike while the pairs still ramp up would read as a short uplink.
                     if *mode.borrow() == Topology::Mesh {
                         let live: Vec<_> = sessions.values().filter(|s| s.ended.is_none()).map(|s| *s.call.watch_rate().borrow()).collect();
                         let congested = live.iter().any(|r| matches!(r.reason, RateReason::Delay | RateReason::Loss));
-                        if congested {
+                        congested_ticks = if congested { congested_ticks + 1 } else { 0 };
+                        if congested_ticks >= CONGESTED_TICKS {
                             uplink_bps = Some(live.iter().map(|r| r.target_bps).sum());
                         }
                     }
