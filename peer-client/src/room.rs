@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use natcall::{
     Call, EndReason, FanOutSender, Frame, RateReason, RoomEvent, Topology, TopologyChooser, TopologyRule, Track,
+    UplinkMeter,
 };
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
@@ -25,9 +26,12 @@ use crate::config::Settings;
 use crate::output::{self, Exit};
 use crate::session::{self, Opts, Stdin};
 
-/// Status ticks (half a second each) in a row with a pair's controller backing off for delay or
-/// loss before the sum of the pairs' targets counts as what the uplink carries.
-const CONGESTED_TICKS: u32 = 4;
+/// The uplink is measured over this many status ticks (half a second each: 4 s)…
+const UPLINK_TICKS: usize = 8;
+/// …in at least this many of which a pair's path showed congestion ([`UplinkMeter`])…
+const UPLINK_BACKING_OFF: usize = 1;
+/// …a queue at least this long (ms above the path's base delay), among other signs.
+const QUEUE_DELAY_MS: f64 = 20.0;
 /// The built-in test source's audio rate, kbit/s (80-byte frames every 20 ms, and headers).
 const AUDIO_KBPS: u64 = 40;
 
@@ -125,10 +129,16 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry, topol
         .media_kbps
         .min(u64::from(opts.media.video_kbps) + AUDIO_KBPS)
         .saturating_mul(1000);
-    // The pacer needs room above the media for headers and tags (about 8 %) and bursts.
-    r.set_fan_out_rate((want_bps * 5 / 4).max(100_000)).await;
+    // The pacer needs room above the media for headers and tags (about 8 %) and bursts; a
+    // measured uplink bounds it (below what it carries, so the link's queue stays short).
+    let fan_out_rate = |uplink: Option<u64>| {
+        let full = want_bps * 5 / 4;
+        uplink.map_or(full, |up| full.min(up * 9 / 10)).max(100_000)
+    };
+    let (rate_tx, fan_rate) = watch::channel(fan_out_rate(None));
+    r.set_fan_out_rate(fan_out_rate(None)).await;
     let mut uplink_bps: Option<u64> = None;
-    let mut congested_ticks = 0u32;
+    let mut uplink = UplinkMeter::new(UPLINK_TICKS, UPLINK_BACKING_OFF);
     let mode_event = |topology: &mut Vec<serde_json::Value>, to: Topology, why: &str| {
         topology.push(json!({
             "at_ms": since.elapsed().as_secs_f64() * 1000.0,
@@ -156,6 +166,7 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry, topol
         (Some(sender), false) => Some(tokio::spawn(fan_out_source(
             sender,
             opts.media.video_kbps,
+            fan_rate,
             mode.clone(),
         ))),
         _ => None,
@@ -251,17 +262,34 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry, topol
                 if topology_arg == TopologyArg::Auto {
                     // In mesh, the pairs' controllers measure the uplink: when one backs off
                     // for delay or loss, the sum of their targets is what it carries.
-                    // Only a backing-off that lasts (CONGESTED_TICKS in a row) counts: a lone
-                    // delay spike while the pairs still ramp up would read as a short uplink.
+                    // In mesh, the pairs' controllers measure the uplink (`UplinkMeter`).
                     if *mode.borrow() == Topology::Mesh {
-                        let live: Vec<_> = sessions.values().filter(|s| s.ended.is_none()).map(|s| *s.call.watch_rate().borrow()).collect();
-                        let congested = live.iter().any(|r| matches!(r.reason, RateReason::Delay | RateReason::Loss));
-                        congested_ticks = if congested { congested_ticks + 1 } else { 0 };
-                        if congested_ticks >= CONGESTED_TICKS {
-                            uplink_bps = Some(live.iter().map(|r| r.target_bps).sum());
+                        let live: Vec<_> = sessions
+                            .values()
+                            .filter(|s| s.ended.is_none())
+                            .map(|s| *s.call.watch_rate().borrow())
+                            .collect();
+                        if !live.is_empty() {
+                            // A queue building, or loss, on a pair's path (or its controller just
+                            // backed off for either).
+                            let backing_off = live.iter().any(|r| {
+                                matches!(r.reason, RateReason::Delay | RateReason::Loss)
+                                    || r.usage == natcall::Usage::Over
+                                    || r.queue_delay_ms >= QUEUE_DELAY_MS
+                                    || r.loss >= 0.02
+                            });
+                            let sum = live.iter().map(|r| r.target_bps).sum();
+                            if let Some(up) = uplink.sample(backing_off, sum) {
+                                uplink_bps = Some(up);
+                            }
                         }
                     }
                     if let Some((to, why)) = chooser.update(std::time::Instant::now(), members_now, want_bps, uplink_bps) {
+                        if to == Topology::FanOut {
+                            let rate = fan_out_rate(uplink_bps);
+                            r.set_fan_out_rate(rate).await;
+                            rate_tx.send_replace(rate);
+                        }
                         mode_event(&mut topology, to, &why);
                         mode_tx.send_replace(to);
                     }
@@ -394,10 +422,22 @@ async fn member_task(call: Arc<Call>, opts: Opts, tx: mpsc::Sender<FromMember>, 
 /// [`session::test_source`]'s, video at `video_kbps` (30 frames/s, a key frame every 2 s and
 /// after each move to fan-out). Nothing comes back to adapt it: the server thins a slow
 /// receiver's video in its own buffer.
-async fn fan_out_source(sender: FanOutSender, video_kbps: u32, mut mode: watch::Receiver<Topology>) {
+async fn fan_out_source(
+    sender: FanOutSender,
+    video_kbps: u32,
+    rate: watch::Receiver<u64>,
+    mut mode: watch::Receiver<Topology>,
+) {
     let start = Instant::now();
     let stamp = || start.elapsed().as_millis() as u32;
-    let video_bytes = (u64::from(video_kbps) * 1000 / 8 / 30).max(1) as usize;
+    // Video gets what the fan-out rate leaves after audio and the packets' overhead, at most
+    // `video_kbps`: frames sized as an encoder would, the frame rate kept.
+    let video_bytes = || {
+        let bps = (*rate.borrow() * 4 / 5)
+            .saturating_sub(AUDIO_KBPS * 1000)
+            .min(u64::from(video_kbps) * 1000);
+        (bps / 8 / 30).max(1) as usize
+    };
     let (mut n, mut a) = (0u32, 0u32);
     loop {
         let on = mode.wait_for(|m| *m == Topology::FanOut).await.is_ok();
@@ -420,7 +460,7 @@ async fn fan_out_source(sender: FanOutSender, video_kbps: u32, mut mode: watch::
                     let key = first || n % 60 == 0;
                     first = false;
                     n += 1;
-                    let frame = if key { Frame::key(stamp(), vec![0x4b; video_bytes]) } else { Frame::new(stamp(), vec![0x56; video_bytes]) };
+                    let frame = if key { Frame::key(stamp(), vec![0x4b; video_bytes()]) } else { Frame::new(stamp(), vec![0x56; video_bytes()]) };
                     sender.send_frame(Track::VIDEO, frame).await
                 }
             };

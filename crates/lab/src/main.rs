@@ -129,6 +129,9 @@ enum Cmd {
         /// repeatable.
         #[arg(long, value_name = "MEMBER:KBIT")]
         cap: Vec<String>,
+        /// Cap a member's uplink the same way, e.g. 1:1200; repeatable.
+        #[arg(long, value_name = "MEMBER:KBIT")]
+        uplink_cap: Vec<String>,
         /// Keep the logs and reports in DIR.
         #[arg(long)]
         keep_logs: Option<PathBuf>,
@@ -328,8 +331,9 @@ fn run(args: Args) -> Result<bool> {
                 seconds,
                 topology,
                 cap,
+                uplink_cap,
                 keep_logs,
-            } => room(&bins, kinds, seconds, &topology, &cap, keep_logs).await,
+            } => room(&bins, kinds, seconds, &topology, &cap, &uplink_cap, keep_logs).await,
             Cmd::SetupBench {
                 calls,
                 delays,
@@ -372,6 +376,7 @@ async fn room(
     seconds: f64,
     topology: &str,
     caps: &[String],
+    uplink_caps: &[String],
     keep_logs: Option<PathBuf>,
 ) -> Result<bool> {
     if !["mesh", "fan-out", "auto"].contains(&topology) {
@@ -404,14 +409,18 @@ async fn room(
         topology: topology.to_owned(),
         ..Default::default()
     };
-    for c in caps {
-        let parsed = c
-            .split_once(':')
+    let parse = |flag: &str, c: &str| {
+        c.split_once(':')
             .and_then(|(m, k)| Some((m.parse::<usize>().ok()?, k.parse::<u32>().ok()?)))
-            .filter(|(m, k)| (1..=members.len()).contains(m) && *k > 0);
-        let (m, k) =
-            parsed.ok_or_else(|| anyhow::anyhow!("--cap {c}: MEMBER:KBIT, MEMBER from 1 to {}", members.len()))?;
-        options.caps.push((m - 1, k));
+            .filter(|(m, k)| (1..=members.len()).contains(m) && *k > 0)
+            .map(|(m, k)| (m - 1, k))
+            .ok_or_else(|| anyhow::anyhow!("{flag} {c}: MEMBER:KBIT, MEMBER from 1 to {}", members.len()))
+    };
+    for c in caps {
+        options.caps.push(parse("--cap", c)?);
+    }
+    for c in uplink_caps {
+        options.uplink_caps.push(parse("--uplink-cap", c)?);
     }
     let refs: Vec<(&str, Kind)> = members.iter().map(|(n, k)| (n.as_str(), *k)).collect();
     let out = natcall_lab::room::run_room_with(bins, &refs, seconds, &options, &dir).await?;
@@ -434,6 +443,20 @@ async fn room(
                     "| {r} ← {s} | {} | {} |",
                     pct(out.received(r, s)),
                     pct(out.received_fan_out(r, s))
+                );
+            }
+        }
+        for (name, _) in &refs {
+            let changes = out.reports[*name]
+                .as_ref()
+                .and_then(|r| r["topology"].as_array().cloned())
+                .unwrap_or_default();
+            for c in changes {
+                println!(
+                    "{name}: {} at {:.1} s: {}",
+                    c["mode"].as_str().unwrap_or("?"),
+                    c["at_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+                    c["why"].as_str().unwrap_or("?")
                 );
             }
         }

@@ -3,7 +3,7 @@
 //! what arrived in time.
 //!
 //! 1. A lab with alice and bob behind port-restricted NATs (punching works) and the server;
-//!    bob's router caps his downlink ([`DownlinkCap`]) or his uplink forwarder drops packets
+//!    bob's router caps his downlink ([`LinkCap`]) or his uplink forwarder drops packets
 //!    ([`Impairment`]);
 //! 2. bob runs `natcall listen --once --no-media`, alice `natcall call bob --policy
 //!    direct-only|relay-only --duration D` with the built-in test source (audio every 20 ms,
@@ -25,7 +25,7 @@ use serde_json::Value;
 use crate::impair::Impairment;
 use crate::process::{Binaries, Proc};
 use crate::scenario::{peer_args, start_server};
-use crate::shape::{BulkDownload, DownlinkCap};
+use crate::shape::{BulkDownload, LinkCap};
 use crate::topology::{self, SERVER_PORT};
 use crate::{Error, Kind, Scenario};
 
@@ -301,7 +301,7 @@ impl Driver<'_> {
         let spec = self.spec;
         self.procs.push(start_server(self.bins, self.dir, srv, self.server)?);
         let mut cap = match spec.condition.cap_at(Duration::ZERO) {
-            Some(kbit) => Some(DownlinkCap::apply(&self.bob_router, kbit, CAP_BUFFER).map_err(|e| e.to_string())?),
+            Some(kbit) => Some(LinkCap::apply(&self.bob_router, kbit, CAP_BUFFER).map_err(|e| e.to_string())?),
             None => None,
         };
         let bob_cmd = ["listen", "--once", "--no-media"].map(String::from);

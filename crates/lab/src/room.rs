@@ -12,7 +12,7 @@
 //! (SIGINT), so each pair's media is measured over the same time on both sides. With
 //! departures ([`run_room_with`]), the members named leave (SIGINT) or are killed (SIGKILL)
 //! halfway. [`RoomOptions`] also sets every member's `--topology` (mesh unless told) and caps
-//! members' downlinks ([`DownlinkCap`]).
+//! members' downlinks ([`LinkCap`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use crate::process::{Binaries, Proc};
 use crate::scenario::{peer_args, start_server};
-use crate::shape::DownlinkCap;
+use crate::shape::LinkCap;
 use crate::topology::{SERVER_PORT, add_device, add_uplink, new_lab};
 use crate::{Error, Kind, Path, Scenario};
 
@@ -139,6 +139,8 @@ pub struct RoomOptions {
     /// Downlink caps: a member's index and its router's downlink cap, kbit/s (`tc tbf`, a queue
     /// of 200 ms), in force from before the members start.
     pub caps: Vec<(usize, u32)>,
+    /// Uplink caps, the same way on the router's WAN side.
+    pub uplink_caps: Vec<(usize, u32)>,
 }
 
 impl Default for RoomOptions {
@@ -147,6 +149,7 @@ impl Default for RoomOptions {
             departures: Vec::new(),
             topology: "mesh".into(),
             caps: Vec::new(),
+            uplink_caps: Vec::new(),
         }
     }
 }
@@ -187,11 +190,19 @@ pub async fn run_room_with(
             .ok_or_else(|| Error::InvalidScenario("a kind without a router".into()))?;
         devices.push(add_device(&lab, name, last).await?);
         for (_, kbit) in options.caps.iter().filter(|(m, _)| *m == i) {
-            caps.push(DownlinkCap::apply(last, *kbit, Duration::from_millis(200))?);
+            caps.push(LinkCap::apply(last, *kbit, Duration::from_millis(200))?);
+        }
+        for (_, kbit) in options.uplink_caps.iter().filter(|(m, _)| *m == i) {
+            caps.push(LinkCap::uplink(last, *kbit, Duration::from_millis(200))?);
         }
         routers.extend(r);
     }
-    if options.caps.iter().any(|(i, _)| *i >= members.len()) {
+    if options
+        .caps
+        .iter()
+        .chain(&options.uplink_caps)
+        .any(|(i, _)| *i >= members.len())
+    {
         return Err(Error::InvalidScenario("a cap names no member".into()));
     }
     let ip = server_dev

@@ -1,10 +1,11 @@
-//! Rate caps and competing traffic on a peer's downlink, for call-quality tests.
+//! Rate caps and competing traffic on a peer's access link, for call-quality tests.
 //!
-//! - [`DownlinkCap`]: `tc tbf` on the downlink bridge of a peer's router (what the router sends
+//! - [`LinkCap`]: `tc tbf` on the downlink bridge of a peer's router (what the router sends
 //!   to the devices behind it), so everything the peer receives — UDP media on the direct path,
-//!   the relay's TCP connection, a download — shares one bottleneck, as on a slow access link.
+//!   the relay's TCP connection, a download — shares one bottleneck, as on a slow access link;
+//!   or ([`LinkCap::uplink`]) on the router's WAN side, so everything the peer sends shares one.
 //!   tbf needs no netem and works on this lab's kernels. The queue holds
-//!   [`DownlinkCap::buffer`] of traffic at the cap; what does not fit is dropped (tail drop).
+//!   [`LinkCap::buffer`] of traffic at the cap; what does not fit is dropped (tail drop).
 //! - [`BulkDownload`]: a TCP download from a public host to the peer through that bottleneck,
 //!   as a second application competing with the call. Bounded: it stops when dropped or after
 //!   its time limit, whichever comes first.
@@ -24,9 +25,9 @@ use crate::Error;
 /// Bytes tbf may send at once above the rate (a few full-size packets).
 const BURST_BYTES: u32 = 4_500;
 
-/// A `tc tbf` rate cap on a router's downlink bridge; removed when dropped.
+/// A `tc tbf` rate cap on a router's downlink bridge or its WAN side; removed when dropped.
 #[derive(Debug)]
-pub struct DownlinkCap {
+pub struct LinkCap {
     router: Router,
     bridge: String,
     /// How much traffic the queue holds at the cap before it drops.
@@ -35,14 +36,24 @@ pub struct DownlinkCap {
     pub kbit: u32,
 }
 
-impl DownlinkCap {
+impl LinkCap {
     /// Caps `router`'s downlink at `kbit` kbit/s with a queue of `buffer`.
     pub fn apply(router: &Router, kbit: u32, buffer: Duration) -> Result<Self, Error> {
+        Self::on(router, 1, "downlink bridge", kbit, buffer)
+    }
+
+    /// Caps `router`'s uplink (what leaves its WAN side: everything the devices behind it
+    /// send) at `kbit` kbit/s with a queue of `buffer`.
+    pub fn uplink(router: &Router, kbit: u32, buffer: Duration) -> Result<Self, Error> {
+        Self::on(router, 0, "WAN interface", kbit, buffer)
+    }
+
+    fn on(router: &Router, index: usize, what: &str, kbit: u32, buffer: Duration) -> Result<Self, Error> {
         let bridge = router
             .interfaces()
-            .get(1)
+            .get(index)
             .map(|i| i.name().to_owned())
-            .ok_or_else(|| Error::InvalidScenario(format!("router {} has no downlink bridge", router.name())))?;
+            .ok_or_else(|| Error::InvalidScenario(format!("router {} has no {what}", router.name())))?;
         let cap = Self {
             router: router.clone(),
             bridge,
@@ -100,7 +111,7 @@ impl DownlinkCap {
     }
 }
 
-impl Drop for DownlinkCap {
+impl Drop for LinkCap {
     fn drop(&mut self) {
         let bridge = self.bridge.clone();
         let _ = self.router.run_sync(move || {

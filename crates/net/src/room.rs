@@ -234,6 +234,51 @@ impl Default for TopologyRule {
     }
 }
 
+/// What a member's uplink carries, measured from its mesh pairs' rate controllers, one sample
+/// per tick (the CLI's is half a second): when the copies share a short uplink, the pairs back
+/// off together and their targets stop growing. Measured once, over the last `ticks` samples,
+/// at least `congested` had a pair backing off for delay or loss and the sum of the targets did
+/// not grow (the window's second half not 10 % above its first on average; a free link's pairs
+/// ramp up instead); the uplink then carries the largest sum seen in the window.
+#[derive(Debug, Clone)]
+pub struct UplinkMeter {
+    window: std::collections::VecDeque<(bool, u64)>,
+    ticks: usize,
+    congested: usize,
+}
+
+impl UplinkMeter {
+    /// A meter over `ticks` samples needing `congested` of them backing off.
+    pub fn new(ticks: usize, congested: usize) -> Self {
+        Self {
+            window: std::collections::VecDeque::with_capacity(ticks),
+            ticks: ticks.max(1),
+            congested,
+        }
+    }
+
+    /// One sample: whether a pair's controller is backing off for delay or loss, and the sum of
+    /// the pairs' targets (bit/s). Returns what the uplink carries once it is measured.
+    pub fn sample(&mut self, backing_off: bool, sum_bps: u64) -> Option<u64> {
+        if self.window.len() == self.ticks {
+            self.window.pop_front();
+        }
+        self.window.push_back((backing_off, sum_bps));
+        if self.window.len() < self.ticks {
+            return None;
+        }
+        let backed = self.window.iter().filter(|(b, _)| *b).count();
+        // Growing: the window's second half is on average 10 % above its first (a single
+        // sample would read a controller's probing saw-tooth as growth or as none).
+        let half = self.ticks / 2;
+        let mean = |it: &mut dyn Iterator<Item = u64>, n: usize| it.sum::<u64>() as f64 / n.max(1) as f64;
+        let first = mean(&mut self.window.iter().take(half).map(|(_, s)| *s), half);
+        let second = mean(&mut self.window.iter().skip(half).map(|(_, s)| *s), self.ticks - half);
+        let grew = second > first * 1.1;
+        (backed >= self.congested && !grew).then(|| self.window.iter().map(|(_, s)| *s).max().unwrap_or(0))
+    }
+}
+
 /// Applies a [`TopologyRule`] over time (sans-IO: time comes in).
 #[derive(Debug, Clone)]
 pub struct TopologyChooser {
@@ -504,6 +549,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_uplink_is_measured_only_when_the_pairs_back_off_and_stop_growing() {
+        let mut m = UplinkMeter::new(4, 2);
+        // A free link ramping up: a lone back-off on the way does not count.
+        let ramp = [600_000, 700_000, 800_000, 900_000, 1_000_000, 1_100_000];
+        for (i, sum) in ramp.into_iter().enumerate() {
+            assert_eq!(m.sample(i == 3, sum), None, "ramping, sample {i}");
+        }
+        // A short uplink: backing off now and then, the sum flat around 1.1 Mbit/s.
+        let mut m = UplinkMeter::new(4, 2);
+        let flat = [
+            (true, 1_150_000),
+            (false, 1_100_000),
+            (true, 1_180_000),
+            (false, 1_120_000),
+        ];
+        let got: Vec<Option<u64>> = flat.into_iter().map(|(b, s)| m.sample(b, s)).collect();
+        assert_eq!(got, [None, None, None, Some(1_180_000)]);
+        // Backing off once in the window is not enough.
+        let mut m = UplinkMeter::new(4, 2);
+        for (b, s) in [
+            (true, 1_000_000),
+            (false, 1_000_000),
+            (false, 1_000_000),
+            (false, 1_000_000),
+        ] {
+            assert_eq!(m.sample(b, s), None);
+        }
+    }
+
+    #[test]
     fn a_member_moves_to_fan_out_when_the_room_grows_or_the_uplink_is_short_and_back_after_a_hold() {
         let t0 = std::time::Instant::now();
         let mut c = TopologyChooser::new(TopologyRule::default());
@@ -534,7 +609,7 @@ mod tests {
         for s in 0..30 {
             assert_eq!(c.update(t0 + Duration::from_secs(s), 3, 500_000, Some(1_100_000)), None);
         }
-        // A pair (one other member) never needs fan-out for its uplink.
+        // A pair (one other member) never needs fan-out for its uplink. (Keep this last.)
         let mut c = TopologyChooser::new(TopologyRule::default());
         assert_eq!(c.update(t0, 2, 500_000, Some(100_000)), None);
     }
