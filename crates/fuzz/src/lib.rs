@@ -17,6 +17,7 @@
 //! | `media_open` | a packet to the media opener |
 //! | `media_receiver` | a program of sealed, replayed, tampered packets and time to the receiver |
 //! | `media_feedback` | transport feedback datagrams, packets sent, budgets and time to a sender's rate controller |
+//! | `room_receiver` | a program of room keys, fan-out packets under several senders' keys, replays, tampering and time to a member's fan-out receiver |
 //!
 //! The same functions run three ways:
 //! 1. `crates/fuzz/fuzz/` (cargo-fuzz, nightly): each `fuzz_targets/<name>.rs` calls one;
@@ -36,6 +37,7 @@ pub mod frame;
 pub mod input;
 pub mod media;
 pub mod relay;
+pub mod room;
 pub mod seeds;
 pub mod stun;
 
@@ -45,13 +47,14 @@ pub use feedback::media_feedback;
 pub use frame::frame;
 pub use media::{media_open, media_receiver};
 pub use relay::relay_header;
+pub use room::room_receiver;
 pub use stun::stun_server;
 
 /// A fuzz target.
 pub type Target = fn(&[u8]);
 
 /// Every target, by name (the names of `fuzz_targets/*.rs` and the corpus folders).
-pub const TARGETS: [(&str, Target); 9] = [
+pub const TARGETS: [(&str, Target); 10] = [
     ("frame", frame),
     ("control_client", control_client),
     ("control_server", control_server),
@@ -61,6 +64,7 @@ pub const TARGETS: [(&str, Target); 9] = [
     ("media_open", media_open),
     ("media_receiver", media_receiver),
     ("media_feedback", media_feedback),
+    ("room_receiver", room_receiver),
 ];
 
 /// The target called `name`.

@@ -55,6 +55,7 @@ pub fn all() -> Vec<Seed> {
     add("media_open", media_packets());
     add("media_receiver", media_programs());
     add("media_feedback", feedback_programs());
+    add("room_receiver", room_programs());
     seeds
 }
 
@@ -596,4 +597,75 @@ fn feedback_programs() -> Vec<(String, Vec<u8>)> {
         ("budget-and-ceiling".to_owned(), budget.finish()),
         ("silence".to_owned(), silent.finish()),
     ]
+}
+
+/// `room_receiver` programs: keys handed over, audio and a two-packet video frame from two
+/// senders, a rekey, a replay, a tamper, a departure, and a key message.
+fn room_programs() -> Vec<(String, Vec<u8>)> {
+    use crate::room::RoomOp;
+    let seal = |p: &mut Program, key: u8, track: u8, frame: u32, index: u16, count: u16, len: u16| {
+        let mut flags = 0;
+        if index == 0 {
+            flags |= natcall_media::Flags::FRAME_START;
+        }
+        if index + 1 == count {
+            flags |= natcall_media::Flags::FRAME_END;
+        }
+        p.u8(RoomOp::Seal as u8)
+            .u8(key)
+            .u8(track)
+            .u32(frame * 20)
+            .u32(frame)
+            .u16(index)
+            .u16(count)
+            .u8(flags)
+            .u16(len)
+            .u8(0x5a);
+    };
+    let mut seeds = Vec::new();
+    let mut two = Program::new();
+    two.u8(RoomOp::Key as u8).u8(0).u8(0).u8(RoomOp::Key as u8).u8(1).u8(1);
+    for frame in 0..4u32 {
+        seal(&mut two, 0, 0, frame, 0, 1, 80);
+        seal(&mut two, 1, 0, frame, 0, 1, 80);
+        two.u8(RoomOp::Advance as u8).u16(20);
+    }
+    seal(&mut two, 1, 1, 0, 0, 2, 478);
+    seal(&mut two, 1, 1, 0, 1, 2, 100);
+    two.u8(RoomOp::Advance as u8).u16(200).u8(RoomOp::Report as u8);
+    seeds.push(("two-senders".to_owned(), two.finish()));
+    let mut rekey = Program::new();
+    rekey.u8(RoomOp::Key as u8).u8(0).u8(0);
+    seal(&mut rekey, 0, 0, 0, 0, 1, 80);
+    // The same id with another secret, then a new key: the old one is kept for packets on
+    // their way, the one before it forgotten.
+    rekey
+        .u8(RoomOp::Key as u8)
+        .u8(0)
+        .u8(4)
+        .u8(RoomOp::Key as u8)
+        .u8(0)
+        .u8(2);
+    seal(&mut rekey, 2, 0, 1, 0, 1, 80);
+    seal(&mut rekey, 4, 0, 2, 0, 1, 80);
+    rekey.u8(RoomOp::Key as u8).u8(0).u8(3);
+    seal(&mut rekey, 0, 0, 3, 0, 1, 80);
+    rekey
+        .u8(RoomOp::Replay as u8)
+        .u8(1)
+        .u8(RoomOp::Tamper as u8)
+        .u8(0)
+        .u16(2)
+        .u8(0x40);
+    rekey.u8(RoomOp::Remove as u8).u8(0);
+    seal(&mut rekey, 3, 0, 4, 0, 1, 80);
+    rekey.u8(RoomOp::Key as u8).u8(1).u8(3).u8(RoomOp::Report as u8);
+    seeds.push(("rekey-replay-leave".to_owned(), rekey.finish()));
+    let mut raw = Program::new();
+    raw.u8(RoomOp::KeyMessage as u8)
+        .short_bytes(&crate::room::key(5).encode())
+        .u8(RoomOp::Raw as u8)
+        .short_bytes(&[0, 0, 0, 6, 0x11, 0, 0, 0, 0]);
+    seeds.push(("key-message-raw".to_owned(), raw.finish()));
+    seeds
 }
