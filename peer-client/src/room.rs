@@ -294,7 +294,7 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry, topol
                         mode_tx.send_replace(to);
                     }
                 }
-                output::status(&status_text(room, &sessions, since, *mode.borrow()));
+                output::status(&status_text(room, &sessions, since, *mode.borrow(), &r.fan_out_report()));
             }
             _ = sleep_until_opt(deadline) => break Exit::Ok,
             _ = &mut ctrl_c => break Exit::Ok,
@@ -476,7 +476,16 @@ async fn left(mode: &mut watch::Receiver<Topology>, from: Topology) {
     let _ = mode.wait_for(|m| *m != from).await.map(|_| ());
 }
 
-fn status_text(room: &str, sessions: &BTreeMap<String, Member>, since: Instant, mode: Topology) -> String {
+/// The status line: the room, this member's topology, and per member its session's path and
+/// RTT, and how its media arrives (on the session, or by fan-out through the server) with
+/// audio/video loss and audio delay.
+fn status_text(
+    room: &str,
+    sessions: &BTreeMap<String, Member>,
+    since: Instant,
+    mode: Topology,
+    fan_out: &natcall::FanOutReport,
+) -> String {
     let how = match mode {
         Topology::Mesh => "mesh",
         Topology::FanOut => "fan-out",
@@ -486,14 +495,35 @@ fn status_text(room: &str, sessions: &BTreeMap<String, Member>, since: Instant, 
         if s.ended.is_some() {
             continue;
         }
-        let m = s.call.media_report();
-        let loss = |t: &natcall::TrackReport| t.received.as_ref().map_or(0, |r| r.packets_lost);
+        let on_session = s.call.media_report();
+        let by_server = fan_out.received.get(peer);
+        let packets = |m: &natcall::MediaReport| {
+            m.audio.received.as_ref().map_or(0, |r| r.packets_received)
+                + m.video.received.as_ref().map_or(0, |r| r.packets_received)
+        };
+        // The member's media comes one way or the other (or both, around a move).
+        let (via, m) = match by_server {
+            Some(f) if packets(f) > packets(&on_session) => ("server", f),
+            _ => ("session", &on_session),
+        };
+        let loss = |t: &natcall::TrackReport| {
+            t.received.as_ref().map_or(0.0, |r| {
+                let all = r.packets_received + r.packets_lost;
+                if all == 0 {
+                    0.0
+                } else {
+                    r.packets_lost as f64 * 100.0 / all as f64
+                }
+            })
+        };
+        let delay = m.audio.received.as_ref().map_or(0.0, |r| r.delay_ms);
         parts.push(format!(
-            "{peer} {} {:.0} ms loss a{} v{}",
+            "{peer} {} {:.0} ms, by {via}: loss a{:.1}% v{:.1}% delay {:.0} ms",
             s.call.path(),
             s.call.rtt().as_secs_f64() * 1000.0,
             loss(&m.audio),
-            loss(&m.video)
+            loss(&m.video),
+            delay
         ));
     }
     parts.join("  ")
