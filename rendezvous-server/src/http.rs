@@ -1,5 +1,6 @@
-//! The HTTP endpoint beside the server: `GET /metrics` (Prometheus text) and `GET /health` (one
-//! JSON line of counts), on hyper's HTTP/1 server.
+//! The HTTP endpoint beside the server: `GET /metrics` (Prometheus text), `GET /health` (one
+//! JSON line of counts) and `GET /rooms` (one JSON line: each room's members and what each
+//! one's buffer dropped), on hyper's HTTP/1 server.
 //!
 //! Flow:
 //! 1. [`serve`] accepts on its own listener (`metrics_listen`, kept off the public interface)
@@ -33,16 +34,18 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most request bytes buffered per connection (hyper's minimum).
 const MAX_BUF: usize = 8192;
 
-/// Makes the `/health` document.
-type Health = dyn Fn() -> String + Send + Sync;
+/// Makes a JSON document (`/health`, `/rooms`).
+type Document = dyn Fn() -> String + Send + Sync;
 
-/// Serves `/metrics` and `/health` on `listener` until the task is aborted.
+/// Serves `/metrics`, `/health` and `/rooms` on `listener` until the task is aborted.
 pub(crate) async fn serve(
     listener: TcpListener,
     metrics: Metrics,
     health: impl Fn() -> String + Send + Sync + 'static,
+    rooms: impl Fn() -> String + Send + Sync + 'static,
 ) {
-    let health: Arc<Health> = Arc::new(health);
+    let health: Arc<Document> = Arc::new(health);
+    let rooms: Arc<Document> = Arc::new(rooms);
     info!(addr = ?listener.local_addr().ok(), "metrics endpoint listening");
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -65,9 +68,9 @@ pub(crate) async fn serve(
                 continue;
             }
         };
-        let (metrics, health) = (metrics.clone(), health.clone());
+        let (metrics, health, rooms) = (metrics.clone(), health.clone(), rooms.clone());
         let service = service_fn(move |req| {
-            let response = answer(&req, &metrics, &*health);
+            let response = answer(&req, &metrics, &*health, &*rooms);
             async move { Ok::<_, Infallible>(response) }
         });
         let conn = http.serve_connection(TokioIo::new(stream), service);
@@ -79,14 +82,15 @@ pub(crate) async fn serve(
     }
 }
 
-fn answer(req: &Request<Incoming>, metrics: &Metrics, health: &Health) -> Response<Full<Bytes>> {
+fn answer(req: &Request<Incoming>, metrics: &Metrics, health: &Document, rooms: &Document) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4", metrics.render()),
         (&Method::GET, "/health") => (StatusCode::OK, "application/json", health()),
+        (&Method::GET, "/rooms") => (StatusCode::OK, "application/json", rooms()),
         (&Method::GET, _) => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /metrics or /health\n".to_owned(),
+            "not found: try /metrics, /health or /rooms\n".to_owned(),
         ),
         _ => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n".to_owned()),
     };

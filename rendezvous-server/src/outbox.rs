@@ -107,6 +107,8 @@ struct State {
     close: Option<bool>,
     /// The drain measurement behind the senders' budgets.
     budget: Budget,
+    /// Relay frames dropped from this client's buffer, audio and video.
+    dropped: [u64; 2],
 }
 
 impl State {
@@ -169,6 +171,7 @@ impl Outbox {
             stalled_since: None,
             close: None,
             budget: Budget::new(config.budget_interval()),
+            dropped: [0; 2],
         };
         Self {
             state: Mutex::new(state),
@@ -302,6 +305,11 @@ impl Outbox {
     }
 
     fn forget(&self, s: &mut State, item: &Item, class: TrafficClass, reason: DropReason) {
+        match class {
+            TrafficClass::Audio => s.dropped[0] += 1,
+            TrafficClass::Video => s.dropped[1] += 1,
+            TrafficClass::Control => {}
+        }
         s.relay_bytes -= item.wire.len();
         s.budget.on_dropped(item.call);
         self.metrics.dequeued(1);
@@ -502,6 +510,12 @@ impl Outbox {
     /// Waits until something may have changed.
     pub(crate) async fn wait(&self) {
         self.notify.notified().await;
+    }
+
+    /// Relay frames dropped from this client's buffer so far: (audio, video).
+    pub fn dropped_frames(&self) -> (u64, u64) {
+        let s = self.lock();
+        (s.dropped[0], s.dropped[1])
     }
 
     /// Relay frames waiting, for tests and metrics.

@@ -126,6 +126,9 @@ pub struct Rooms {
     metrics: Metrics,
 }
 
+/// Rooms listed by `/rooms` at most (the first by name; `rooms_total` says how many there are).
+pub const MAX_ROOMS_LISTED: usize = 1_000;
+
 fn read(t: &RwLock<Table>) -> RwLockReadGuard<'_, Table> {
     // Every update keeps the three maps consistent before it can panic.
     t.read().unwrap_or_else(|p| p.into_inner())
@@ -158,6 +161,45 @@ impl Rooms {
             rng: SystemRandom::new(),
             metrics,
         })
+    }
+
+    /// The `/rooms` document: each room (by name, at most [`MAX_ROOMS_LISTED`]) with its id
+    /// and members, and per member the relay frames its own buffer dropped (audio, video) and
+    /// the frames waiting in it: which receivers a room's fan-out is thinning. One JSON line.
+    pub fn status_json(&self) -> String {
+        let table = read(&self.table);
+        let mut names: Vec<&String> = table.rooms.keys().collect();
+        names.sort();
+        let rooms: Vec<String> = names
+            .iter()
+            .take(MAX_ROOMS_LISTED)
+            .filter_map(|name| table.rooms.get(*name).map(|r| (name, r)))
+            .map(|(name, r)| {
+                let members: Vec<String> = r
+                    .members
+                    .iter()
+                    .map(|m| {
+                        let (audio, video) = m.member.outbox.dropped_frames();
+                        // Names are validated (a-z 0-9 . _ -): nothing to escape.
+                        format!(
+                            "{{\"name\":\"{}\",\"dropped\":{{\"audio\":{audio},\"video\":{video}}},\"waiting\":{}}}",
+                            m.member.name,
+                            m.member.outbox.waiting()
+                        )
+                    })
+                    .collect();
+                format!(
+                    "{{\"room\":\"{name}\",\"id\":{},\"members\":[{}]}}",
+                    r.id,
+                    members.join(",")
+                )
+            })
+            .collect();
+        format!(
+            "{{\"rooms_total\":{},\"rooms\":[{}]}}\n",
+            table.rooms.len(),
+            rooms.join(",")
+        )
     }
 
     /// Rooms now.

@@ -155,10 +155,12 @@ impl Server {
             Some(addr) => {
                 let listener = TcpListener::bind(addr).await.map_err(ServerError::Metrics)?;
                 let me = self.clone();
+                let rooms = self.ctx.rooms.clone();
                 Some(tokio::spawn(http::serve(
                     listener,
                     self.ctx.metrics.clone(),
                     move || me.health(),
+                    move || rooms.status_json(),
                 )))
             }
             None => None,

@@ -401,6 +401,77 @@ async fn a_member_that_stops_reading_costs_only_itself() {
     srv.shutdown().await;
 }
 
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("the endpoint listens");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("writes");
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .expect("in time")
+        .expect("reads");
+    out
+}
+
+/// The frames `/rooms` says `name`'s buffer dropped: (audio, video).
+fn dropped(doc: &str, name: &str) -> (u64, u64) {
+    let at = format!("{{\"name\":\"{name}\",\"dropped\":{{\"audio\":");
+    let rest = &doc[doc.find(&at).unwrap_or_else(|| panic!("{name} in {doc}")) + at.len()..];
+    let (audio, rest) = rest.split_once(",\"video\":").expect("video");
+    let video = rest.split_once('}').expect("end").0;
+    (audio.parse().expect("a count"), video.parse().expect("a count"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rooms_document_names_the_member_whose_buffer_thins_a_senders_video() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("binds")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut config: Config = test_config();
+    config.metrics_listen = Some(metrics);
+    let srv = Running::start(config).await;
+    let (mut alice, _) = registered(&srv, "alice").await;
+    let (mut bob, _) = registered(&srv, "bob").await;
+    let (mut carol, _) = registered(&srv, "carol").await;
+    let id = team_of_three(&mut alice, &mut bob, &mut carol).await;
+    carol.acks = false; // carol reads nothing more: her buffer fills
+
+    // 600 frames of 1 000 bytes of video from alice (a key frame, then deltas): bob reads every
+    // one; carol's buffer goes over its bound and drops whole frames.
+    for n in 0u32..600 {
+        let flags = RelayFlags::FRAME_START | RelayFlags::FRAME_END | if n == 0 { RelayFlags::KEY_FRAME } else { 0 };
+        let f = relay_frame_with(id, TrafficClass::Video, flags, &[n as u8; 1_000]);
+        alice.send_raw(&f).await;
+        loop {
+            match bob.next().await {
+                Got::Relay(got) => {
+                    assert_eq!(got, f, "frame {n}");
+                    break;
+                }
+                Got::Msg(_) => {}
+                other => panic!("bob: {other:?}"),
+            }
+        }
+    }
+    let doc = http_get(metrics, "/rooms").await;
+    assert!(doc.starts_with("HTTP/1.1 200"), "{doc}");
+    assert!(doc.contains("\"rooms_total\":1"), "{doc}");
+    assert!(doc.contains(&format!("\"room\":\"team\",\"id\":{id}")), "{doc}");
+    assert_eq!(dropped(&doc, "bob"), (0, 0), "{doc}");
+    assert_eq!(dropped(&doc, "alice"), (0, 0), "{doc}");
+    let (audio, video) = dropped(&doc, "carol");
+    assert_eq!(audio, 0, "{doc}");
+    assert!(video > 100, "carol's buffer dropped {video} video frames: {doc}");
+    srv.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn room_limits_refuse_with_a_reason_and_are_counted() {
     let mut config = test_config();
