@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::capture::Capture;
 use crate::process::{Binaries, Proc};
 use crate::scenario::{peer_args, start_server};
 use crate::shape::LinkCap;
@@ -50,6 +51,10 @@ pub struct RoomOutcome {
     pub exit_codes: BTreeMap<String, Option<i32>>,
     /// Each member's JSON events, in order.
     pub events: BTreeMap<String, Vec<Value>>,
+    /// The stranger's exit code and its JSON error event, when [`RoomOptions::stranger`].
+    pub stranger: Option<(Option<i32>, Option<Value>)>,
+    /// What the server's interface carried, when [`RoomOptions::capture_server`].
+    pub server_packets: Vec<crate::capture::Packet>,
     /// What went wrong driving the processes, if anything.
     pub error: Option<String>,
     /// Where the logs are.
@@ -141,6 +146,12 @@ pub struct RoomOptions {
     pub caps: Vec<(usize, u32)>,
     /// Uplink caps, the same way on the router's WAN side.
     pub uplink_caps: Vec<(usize, u32)>,
+    /// A peer nobody invited (`stranger`, public) tries to join once everyone is connected;
+    /// its exit code and error are in the outcome.
+    pub stranger: bool,
+    /// Capture the server's traffic (tcpdump in its namespace) for the whole room; the packets
+    /// are in the outcome.
+    pub capture_server: bool,
 }
 
 impl Default for RoomOptions {
@@ -150,6 +161,8 @@ impl Default for RoomOptions {
             topology: "mesh".into(),
             caps: Vec::new(),
             uplink_caps: Vec::new(),
+            stranger: false,
+            capture_server: false,
         }
     }
 }
@@ -205,6 +218,16 @@ pub async fn run_room_with(
     {
         return Err(Error::InvalidScenario("a cap names no member".into()));
     }
+    let stranger_dev = if options.stranger {
+        Some(add_device(&lab, "stranger", &dc).await?)
+    } else {
+        None
+    };
+    let server_iface = server_dev
+        .default_iface()
+        .map(|i| i.name().to_owned())
+        .ok_or_else(|| Error::InvalidScenario("the server has no interface".into()))?;
+    let capture_server = options.capture_server;
     let ip = server_dev
         .ip()
         .ok_or_else(|| Error::InvalidScenario("the server has no IPv4 address".into()))?;
@@ -223,11 +246,18 @@ pub async fn run_room_with(
             reports: BTreeMap::new(),
             exit_codes: BTreeMap::new(),
             events: BTreeMap::new(),
+            stranger: None,
+            server_packets: Vec::new(),
             error: None,
             dir: dir.clone(),
         };
         let mut procs: Vec<Proc> = Vec::new();
+        let mut capture = None;
         let result = (|| -> Result<(), String> {
+            if capture_server {
+                let pcap = dir.join("server.pcap");
+                capture = Some(Capture::start(&server_dev, &server_iface, &pcap).map_err(|e| e.to_string())?);
+            }
             procs.push(start_server(&bins, &dir, &server_dev, server)?);
             // Members stay until interrupted (with a bound in case that fails).
             let bound = format!("{:.0}", secs + 60.0);
@@ -275,6 +305,16 @@ pub async fn run_room_with(
                     Err(format!("kill {sig} {pid} failed"))
                 }
             };
+            if let Some(dev) = &stranger_dev {
+                // Not invited, no code: refused with the server's reason (exit 4).
+                let cmd = vec!["room".to_string(), ROOM.to_string()];
+                let args = peer_args(server, &dir, "stranger", &cmd);
+                let mut p = Proc::spawn(dev, &dir, "stranger", &bins.natcall, &args).map_err(|e| e.to_string())?;
+                let code = p.wait_exit(Duration::from_secs(20)).ok();
+                p.drain();
+                let error = p.seen.iter().find(|e| e["event"] == "error").cloned();
+                out.stranger = Some((code, error));
+            }
             if departures.is_empty() {
                 std::thread::sleep(Duration::from_secs_f64(secs));
             } else {
@@ -303,6 +343,12 @@ pub async fn run_room_with(
         for p in &mut procs {
             p.kill();
             p.drain();
+        }
+        if let Some(c) = capture {
+            match c.stop() {
+                Ok(packets) => out.server_packets = packets,
+                Err(e) => out.error = out.error.take().or(Some(format!("server capture: {e}"))),
+            }
         }
         for name in &names {
             let r = procs.iter().find(|p| &p.name == name).and_then(Proc::report);

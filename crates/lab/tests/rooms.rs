@@ -128,6 +128,12 @@ async fn a_member_who_leaves_and_one_who_is_killed_are_announced_and_the_rest_go
         assert!(got.audio_on_time >= 0.98, "{receiver} ← {sender} {got:?}: {diag}");
         assert!(got.video_on_time >= 0.90, "{receiver} ← {sender} {got:?}: {diag}");
     }
+    // They rekeyed once per departure: what they send in fan-out from then on, the two who
+    // went cannot open.
+    for name in ["stays", "also"] {
+        let report = out.reports[name].as_ref().expect("a report");
+        assert_eq!(report["fan_out"]["keys_made"], 3, "{name}: {diag}");
+    }
     // Their sessions with the two who went ended (the server said so), not by timeout.
     for name in ["stays", "also"] {
         let report = out.reports[name].as_ref().expect("a report");
@@ -143,15 +149,19 @@ async fn in_fan_out_a_slow_member_gets_thinner_video_and_costs_the_others_nothin
     let (bins, logs) = setup();
     let dir = logs.0.as_ref().expect("set").path().to_path_buf();
     let members = [
-        ("alice", Kind::PortRestricted),
-        ("bob", Kind::Public),
-        ("slow", Kind::Symmetric),
+        ("pub", Kind::Public),
+        ("pr", Kind::PortRestricted),
+        ("sym", Kind::Symmetric),
+        ("slow", Kind::UdpBlocked),
     ];
-    // Everyone sends one copy through the server; slow's downlink carries 600 kbit/s, less
-    // than the two others' video (about 1 Mbit/s each).
+    // Everyone sends one copy through the server; slow's downlink carries 300 kbit/s, far less
+    // than the three others' video (about 1 Mbit/s each). A stranger tries to join; the
+    // server's traffic is captured throughout.
     let options = RoomOptions {
         topology: "fan-out".into(),
-        caps: vec![(2, 600)],
+        caps: vec![(3, 300)],
+        stranger: true,
+        capture_server: true,
         ..RoomOptions::default()
     };
     let out = run_room_with(&bins, &members, 10.0, &options, &dir)
@@ -168,44 +178,84 @@ async fn in_fan_out_a_slow_member_gets_thinner_video_and_costs_the_others_nothin
         out.received_fan_out(r, s)
             .unwrap_or_else(|| panic!("{r} has {s}'s fan-out statistics: {diag}"))
     };
-    let table: Vec<String> = [
-        ("alice", "bob"),
-        ("bob", "alice"),
-        ("slow", "alice"),
-        ("slow", "bob"),
-        ("alice", "slow"),
-        ("bob", "slow"),
-    ]
-    .iter()
-    .map(|(r, s)| {
-        let g = got(r, s);
-        format!(
-            "{r} ← {s}: audio {:.1} %, video {:.1} %",
-            g.audio_on_time * 100.0,
-            g.video_on_time * 100.0
-        )
-    })
-    .collect();
+    let mut table = Vec::new();
+    for (r, _) in &members {
+        for (s, _) in members.iter().filter(|(s, _)| s != r) {
+            let g = got(r, s);
+            table.push(format!(
+                "{r} ← {s}: audio {:.1} %, video {:.1} %",
+                g.audio_on_time * 100.0,
+                g.video_on_time * 100.0
+            ));
+        }
+    }
     let table = table.join("\n");
     println!("{table}");
-    // The fast members get each other's and slow's media whole: slow costs them nothing.
-    for (r, s) in [("alice", "bob"), ("bob", "alice"), ("alice", "slow"), ("bob", "slow")] {
-        let g = got(r, s);
-        assert!(g.audio_on_time >= 0.98, "{r} ← {s}:\n{table}\n{diag}");
-        assert!(g.video_on_time >= 0.90, "{r} ← {s}:\n{table}\n{diag}");
+    // The three others get everyone's media whole, slow's included: slow costs them nothing.
+    for (r, _) in members.iter().filter(|(r, _)| *r != "slow") {
+        for (s, _) in members.iter().filter(|(s, _)| s != r) {
+            let g = got(r, s);
+            assert!(g.audio_on_time >= 0.98, "{r} ← {s}:\n{table}\n{diag}");
+            assert!(g.video_on_time >= 0.90, "{r} ← {s}:\n{table}\n{diag}");
+        }
     }
     // slow's own buffer at the server thins its video: whole frames, resuming at key frames
     // (2 s apart; nothing asks the senders for one in fan-out), so little video but all of it
     // complete; its audio goes first from the buffer, but what is already in its link's queue
-    // delays it (measured: 91-97 % on time, 3-5 % of the video; lower with another lab test
-    // beside it on the machine's two cores).
-    for s in ["alice", "bob"] {
+    // delays it.
+    // Video is counted against what each sender sent (the share of frames seen would read a
+    // single frame received as 100 %).
+    let slow = out.reports["slow"].as_ref().expect("a report");
+    let mut video_total = 0;
+    for (s, _) in members.iter().filter(|(s, _)| *s != "slow") {
         let g = got("slow", s);
-        assert!(g.audio_on_time >= 0.85, "slow ← {s}:\n{table}\n{diag}");
-        assert!(g.video_on_time < 0.85, "slow ← {s} was not thinned:\n{table}\n{diag}");
-        assert!(g.video_on_time > 0.0, "slow ← {s} got no video:\n{table}\n{diag}");
+        assert!(g.audio_on_time >= AUDIO_300, "slow ← {s}:\n{table}\n{diag}");
+        let complete = slow["members"][*s]["fan_out"]["video"]["received"]["frames_complete"]
+            .as_u64()
+            .unwrap_or(0);
+        let sent = out.reports[*s].as_ref().expect("a report")["fan_out"]["sent"]["video"]["frames_sent"]
+            .as_u64()
+            .unwrap_or(0);
+        assert!(sent > 200, "{s} sent {sent} video frames\n{diag}");
+        assert!(
+            (complete as f64) < 0.85 * sent as f64,
+            "slow ← {s} was not thinned: {complete} of {sent}\n{table}\n{diag}"
+        );
+        video_total += complete;
+    }
+    assert!(video_total > 0, "slow got no video at all:\n{table}\n{diag}");
+    // The stranger was refused with the server's reason.
+    let (code, error) = out.stranger.clone().expect("the stranger ran");
+    assert_eq!(code, Some(4), "{error:?}\n{diag}");
+    let why = error
+        .as_ref()
+        .and_then(|e| e["error"].as_str())
+        .unwrap_or("")
+        .to_owned();
+    assert!(why.contains("not invited to room lab"), "{why}\n{diag}");
+    // The server's wire carried no media in the clear: the test source's frames are long runs
+    // of one byte ('A' audio, 'K' key and 'V' other video frames); none is in any payload.
+    let sealed_runs: [&[u8]; 3] = [&[0x41; 48], &[0x4b; 48], &[0x56; 48]];
+    assert!(
+        out.server_packets.len() > 1_000,
+        "{} packets captured\n{diag}",
+        out.server_packets.len()
+    );
+    for p in &out.server_packets {
+        for run in sealed_runs {
+            assert!(
+                !natcall_lab::capture::contains(&p.payload, run),
+                "plaintext media at the server: {:?} → {:?}\n{diag}",
+                p.src,
+                p.dst
+            );
+        }
     }
 }
+
+/// What slow's audio at least reaches at 300 kbit/s against three senders in fan-out (measured
+/// alone: 79-80 % on time; its link's queue holds video ahead of it, see docs/rooms.md).
+const AUDIO_300: f64 = 0.6;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_whose_uplink_cannot_carry_a_copy_for_everyone_moves_to_fan_out() {
@@ -214,13 +264,14 @@ async fn a_member_whose_uplink_cannot_carry_a_copy_for_everyone_moves_to_fan_out
     let members = [
         ("narrow", Kind::PortRestricted),
         ("bob", Kind::Public),
-        ("carol", Kind::Public),
+        ("carol", Kind::Symmetric),
+        ("dave", Kind::Public),
     ];
-    // narrow's uplink carries 1 200 kbit/s: one copy of its media (about 1 Mbit/s) fits, a copy
-    // for each of two others does not.
+    // narrow's uplink carries 2 000 kbit/s: one copy of its media (about 1 Mbit/s) fits, a copy
+    // for each of three others does not.
     let options = RoomOptions {
         topology: "auto".into(),
-        uplink_caps: vec![(0, 1_200)],
+        uplink_caps: vec![(0, 2_000)],
         ..RoomOptions::default()
     };
     let out = run_room_with(&bins, &members, 12.0, &options, &dir)
@@ -238,7 +289,7 @@ async fn a_member_whose_uplink_cannot_carry_a_copy_for_everyone_moves_to_fan_out
     let why = moved["why"].as_str().unwrap_or("");
     assert!(why.contains("the uplink carries"), "{why}\n{diag}");
     // The others have the uplinks for mesh and stay there.
-    for name in ["bob", "carol"] {
+    for name in ["bob", "carol", "dave"] {
         let r = report(name);
         let modes: Vec<&serde_json::Value> = r["topology"]
             .as_array()
@@ -248,8 +299,8 @@ async fn a_member_whose_uplink_cannot_carry_a_copy_for_everyone_moves_to_fan_out
             .collect();
         assert!(modes.iter().all(|m| *m == "mesh"), "{name}: {modes:?}\n{diag}");
     }
-    // After the move, narrow's media reaches both through the server.
-    for name in ["bob", "carol"] {
+    // After the move, narrow's media reaches the others through the server.
+    for name in ["bob", "carol", "dave"] {
         let got = out.received_fan_out(name, "narrow").expect("stats");
         assert!(got.audio_on_time >= 0.95, "{name} ← narrow by fan-out {got:?}\n{diag}");
         assert!(got.video_on_time >= 0.80, "{name} ← narrow by fan-out {got:?}\n{diag}");
