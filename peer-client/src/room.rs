@@ -123,7 +123,9 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry, topol
         _ => Topology::Mesh,
     };
     let (mode_tx, mode) = watch::channel(first);
-    let mut members_now = r.members().len() + 1;
+    // The others in the room, by name (a member joining again from a newer connection is
+    // announced again without having left).
+    let mut others: std::collections::BTreeSet<String> = r.members().iter().map(|m| m.name.clone()).collect();
     let want_bps = opts
         .media
         .media_kbps
@@ -132,8 +134,8 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry, topol
     // The pacer needs room above the media for headers and tags (about 8 %) and bursts; a
     // measured uplink bounds it (below what it carries, so the link's queue stays short).
     let fan_out_rate = |uplink: Option<u64>| {
-        let full = want_bps * 5 / 4;
-        uplink.map_or(full, |up| full.min(up * 9 / 10)).max(100_000)
+        let full = (want_bps * 5 / 4).max(100_000);
+        uplink.map_or(full, |up| full.min(up * 9 / 10)).max(1)
     };
     let (rate_tx, fan_rate) = watch::channel(fan_out_rate(None));
     r.set_fan_out_rate(fan_out_rate(None)).await;
@@ -182,7 +184,7 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry, topol
         tokio::select! {
             ev = r.next_event() => match ev {
                 Some(RoomEvent::MemberJoined(m)) => {
-                    members_now += 1;
+                    others.insert(m.name.clone());
                     output::notice(
                         json,
                         json!({"event": "member_joined", "room": room, "name": m.name, "fingerprint": m.fingerprint.to_string()}),
@@ -190,7 +192,7 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry, topol
                     );
                 }
                 Some(RoomEvent::MemberLeft { name, reason }) => {
-                    members_now = members_now.saturating_sub(1).max(1);
+                    others.remove(&name);
                     output::notice(
                         json,
                         json!({"event": "member_left", "room": room, "name": name, "reason": reason}),
@@ -284,12 +286,14 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry, topol
                             }
                         }
                     }
-                    if let Some((to, why)) = chooser.update(std::time::Instant::now(), members_now, want_bps, uplink_bps) {
+                    if let Some((to, why)) = chooser.update(std::time::Instant::now(), others.len() + 1, want_bps, uplink_bps) {
                         if to == Topology::FanOut {
                             let rate = fan_out_rate(uplink_bps);
                             r.set_fan_out_rate(rate).await;
                             rate_tx.send_replace(rate);
                         }
+                        // Samples from before the change say nothing of the new mode.
+                        uplink = UplinkMeter::new(UPLINK_TICKS, UPLINK_BACKING_OFF);
                         mode_event(&mut topology, to, &why);
                         mode_tx.send_replace(to);
                     }

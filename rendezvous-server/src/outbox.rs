@@ -107,7 +107,8 @@ struct State {
     close: Option<bool>,
     /// The drain measurement behind the senders' budgets.
     budget: Budget,
-    /// Relay frames dropped from this client's buffer, audio and video.
+    /// Relay frames dropped for this client (from its buffer, or on arrival while its video
+    /// from a sender waits for a key frame), audio and video; all its calls and rooms.
     dropped: [u64; 2],
 }
 
@@ -245,6 +246,7 @@ impl Outbox {
             if header.flags.has(RelayFlags::KEY_FRAME | RelayFlags::FRAME_START) {
                 s.video_skip.retain(|f| *f != from);
             } else {
+                s.dropped[1] += 1;
                 self.metrics.dropped(class, DropReason::AwaitingKeyFrame, 1, wire.len());
                 s.budget.on_dropped(header.call);
                 return grant;

@@ -126,6 +126,9 @@ pub struct Rooms {
     metrics: Metrics,
 }
 
+/// A room as `/rooms` lists it: name, id, and each member's name and buffer.
+type ListedRoom = (String, u32, Vec<(String, Arc<Outbox>)>);
+
 /// Rooms listed by `/rooms` at most (the first by name; `rooms_total` says how many there are).
 pub const MAX_ROOMS_LISTED: usize = 1_000;
 
@@ -164,42 +167,50 @@ impl Rooms {
     }
 
     /// The `/rooms` document: each room (by name, at most [`MAX_ROOMS_LISTED`]) with its id
-    /// and members, and per member the relay frames its own buffer dropped (audio, video) and
-    /// the frames waiting in it: which receivers a room's fan-out is thinning. One JSON line.
+    /// and members, and per member the relay frames dropped for it (audio, video; for all its
+    /// calls and rooms) and the frames waiting in its buffer: which receivers a room's fan-out
+    /// is thinning. One JSON line.
     pub fn status_json(&self) -> String {
-        let table = read(&self.table);
-        let mut names: Vec<&String> = table.rooms.keys().collect();
-        names.sort();
-        let rooms: Vec<String> = names
+        // Names, ids and buffer handles are copied under the table's lock; the buffers are read
+        // after it is released (joins and leaves, which forwarding waits behind, never wait
+        // for this document).
+        let (total, rooms) = {
+            let table = read(&self.table);
+            let mut names: Vec<&String> = table.rooms.keys().collect();
+            names.sort_unstable();
+            names.truncate(MAX_ROOMS_LISTED);
+            let rooms: Vec<ListedRoom> = names
+                .into_iter()
+                .filter_map(|name| table.rooms.get(name).map(|r| (name, r)))
+                .map(|(name, r)| {
+                    let members = r
+                        .members
+                        .iter()
+                        .map(|m| (m.member.name.clone(), m.member.outbox.clone()))
+                        .collect();
+                    (name.clone(), r.id, members)
+                })
+                .collect();
+            (table.rooms.len(), rooms)
+        };
+        let rooms: Vec<String> = rooms
             .iter()
-            .take(MAX_ROOMS_LISTED)
-            .filter_map(|name| table.rooms.get(*name).map(|r| (name, r)))
-            .map(|(name, r)| {
-                let members: Vec<String> = r
-                    .members
+            .map(|(name, id, members)| {
+                let members: Vec<String> = members
                     .iter()
-                    .map(|m| {
-                        let (audio, video) = m.member.outbox.dropped_frames();
+                    .map(|(member, outbox)| {
+                        let (audio, video) = outbox.dropped_frames();
                         // Names are validated (a-z 0-9 . _ -): nothing to escape.
                         format!(
-                            "{{\"name\":\"{}\",\"dropped\":{{\"audio\":{audio},\"video\":{video}}},\"waiting\":{}}}",
-                            m.member.name,
-                            m.member.outbox.waiting()
+                            "{{\"name\":\"{member}\",\"dropped\":{{\"audio\":{audio},\"video\":{video}}},\"waiting\":{}}}",
+                            outbox.waiting()
                         )
                     })
                     .collect();
-                format!(
-                    "{{\"room\":\"{name}\",\"id\":{},\"members\":[{}]}}",
-                    r.id,
-                    members.join(",")
-                )
+                format!("{{\"room\":\"{name}\",\"id\":{id},\"members\":[{}]}}", members.join(","))
             })
             .collect();
-        format!(
-            "{{\"rooms_total\":{},\"rooms\":[{}]}}\n",
-            table.rooms.len(),
-            rooms.join(",")
-        )
+        format!("{{\"rooms_total\":{total},\"rooms\":[{}]}}\n", rooms.join(","))
     }
 
     /// Rooms now.

@@ -81,7 +81,7 @@ struct Harness {
     /// Fan-out packets delivered, and as whose each was accepted.
     sent: Vec<(Vec<u8>, Option<u8>)>,
     /// What the receiver should hold: key id → (sender, key index), a sender's ids (oldest
-    /// first, at most two).
+    /// first, at most three).
     owner: HashMap<u32, (u8, usize)>,
     held: HashMap<u8, Vec<u32>>,
     unknown: u64,
@@ -116,7 +116,7 @@ impl Harness {
                         self.owner.insert(id, (sender, k));
                         let ids = self.held.entry(sender).or_default();
                         ids.push(id);
-                        if ids.len() > 2 {
+                        if ids.len() > 3 {
                             let old = ids.remove(0);
                             self.owner.remove(&old);
                         }
@@ -228,7 +228,7 @@ impl Harness {
 /// The `room_receiver` target: a program of [`RoomOp`]s against one member's fan-out receiver.
 ///
 /// Invariants: a packet opens only as the sender holding exactly the key that sealed it (id
-/// and secret, among its two latest); a key id is never given to a second sender; a replayed
+/// and secret, among its three latest); a key id is never given to a second sender; a replayed
 /// packet is never accepted as the same sender's again, a tampered one never at all; key
 /// messages round-trip; the unknown-key count never goes down.
 pub fn room_receiver(data: &[u8]) {

@@ -30,8 +30,9 @@ use crate::{Error, Track};
 pub const KEY_ID_LEN: usize = 4;
 /// Bytes of a key message.
 pub const KEY_MESSAGE_LEN: usize = KEY_ID_LEN + 32;
-/// A sender's keys a receiver keeps: the current one and the one before.
-const KEYS_KEPT: usize = 2;
+/// A sender's keys a receiver keeps: the current one and the two before (a second rekey may
+/// start before the first is sealing: two members leaving close together).
+const KEYS_KEPT: usize = 3;
 
 /// A room sender's key: its id (on every packet) and its secret (only in key messages).
 #[derive(Clone, PartialEq, Eq)]
@@ -152,6 +153,11 @@ impl<M: Clone + Eq + Hash + std::fmt::Debug> RoomReceiver<M> {
             receiver: Receiver::new(config.clone(), key.opener(), now),
             keys: Vec::new(),
         });
+        if from.keys.is_empty() {
+            // Back after leaving (or in a new session): its sequence numbers start again, so
+            // its receiver (replay window, jitter buffer) does too.
+            from.receiver = Receiver::new(config.clone(), key.opener(), now);
+        }
         from.keys.push(key.id);
         while from.keys.len() > KEYS_KEPT {
             let old = from.keys.remove(0);
@@ -162,7 +168,7 @@ impl<M: Clone + Eq + Hash + std::fmt::Debug> RoomReceiver<M> {
     }
 
     /// `sender` left: its keys are forgotten (nothing it sends opens any more); what it sent
-    /// stays in the statistics.
+    /// stays in the statistics until it hands over a key again, which starts it afresh.
     pub fn remove_sender(&mut self, sender: &M) {
         if let Some(from) = self.senders.get_mut(sender) {
             for id in from.keys.drain(..) {
@@ -287,8 +293,9 @@ mod tests {
             .expect("queued");
         let t = alice.poll_transmit(now).expect("packet");
         assert!(bob.handle_packet(now, &fan_out_packet(k1.id, &t.contents)).is_err());
-        // After a third key, the first is forgotten.
+        // After a fourth key, the first is forgotten (three are kept).
         bob.add_key(now, "alice", &k3).expect("key");
+        bob.add_key(now, "alice", &key(4, 4)).expect("key");
         let mut old = Sender::new(SenderConfig::default(), k1.sealer(), now);
         assert_eq!(send_audio(&mut old, k1.id, &mut bob, &mut now, 3), 0);
         assert!(bob.unknown_key_packets() >= 3);

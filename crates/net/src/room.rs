@@ -339,7 +339,9 @@ impl TopologyChooser {
                 Some((Topology::FanOut, why))
             }
             Topology::FanOut => {
-                let fits = uplink_bps.is_none_or(|up| need as f64 <= up as f64 * (1.0 - self.rule.margin));
+                // A pair's one copy always fits (as on the way to fan-out).
+                let fits =
+                    others <= 1 || uplink_bps.is_none_or(|up| need as f64 <= up as f64 * (1.0 - self.rule.margin));
                 if too_many || !fits {
                     self.mesh_ok_since = None;
                     return None;
@@ -481,6 +483,7 @@ impl Room {
                 conn: call.connection().clone(),
             },
             RoomEvent::MemberLeft { name, .. } => room_media::Ctl::Left(name.clone()),
+            RoomEvent::MemberJoined(m) => room_media::Ctl::Joined(m.name.clone()),
             _ => return,
         };
         let _ = media.ctl.send(ctl).await;

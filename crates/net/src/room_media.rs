@@ -41,14 +41,16 @@ const PACKET_QUEUE: usize = 512;
 const TICK: Duration = Duration::from_millis(10);
 /// How often the report is published.
 const REPORT_EVERY: Duration = Duration::from_millis(250);
-/// Key messages a member may send over a session (a rekey per leave): beyond, it is ignored.
-const MAX_KEYS_PER_SESSION: usize = 64;
+/// How long one key message may take to arrive once its stream opened.
+const KEY_READ_WAIT: Duration = Duration::from_secs(5);
 
 /// What the room's handle tells the task.
 #[derive(Debug)]
 pub(crate) enum Ctl {
     /// A pairwise session with `peer` connected.
     Session { peer: String, conn: quinn::Connection },
+    /// `peer` joined the room (again, perhaps).
+    Joined(String),
     /// `peer` left the room.
     Left(String),
     /// A frame to send in fan-out.
@@ -118,6 +120,8 @@ impl RoomMedia {
             keys_made: 1,
             generation: 1,
             pending: None,
+            gone: std::collections::HashSet::new(),
+            helpers: tokio::task::JoinSet::new(),
         };
         let task = tokio::spawn(task.run(packets, ctl_rx));
         Self {
@@ -157,6 +161,12 @@ struct Task {
     generation: u32,
     /// The key a rekey under way will switch to.
     pending: Option<SenderKey>,
+    /// Members who left (until they join again): a session of theirs that connects late gets
+    /// no key.
+    gone: std::collections::HashSet<String>,
+    /// Key senders and readers, and rekeys: they end with this task (aborted with it), so
+    /// none keeps a session's QUIC connection open.
+    helpers: tokio::task::JoinSet<()>,
 }
 
 impl Task {
@@ -178,6 +188,7 @@ impl Task {
                     Some(c) => self.handle(c),
                     None => return,
                 },
+                Some(_) = self.helpers.join_next(), if !self.helpers.is_empty() => {}
                 _ = tick.tick() => {
                     let now = Instant::now();
                     self.receiver.handle_timeout(now);
@@ -198,16 +209,30 @@ impl Task {
         let now = Instant::now();
         match c {
             Ctl::Session { peer, conn } => {
+                if self.gone.contains(&peer) {
+                    // The session connected after the member left (the two news race): it
+                    // gets no key.
+                    return debug!(%peer, "session of a member who left: no key for it");
+                }
+                if self.sessions.contains_key(&peer) {
+                    // A new session (the member joined again from a newer connection): its
+                    // sender starts afresh, with new keys and sequence numbers.
+                    self.receiver.remove_sender(&peer);
+                }
                 // Our key, and the one a rekey under way is about to switch to.
                 let keys: Vec<SenderKey> = std::iter::once(self.key.clone()).chain(self.pending.clone()).collect();
                 let to = conn.clone();
-                tokio::spawn(async move {
+                self.helpers.spawn(async move {
                     for key in keys {
                         send_key(&to, &key).await;
                     }
                 });
-                tokio::spawn(read_keys(peer.clone(), conn.clone(), self.ctl_tx.clone()));
+                self.helpers
+                    .spawn(read_keys(peer.clone(), conn.clone(), self.ctl_tx.clone()));
                 self.sessions.insert(peer, conn);
+            }
+            Ctl::Joined(peer) => {
+                self.gone.remove(&peer);
             }
             Ctl::Key { from, key } => {
                 if !self.sessions.contains_key(&from) {
@@ -220,6 +245,7 @@ impl Task {
             Ctl::Left(peer) => {
                 self.receiver.remove_sender(&peer);
                 self.sessions.remove(&peer);
+                self.gone.insert(peer);
                 self.rekey();
             }
             Ctl::Rekeyed { generation, key } => {
@@ -253,7 +279,7 @@ impl Task {
         self.pending = Some(key.clone());
         let conns: Vec<quinn::Connection> = self.sessions.values().cloned().collect();
         let ctl = self.ctl_tx.clone();
-        tokio::spawn(async move {
+        self.helpers.spawn(async move {
             let mut sends = tokio::task::JoinSet::new();
             for conn in conns {
                 let key = key.clone();
@@ -321,14 +347,21 @@ async fn send_key(conn: &quinn::Connection, key: &SenderKey) {
     }
 }
 
-/// Reads the key messages `peer` sends over its session until the session ends.
+/// Reads the key messages `peer` sends over its session until the session ends. One member
+/// sends one per rekey (a rekey per departure), so their number is not capped; each is 36
+/// bytes, read within [`KEY_READ_WAIT`], and the receiver keeps at most three keys per member.
 async fn read_keys(peer: String, conn: quinn::Connection, ctl: mpsc::Sender<Ctl>) {
-    for _ in 0..MAX_KEYS_PER_SESSION {
+    loop {
         let Ok(mut s) = conn.accept_uni().await else { return };
-        let message = match s.read_to_end(KEY_MESSAGE_LEN).await {
-            Ok(m) => m,
-            Err(e) => {
+        let message = match tokio::time::timeout(KEY_READ_WAIT, s.read_to_end(KEY_MESSAGE_LEN)).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
                 debug!(%peer, error = %e, "unreadable room key message ignored");
+                continue;
+            }
+            Err(_) => {
+                debug!(%peer, "room key message not finished in time: ignored");
+                let _ = s.stop(0u32.into());
                 continue;
             }
         };
@@ -348,5 +381,4 @@ async fn read_keys(peer: String, conn: quinn::Connection, ctl: mpsc::Sender<Ctl>
             Err(e) => debug!(%peer, error = %e, "malformed room key message ignored"),
         }
     }
-    warn!(%peer, "more than {MAX_KEYS_PER_SESSION} room keys from one member: no more are read");
 }
