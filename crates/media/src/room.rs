@@ -153,11 +153,7 @@ impl<M: Clone + Eq + Hash + std::fmt::Debug> RoomReceiver<M> {
             receiver: Receiver::new(config.clone(), key.opener(), now),
             keys: Vec::new(),
         });
-        if from.keys.is_empty() {
-            // Back after leaving (or in a new session): its sequence numbers start again, so
-            // its receiver (replay window, jitter buffer) does too.
-            from.receiver = Receiver::new(config.clone(), key.opener(), now);
-        }
+
         from.keys.push(key.id);
         while from.keys.len() > KEYS_KEPT {
             let old = from.keys.remove(0);
@@ -167,8 +163,9 @@ impl<M: Clone + Eq + Hash + std::fmt::Debug> RoomReceiver<M> {
         Ok(())
     }
 
-    /// `sender` left: its keys are forgotten (nothing it sends opens any more); what it sent
-    /// stays in the statistics until it hands over a key again, which starts it afresh.
+    /// `sender` left: its keys are forgotten (nothing it sends opens any more); its receiver
+    /// (replay window, statistics) stays, so packets it sent before cannot be replayed if the
+    /// same key is handed over again.
     pub fn remove_sender(&mut self, sender: &M) {
         if let Some(from) = self.senders.get_mut(sender) {
             for id in from.keys.drain(..) {

@@ -214,11 +214,6 @@ impl Task {
                     // gets no key.
                     return debug!(%peer, "session of a member who left: no key for it");
                 }
-                if self.sessions.contains_key(&peer) {
-                    // A new session (the member joined again from a newer connection): its
-                    // sender starts afresh, with new keys and sequence numbers.
-                    self.receiver.remove_sender(&peer);
-                }
                 // Our key, and the one a rekey under way is about to switch to.
                 let keys: Vec<SenderKey> = std::iter::once(self.key.clone()).chain(self.pending.clone()).collect();
                 let to = conn.clone();
