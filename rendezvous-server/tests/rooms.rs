@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Client, Got, Identity, Running, eventually, relay_frame_with, test_config};
+use common::{Client, Got, Identity, Running, eventually, http_get, relay_frame_with, test_config};
 use natcall_proto::control::{CallStart, ClientMsg, RoomMember, RoomRefusal, ServerMsg};
 use natcall_proto::relay::{ROOM_ID_BIT, RelayFlags, TrafficClass};
 use natcall_rendezvous::Config;
@@ -399,22 +399,6 @@ async fn a_member_that_stops_reading_costs_only_itself() {
     }
     assert!(srv.server.registry().peer("carol").is_none(), "carol was shed");
     srv.shutdown().await;
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("the endpoint listens");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .expect("writes");
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
-        .await
-        .expect("in time")
-        .expect("reads");
-    out
 }
 
 /// The frames `/rooms` says `name`'s buffer dropped: (audio, video).

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::{Client, Got, Identity, Running, eventually, stun_round_trip, test_config};
+use common::{Client, Got, Identity, Running, eventually, http_get, stun_round_trip, test_config};
 use natcall_proto::control::{ClientMsg, ServerMsg};
 use natcall_proto::frame::{self, ErrorCode};
 use natcall_proto::stun as wire;
@@ -472,22 +472,6 @@ async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
     while let Some(r) = set.join_next().await {
         r.expect("no panic");
     }
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("metrics endpoint listens");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .expect("writes");
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
-        .await
-        .expect("in time")
-        .expect("reads");
-    out
 }
 
 #[tokio::test]

@@ -433,3 +433,20 @@ impl rustls::client::danger::ServerCertVerifier for AnyKey {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+/// A GET of `path` on the server's HTTP endpoint at `addr`: the whole response, head and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics endpoint listens");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("writes");
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .expect("in time")
+        .expect("reads");
+    out
+}
