@@ -149,7 +149,7 @@ fn a_name_taken_by_another_key_is_refused() {
     let err = impostor.wait_event("error", EXIT, |_| true);
     assert_eq!(
         err["error"],
-        "the rendezvous server refused: the name \"bob\" is taken: it is registered to another key"
+        "the rendezvous server refused: the name \"bob\" is taken: it is registered to another key; if it is yours, run with the --home (identity) that registered it; otherwise choose another --name"
     );
 }
 
@@ -162,7 +162,9 @@ fn an_unreachable_server_is_reported_as_such() {
     let err = alice.wait_event("error", EXIT, |_| true);
     let text = err["error"].as_str().expect("text");
     assert!(
-        text.starts_with(&format!("cannot reach rendezvous server {addr}: Connection refused")),
+        text.starts_with(&format!(
+            "cannot reach the rendezvous server at {addr}: Connection refused"
+        )),
         "{text}"
     );
 }

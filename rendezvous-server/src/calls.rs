@@ -6,9 +6,12 @@
 //!    `CallFailed` (offline, self-call, already ringing that callee, busy, the callee rung
 //!    more than `limits.rings_per_callee_per_min`) or creates a **ringing** call with a fresh nonzero
 //!    id and sends `Ringing` to the caller and `Incoming` to the callee;
-//! 2. the callee sends `Answer`: a decline ends the call (`CallEnded "<callee> declined"` to the
-//!    caller); an accept makes it **active** and sends `Start` to both, back to back, each with
-//!    the other's key, candidates, one shared password and a start delay ([`start_delays`]);
+//! 2. the callee sends `Reply` (or the older `Answer`): a decline ends the call (`CallDeclined`
+//!    to the caller, saying whether the callee declined, is busy, or allows only another
+//!    policy); an accept makes it **active** under the stricter of both sides' policies
+//!    (`Policy::combine`; two that cannot both hold decline it as a policy conflict) and sends
+//!    `Start` to both, back to back, each with the other's key, candidates, one shared password
+//!    and a start delay ([`start_delays`]);
 //! 3. while active, relay frames carrying the call id are forwarded, bytes untouched, from one
 //!    member's connection into the other's [`Outbox`] (the relay engine's per-client buffer);
 //! 4. the call ends on `Hangup` from either member (`CallEnded` with the reason to the other),
@@ -36,7 +39,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use natcall_proto::control::{CallFailure, CallStart, Candidates, PathKind, Policy, ServerMsg};
+use natcall_proto::control::{CallFailure, CallStart, Candidates, Decline, PathKind, Policy, Reply, ServerMsg};
 use natcall_proto::frame::control_frame;
 use natcall_proto::relay::RelayHeader;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -72,6 +75,7 @@ struct Call {
     caller: Member,
     callee: Member,
     state: State,
+    /// The caller's policy while it rings; the one the call runs under once accepted.
     policy: Policy,
     /// Distinguishes this call from a later one that reuses its id (for the ring timer).
     serial: u64,
@@ -438,8 +442,8 @@ impl Calls {
         Some((id, serial))
     }
 
-    /// Handles `Answer { call, accept }` from connection `conn_id`.
-    pub(crate) fn answer(&self, registry: &Registry, conn_id: u64, id: u32, accept: bool) {
+    /// Handles `Reply { call, reply }` (or the older `Answer`) from connection `conn_id`.
+    pub(crate) fn answer(&self, registry: &Registry, conn_id: u64, id: u32, reply: Reply) {
         let mut table = write(&self.table);
         let ringing_for_me = table
             .calls
@@ -453,17 +457,23 @@ impl Calls {
             );
             return;
         }
-        if !accept {
-            if let Some(call) = table.remove(id) {
-                info!(call = id, callee = %call.callee.name, "call declined");
-                ended(&call.caller, id, format!("{} declined", call.callee.name));
-            }
-            self.publish(&table);
-            return;
-        }
+        let policy = match reply {
+            Reply::Accept { policy } => policy,
+            Reply::Decline(decline) => return self.decline(&mut table, id, decline),
+        };
         let Some(call) = table.calls.get_mut(&id) else {
             return;
         };
+        let Some(policy) = call.policy.combine(policy) else {
+            // The callee did not check the caller's policy against its own: decline for it.
+            let why = format!(
+                "{}'s call asks for {}, and you allow only {policy}",
+                call.caller.name, call.policy
+            );
+            ended(&call.callee, id, why);
+            return self.decline(&mut table, id, Decline::Policy { allowed: policy });
+        };
+        call.policy = policy;
         let (Some(caller), Some(callee)) = (current(registry, &call.caller), current(registry, &call.callee)) else {
             // A member left and its calls are about to be ended; let that say so.
             return;
@@ -475,6 +485,15 @@ impl Calls {
         deliver(&call.callee, &ServerMsg::Start(to_callee));
         info!(call = id, caller = %call.caller.name, callee = %call.callee.name, ?delays, "call active");
         self.publish(&table);
+    }
+
+    /// Ends ringing call `id`, telling the caller why the callee declined it.
+    fn decline(&self, table: &mut Table, id: u32, decline: Decline) {
+        if let Some(call) = table.remove(id) {
+            info!(call = id, callee = %call.callee.name, ?decline, "call declined");
+            deliver(&call.caller, &ServerMsg::CallDeclined { call: id, decline });
+        }
+        self.publish(table);
     }
 
     /// Handles `Hangup { call, reason }` from connection `conn_id`: ends its call `id`, or else

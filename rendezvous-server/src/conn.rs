@@ -20,7 +20,8 @@
 //!    - **peer closed**: flush and half-close in turn;
 //!    - **reset by the peer** (`ECONNRESET`/`EPIPE` on a read or a write): counted as `reset`;
 //!    - **replaced** by a newer registration of the same peer (that connection queued our
-//!      "going away" and closed our outbox): read until the peer closes, as after a graceful end;
+//!      `Replaced`, naming its address, and closed our outbox): read until the peer closes, as
+//!      after a graceful end;
 //!    - **shed** (abusive: flooding, a stalled relay receiver, or still sending after a graceful
 //!      close's deadline): `SO_LINGER = 0`, a reset.
 
@@ -33,7 +34,7 @@ use bytes::{Bytes, BytesMut};
 use natcall_proto::PROTOCOL_VERSION;
 use natcall_proto::auth::verify_registration;
 use natcall_proto::codec::decode_control;
-use natcall_proto::control::{ClientMsg, MAX_LAN_ADDRS, ServerMsg, validate_name};
+use natcall_proto::control::{ClientMsg, Decline, MAX_LAN_ADDRS, Policy, Reply, ServerMsg, validate_name};
 use natcall_proto::frame::{self, ErrorCode, Frame, FrameDecoder, FrameError, FrameKind, RawFrame, control_frame};
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::io::AsyncReadExt;
@@ -73,8 +74,8 @@ enum End {
     PeerClosed,
     /// The peer reset the connection (counted).
     Reset,
-    /// A newer connection of the same peer took over: it already queued our last frame and
-    /// closed our outbox; read until the peer closes.
+    /// A newer connection of the same peer took over: it already queued our last frame
+    /// (`Replaced`) and closed our outbox; read until the peer closes.
     Replaced,
     /// Shed with a reset.
     Shed(Disconnect, &'static str),
@@ -572,7 +573,16 @@ impl Conn {
                 None
             }
             (Phase::Registered { .. }, ClientMsg::Answer { call, accept }) => {
-                self.ctx.calls.answer(&self.ctx.registry, self.id, call, accept);
+                let reply = if accept {
+                    Reply::Accept { policy: Policy::Auto }
+                } else {
+                    Reply::Decline(Decline::Declined)
+                };
+                self.ctx.calls.answer(&self.ctx.registry, self.id, call, reply);
+                None
+            }
+            (Phase::Registered { .. }, ClientMsg::Reply { call, reply }) => {
+                self.ctx.calls.answer(&self.ctx.registry, self.id, call, reply);
                 None
             }
             (Phase::Registered { .. }, ClientMsg::Hangup { call, reason }) => {
@@ -692,7 +702,7 @@ impl Conn {
             {
                 Ok(reg) => reg,
                 Err(RegisterError::NameTaken(n)) => {
-                    let msg = format!("the name {n:?} is taken: it is registered to another key");
+                    let msg = name_taken(&n);
                     return Some(End::Graceful(error_frame(ErrorCode::NameTaken, &msg)));
                 }
                 Err(RegisterError::Full(max)) => {
@@ -712,9 +722,11 @@ impl Conn {
                 }
             };
         if let Some(old) = reg.replaced {
-            info!(peer = %name, old_conn = old.conn_id, "registration replaced by a newer connection");
-            old.outbox
-                .push_server(going_away("replaced by a newer connection of the same peer"));
+            info!(peer = %name, old_conn = old.conn_id, by = %self.addr, "registration replaced by a newer connection");
+            // Final for the old connection: told who took over, it does not register again (a
+            // `GoingAway` would have it come back and take the name in turn, forever).
+            let replaced = control_frame(&ServerMsg::Replaced { by: self.addr }).unwrap_or_default();
+            old.outbox.push_server(replaced);
             old.outbox.close(false);
             self.ctx.calls.leave(old.conn_id, None);
             self.ctx.rooms.leave_all(old.conn_id);
@@ -798,6 +810,14 @@ impl Conn {
             }
         }
     }
+}
+
+/// The refusal of a name bound to another key, with what to do about it.
+fn name_taken(name: &str) -> String {
+    format!(
+        "the name {name:?} is taken: it is registered to another key; if it is yours, run with the \
+         --home (identity) that registered it; otherwise choose another --name"
+    )
 }
 
 fn going_away(reason: &str) -> Bytes {

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use common::{Client, Got, Identity, Running, eventually, relay_frame, stun_with_token, test_config};
-use natcall_proto::control::{CallFailure, CallStart, Candidates, ClientMsg, Fingerprint, Policy, ServerMsg};
+use natcall_proto::control::{
+    CallFailure, CallStart, Candidates, ClientMsg, Decline, Fingerprint, Policy, Reply, ServerMsg,
+};
 use natcall_rendezvous::{Config, RelayCounts, start_delays};
 
 /// Nothing arrives within this: used to show a frame was dropped.
@@ -79,6 +81,26 @@ async fn expect_ended(c: &mut Client, call: u32) -> String {
             reason
         }
         other => panic!("expected call ended, got {other:?}"),
+    }
+}
+
+/// `old` was told that `new` took over its registration (not to come back), and then closed.
+async fn expect_replaced(old: &mut Client, new: &Client) {
+    let by = new.stream.get_ref().0.local_addr().expect("addr");
+    match old.next_msg().await {
+        ServerMsg::Replaced { by: b } => assert_eq!(b, by, "the newer connection's address"),
+        other => panic!("expected replaced, got {other:?}"),
+    }
+    old.expect_eof().await;
+}
+
+async fn expect_declined(c: &mut Client, call: u32) -> Decline {
+    match c.next_msg().await {
+        ServerMsg::CallDeclined { call: id, decline } => {
+            assert_eq!(id, call);
+            decline
+        }
+        other => panic!("expected call declined, got {other:?}"),
     }
 }
 
@@ -232,11 +254,74 @@ async fn a_declined_call_ends_for_the_caller() {
     let mut bob = peer(&srv, "bob").await;
     let call = ring(&mut alice.client, &mut bob.client, "bob", Policy::Auto).await;
     bob.client.send(&ClientMsg::Answer { call, accept: false }).await;
-    assert_eq!(expect_ended(&mut alice.client, call).await, "bob declined");
+    assert_eq!(expect_declined(&mut alice.client, call).await, Decline::Declined);
     assert!(srv.server.calls().is_empty());
     // Answering it again does nothing: bob gets no Start and stays connected.
     bob.client.send(&ClientMsg::Answer { call, accept: true }).await;
     still_served(&mut bob.client).await;
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_callee_in_another_call_declines_as_busy_and_the_caller_is_told_so() {
+    let srv = Running::start(test_config()).await;
+    let mut alice = peer(&srv, "alice").await;
+    let mut bob = peer(&srv, "bob").await;
+    for decline in [Decline::Busy, Decline::Declined] {
+        let call = ring(&mut alice.client, &mut bob.client, "bob", Policy::Auto).await;
+        let reply = Reply::Decline(decline);
+        bob.client.send(&ClientMsg::Reply { call, reply }).await;
+        assert_eq!(expect_declined(&mut alice.client, call).await, decline);
+        assert!(srv.server.calls().is_empty());
+        still_served(&mut bob.client).await;
+    }
+    srv.shutdown().await;
+}
+
+/// The call runs under the stricter of both policies; two that cannot both hold decline it.
+#[tokio::test]
+async fn the_callee_s_policy_narrows_the_call_or_declines_it() {
+    let srv = Running::start(test_config()).await;
+    let mut alice = peer(&srv, "alice").await;
+    let mut bob = peer(&srv, "bob").await;
+    let cases = [
+        (Policy::Auto, Policy::RelayOnly, Some(Policy::RelayOnly)),
+        (Policy::DirectOnly, Policy::Auto, Some(Policy::DirectOnly)),
+        (Policy::LanOnly, Policy::LanOnly, Some(Policy::LanOnly)),
+        (Policy::DirectOnly, Policy::RelayOnly, None),
+    ];
+    for (caller, callee, runs) in cases {
+        let call = ring(&mut alice.client, &mut bob.client, "bob", caller).await;
+        let reply = Reply::Accept { policy: callee };
+        bob.client.send(&ClientMsg::Reply { call, reply }).await;
+        match runs {
+            Some(policy) => {
+                for c in [&mut alice.client, &mut bob.client] {
+                    match c.next_msg().await {
+                        ServerMsg::Start(s) => assert_eq!((s.call, s.policy), (call, policy), "{caller} + {callee}"),
+                        other => panic!("expected start, got {other:?}"),
+                    }
+                }
+                alice
+                    .client
+                    .send(&ClientMsg::Hangup {
+                        call,
+                        reason: String::new(),
+                    })
+                    .await;
+                expect_ended(&mut bob.client, call).await;
+            }
+            None => {
+                let allowed = Decline::Policy { allowed: callee };
+                assert_eq!(expect_declined(&mut alice.client, call).await, allowed);
+                assert_eq!(
+                    expect_ended(&mut bob.client, call).await,
+                    "alice's call asks for direct-only, and you allow only relay-only"
+                );
+            }
+        }
+        eventually("no calls left", || srv.server.calls().is_empty()).await;
+    }
     srv.shutdown().await;
 }
 
@@ -387,9 +472,9 @@ async fn an_active_call_whose_member_leaves_is_suspended_for_the_other() {
     // Replacing a registration suspends the old connection's active calls too.
     let (mut bob, _) = Client::register(srv.addr, "bob", &bob_id).await;
     let call = connect(&mut alice.client, &mut bob, "bob").await;
-    let (_bob2, _) = Client::register(srv.addr, "bob", &bob_id).await;
+    let (bob2, _) = Client::register(srv.addr, "bob", &bob_id).await;
     expect_suspended(&mut alice.client, call).await;
-    assert!(matches!(bob.next_msg().await, ServerMsg::GoingAway { .. }));
+    expect_replaced(&mut bob, &bob2).await;
     assert!(srv.server.calls().is_empty());
     srv.shutdown().await;
 }
@@ -407,9 +492,9 @@ async fn a_ringing_call_whose_member_leaves_ends_for_the_other() {
     // Replaced while it rings: the same.
     let (mut bob, _) = Client::register(srv.addr, "bob", &bob_id).await;
     let call = ring(&mut alice.client, &mut bob, "bob", Policy::Auto).await;
-    let (_bob2, _) = Client::register(srv.addr, "bob", &bob_id).await;
+    let (bob2, _) = Client::register(srv.addr, "bob", &bob_id).await;
     assert_eq!(expect_ended(&mut alice.client, call).await, "bob left");
-    assert!(matches!(bob.next_msg().await, ServerMsg::GoingAway { .. }));
+    expect_replaced(&mut bob, &bob2).await;
 
     // And the caller leaving ends it for the callee.
     let (mut bob, _) = Client::register(srv.addr, "bob", &bob_id).await;

@@ -70,7 +70,8 @@ async fn a_name_stays_with_the_first_key_that_registered_it() {
     assert_eq!(e.code, ErrorCode::NameTaken);
     assert_eq!(
         e.message,
-        "the name \"alice\" is taken: it is registered to another key"
+        "the name \"alice\" is taken: it is registered to another key; if it is yours, run with the \
+         --home (identity) that registered it; otherwise choose another --name"
     );
     mallory.expect_eof().await;
     // Even after alice leaves, the name is hers.

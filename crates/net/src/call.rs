@@ -79,6 +79,8 @@ fn setup_error(end: &CallEnd, peer: &str) -> Error {
         CallEnd::ServerLost(r) => Error::ServerLost(r.clone()),
         CallEnd::WrongKey => Error::WrongPeerKey(peer.to_owned()),
         CallEnd::NoPath(w) => Error::NoPath(w.clone()),
+        CallEnd::Busy => Error::Busy(peer.to_owned()),
+        CallEnd::Replaced(r) => Error::Replaced(r.clone()),
     }
 }
 
@@ -423,6 +425,38 @@ impl Call {
         self.media.send_stream(track, data).await
     }
 
+    /// Tells the peer whether this side sends finite media inputs (files, pipes) that will end
+    /// (`finite`), or none (a live source, the test source, nothing), on a unidirectional
+    /// stream of the call; [`InputsSignal::ended`] later says they ended. With
+    /// [`Call::peer_inputs_done`] on the other side, a call with inputs on both sides ends when
+    /// both have ended, not when the first does. For 1:1 calls (a room's sessions carry keys on
+    /// their unidirectional streams).
+    pub async fn announce_inputs(&self, finite: bool) -> Result<InputsSignal, Error> {
+        let mut tx = self.conn.open_uni().await.map_err(|e| Error::Quic(e.to_string()))?;
+        let first = if finite { INPUTS_RUNNING } else { INPUTS_NONE };
+        tx.write_all(&[first]).await.map_err(|e| Error::Quic(e.to_string()))?;
+        if !finite {
+            let _ = tx.finish();
+        }
+        Ok(InputsSignal { tx })
+    }
+
+    /// Resolves once the peer has nothing more to send that this side should wait for: it
+    /// announced no finite inputs, or said its inputs ended, or its signal stream ended.
+    pub async fn peer_inputs_done(&self) -> Result<(), Error> {
+        let mut rx = self.conn.accept_uni().await.map_err(|e| Error::Quic(e.to_string()))?;
+        let mut byte = [0u8; 1];
+        loop {
+            match rx.read(&mut byte).await {
+                Ok(Some(1)) if byte[0] == INPUTS_RUNNING => continue,
+                Ok(Some(1)) => return Ok(()),
+                Ok(Some(_)) => continue,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(Error::Quic(e.to_string())),
+            }
+        }
+    }
+
     /// Waits until every media frame and stream piece queued so far has been sent (or dropped)
     /// — handed to the socket or the relay, not yet received.
     pub async fn flush_media(&self) -> Result<(), Error> {
@@ -520,13 +554,16 @@ impl Call {
             other => EndReason::Lost(other.to_string()),
         };
         let server_reason = tokio::select! {
-            e = self.conn.closed() => return closed(e),
+            // The core first: when this session was replaced, the core ended the call before the
+            // endpoint closed its QUIC connections, and the reason is the core's.
+            biased;
             e = ended_in_core(self.shared(), self.id()) => match e {
                 CallEnd::NoPath(why) => return EndReason::Failed(why),
                 CallEnd::NotResumed(why) => return EndReason::Lost(why),
                 CallEnd::Ended(reason) => reason,
                 other => return EndReason::Lost(setup_error(&other, &self.start.peer).to_string()),
             },
+            e = self.conn.closed() => return closed(e),
         };
         // The peer's own close usually follows on the call's path: prefer its words.
         match tokio::time::timeout(Duration::from_millis(300), self.conn.closed()).await {
@@ -544,5 +581,29 @@ impl Call {
         self.conn.close(0u32.into(), reason.as_bytes());
         let id = self.id();
         self.shared().with(|core, now| core.release(now, id, reason));
+    }
+}
+
+/// The peer has media inputs that will end (see [`Call::announce_inputs`]).
+const INPUTS_RUNNING: u8 = b'I';
+/// The peer has no inputs that end.
+const INPUTS_NONE: u8 = b'N';
+/// The peer's inputs ended.
+const INPUTS_ENDED: u8 = b'E';
+
+/// This side's inputs signal to the peer ([`Call::announce_inputs`]).
+#[derive(Debug)]
+pub struct InputsSignal {
+    tx: quinn::SendStream,
+}
+
+impl InputsSignal {
+    /// Tells the peer this side's inputs ended (everything was sent).
+    pub async fn ended(mut self) -> Result<(), Error> {
+        self.tx
+            .write_all(&[INPUTS_ENDED])
+            .await
+            .map_err(|e| Error::Quic(e.to_string()))?;
+        self.tx.finish().map_err(|e| Error::Quic(e.to_string()))
     }
 }

@@ -92,7 +92,7 @@ pub type ServerStream = Stream;
 pub async fn connect_tls(addr: SocketAddr, trust: ServerTrust) -> Result<(ServerStream, [u8; 32]), Error> {
     let tcp = TcpStream::connect(addr)
         .await
-        .map_err(|source| Error::Unreachable { addr, source })?;
+        .map_err(|cause| Error::Unreachable { addr, cause })?;
     tcp.set_nodelay(true)?;
     let stream = Tls::new(trust)?.handshake(tcp, addr).await?;
     let binding = binding(&stream)?;
@@ -150,11 +150,9 @@ impl Tls {
     async fn handshake(&self, tcp: TcpStream, addr: SocketAddr) -> Result<Stream, Error> {
         let name = server_trust::server_name(&self.trust, addr);
         self.connector.connect(name, tcp).await.map_err(|e| {
-            self.verifier.take_refusal().unwrap_or_else(|| {
-                Error::Protocol(format!(
-                    "TLS with the server at {} failed: {e} (is it a natcall rendezvous server of this version?)",
-                    self.trust.label
-                ))
+            self.verifier.take_refusal().unwrap_or_else(|| Error::NotAServer {
+                server: self.trust.label.clone(),
+                why: format!("the TLS handshake failed ({e}); an HTTP or other server may hold the port"),
             })
         })
     }
@@ -217,7 +215,7 @@ pub(crate) async fn connect(who: &Credentials) -> Result<Connected, Error> {
     let fut = async {
         let tcp = TcpStream::connect(server)
             .await
-            .map_err(|source| Error::Unreachable { addr: server, source })?;
+            .map_err(|cause| Error::Unreachable { addr: server, cause })?;
         tcp.set_nodelay(true)?;
         let stream = who.tls.handshake(tcp, server).await?;
         let binding = binding(&stream)?;
@@ -264,7 +262,13 @@ pub(crate) async fn connect(who: &Credentials) -> Result<Connected, Error> {
     };
     tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
         .await
-        .map_err(|_| Error::Protocol(format!("the server at {server} did not complete registration in time")))?
+        .map_err(|_| Error::NotAServer {
+            server: server.to_string(),
+            why: format!(
+                "it accepted the connection but did not complete the handshake within {} s",
+                HANDSHAKE_TIMEOUT.as_secs()
+            ),
+        })?
 }
 
 impl Connected {
@@ -370,6 +374,11 @@ async fn read_loop(mut rd: ReadHalf<Stream>, mut buf: BytesMut, shared: &Shared)
                                 return "the endpoint closed".into();
                             }
                         }
+                    }
+                    Ok(ServerMsg::Replaced { by }) => {
+                        // Final: the core ends every call and the endpoint does not register
+                        // again; this connection is over (the server closes it next).
+                        return shared.with(|core, now| core.handle_replaced(now, by));
                     }
                     Ok(ServerMsg::RelayBudget { call, bps, dropped }) => {
                         // For the call's media session, not the core's state.

@@ -34,7 +34,9 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use natcall_proto::control::{CallFailure, CallStart, ClientMsg, Fingerprint, PathKind as WirePath, Policy, ServerMsg};
+use natcall_proto::control::{
+    CallFailure, CallStart, ClientMsg, Decline, Fingerprint, PathKind as WirePath, Policy, Reply, ServerMsg,
+};
 use natcall_proto::stun::{self as wire, PacketClass};
 use natcall_traversal::{Agent, Credentials, Event as AgentEvent};
 use tracing::{debug, info, trace};
@@ -228,8 +230,8 @@ impl<L: Default> PeerCore<L> {
         let id = self.alloc();
         let mut call = CallState::new(callee.to_owned(), Role::Caller, Phase::Ringing, policy, now);
         call.ring_deadline = Some(now + self.config.ring_timeout);
-        if let Some(reason) = self.server.lost_reason() {
-            call.end(CallEnd::ServerLost(reason.to_owned()));
+        if let Some(end) = self.unavailable() {
+            call.end(end);
         } else {
             self.send(ClientMsg::Call {
                 request: id.0,
@@ -242,8 +244,20 @@ impl<L: Default> PeerCore<L> {
         id
     }
 
-    /// Accepts `offer`: answers the server and waits for its `Start`.
-    pub(crate) fn accept(&mut self, now: Instant, offer: &Offer) -> CallId {
+    /// Why no call can be placed or accepted now, if none can.
+    fn unavailable(&self) -> Option<CallEnd> {
+        if let Some(reason) = self.server.replaced() {
+            return Some(CallEnd::Replaced(reason.to_owned()));
+        }
+        self.server
+            .lost_reason()
+            .map(|reason| CallEnd::ServerLost(reason.to_owned()))
+    }
+
+    /// Accepts `offer` under this side's `policy` (the server runs the call under the stricter
+    /// of it and the caller's, and says which in `Start`): answers the server and waits for its
+    /// `Start`.
+    pub(crate) fn accept(&mut self, now: Instant, offer: &Offer, policy: Policy) -> CallId {
         let id = self.alloc();
         let mut call = CallState::new(
             offer.caller.clone(),
@@ -256,13 +270,13 @@ impl<L: Default> PeerCore<L> {
         call.server_id = Some(offer.call);
         call.last_server_id = Some(offer.call);
         call.ring_deadline = Some(now + self.config.ring_timeout);
-        if let Some(reason) = self.server.lost_reason() {
-            call.end(CallEnd::ServerLost(reason.to_owned()));
+        if let Some(end) = self.unavailable() {
+            call.end(end);
         } else {
             self.by_server.insert(offer.call, id);
-            self.send(ClientMsg::Answer {
+            self.send(ClientMsg::Reply {
                 call: offer.call,
-                accept: true,
+                reply: Reply::Accept { policy },
             });
         }
         self.calls.insert(id, call);
@@ -270,11 +284,12 @@ impl<L: Default> PeerCore<L> {
         id
     }
 
-    /// Declines `offer`.
-    pub(crate) fn reject(&mut self, offer: &Offer) {
-        self.send(ClientMsg::Answer {
+    /// Declines `offer`, saying why; the caller is told at once.
+    pub(crate) fn decline(&mut self, offer: &Offer, decline: Decline) {
+        debug!(caller = %offer.caller, ?decline, "declining a call");
+        self.send(ClientMsg::Reply {
             call: offer.call,
-            accept: false,
+            reply: Reply::Decline(decline),
         });
     }
 
@@ -411,6 +426,10 @@ impl<L: Default> PeerCore<L> {
                     c.end(CallEnd::Ended(reason));
                 }
             }
+            ServerMsg::CallDeclined { call, decline } => self.on_declined(call, decline),
+            ServerMsg::Replaced { by } => {
+                self.handle_replaced(now, by);
+            }
             ServerMsg::CallSuspended { call } => {
                 if let Some(id) = self.by_server.remove(&call) {
                     if let Some(c) = self.calls.get_mut(&id) {
@@ -433,6 +452,53 @@ impl<L: Default> PeerCore<L> {
             other => trace!(?other, "server message not for the core"),
         }
         self.changed = true;
+    }
+
+    /// The callee declined ringing call `server` (this side placed it).
+    fn on_declined(&mut self, server: u32, decline: Decline) {
+        let Some(call) = self
+            .by_server
+            .get(&server)
+            .and_then(|id| self.calls.get_mut(id))
+            .filter(|c| c.view.role == Role::Caller && c.view.phase == Phase::Ringing)
+        else {
+            return;
+        };
+        let peer = &call.view.peer;
+        let end = match decline {
+            Decline::Declined => CallEnd::Ended(format!("{peer} declined")),
+            Decline::Busy => CallEnd::Busy,
+            Decline::Policy { allowed } => CallEnd::NoPath(format!(
+                "{peer} allows only {allowed} calls, and this call asked for {}",
+                call.policy.policy()
+            )),
+        };
+        debug!(%peer, server, ?decline, "declined");
+        call.end(end);
+    }
+
+    /// Another session of this peer registered with the server and took over its registration
+    /// (from `by`): the server is gone for good (no new registration: it would take the name
+    /// back, and the other session would in turn), and every call ends. Returns the reason.
+    pub(crate) fn handle_replaced(&mut self, now: Instant, by: SocketAddr) -> String {
+        let reason = format!(
+            "another natcall session registered as {} (from {by}) and replaced this one",
+            self.config.name
+        );
+        info!(%by, "replaced by another session of this peer");
+        for call in self.calls.values_mut() {
+            if !matches!(call.view.phase, Phase::Closing { .. }) {
+                call.end(CallEnd::Replaced(reason.clone()));
+            }
+        }
+        self.handle_server_lost(now, &reason);
+        self.server.replace(reason.clone());
+        reason
+    }
+
+    /// Why the server is gone for good, when another session of this peer replaced this one.
+    pub(crate) fn replaced(&self) -> Option<&str> {
+        self.server.replaced()
     }
 
     fn on_ringing(&mut self, id: CallId, server: u32) {

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use natcall_proto::control::ClientMsg;
+use natcall_proto::control::{ClientMsg, Decline};
 use natcall_proto::frame;
 use natcall_proto::relay::{RelayFlags, RelayHeader, TrafficClass};
 use tokio::net::UdpSocket;
@@ -315,7 +315,7 @@ impl Shared {
                         mpsc::error::TrySendError::Full(o) | mpsc::error::TrySendError::Closed(o) => o,
                     };
                     debug!(caller = %offer.caller, "offer declined: nobody is accepting calls");
-                    self.with(|core, _| core.reject(&offer));
+                    self.with(|core, _| core.decline(&offer, Decline::Declined));
                 }
             }
             Event::Room(msg) => {

@@ -7,7 +7,9 @@
 //! - **control reader and writer** ([`crate::control`]), one pair per connection;
 //! - **supervisor**: when the connection to the server ends, registers again (200 ms, doubling
 //!   to 1 s, with jitter; after a `GoingAway`, from when the server asked), and the core
-//!   re-announces the calls in progress (`Resume`), so calls outlive the server;
+//!   re-announces the calls in progress (`Resume`), so calls outlive the server — unless
+//!   another session of this peer replaced this one (`Replaced`): then it never registers
+//!   again, and the calls end;
 //! - **QUIC acceptor**: an incoming QUIC connection is accepted only for a started call this
 //!   side accepted, and parked in that call until it takes it.
 
@@ -16,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use natcall_proto::control::{ClientMsg, Fingerprint, Policy};
+use natcall_proto::control::{ClientMsg, Decline, Fingerprint, Policy};
 
 use crate::server_trust::ServerTrust;
 use natcall_proto::frame::ErrorCode;
@@ -96,16 +98,22 @@ pub enum ServerState {
     /// The connection was lost (why); the endpoint is registering again. Calls go on: direct
     /// ones untouched, relayed ones resume when the server is back.
     Reconnecting(String),
-    /// The server refused to register this peer again (its name went to another key), or the
-    /// endpoint closed: no new registration will be tried.
+    /// No new registration will be tried: the server refused to register this peer again (its
+    /// name went to another key), another session of this peer (same name and key) replaced
+    /// this one ([`Error::Replaced`]), or the endpoint closed.
     Gone(String),
 }
 
-/// An offer of a call to this peer; accept or reject it.
+/// An offer of a call to this peer: accept it ([`IncomingCall::accept`],
+/// [`IncomingCall::accept_with`]), or decline it ([`IncomingCall::reject`],
+/// [`IncomingCall::busy`]); the caller hears a decline at once. An offer dropped unanswered is
+/// declined.
 #[derive(Debug)]
 pub struct IncomingCall {
     endpoint: Endpoint,
     offer: Offer,
+    /// The server was answered (the offer is not declined on drop).
+    answered: bool,
 }
 
 impl IncomingCall {
@@ -124,23 +132,65 @@ impl IncomingCall {
         self.offer.fingerprint
     }
 
-    /// Accepts and connects; returns when the call is connected. With contacts, a caller whose
-    /// key changed is declined instead ([`Error::KeyChanged`]).
+    /// Accepts and connects under the caller's policy; returns when the call is connected.
+    /// The same as [`IncomingCall::accept_with`] with [`Policy::Auto`].
     pub async fn accept(self) -> Result<Call, Error> {
+        self.accept_with(Policy::Auto).await
+    }
+
+    /// Accepts under this side's `policy` and connects; returns when the call is connected.
+    /// The call runs under the stricter of the caller's policy and `policy`
+    /// ([`Policy::combine`]: `auto` yields to the other, equal ones agree). When the two cannot
+    /// both hold (`relay-only` against `direct-only`, say), the call is declined and both sides
+    /// get [`Error::NoPath`]: the caller's says this side allows only `policy`. With contacts,
+    /// a caller whose key changed is declined instead ([`Error::KeyChanged`]).
+    pub async fn accept_with(mut self, policy: Policy) -> Result<Call, Error> {
         let inner = self.endpoint.inner.clone();
-        let (caller, key) = (&self.offer.caller, self.offer.fingerprint);
-        if let Err(e) = contacts::screen(inner.contacts.as_ref(), caller, key).await {
-            inner.shared.with(|core, _| core.reject(&self.offer));
+        let (caller, asked) = (self.offer.caller.clone(), self.offer.policy);
+        if asked.combine(policy).is_none() {
+            self.answer(Decline::Policy { allowed: policy });
+            return Err(Error::NoPath(format!(
+                "{caller} asked for a {asked} call, and this side allows only {policy}"
+            )));
+        }
+        if let Err(e) = contacts::screen(inner.contacts.as_ref(), &caller, self.offer.fingerprint).await {
+            self.answer(Decline::Declined);
             return Err(e);
         }
-        let id = inner.shared.with(|core, now| core.accept(now, &self.offer));
+        let id = inner.shared.with(|core, now| core.accept(now, &self.offer, policy));
+        self.answered = true;
         call::establish(inner, id, Role::Callee).await
     }
 
-    /// Declines the call.
-    pub fn reject(self) -> Result<(), Error> {
-        self.endpoint.inner.shared.with(|core, _| core.reject(&self.offer));
+    /// Declines the call: the caller's [`Endpoint::call`] fails at once with [`Error::Ended`]
+    /// ("NAME declined").
+    pub fn reject(mut self) -> Result<(), Error> {
+        self.answer(Decline::Declined);
         Ok(())
+    }
+
+    /// Declines the call as busy (this side is in another call): the caller's
+    /// [`Endpoint::call`] fails at once with [`Error::Busy`].
+    pub fn busy(mut self) {
+        self.answer(Decline::Busy);
+    }
+
+    /// Declines the offer for `why`, once.
+    fn answer(&mut self, why: Decline) {
+        if !std::mem::replace(&mut self.answered, true) {
+            self.endpoint
+                .inner
+                .shared
+                .with(|core, _| core.decline(&self.offer, why));
+        }
+    }
+}
+
+impl Drop for IncomingCall {
+    fn drop(&mut self) {
+        // Unanswered (dropped, or its accept cancelled before it answered): decline rather
+        // than leave the caller ringing until the ring timeout.
+        self.answer(Decline::Declined);
     }
 }
 
@@ -411,14 +461,15 @@ impl Endpoint {
         Room::open(self, room, msg).await
     }
 
-    /// The next incoming call offer. Fails only when the endpoint can no longer be reached
-    /// (closed, or its name was refused on registering again).
+    /// The next incoming call offer. Fails only when the endpoint can no longer be reached:
+    /// [`Error::Replaced`] when another session of this peer took over its registration,
+    /// [`Error::ServerLost`] when it closed or its name was refused on registering again.
     pub async fn accept(&self) -> Result<IncomingCall, Error> {
         let mut rx = self.inner.offers.lock().await;
         let mut state = self.inner.state.subscribe();
         tokio::select! {
             o = rx.recv() => match o {
-                Some(offer) => Ok(IncomingCall { endpoint: self.clone(), offer }),
+                Some(offer) => Ok(IncomingCall { endpoint: self.clone(), offer, answered: false }),
                 None => Err(Error::ServerLost("the endpoint closed".into())),
             },
             s = state.wait_for(|s| matches!(s, ServerState::Gone(_))) => {
@@ -426,6 +477,9 @@ impl Endpoint {
                     Ok(ServerState::Gone(r)) => r.clone(),
                     _ => "the endpoint closed".into(),
                 };
+                if self.inner.shared.lock().replaced().is_some() {
+                    return Err(Error::Replaced(reason));
+                }
                 Err(Error::ServerLost(reason))
             }
         }
@@ -461,6 +515,17 @@ async fn supervise(
         shared.with(|core, now| core.handle_server_lost(now, &reason));
         if shared.is_closing() {
             debug!(%reason, "control connection closed (endpoint closing)");
+            strong.state.send_replace(ServerState::Gone(reason));
+            return;
+        }
+        let replaced = shared.lock().replaced().map(str::to_owned);
+        if let Some(reason) = replaced {
+            // Final: registering again would take the name back from the newer session, which
+            // would take it back in turn. The calls ended in the core; tell their peers.
+            warn!(%reason, "this session was replaced; not registering again");
+            strong
+                .quic
+                .close(0u32.into(), b"replaced by a newer session of the same peer");
             strong.state.send_replace(ServerState::Gone(reason));
             return;
         }

@@ -11,8 +11,12 @@ use crate::contacts::{ContactsError, KeyChange};
 #[non_exhaustive]
 pub enum Error {
     /// The rendezvous server cannot be reached.
-    #[error("cannot reach rendezvous server {addr}: {source} (is it running? check --server)")]
-    Unreachable { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot reach the rendezvous server at {addr}: {cause} (is it running? check --server)")]
+    Unreachable { addr: SocketAddr, cause: std::io::Error },
+    /// Something answers at the server's address, but not a natcall rendezvous server (an HTTP
+    /// server, or one that never completes the handshake).
+    #[error("{server} is not a natcall rendezvous server: {why} (check --server)")]
+    NotAServer { server: String, why: String },
     /// The server refused us (name taken, bad name, full, version mismatch, …).
     #[error("the rendezvous server refused: {message}")]
     Refused { code: ErrorCode, message: String },
@@ -28,8 +32,9 @@ pub enum Error {
     /// Calling oneself.
     #[error("you cannot call yourself")]
     SelfCall,
-    /// The callee has too many calls.
-    #[error("{0} is busy")]
+    /// The callee is in another call: it said so ([`crate::IncomingCall::busy`]), or it has as
+    /// many calls as the server allows.
+    #[error("{0} is busy (in another call)")]
     Busy(String),
     /// The server refused to ring the callee now (already ringing it, or it was rung too often).
     #[error("{0}")]
@@ -37,9 +42,15 @@ pub enum Error {
     /// The callee declined, or the call ended before it connected.
     #[error("{0}")]
     Ended(String),
-    /// No path the call's policy allows could be established.
+    /// No path the call's policy allows could be established, or the two sides' policies
+    /// cannot both hold (the callee allows only another one).
     #[error("{0}")]
     NoPath(String),
+    /// Another session of this peer (same name and key) registered with the server and took
+    /// over: this endpoint does not register again, and its calls ended. The sentence says
+    /// from where.
+    #[error("{0}")]
+    Replaced(String),
     /// The identity could not be loaded, created or used.
     #[error("identity: {0}")]
     Identity(String),

@@ -46,7 +46,7 @@ mod server_trust;
 mod socket;
 mod tls;
 
-pub use call::{Call, CallReport, EndReason, MAX_CHAT_LINE, Path, PathChange, PathWatch, Role};
+pub use call::{Call, CallReport, EndReason, InputsSignal, MAX_CHAT_LINE, Path, PathChange, PathWatch, Role};
 pub use contacts::{CONTACTS_FILE, Contact, Contacts, ContactsError, KeyChange, Seen, Trust, format_time};
 pub use control::{ServerStream, connect_tls};
 pub use endpoint::{Endpoint, EndpointConfig, IncomingCall, ServerState};
@@ -54,6 +54,7 @@ pub use error::Error;
 pub use identity::Identity;
 pub use media::{MediaNotice, MediaRate, MediaReport, TrackReport};
 pub use natcall_media::{Frame, RateReason, ReceivedFrame, Stats as MediaStats, Track, Usage};
+pub use natcall_proto::PROTOCOL_VERSION;
 pub use natcall_proto::control::{Fingerprint, NameError, Policy, validate_name};
 pub use natcall_proto::control::{RoomMember, RoomRefusal};
 pub use natcall_proto::server_key::ServerKey;

@@ -4,14 +4,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Lab, server};
+use common::{peer, server};
 use natcall::{EndReason, Endpoint, EndpointConfig, Error, Identity, Path, Policy};
-
-async fn peer(lab: &Lab, name: &str) -> Endpoint {
-    let mut config = EndpointConfig::new(lab.addr, name, Identity::generate().expect("identity"));
-    config.bind = "127.0.0.1:0".parse().expect("addr");
-    Endpoint::bind(config).await.expect("registers")
-}
 
 /// bob accepts one call, echoes chat lines back with a prefix until alice finishes.
 fn echo(bob: Endpoint) -> tokio::task::JoinHandle<(Path, EndReason)> {
@@ -178,15 +172,6 @@ async fn a_closed_endpoint_leaves_the_server_at_once() {
 }
 
 #[tokio::test]
-async fn a_declined_call_says_so() {
-    let lab = server().await;
-    let (alice, bob) = (peer(&lab, "alice").await, peer(&lab, "bob").await);
-    tokio::spawn(async move { bob.accept().await.expect("offer").reject().expect("rejects") });
-    let e = alice.call("bob", Policy::Auto).await.expect_err("declined");
-    assert_eq!(e.to_string(), "bob declined");
-}
-
-#[tokio::test]
 async fn an_unreachable_server_is_a_sentence() {
     let free = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("binds")
@@ -196,7 +181,7 @@ async fn an_unreachable_server_is_a_sentence() {
     let e = Endpoint::bind(config).await.expect_err("nothing listens");
     let text = e.to_string();
     assert!(
-        text.starts_with(&format!("cannot reach rendezvous server {free}: Connection refused")),
+        text.starts_with(&format!("cannot reach the rendezvous server at {free}: Connection refused")),
         "{text}"
     );
     assert!(text.ends_with("(is it running? check --server)"), "{text}");
@@ -407,7 +392,11 @@ async fn a_released_name_can_be_registered_by_another_key() {
     frank.close().await;
     match Endpoint::bind(other.clone()).await {
         Err(Error::Refused { message, .. }) => {
-            assert_eq!(message, "the name \"frank\" is taken: it is registered to another key")
+            assert_eq!(
+                message,
+                "the name \"frank\" is taken: it is registered to another key; if it is yours, run \
+                 with the --home (identity) that registered it; otherwise choose another --name"
+            )
         }
         Err(e) => panic!("expected a refusal, got {e}"),
         Ok(_) => panic!("another key took frank's name"),

@@ -121,7 +121,9 @@ pub enum ClientMsg {
         callee: String,
         policy: Policy,
     },
-    /// Accept or decline the incoming call `call`.
+    /// Accept or decline the incoming call `call` (the form of version 5 and before: the same
+    /// as [`ClientMsg::Reply`] with [`Reply::Accept`] under [`Policy::Auto`], or with
+    /// [`Decline::Declined`]).
     Answer { call: u32, accept: bool },
     /// End call `call` (or withdraw it while it rings); with no call `call`, withdraw this
     /// peer's waiting [`ClientMsg::Resume`] of `call`, if any.
@@ -153,6 +155,31 @@ pub enum ClientMsg {
     /// Leave room `room`; the other members get [`ServerMsg::RoomMemberLeft`], and the pairwise
     /// sessions with them end. A room whose last member left is gone.
     RoomLeave { room: String },
+    /// Answer the incoming call `call` (version 6): accept it under the callee's own policy
+    /// (the call runs under the stricter of it and the caller's, [`Policy::combine`]), or
+    /// decline it, saying why. The caller learns a decline from [`ServerMsg::CallDeclined`].
+    Reply { call: u32, reply: Reply },
+}
+
+/// A callee's answer to a ringing call ([`ClientMsg::Reply`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Accept; `policy` is the callee's own. When it and the caller's cannot both hold, the
+    /// server declines the call for it ([`Decline::Policy`]).
+    Accept { policy: Policy },
+    /// Decline.
+    Decline(Decline),
+}
+
+/// Why a callee declined a call ([`Reply::Decline`], [`ServerMsg::CallDeclined`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Decline {
+    /// The callee (its user, or its rules) said no.
+    Declined,
+    /// The callee is in another call.
+    Busy,
+    /// The callee takes only calls under `allowed`, which the caller's policy excludes.
+    Policy { allowed: Policy },
 }
 
 /// The TLS exporter label of a call's resume proof ([`ClientMsg::Resume`]); the context is
@@ -208,6 +235,19 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// The policy a call runs under when one side asks for `self` and the other for `other`:
+    /// the stricter of the two. `auto` yields to any other policy and equal policies agree;
+    /// two different restrictions (say `relay-only` and `direct-only`) cannot both hold: `None`.
+    pub fn combine(self, other: Policy) -> Option<Policy> {
+        match (self, other) {
+            (Self::Auto, p) | (p, Self::Auto) => Some(p),
+            (a, b) if a == b => Some(a),
+            _ => None,
+        }
+    }
+}
+
 impl FromStr for Policy {
     type Err = String;
 
@@ -239,7 +279,8 @@ pub enum CallFailure {
     Offline,
     /// A peer cannot call itself.
     SelfCall,
-    /// The callee has as many calls as the server allows.
+    /// The callee has as many calls as the server allows. (A callee that says it is busy
+    /// declines the ringing call instead: [`Decline::Busy`].)
     Busy,
     /// A call from this caller to this callee is already ringing.
     AlreadyRinging,
@@ -282,7 +323,8 @@ pub enum ServerMsg {
     },
     /// Liveness and RTT probe; `rtt_us` is the last RTT the server measured, if any.
     Ping { nonce: u64, rtt_us: Option<u64> },
-    /// The server is shutting down: finish, close, reconnect after `reconnect_after_ms`.
+    /// The server is shutting down: finish, close, reconnect after `reconnect_after_ms`. (A
+    /// registration taken over by a newer connection gets [`ServerMsg::Replaced`] instead.)
     GoingAway { reason: String, reconnect_after_ms: u32 },
     /// Your call request `request` rings; the call has id `call`.
     Ringing { request: u32, call: u32 },
@@ -301,7 +343,7 @@ pub enum ServerMsg {
     },
     /// A call is accepted: see [`CallStart`]. Relay frames for its id are forwarded from now on.
     Start(CallStart),
-    /// Call `call` ended (declined, hung up, or not answered).
+    /// Call `call` ended (hung up, not answered, a member left; declined by a version 5 callee).
     CallEnded { call: u32, reason: String },
     /// The other member of call `call` lost its connection to this server without hanging up:
     /// the server has forgotten the call (no relay for it). The peers may still reach each
@@ -350,6 +392,15 @@ pub enum ServerMsg {
     /// controls). The members hand each other their media keys over it, and send mesh media
     /// on it. It ends with [`ServerMsg::CallEnded`] when either leaves the room.
     RoomPeer { room: String, start: CallStart },
+    /// To the caller (version 6): the callee declined ringing call `call`, for `decline`; the
+    /// call is gone.
+    CallDeclined { call: u32, decline: Decline },
+    /// A newer connection registered this peer's name with the same key (from `by`, the TCP
+    /// source address the server sees for it) and took over the registration (version 6). This
+    /// connection is no longer registered: its calls are treated as on a lost connection and
+    /// the server closes it next. Do not register again: that would take the name back from
+    /// the newer session, which would take it back in turn.
+    Replaced { by: SocketAddr },
 }
 
 /// A member of a room, as the others are told of it.
@@ -403,6 +454,8 @@ pub struct CallStart {
     pub controlling: bool,
     /// How long to wait before the first check.
     pub delay_ms: u32,
-    /// The caller's policy.
+    /// The policy the call runs under: the stricter of the caller's and the callee's
+    /// ([`Policy::combine`]; the caller's alone for a callee that answered with
+    /// [`ClientMsg::Answer`], and `auto` for a room's session).
     pub policy: Policy,
 }

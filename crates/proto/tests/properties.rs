@@ -6,7 +6,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use bytes::BytesMut;
 use natcall_proto::codec::decode_control;
 use natcall_proto::control::{
-    CallFailure, CallStart, Candidates, ClientMsg, Fingerprint, PathKind, Policy, RoomMember, RoomRefusal, ServerMsg,
+    CallFailure, CallStart, Candidates, ClientMsg, Decline, Fingerprint, PathKind, Policy, Reply, RoomMember,
+    RoomRefusal, ServerMsg,
 };
 use natcall_proto::frame::{self, DEFAULT_MAX_FRAME_LEN, ErrorCode, Frame, FrameDecoder, FrameError, MAX_ERROR_TEXT};
 use natcall_proto::relay::{RelayFlags, RelayHeader, TrafficClass};
@@ -59,6 +60,22 @@ fn client_msg() -> impl Strategy<Value = ClientMsg> {
             .prop_map(|(room, invite)| ClientMsg::RoomCreate { room, invite }),
         ("[a-z]{1,32}", prop::option::of("[a-z2-9]{12}")).prop_map(|(room, code)| ClientMsg::RoomJoin { room, code }),
         "[a-z]{1,32}".prop_map(|room| ClientMsg::RoomLeave { room }),
+        (any::<u32>(), reply()).prop_map(|(call, reply)| ClientMsg::Reply { call, reply }),
+    ]
+}
+
+fn decline() -> impl Strategy<Value = Decline> {
+    prop_oneof![
+        Just(Decline::Declined),
+        Just(Decline::Busy),
+        policy().prop_map(|allowed| Decline::Policy { allowed }),
+    ]
+}
+
+fn reply() -> impl Strategy<Value = Reply> {
+    prop_oneof![
+        policy().prop_map(|policy| Reply::Accept { policy }),
+        decline().prop_map(Reply::Decline),
     ]
 }
 
@@ -161,6 +178,8 @@ fn server_msg() -> impl Strategy<Value = ServerMsg> {
             name,
             reason
         }),
+        (any::<u32>(), decline()).prop_map(|(call, decline)| ServerMsg::CallDeclined { call, decline }),
+        addr().prop_map(|by| ServerMsg::Replaced { by }),
     ]
 }
 
@@ -433,6 +452,80 @@ fn policies_parse_and_print() {
         "direct".parse::<Policy>(),
         Err("unknown policy \"direct\": use auto, direct-only, relay-only or lan-only".to_string())
     );
+}
+
+#[test]
+fn a_call_runs_under_the_stricter_of_both_policies() {
+    use Policy::*;
+    let all = [Auto, DirectOnly, RelayOnly, LanOnly];
+    for p in all {
+        assert_eq!(Auto.combine(p), Some(p), "auto yields to {p}");
+        assert_eq!(p.combine(Auto), Some(p), "auto yields to {p}");
+        assert_eq!(p.combine(p), Some(p), "{p} agrees with itself");
+        for q in all {
+            assert_eq!(p.combine(q), q.combine(p), "{p} and {q} combine either way");
+        }
+    }
+    assert_eq!(RelayOnly.combine(DirectOnly), None);
+    assert_eq!(DirectOnly.combine(LanOnly), None);
+    assert_eq!(LanOnly.combine(RelayOnly), None);
+}
+
+/// Variants are only appended: the messages of version 6 take the next indices, and the ones
+/// before keep theirs (bincode writes the index first, one byte below 251).
+#[test]
+fn version_6_messages_are_appended_after_the_old_ones() {
+    fn index<T: serde::Serialize>(msg: &T) -> u8 {
+        let mut wire = BytesMut::new();
+        frame::encode_control(msg, &mut wire).expect("encodes");
+        let raw = one_frame(&mut wire);
+        let Frame::Control(body) = raw.parse().expect("parses") else {
+            panic!("not control")
+        };
+        body[0]
+    }
+    assert_eq!(index(&ClientMsg::Answer { call: 1, accept: true }), 4);
+    assert_eq!(index(&ClientMsg::RoomLeave { room: "r".into() }), 12);
+    let reply = ClientMsg::Reply {
+        call: 1,
+        reply: Reply::Decline(Decline::Busy),
+    };
+    assert_eq!(index(&reply), 13);
+    assert_eq!(
+        index(&ServerMsg::CallEnded {
+            call: 1,
+            reason: String::new()
+        }),
+        9
+    );
+    assert_eq!(
+        index(&ServerMsg::RoomMemberLeft {
+            room: "r".into(),
+            name: "n".into(),
+            reason: String::new()
+        }),
+        19
+    );
+    let declined = ServerMsg::CallDeclined {
+        call: 1,
+        decline: Decline::Policy {
+            allowed: Policy::RelayOnly,
+        },
+    };
+    assert_eq!(index(&declined), 21);
+    let replaced = ServerMsg::Replaced {
+        by: "192.0.2.7:40000".parse().expect("addr"),
+    };
+    assert_eq!(index(&replaced), 22);
+    for msg in [declined, replaced] {
+        let mut wire = BytesMut::new();
+        frame::encode_control(&msg, &mut wire).expect("encodes");
+        let raw = one_frame(&mut wire);
+        let Frame::Control(body) = raw.parse().expect("parses") else {
+            panic!("not control")
+        };
+        assert_eq!(decode_control::<ServerMsg>(body).expect("decodes"), msg);
+    }
 }
 
 #[test]

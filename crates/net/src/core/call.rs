@@ -98,6 +98,10 @@ pub(crate) enum CallEnd {
     NoPath(String),
     /// A relayed call could not be brought back on a server: why.
     NotResumed(String),
+    /// The callee declined it as busy (in another call).
+    Busy,
+    /// Another session of this peer took over its registration: this one is over (why).
+    Replaced(String),
 }
 
 /// Whether a running call is known to the server that this endpoint is registered with.

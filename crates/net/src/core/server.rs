@@ -34,6 +34,8 @@ pub(crate) struct ServerLink {
     registered: Option<Registered>,
     /// Why the last connection ended, while there is none.
     lost: Option<String>,
+    /// Another session of this peer took over the registration (why): final.
+    replaced: Option<String>,
     public: Option<SocketAddr>,
     udp_ok: bool,
     /// A first probe since registering has finished (answered or given up).
@@ -52,6 +54,7 @@ impl ServerLink {
         Self {
             registered: None,
             lost: Some("not registered yet".into()),
+            replaced: None,
             public: None,
             udp_ok: true,
             probed: false,
@@ -70,6 +73,17 @@ impl ServerLink {
 
     pub(crate) fn lost_reason(&self) -> Option<&str> {
         self.lost.as_deref()
+    }
+
+    /// Why the registration is gone for good, if another session took it over.
+    pub(crate) fn replaced(&self) -> Option<&str> {
+        self.replaced.as_deref()
+    }
+
+    /// Another session took the registration over: down for good.
+    pub(crate) fn replace(&mut self, reason: String) {
+        self.down(reason.clone());
+        self.replaced = Some(reason);
     }
 
     pub(crate) fn public(&self) -> Option<SocketAddr> {

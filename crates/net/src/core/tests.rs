@@ -6,7 +6,9 @@ use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use natcall_proto::control::{CallFailure, CallStart, Candidates, ClientMsg, Fingerprint, Policy, ServerMsg};
+use natcall_proto::control::{
+    CallFailure, CallStart, Candidates, ClientMsg, Decline, Fingerprint, Policy, Reply, ServerMsg,
+};
 use natcall_proto::stun::{self as wire, TokenCredentials};
 use natcall_traversal::sim::{Filtering, Mapping, Nat, NatConfig};
 
@@ -278,20 +280,24 @@ impl Server {
                     },
                 ));
             }
-            ClientMsg::Answer { call, accept } => {
+            ClientMsg::Reply { call, reply } => {
                 let Some(c) = self.calls.get_mut(&call).filter(|c| c.members[1] == from && !c.active) else {
                     return;
                 };
-                if !accept {
+                let decline = match reply {
+                    Reply::Decline(d) => Some(d),
+                    Reply::Accept { policy } => match c.policy.combine(policy) {
+                        Some(p) => {
+                            c.policy = p;
+                            None
+                        }
+                        None => Some(Decline::Policy { allowed: policy }),
+                    },
+                };
+                if let Some(decline) = decline {
                     let caller = c.members[0];
                     self.calls.remove(&call);
-                    return self.out.push((
-                        caller,
-                        ServerMsg::CallEnded {
-                            call,
-                            reason: "bob declined".into(),
-                        },
-                    ));
+                    return self.out.push((caller, ServerMsg::CallDeclined { call, decline }));
                 }
                 c.active = true;
                 let (policy, members) = (c.policy, c.members);
@@ -392,7 +398,10 @@ impl Server {
 /// What the harness does with incoming offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Offers {
-    Accept,
+    /// Accepted under this policy.
+    Accept(Policy),
+    /// Declined for this reason.
+    Decline(Decline),
     Ignore,
 }
 
@@ -432,7 +441,7 @@ impl World {
             cores: [core(0), core(1)],
             net,
             server: Server::default(),
-            offers: Offers::Accept,
+            offers: Offers::Accept(Policy::Auto),
             accepted: Vec::new(),
             stuck: 0,
         };
@@ -473,9 +482,13 @@ impl World {
                 }
                 while let Some(ev) = self.cores[i].poll_event() {
                     any = true;
-                    if let (Event::Incoming(offer), Offers::Accept) = (ev, self.offers) {
-                        let id = self.cores[i].accept(self.now, &offer);
-                        self.accepted.push((i, id));
+                    match (ev, self.offers) {
+                        (Event::Incoming(offer), Offers::Accept(policy)) => {
+                            let id = self.cores[i].accept(self.now, &offer, policy);
+                            self.accepted.push((i, id));
+                        }
+                        (Event::Incoming(offer), Offers::Decline(why)) => self.cores[i].decline(&offer, why),
+                        _ => {}
                     }
                 }
                 self.cores[i].poll_changed();
@@ -837,6 +850,71 @@ fn a_call_refused_by_the_server_says_why() {
     w.server.up[1] = false; // bob is offline
     let id = w.call(Policy::Auto);
     assert_eq!(w.view(0, id).end, Some(CallEnd::Refused(CallFailure::Offline)));
+}
+
+#[test]
+fn a_declining_callee_ends_the_call_at_once_with_its_reason() {
+    let cases = [
+        (Decline::Declined, CallEnd::Ended("bob declined".into())),
+        (Decline::Busy, CallEnd::Busy),
+        (
+            Decline::Policy {
+                allowed: Policy::RelayOnly,
+            },
+            CallEnd::NoPath("bob allows only relay-only calls, and this call asked for direct-only".into()),
+        ),
+    ];
+    for (decline, end) in cases {
+        let mut w = World::new(Net::between(Kind::FullCone, Kind::FullCone));
+        w.offers = Offers::Decline(decline);
+        let id = w.call(Policy::DirectOnly);
+        assert_eq!(w.view(0, id).end, Some(end), "at once: no time passed");
+        assert!(w.server.calls.is_empty());
+        assert!(w.accepted.is_empty());
+    }
+}
+
+#[test]
+fn the_callee_s_policy_narrows_an_auto_call_to_the_relay() {
+    let mut w = World::new(Net::between(Kind::FullCone, Kind::FullCone));
+    w.offers = Offers::Accept(Policy::RelayOnly);
+    let id = w.call(Policy::Auto);
+    let callee = w.callee();
+    w.run_for(Duration::from_secs(8));
+    for (side, id) in [(0, id), (1, callee)] {
+        let v = w.view(side, id);
+        assert_eq!(v.start.as_ref().map(|s| s.policy), Some(Policy::RelayOnly));
+        assert_eq!((v.path, v.end.clone()), (Path::Relay, None), "side {side}");
+        assert_eq!(v.changes.len(), 1, "connecting → relay, never a direct path");
+    }
+    // An incompatible pair is declined by the server even for a callee that accepts it.
+    let mut w = World::new(Net::between(Kind::FullCone, Kind::FullCone));
+    w.offers = Offers::Accept(Policy::LanOnly);
+    let id = w.call(Policy::RelayOnly);
+    assert!(matches!(&w.view(0, id).end, Some(CallEnd::NoPath(why)) if why.contains("allows only lan-only")));
+}
+
+#[test]
+fn a_replaced_session_ends_its_calls_and_stays_down() {
+    let mut w = World::new(Net::between(Kind::FullCone, Kind::FullCone));
+    let id = w.call(Policy::Auto);
+    w.run_for(Duration::from_secs(3));
+    assert_eq!(w.view(0, id).end, None);
+    let now = w.now;
+    let why = w.cores[0].handle_replaced(now, addr("198.51.100.1:40001"));
+    assert_eq!(
+        why,
+        "another natcall session registered as alice (from 198.51.100.1:40001) and replaced this one"
+    );
+    assert_eq!(w.cores[0].replaced(), Some(why.as_str()));
+    assert_eq!(w.view(0, id).end, Some(CallEnd::Replaced(why.clone())));
+    // Nothing more can be placed, and it says why.
+    let later = w.cores[0].place_call(now, "bob", Policy::Auto);
+    assert_eq!(w.view(0, later).end, Some(CallEnd::Replaced(why)));
+    assert!(
+        w.cores[0].poll_control().is_none(),
+        "nothing is sent to a server it lost"
+    );
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use natcall::ServerKey;
+use natcall::{Endpoint, EndpointConfig, Identity, ServerKey};
 use natcall_rendezvous::{Config, Server, Sockets};
 
 /// A running server; it stops when this is dropped.
@@ -11,7 +11,22 @@ pub struct Lab {
     pub addr: SocketAddr,
     /// The key peers pin.
     pub key: ServerKey,
+    /// The server itself (its registry, calls and metrics), for what peers cannot see.
+    pub server: Server,
     _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// The configuration of a peer `name` with `identity`, on loopback, against `lab`.
+pub fn config(lab: &Lab, name: &str, identity: Identity) -> EndpointConfig {
+    let mut config = EndpointConfig::new(lab.addr, name, identity);
+    config.bind = "127.0.0.1:0".parse().expect("addr");
+    config
+}
+
+/// A peer `name` with a fresh identity, registered with `lab`.
+pub async fn peer(lab: &Lab, name: &str) -> Endpoint {
+    let identity = Identity::generate().expect("identity");
+    Endpoint::bind(config(lab, name, identity)).await.expect("registers")
 }
 
 /// A server with the default configuration on `127.0.0.1:0`.
@@ -37,12 +52,18 @@ pub fn start_on(sockets: Sockets, config: Config) -> Lab {
     let server = Server::new(config).expect("config");
     let key = server.key();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = server.clone();
     tokio::spawn(async move {
-        let _ = server
+        let _ = running
             .run(sockets, async {
                 let _ = stopped.await;
             })
             .await;
     });
-    Lab { addr, key, _stop: stop }
+    Lab {
+        addr,
+        key,
+        server,
+        _stop: stop,
+    }
 }
