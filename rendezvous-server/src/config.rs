@@ -16,24 +16,34 @@
 //! ring_timeout_ms = 30000
 //! resume_timeout_ms = 30000
 //! ```
+//!
+//! Every value is checked when the server starts ([`Config::from_file`], [`Config::validate`]):
+//! an unknown key, a value of the wrong type, a `log_level` that is not a level or a filter
+//! (see [`check_log_level`]), an address peers cannot use, an empty path, or a limit out of its
+//! range is refused with one line naming the key, the value and what it may be.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use natcall_proto::frame::{DEFAULT_MAX_FRAME_LEN, MAX_FRAME_LEN};
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
+use tracing::level_filters::LevelFilter;
+use tracing_subscriber::EnvFilter;
 
 /// The whole server configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address for both the TCP listener and the UDP STUN socket.
+    #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
     /// The address peers should send STUN to, when it differs from the one they connected to
     /// (a server behind a 1:1 NAT or load balancer).
+    #[serde(deserialize_with = "opt_socket_addr")]
     pub public_addr: Option<SocketAddr>,
-    /// Log filter used when `RUST_LOG` is not set.
+    /// Log filter used when `RUST_LOG` is not set: a level or RUST_LOG-style directives, each
+    /// with a level (see [`check_log_level`]).
     pub log_level: String,
     /// The directory where the server keeps what must survive a restart (name → key bindings,
     /// see [`StateDir`]); in memory only when unset (the library default; the binary defaults
@@ -44,6 +54,7 @@ pub struct Config {
     /// state directory's store (see [`StateDir::legacy_names`]).
     pub state_file: Option<PathBuf>,
     /// Where to serve Prometheus `/metrics` and `/health` over HTTP; off when unset.
+    #[serde(deserialize_with = "opt_socket_addr")]
     pub metrics_listen: Option<SocketAddr>,
     /// A CA-issued certificate chain (PEM) for the TLS channel, with [`Self::tls_key`];
     /// reloaded on SIGHUP. Without it the server uses its own key (see [`Self::tls_source`]).
@@ -96,10 +107,11 @@ pub struct RelayConfig {
     pub audio_deadline_ms: u64,
     /// A client that makes no progress this long while frames wait is disconnected (ms).
     pub overload_timeout_ms: u64,
-    /// `SO_SNDBUF` of peer connections (bytes; the kernel doubles it).
+    /// `SO_SNDBUF` of peer connections (bytes; the kernel doubles it; 0: the kernel's default).
     pub sndbuf: usize,
     /// `TCP_NOTSENT_LOWAT` of peer connections (bytes): the socket is writable only while less
-    /// than this is unsent, so backlog builds in the server's buffer where the policy sees it.
+    /// than this is unsent, so backlog builds in the server's buffer where the policy sees it
+    /// (0: not set).
     pub notsent_lowat: u32,
     /// While a client is the bottleneck, every this many ms the senders relaying to it are told
     /// what it drains (`RelayBudget`); 0 turns budgets off.
@@ -153,16 +165,20 @@ impl RelayConfig {
             ("burst", u64::from(self.burst)),
             ("max_frames", self.max_frames as u64),
             ("max_bytes", self.max_bytes as u64),
+            ("max_age_ms", self.max_age_ms),
+            ("audio_deadline_ms", self.audio_deadline_ms),
             ("overload_timeout_ms", self.overload_timeout_ms),
         ] {
             if v == 0 {
-                return Err(ConfigError::Invalid(format!("relay.{name} must be greater than 0")));
+                return Err(ConfigError::Invalid(format!(
+                    "relay.{name} must be greater than 0, not 0"
+                )));
             }
         }
-        if self.idle_limit < 2 * self.ack_every {
+        if u64::from(self.idle_limit) < 2 * u64::from(self.ack_every) {
             return Err(ConfigError::Invalid(format!(
                 "relay.idle_limit ({}) must be at least twice relay.ack_every ({}), or the relay would \
-                 wait for every acknowledgement",
+                 wait for every acknowledgement; raise idle_limit or lower ack_every",
                 self.idle_limit, self.ack_every
             )));
         }
@@ -349,23 +365,113 @@ impl StateDir {
     }
 }
 
-/// A configuration that cannot be used.
+/// A configuration that cannot be used. Each is one line naming the key, the value and what it
+/// may be.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
     /// The file could not be read.
     #[error("cannot read config file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    /// The file is not valid TOML for this configuration.
-    #[error("invalid config file {path}: {message}")]
+    /// The file is not TOML for this configuration: bad syntax, an unknown key, a value of the
+    /// wrong type (`path` is empty for [`Config::from_toml`]).
+    #[error("config{}: {message}", in_file(path))]
     Parse { path: PathBuf, message: String },
-    /// A value is out of range.
+    /// A value in the file is out of range.
+    #[error("config {path}: {message}")]
+    Value { path: PathBuf, message: String },
+    /// A value is out of range (the file and the flags together).
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
 
+/// ` PATH` for a file, nothing for text that came from no file.
+fn in_file(path: &Path) -> String {
+    if path.as_os_str().is_empty() {
+        String::new()
+    } else {
+        format!(" {}", path.display())
+    }
+}
+
+/// What `log_level` (or `--log-level`) may be, for the message refusing one.
+pub const LOG_LEVEL_CHOICES: &str =
+    "use one of error, warn, info, debug, trace (or a RUST_LOG-style filter such as \"info,natcall_rendezvous=debug\")";
+
+/// A `log_level` that is neither a level nor a filter whose directives each end in a level.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{value:?} is not a log level; {LOG_LEVEL_CHOICES}")]
+pub struct BadLogLevel {
+    /// The value refused.
+    pub value: String,
+}
+
+/// Checks a log filter as `log_level` takes it: a level (`info`), or RUST_LOG-style directives
+/// that each end in one (`info,natcall_rendezvous=debug`). `EnvFilter` reads a bare word that is
+/// not a level (`verbose`) as a target name and would then log nothing else, so it is refused.
+pub fn check_log_level(filter: &str) -> Result<(), BadLogLevel> {
+    let mut directives = filter.split(',').map(str::trim).filter(|d| !d.is_empty()).peekable();
+    let has_one = directives.peek().is_some();
+    let each_has_a_level = directives.all(|d| {
+        let level = d.rsplit_once('=').map_or(d, |(_, level)| level);
+        level.parse::<LevelFilter>().is_ok()
+    });
+    if has_one && each_has_a_level && EnvFilter::builder().parse(filter).is_ok() {
+        Ok(())
+    } else {
+        Err(BadLogLevel { value: filter.into() })
+    }
+}
+
+/// The form addresses take, for messages.
+const ADDR_FORM: &str = "use IP:PORT, such as \"0.0.0.0:3478\" or \"[::]:3478\"";
+
+fn parse_addr<E: serde::de::Error>(s: &str) -> Result<SocketAddr, E> {
+    s.parse()
+        .map_err(|_| E::custom(format!("{s:?} is not an address; {ADDR_FORM}")))
+}
+
+fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    parse_addr(&String::deserialize(d)?)
+}
+
+fn opt_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    parse_addr(&String::deserialize(d)?).map(Some)
+}
+
+/// One line for a TOML error: where it is, the line itself, and what is wrong with it.
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    let what = e.message().trim().replace('\n', " ");
+    // serde says "field"; the file says "key".
+    let what = match what.strip_prefix("unknown field ") {
+        Some(rest) => format!(
+            "unknown key {}",
+            rest.replacen(", expected one of ", "; valid keys: ", 1)
+        ),
+        None => what,
+    };
+    let Some(start) = e.span().map(|s| s.start) else {
+        return what;
+    };
+    let before = text.get(..start).unwrap_or(text);
+    let line_no = before.matches('\n').count() + 1;
+    let line: String = text
+        .lines()
+        .nth(line_no - 1)
+        .unwrap_or("")
+        .trim()
+        .chars()
+        .take(80)
+        .collect();
+    if line.is_empty() {
+        format!("line {line_no}: {what}")
+    } else {
+        format!("line {line_no}: `{line}`: {what}")
+    }
+}
+
 impl Config {
-    /// Reads a TOML configuration file.
+    /// Reads a TOML configuration file and checks it ([`Self::validate`]).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -376,15 +482,19 @@ impl Config {
                 path: path.to_owned(),
                 message,
             },
+            ConfigError::Invalid(message) => ConfigError::Value {
+                path: path.to_owned(),
+                message,
+            },
             other => other,
         })
     }
 
-    /// Parses a TOML configuration.
+    /// Parses a TOML configuration and checks it ([`Self::validate`]).
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::new(),
-            message: e.to_string(),
+            message: parse_message(text, &e),
         })?;
         config.validate()?;
         Ok(config)
@@ -406,9 +516,44 @@ impl Config {
         }
     }
 
-    /// Checks values for ranges the server relies on.
+    /// Checks every value the server relies on: the log filter, addresses, paths and the
+    /// ranges of the limits.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let l = &self.limits;
+        check_log_level(&self.log_level).map_err(|e| ConfigError::Invalid(format!("log_level = {e}")))?;
+        if let Some(a) = self.public_addr {
+            if a.ip().is_unspecified() || a.port() == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "public_addr = \"{a}\" is not an address peers can send to; use the server's public \
+                     IP:PORT, such as \"203.0.113.5:3478\", or leave it unset"
+                )));
+            }
+        }
+        for (name, path) in [
+            ("state_dir", &self.state_dir),
+            ("state_file", &self.state_file),
+            ("tls_cert", &self.tls_cert),
+            ("tls_key", &self.tls_key),
+        ] {
+            if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} = \"\" is not a path; give one, or leave it unset"
+                )));
+            }
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls_cert and tls_key go together: set both (a CA certificate) or neither (the server's own key)"
+                    .into(),
+            ));
+        }
+        self.limits.validate()?;
+        self.relay.validate()
+    }
+}
+
+impl Limits {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let l = self;
         if !(64..=MAX_FRAME_LEN).contains(&l.max_frame_len) {
             return Err(ConfigError::Invalid(format!(
                 "limits.max_frame_len must be between 64 and {MAX_FRAME_LEN}, not {}",
@@ -418,6 +563,7 @@ impl Config {
         for (name, v) in [
             ("max_connections", l.max_connections as u64),
             ("max_connections_per_ip", l.max_connections_per_ip as u64),
+            ("max_names", l.max_names as u64),
             ("max_names_per_key", l.max_names_per_key as u64),
             ("new_names_per_ip_per_hour", u64::from(l.new_names_per_ip_per_hour)),
             (
@@ -443,14 +589,10 @@ impl Config {
             ("hello_timeout_ms", l.hello_timeout_ms),
         ] {
             if v == 0 {
-                return Err(ConfigError::Invalid(format!("limits.{name} must be greater than 0")));
+                return Err(ConfigError::Invalid(format!(
+                    "limits.{name} must be greater than 0, not 0"
+                )));
             }
-        }
-        if self.tls_cert.is_some() != self.tls_key.is_some() {
-            return Err(ConfigError::Invalid(
-                "tls_cert and tls_key go together: set both (a CA certificate) or neither (the server's own key)"
-                    .into(),
-            ));
         }
         if l.max_room_members < 2 {
             return Err(ConfigError::Invalid(format!(
@@ -460,11 +602,12 @@ impl Config {
         }
         if l.idle_timeout_ms <= l.ping_interval_ms {
             return Err(ConfigError::Invalid(format!(
-                "limits.idle_timeout_ms ({}) must be longer than limits.ping_interval_ms ({})",
+                "limits.idle_timeout_ms ({}) must be longer than limits.ping_interval_ms ({}); raise \
+                 idle_timeout_ms or lower ping_interval_ms",
                 l.idle_timeout_ms, l.ping_interval_ms
             )));
         }
-        self.relay.validate()
+        Ok(())
     }
 }
 
@@ -520,13 +663,100 @@ mod tests {
         assert_eq!(c.listen, Config::default().listen);
     }
 
+    /// The error `text` is refused with, as the user reads it.
+    fn refused(text: &str) -> String {
+        let e = Config::from_toml(text).expect_err("refused").to_string();
+        assert!(!e.contains('\n'), "one line: {e}");
+        e
+    }
+
     #[test]
     fn unknown_keys_and_bad_values_are_clear_errors() {
-        let e = Config::from_toml("lisen = \"1.2.3.4:5\"").expect_err("typo");
-        assert!(e.to_string().contains("unknown field `lisen`"), "{e}");
-        let e = Config::from_toml("[limits]\nmax_frame_len = 10").expect_err("too small");
-        assert!(e.to_string().contains("max_frame_len must be between 64"), "{e}");
-        let e = Config::from_toml("[limits]\nidle_timeout_ms = 10\nping_interval_ms = 20").expect_err("order");
-        assert!(e.to_string().contains("must be longer than"), "{e}");
+        let e = refused("listen = \"127.0.0.1:5\"\nlisen = \"1.2.3.4:5\"");
+        assert!(
+            e.starts_with("config: line 2: `lisen = \"1.2.3.4:5\"`: unknown key `lisen`"),
+            "{e}"
+        );
+        assert!(e.contains("valid keys: `listen`, `public_addr`"), "{e}");
+        let e = refused("[limits]\nmax_frame_len = 10");
+        assert!(e.contains("max_frame_len must be between 64"), "{e}");
+        let e = refused("[limits]\nidle_timeout_ms = 10\nping_interval_ms = 20");
+        assert!(e.contains("must be longer than"), "{e}");
+        let e = refused("[relay]\nburst = 0");
+        assert!(e.contains("relay.burst must be greater than 0, not 0"), "{e}");
+        let e = refused("[limits]\nmax_names = 0");
+        assert!(e.contains("limits.max_names must be greater than 0, not 0"), "{e}");
+    }
+
+    #[test]
+    fn a_log_level_that_is_not_a_level_or_filter_is_refused() {
+        let e = refused("log_level = \"verbose\"");
+        assert_eq!(
+            e,
+            "invalid configuration: log_level = \"verbose\" is not a log level; use one of error, warn, \
+             info, debug, trace (or a RUST_LOG-style filter such as \"info,natcall_rendezvous=debug\")"
+        );
+        for bad in [
+            "",
+            " , ",
+            "info,verbose",
+            "natcall_rendezvous",
+            "natcall_rendezvous=loud",
+            "info=debug=x",
+        ] {
+            assert!(check_log_level(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in [
+            "info",
+            "WARN",
+            "off",
+            "info,natcall_rendezvous=debug",
+            "natcall_rendezvous::stun=trace",
+        ] {
+            assert_eq!(check_log_level(good), Ok(()), "{good:?} refused");
+        }
+    }
+
+    #[test]
+    fn addresses_and_paths_peers_or_the_server_cannot_use_are_refused() {
+        let e = refused("listen = \"1.2.3.4\"");
+        assert_eq!(
+            e,
+            "config: line 1: `listen = \"1.2.3.4\"`: \"1.2.3.4\" is not an address; use IP:PORT, such as \
+             \"0.0.0.0:3478\" or \"[::]:3478\""
+        );
+        let e = refused("metrics_listen = \"localhost:9478\"");
+        assert!(e.contains("\"localhost:9478\" is not an address"), "{e}");
+        let e = refused("public_addr = \"0.0.0.0:3478\"");
+        assert!(
+            e.contains("public_addr = \"0.0.0.0:3478\" is not an address peers can send to"),
+            "{e}"
+        );
+        let e = refused("state_dir = \"\"");
+        assert!(e.contains("state_dir = \"\" is not a path"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_value_in_a_file_names_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("rendezvous.toml");
+        std::fs::write(&path, "log_level = \"verbose\"\n").expect("writes");
+        let e = Config::from_file(&path).expect_err("refused").to_string();
+        assert!(
+            e.starts_with(&format!(
+                "config {}: log_level = \"verbose\" is not a log level;",
+                path.display()
+            )),
+            "{e}"
+        );
+        std::fs::write(&path, "[limits]\nmax_rooms = \"many\"\n").expect("writes");
+        let e = Config::from_file(&path).expect_err("refused").to_string();
+        assert!(
+            e.starts_with(&format!(
+                "config {}: line 2: `max_rooms = \"many\"`: invalid type",
+                path.display()
+            )),
+            "{e}"
+        );
     }
 }

@@ -46,7 +46,10 @@ pub(crate) async fn serve(
 ) {
     let health: Arc<Document> = Arc::new(health);
     let rooms: Arc<Document> = Arc::new(rooms);
-    info!(addr = ?listener.local_addr().ok(), "metrics endpoint listening");
+    match listener.local_addr() {
+        Ok(addr) => info!(%addr, "metrics endpoint listening"),
+        Err(_) => info!("metrics endpoint listening"),
+    }
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEAD_TIMEOUT)

@@ -3,9 +3,13 @@
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use clap::builder::RangedU64ValueParser;
+use natcall_proto::frame::MAX_FRAME_LEN;
+use natcall_rendezvous::config::check_log_level;
 use natcall_rendezvous::{Config, Sockets};
 use tracing_subscriber::EnvFilter;
 
@@ -22,8 +26,9 @@ struct Args {
     /// Address peers should send STUN to, when it differs from the one they connect to.
     #[arg(long)]
     public_addr: Option<SocketAddr>,
-    /// Log filter when RUST_LOG is unset (error, warn, info, debug, trace).
-    #[arg(long)]
+    /// Log filter when RUST_LOG is unset: error, warn, info, debug, trace, or a RUST_LOG-style
+    /// filter such as "info,natcall_rendezvous=debug".
+    #[arg(long, value_parser = log_level)]
     log_level: Option<String>,
     /// Directory keeping name → key bindings across restarts (default: $STATE_DIRECTORY as
     /// systemd sets it, else the user's data directory/natcall-rendezvous).
@@ -37,20 +42,25 @@ struct Args {
     #[arg(long)]
     state_file: Option<PathBuf>,
     /// Maximum concurrent TCP connections.
-    #[arg(long)]
+    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     max_connections: Option<usize>,
-    /// Largest frame accepted, in bytes.
-    #[arg(long)]
+    /// Largest frame accepted, in bytes (64 to 65536).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(64..=i64::from(MAX_FRAME_LEN)))]
     max_frame_len: Option<u32>,
     /// Close connections silent for this many milliseconds.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     idle_timeout_ms: Option<u64>,
     /// Ping every peer this often, in milliseconds.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     ping_interval_ms: Option<u64>,
     /// A call's Resume waits this long for the other member's, in milliseconds.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     resume_timeout_ms: Option<u64>,
+}
+
+/// `--log-level`: refused at once when it is not a level or a filter.
+fn log_level(s: &str) -> Result<String, natcall_rendezvous::config::BadLogLevel> {
+    check_log_level(s).map(|()| s.to_owned())
 }
 
 impl Args {
@@ -131,8 +141,35 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
+/// Exits 1 on an error, told as one line on stderr (what failed, why, what to do).
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes joined by ": ", leaving out a cause the message already tells.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string().replace('\n', " ");
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn run() -> Result<()> {
     let config = Args::parse().into_config()?;
     let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&config.log_level))?;
     tracing_subscriber::fmt()

@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -41,8 +42,13 @@ pub enum ServerError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     /// The state directory (name bindings) cannot be created, read or written.
-    #[error("cannot open the state directory: {0}")]
-    State(std::io::Error),
+    #[error("cannot use the state directory {}: {source}; {}", dir.display(), state_hint(source.kind()))]
+    State {
+        /// The directory.
+        dir: PathBuf,
+        /// What failed (naming the file, when it was one in the directory).
+        source: std::io::Error,
+    },
     /// The metrics endpoint cannot listen.
     #[error("cannot serve metrics: {0}")]
     Metrics(std::io::Error),
@@ -52,6 +58,21 @@ pub enum ServerError {
     /// A socket operation failed.
     #[error("socket error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// What an operator can do about a state directory that cannot be used.
+fn state_hint(kind: std::io::ErrorKind) -> &'static str {
+    use std::io::ErrorKind::*;
+    match kind {
+        PermissionDenied | ReadOnlyFilesystem => {
+            "let the server's user create and write it (owner, mode, a read-only mount), or choose \
+             another with --state-dir DIR (state_dir in the config), or run with --ephemeral"
+        }
+        InvalidData => "restore the file from a backup, or move it away to start without the names it held",
+        _ => {
+            "check the path, or choose another with --state-dir DIR (state_dir in the config), or run with --ephemeral"
+        }
+    }
 }
 
 /// A rendezvous server. Cheap to clone; clones share one registry and call table.
@@ -69,8 +90,12 @@ impl Server {
         let metrics = Metrics::new();
         cap_to_open_files(&mut config);
         metrics.set_max_connections(config.limits.max_connections);
+        let state = config.state_dir();
         let registry =
-            Registry::new(config.state_dir().as_ref(), &config.limits, metrics.clone()).map_err(ServerError::State)?;
+            Registry::new(state.as_ref(), &config.limits, metrics.clone()).map_err(|source| ServerError::State {
+                dir: state.as_ref().map(|d| d.path().to_owned()).unwrap_or_default(),
+                source,
+            })?;
         let (drain_tx, drain) = watch::channel(false);
         let calls = Calls::new(&config.limits, metrics.clone());
         let rooms = Rooms::new(&config.limits, metrics.clone());

@@ -107,33 +107,38 @@ impl NameStore {
         let Some(dir) = dir else {
             return Ok(store);
         };
+        // Each error names the file it concerns (the caller names the directory).
         dir.create()?;
         let snapshot = dir.file(SNAPSHOT);
         let journal = dir.file(JOURNAL);
         let mut found = false;
         if let Some(f) = open_existing(&snapshot)? {
-            load_snapshot(BufReader::new(f), &snapshot, &mut store.bindings)?;
+            load_snapshot(BufReader::new(f), &snapshot, &mut store.bindings).map_err(naming(&snapshot))?;
             found = true;
         }
         if let Some(f) = open_existing(&journal)? {
-            replay_journal(BufReader::new(f), &journal, &mut store.bindings)?;
+            replay_journal(BufReader::new(f), &journal, &mut store.bindings).map_err(naming(&journal))?;
             found = true;
         }
         if let (false, Some(legacy)) = (found, dir.legacy_names()) {
             if let Some(f) = open_existing(legacy)? {
-                load_legacy(BufReader::new(f), legacy, now, &mut store.bindings)?;
+                load_legacy(BufReader::new(f), legacy, now, &mut store.bindings).map_err(naming(legacy))?;
                 info!(file = %legacy.display(), names = store.bindings.len(), "imported the names of the old state_file");
             }
         }
         store.per_key = count_per_key(&store.bindings);
         store.sweep(now);
-        let file = OpenOptions::new().create(true).append(true).open(&journal)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&journal)
+            .map_err(naming(&journal))?;
         store.disk = Some(Disk {
             dir: dir.path().to_owned(),
             journal: file,
             journal_lines: 0,
         });
-        store.compact()?;
+        store.compact().map_err(naming(&snapshot))?;
         Ok(store)
     }
 
@@ -338,11 +343,24 @@ impl NameStore {
     }
 }
 
+/// The file at `path`, `None` when there is none; an error names the path.
 fn open_existing(path: &Path) -> io::Result<Option<File>> {
     match File::open(path) {
         Ok(f) => Ok(Some(f)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
+        Err(e) => Err(naming(path)(e)),
+    }
+}
+
+/// Turns an error about `path` into one that names it (unless it already does).
+fn naming(path: &Path) -> impl Fn(io::Error) -> io::Error + '_ {
+    move |e| {
+        let shown = path.display().to_string();
+        if e.to_string().contains(&shown) {
+            e
+        } else {
+            io::Error::new(e.kind(), format!("{shown}: {e}"))
+        }
     }
 }
 
