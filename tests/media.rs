@@ -29,10 +29,15 @@ fn tool(name: &str) -> Command {
 
 /// ffmpeg writing a `CLIP_S`-second MPEG-TS (test pattern + 440 Hz tone) to its stdout.
 fn ffmpeg_pattern() -> std::process::Child {
+    ffmpeg_clip(CLIP_S)
+}
+
+/// ffmpeg writing a `secs`-second MPEG-TS (test pattern + 440 Hz tone) to its stdout.
+fn ffmpeg_clip(secs: f64) -> std::process::Child {
     tool("ffmpeg")
         .args(["-v", "error", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=25"])
         .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"])
-        .args(["-t", &CLIP_S.to_string(), "-c:v", "mpeg2video", "-b:v", "800k"])
+        .args(["-t", &secs.to_string(), "-c:v", "mpeg2video", "-b:v", "800k"])
         .args(["-c:a", "mp2", "-b:a", "128k", "-f", "mpegts", "-"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -247,4 +252,53 @@ fn a_stream_faster_than_the_path_is_paced_and_the_user_told_once() {
     assert!(!rates.is_empty(), "rate events: {:?}", alice.seen);
     assert!(rates.iter().all(|&t| t <= 150_000), "{rates:?}");
     assert_eq!(std::fs::read(&recv).expect("bob wrote it"), data, "arrived whole");
+}
+
+#[test]
+fn two_way_pipes_of_different_lengths_each_arrive_whole() {
+    // alice pipes a 1 s clip, bob a 5 s one: alice's input ends first, and the call goes on
+    // until bob's has been delivered too.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    let server = Rendezvous::start(dir);
+    let file = |n: &str| dir.join(n);
+    let arg = |n: &str| file(n).display().to_string();
+    let mut bob_ffmpeg = ffmpeg_clip(5.0);
+    let mut bob = Peer::spawn(
+        dir,
+        server.addr,
+        "bob",
+        &[
+            "listen",
+            "--once",
+            "--send-video",
+            "-",
+            "--recv-video",
+            &arg("bob-got.ts"),
+        ],
+    );
+    let bob_pipe = bob.pipe_stdin(bob_ffmpeg.stdout.take().expect("piped"), Some(file("bob-sent.ts")));
+    bob.wait_event("registered", EXIT, |_| true);
+    let mut alice_ffmpeg = ffmpeg_clip(1.0);
+    let mut alice = Peer::spawn(
+        dir,
+        server.addr,
+        "alice",
+        &["call", "bob", "--send-video", "-", "--recv-video", &arg("alice-got.ts")],
+    );
+    let alice_pipe = alice.pipe_stdin(alice_ffmpeg.stdout.take().expect("piped"), Some(file("alice-sent.ts")));
+    alice.wait_event("connected", EXIT, |_| true);
+    assert_eq!(alice.wait_exit(EXIT), 0, "alice's log:\n{}", alice.log_text());
+    assert_eq!(bob.wait_exit(EXIT), 0, "bob's log:\n{}", bob.log_text());
+    for (mut ffmpeg, pipe) in [(alice_ffmpeg, alice_pipe), (bob_ffmpeg, bob_pipe)] {
+        assert!(ffmpeg.wait().expect("ffmpeg runs").success(), "ffmpeg failed");
+        assert!(pipe.join().expect("pipe thread") > 0, "ffmpeg produced nothing");
+    }
+    let read = |n: &str| std::fs::read(file(n)).unwrap_or_else(|e| panic!("{n}: {e}"));
+    // Whole, in both directions: byte for byte on the loopback path.
+    assert_eq!(read("bob-got.ts"), read("alice-sent.ts"), "bob got alice's clip whole");
+    assert_eq!(read("alice-got.ts"), read("bob-sent.ts"), "alice got bob's clip whole");
+    assert!((duration(&file("alice-got.ts")) - 5.0).abs() < 0.5);
+    // alice's input ended first and she waited for bob's.
+    alice.wait_event("inputs_ended", EXIT, |v| v["waiting_for"] == "bob");
 }

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: installs the system packages the tests use if they are missing
 # (coturn for an external STUN client and the side-by-side bench, nftables and iproute2 for the
-# namespace lab, ffmpeg for real media through a call, tcpdump for the on-the-wire capture, a
-# font for the bench's chart), then runs every test of the workspace and the bench's smoke test.
+# namespace lab, ffmpeg for real media through a call, tcpdump for the on-the-wire capture, tmux
+# for what a person sees on a terminal, a font for the bench's chart), then runs every test of the workspace and the bench's smoke test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +12,7 @@ command -v nft >/dev/null || need+=(nftables)
 command -v ip >/dev/null || need+=(iproute2)
 command -v ffprobe >/dev/null || need+=(ffmpeg)
 command -v tcpdump >/dev/null || need+=(tcpdump)
+command -v tmux >/dev/null || need+=(tmux)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing ${need[*]}" >&2

@@ -82,7 +82,13 @@ impl Settings {
             .context("no home directory for the identity: set --home or NATCALL_HOME")?;
         let file_path = home.join("config.toml");
         let file: File = match std::fs::read_to_string(&file_path) {
-            Ok(text) => toml::from_str(&text).with_context(|| format!("invalid {}", file_path.display()))?,
+            Ok(text) => toml::from_str(&text).map_err(|e| {
+                crate::output::usage(format!(
+                    "invalid {}: {} (the keys are documented in the README: server, name)",
+                    file_path.display(),
+                    e.message()
+                ))
+            })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => File::default(),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", file_path.display())),
         };
@@ -91,7 +97,12 @@ impl Settings {
             Some(n) => n,
             None => bail!("no name: pass --name or set name in {}", file_path.display()),
         };
-        natcall::validate_name(&name).with_context(|| format!("invalid name {name:?}"))?;
+        if let Err(e) = natcall::validate_name(&name) {
+            return Err(anyhow::Error::new(crate::output::Coded {
+                exit: crate::output::Exit::Refused,
+                message: format!("invalid name {name:?}: {e}; choose another with --name"),
+            }));
+        }
         let (label, key) = parse_server(&server)?;
         let addr = tokio::net::lookup_host(&label)
             .await

@@ -29,11 +29,17 @@ pub async fn run(json: bool) -> Result<Exit> {
     let bob = Endpoint::bind(EndpointConfig::new(server_addr, "bob", Identity::generate()?)).await?;
     say(
         json,
-        &format!("alice registered, public UDP address {:?}", alice.public_addr()),
+        &format!(
+            "alice registered, public UDP address {}",
+            output::addr_text(alice.public_addr())
+        ),
     );
     say(
         json,
-        &format!("bob registered, public UDP address {:?}", bob.public_addr()),
+        &format!(
+            "bob registered, public UDP address {}",
+            output::addr_text(bob.public_addr())
+        ),
     );
 
     let bob_side = tokio::spawn(async move {

@@ -1,5 +1,6 @@
 //! `natcall`: the command-line peer. Flags and the config file are parsed here; the call
-//! session lives in [`session`], the demo in [`demo`].
+//! session lives in [`session`], rooms in [`room`], the terminal view in [`view`], what is
+//! printed and the exit codes in [`output`], the demo in [`demo`].
 
 mod config;
 mod contacts;
@@ -8,14 +9,15 @@ mod output;
 mod room;
 mod session;
 mod stream;
+mod view;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use natcall::Policy;
 use tracing_subscriber::EnvFilter;
 
@@ -24,7 +26,7 @@ use crate::output::Exit;
 /// Call someone behind a NAT: LAN when you share a router, else UDP hole punching, else the
 /// rendezvous server's TCP relay. Chat lines typed on stdin go to the other side.
 #[derive(Debug, Parser)]
-#[command(version, about, after_help = output::EXIT_CODES)]
+#[command(name = "natcall", version, about, after_help = output::EXIT_CODES)]
 pub struct Args {
     /// Rendezvous server, HOST[:PORT][#SHA256:KEY] (default: the config file's, else
     /// 127.0.0.1:3478). With #SHA256:KEY only a server with that key is accepted; without, the
@@ -46,17 +48,41 @@ pub struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Register and wait for calls; accept them and chat.
+    /// Register and wait for calls. On a terminal each call is announced (caller, and whether
+    /// its key is a known contact) and taken with y or declined with n; otherwise --accept
+    /// decides. A call that comes during a call is told "busy".
+    #[command(after_help = "Examples:
+  natcall listen                           wait for calls; answer each with y or n
+  natcall listen --accept contacts         take calls only from keys met before
+  natcall listen --once --duration 60      take one call, end it after a minute
+  natcall listen --policy relay-only       never reveal your address to callers
+  natcall listen --recv-video out.ts       write the video that arrives to out.ts")]
     Listen {
         /// Exit after the first call.
         #[arg(long)]
         once: bool,
+        /// Which calls to take without asking: all, contacts (keys met before), or a list of
+        /// names (NAME,NAME…). Default: ask on a terminal, else all.
+        #[arg(long, value_name = "all|contacts|NAMES")]
+        accept: Option<session::Accept>,
+        /// Which paths calls may use: auto, direct-only, relay-only, lan-only (combined with the
+        /// caller's: the stricter wins; calls that cannot agree are declined).
+        #[arg(long, default_value = "auto")]
+        policy: Policy,
         #[command(flatten)]
         session: SessionArgs,
     },
-    /// Call NAME and chat.
+    /// Call NAME: chat by typing lines, media from the built-in test source or --send-*.
+    #[command(after_help = "Examples:
+  natcall call bob                         call bob; type lines to chat, Ctrl-D or Ctrl-C hangs up
+  natcall call bob --policy relay-only     go through the server only (your address stays hidden)
+  natcall call bob --duration 30 --json    a 30 s call, JSON events and a report on stdout
+  ffmpeg -re -i in.mp4 -c:v libx264 -f mpegts - | natcall call bob --send-video -
+                                           send a live stream; the call ends after both sides'
+                                           inputs ended")]
     Call {
         /// Who to call.
+        #[arg(value_parser = parse_name)]
         peer: String,
         /// Which paths the call may use: auto, direct-only, relay-only, lan-only.
         #[arg(long, default_value = "auto")]
@@ -77,6 +103,7 @@ enum Cmd {
   natcall room team --topology fan-out     send one copy of your media through the server")]
     Room {
         /// The room's name (like a peer's: a-z 0-9 . _ -).
+        #[arg(value_parser = parse_name)]
         room: String,
         /// Create the room (implied by --invite).
         #[arg(long)]
@@ -95,15 +122,26 @@ enum Cmd {
         session: SessionArgs,
     },
     /// Start a local rendezvous server and two peers on loopback, call, chat, report, exit.
+    /// Takes no --server, --name or --home: it runs its own.
+    #[command(after_help = "Examples:
+  natcall demo                             the call, chat and both reports as text
+  natcall demo --json                      the same as JSON lines")]
     Demo,
     /// The keys of the peers you met (trust on first use): a call where the server vouches for
     /// another key than the one met before is refused (exit code 9) until you accept it.
+    #[command(after_help = "Examples:
+  natcall contacts                         list names, keys, first and last seen
+  natcall contacts accept bob SHA256:…     trust bob's new key (after comparing safety numbers)
+  natcall contacts forget bob              the next call with bob is a first contact again")]
     Contacts {
         #[command(subcommand)]
         action: Option<contacts::ContactsCmd>,
     },
     /// Print the safety number of you and NAME; read it to each other in person or by phone:
     /// equal numbers mean each of you has the other's real key.
+    #[command(after_help = "Examples:
+  natcall verify bob                       the safety number of you and bob's key in your contacts
+  natcall verify bob --key SHA256:…        the number for a changed key, before accepting it")]
     Verify {
         /// The peer's name.
         peer: String,
@@ -113,19 +151,50 @@ enum Cmd {
         key: Option<natcall::Fingerprint>,
     },
     /// Trust KEY for a server from now on (after its key was replaced): HOST:PORT#SHA256:KEY.
+    #[command(after_help = "Example:
+  natcall trust-server 'rendezvous.example.net:3478#SHA256:…'")]
     TrustServer {
         /// The server and its new key, as the key-change error prints them.
         server: String,
     },
     /// Free your name on the server (anyone may register it afterwards), then exit.
+    #[command(after_help = "Example:
+  natcall --name alice release-name")]
     ReleaseName,
+    /// Print a shell completion script for natcall.
+    #[command(after_help = "Examples:
+  natcall completions bash > ~/.local/share/bash-completion/completions/natcall
+  natcall completions zsh > ~/.zfunc/_natcall     (with fpath+=(~/.zfunc) in ~/.zshrc)
+  natcall completions fish > ~/.config/fish/completions/natcall.fish")]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print natcall's man page (roff).
+    #[command(after_help = "Example:
+  natcall man > ~/.local/share/man/man1/natcall.1 && man natcall")]
+    Man,
+}
+
+/// A peer's or room's name as an argument: checked here, so a bad one is a usage error.
+fn parse_name(s: &str) -> Result<String, String> {
+    natcall::validate_name(s).map_err(|e| e.to_string())?;
+    Ok(s.to_owned())
+}
+
+/// Seconds as an argument: a finite number, not negative.
+fn parse_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds (e.g. 30 or 2.5)")),
+    }
 }
 
 /// How a call runs, for `listen` and `call` alike.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SessionArgs {
     /// End a call after this many seconds.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_secs)]
     duration: Option<f64>,
     #[command(flatten)]
     test: TestHooks,
@@ -137,6 +206,7 @@ impl SessionArgs {
     /// Checks the media flags and makes the session's options.
     fn into_opts(self, json: bool) -> anyhow::Result<session::Opts> {
         self.media.check(json)?;
+        view::init(json, output::MEDIA_ON_STDOUT.load(std::sync::atomic::Ordering::Relaxed));
         Ok(session::Opts {
             json,
             duration: secs(self.duration),
@@ -179,22 +249,25 @@ impl MediaOpts {
     /// Checks the combination, and empties the --recv-* files (so an unwritable path fails
     /// before anything is called).
     fn check(&self, json: bool) -> anyhow::Result<()> {
-        use anyhow::{Context, bail};
+        use anyhow::Context;
+        use output::usage;
         let stdin = |o: &Option<String>| o.as_deref() == Some("-");
         if stdin(&self.send_audio) && stdin(&self.send_video) {
-            bail!("only one of --send-audio and --send-video can read stdin");
+            return Err(usage("only one of --send-audio and --send-video can read stdin"));
         }
         if stdin(&self.recv_audio) && stdin(&self.recv_video) {
-            bail!("only one of --recv-audio and --recv-video can write to stdout");
+            return Err(usage("only one of --recv-audio and --recv-video can write to stdout"));
         }
         if stdin(&self.recv_audio) || stdin(&self.recv_video) {
             if json {
-                bail!("--json prints its events on stdout: write received media to a file, not -");
+                return Err(usage(
+                    "--json prints its events on stdout: write received media to a file, not -",
+                ));
             }
             output::MEDIA_ON_STDOUT.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         if self.media_kbps == 0 {
-            bail!("--media-kbps must be at least 1");
+            return Err(usage("--media-kbps must be at least 1"));
         }
         for path in [&self.send_audio, &self.send_video].into_iter().flatten() {
             if path != "-" {
@@ -254,14 +327,53 @@ fn init_logging() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(view::LogWriter::default)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
+/// `natcall --version`: the binary, its version and the protocol it speaks.
+fn version() -> &'static str {
+    let text = format!("{} (protocol {})", env!("CARGO_PKG_VERSION"), natcall::PROTOCOL_VERSION);
+    Box::leak(text.into_boxed_str())
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let matches = Args::command().version(version()).get_matches();
+    let args = match Args::from_arg_matches(&matches) {
+        Ok(args) => args,
+        Err(e) => e.exit(),
+    };
     init_logging();
+    if let Cmd::Demo = args.cmd {
+        // The demo runs its own server and peers: flags naming others would be ignored.
+        let given: Vec<String> = ["server", "name", "home"]
+            .into_iter()
+            .filter(|id| matches.value_source(id) == Some(ValueSource::CommandLine))
+            .map(|id| format!("--{id}"))
+            .collect();
+        if !given.is_empty() {
+            let e = output::usage(format!(
+                "demo runs its own server and peers on loopback: it takes no {} (use `natcall listen` and `natcall call` for yours)",
+                given.join(", ")
+            ));
+            return output::fail(args.json, Exit::Usage, &e);
+        }
+    }
+    match args.cmd {
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Args::command(), "natcall", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Cmd::Man => {
+            let page = clap_mangen::Man::new(Args::command().version(version()));
+            return match page.render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => output::fail(false, Exit::Internal, &anyhow::anyhow!("writing the man page: {e}")),
+            };
+        }
+        _ => {}
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -282,6 +394,7 @@ fn main() -> ExitCode {
     let session = rt.spawn(async move {
         match args.cmd {
             Cmd::Demo => demo::run(json).await,
+            Cmd::Completions { .. } | Cmd::Man => Ok(Exit::Ok),
             Cmd::Contacts {
                 action: None | Some(contacts::ContactsCmd::List),
             } => contacts::list(args.home, json),
@@ -302,10 +415,15 @@ fn main() -> ExitCode {
                 let settings = config::Settings::resolve(args.server, args.name, args.home).await?;
                 release_name(settings, json).await
             }
-            Cmd::Listen { once, session: how } => {
+            Cmd::Listen {
+                once,
+                accept,
+                policy,
+                session: how,
+            } => {
                 let opts = how.into_opts(json)?;
                 let settings = config::Settings::resolve(args.server, args.name, args.home).await?;
-                session::listen(settings, opts, once).await
+                session::listen(settings, opts, once, accept, policy).await
             }
             Cmd::Room {
                 room,
@@ -315,7 +433,6 @@ fn main() -> ExitCode {
                 topology,
                 session: how,
             } => {
-                natcall::validate_name(&room).with_context(|| format!("room name {room:?}"))?;
                 let invite = room::parse_invite(&invite)?;
                 let entry = if create || !invite.is_empty() {
                     room::Entry::Create { invite }
@@ -342,6 +459,7 @@ fn main() -> ExitCode {
         .unwrap_or_else(|e| Err(anyhow::anyhow!("the session stopped: {e}")));
     // Do not wait for the thread blocked reading stdin: the session is over.
     rt.shutdown_background();
+    view::finish();
     match result {
         Ok(code) => code.into(),
         Err(e) => {

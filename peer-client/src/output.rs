@@ -5,7 +5,7 @@
 //! `--json` mode: stdout is JSON lines — `{"event":"chat",...}`, `{"event":"path",...}`, and
 //! last `{"event":"report",...}` (or `{"event":"error",...}`); nothing else goes to stdout.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::process::ExitCode;
 
 use natcall::Error;
@@ -19,6 +19,8 @@ pub enum Exit {
     Ok = 0,
     /// Anything unexpected.
     Internal = 1,
+    /// Bad usage: an unknown flag, a missing or invalid argument, flags that do not go together.
+    Usage = 2,
     /// The rendezvous server cannot be reached, or was lost.
     Server = 3,
     /// The server refused this peer (name taken, bad name, full, version; a room).
@@ -39,10 +41,11 @@ pub enum Exit {
 pub const EXIT_CODES: &str = "Exit codes:
   0  the command succeeded (a call ran and ended normally)
   1  anything else
-  2  bad usage (an unknown flag, a missing or invalid argument)
-  3  the rendezvous server is unreachable or was lost
+  2  bad usage (an unknown flag, a missing or invalid argument or name, flags that
+     do not go together)
+  3  the rendezvous server is unreachable, is not a natcall server, or was lost
   4  the server refused you (name taken by another key, bad name, full, version;
-     a room you are not invited to, or full)
+     a room you are not invited to, or full), or another session took your name
   5  the peer is offline, busy or declined
   6  no path the policy allows could be established
   7  the call connected, then was lost
@@ -57,17 +60,48 @@ impl From<Exit> for ExitCode {
     }
 }
 
-/// The exit code for an error.
-pub fn classify(e: &anyhow::Error) -> Exit {
-    match e.downcast_ref::<Error>() {
-        Some(Error::Unreachable { .. } | Error::ServerLost(_)) => Exit::Server,
-        Some(Error::Refused { .. } | Error::Room { .. }) => Exit::Refused,
-        Some(Error::Offline(_) | Error::Busy(_) | Error::SelfCall | Error::Ended(_)) => Exit::Peer,
-        Some(Error::NoPath(_) | Error::Timeout(_)) => Exit::NoPath,
-        Some(Error::KeyChanged(_)) => Exit::PeerKeyChanged,
-        Some(Error::ServerKeyChanged { .. }) => Exit::KeyChanged,
-        _ => Exit::Internal,
+/// An error that carries its exit code (usage errors, a bad name of one's own).
+#[derive(Debug)]
+pub struct Coded {
+    pub exit: Exit,
+    pub message: String,
+}
+
+impl std::fmt::Display for Coded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
     }
+}
+
+impl std::error::Error for Coded {}
+
+/// A usage error (exit code 2).
+pub fn usage(message: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Coded {
+        exit: Exit::Usage,
+        message: message.into(),
+    })
+}
+
+/// The exit code for an error: the first cause in its chain that says.
+pub fn classify(e: &anyhow::Error) -> Exit {
+    for cause in e.chain() {
+        if let Some(c) = cause.downcast_ref::<Coded>() {
+            return c.exit;
+        }
+        let exit = match cause.downcast_ref::<Error>() {
+            Some(Error::Unreachable { .. } | Error::NotAServer { .. } | Error::ServerLost(_)) => Exit::Server,
+            Some(Error::Refused { .. } | Error::Room { .. } | Error::Replaced(_)) => Exit::Refused,
+            Some(Error::Offline(_) | Error::Busy(_) | Error::SelfCall | Error::Ended(_)) => Exit::Peer,
+            Some(Error::NoPath(_) | Error::Timeout(_)) => Exit::NoPath,
+            Some(Error::KeyChanged(_)) => Exit::PeerKeyChanged,
+            Some(Error::ServerKeyChanged { .. }) => Exit::KeyChanged,
+            Some(_) => Exit::Internal,
+            None => continue,
+        };
+        return exit;
+    }
+    Exit::Internal
 }
 
 /// Reports an error and returns its exit code.
@@ -81,9 +115,9 @@ pub fn fail(json: bool, exit: Exit, e: &anyhow::Error) -> ExitCode {
     if json {
         line(&json!({"event": "error", "error": format!("{e:#}"), "hint": hint, "exit_code": exit as u8}));
     } else {
-        eprintln!("natcall: {e:#}");
+        say(&format!("natcall: {e:#}"));
         if let Some(h) = hint {
-            eprintln!("natcall: {h}");
+            say(&format!("natcall: {h}"));
         }
     }
     exit.into()
@@ -98,15 +132,19 @@ pub fn line(value: &impl Serialize) {
     }
 }
 
-/// A received chat line.
+/// A received chat line: above the status line in the terminal view, else on stdout (stderr
+/// when stdout carries received media).
 pub fn chat(json: bool, from: &str, text: &str) {
+    let shown = format!("{from}: {text}");
     if json {
         line(&json!({"event": "chat", "from": from, "text": text}));
+    } else if crate::view::print(&shown) {
+        // Shown.
     } else if MEDIA_ON_STDOUT.load(std::sync::atomic::Ordering::Relaxed) {
-        eprintln!("{from}: {text}");
+        eprintln!("{shown}");
     } else {
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{from}: {text}");
+        let _ = writeln!(out, "{shown}");
         let _ = out.flush();
     }
 }
@@ -115,25 +153,56 @@ pub fn chat(json: bool, from: &str, text: &str) {
 /// go to stderr, so they never land inside the media stream.
 pub static MEDIA_ON_STDOUT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// A one-off notice (connected, path change, ended).
+/// A one-off notice (connected, path change, ended): above the status line in the terminal
+/// view, else a line on stderr.
 pub fn notice(json: bool, event: serde_json::Value, text: &str) {
     if json {
         line(&event);
     } else {
-        status_clear();
+        say(text);
+    }
+}
+
+/// A line for a person (not with `--json`): above the status line in the terminal view, else on
+/// stderr.
+pub fn say(text: &str) {
+    if !crate::view::print(text) {
         eprintln!("{text}");
     }
 }
 
-/// Rewrites the status line on a terminal; silent otherwise.
+/// Rewrites the status line (in the terminal view; without it there is none).
 pub fn status(text: &str) {
-    if std::io::stderr().is_terminal() {
-        eprint!("\r\x1b[2K{text}");
-    }
+    crate::view::status(text);
 }
 
-fn status_clear() {
-    if std::io::stderr().is_terminal() {
-        eprint!("\r\x1b[2K");
+/// An address a person reads: the address, or "unknown" (never `Some(…)`/`None`).
+pub fn addr_text(addr: Option<std::net::SocketAddr>) -> String {
+    addr.map_or_else(|| "unknown".to_owned(), |a| a.to_string())
+}
+
+/// One track of a call for a person: what was sent and what arrived, in frames and bytes.
+pub fn track_text(name: &str, t: &natcall::TrackReport) -> String {
+    let sent = t.sent.as_ref().map_or((0, 0), |s| (s.frames_sent, s.bytes_sent));
+    let got = t
+        .received
+        .as_ref()
+        .map_or((0, 0, 0), |s| (s.frames_complete, s.bytes_received, s.packets_lost));
+    format!(
+        "{name}: {} frames ({}) sent, {} frames ({}) received, {} packets lost",
+        sent.0,
+        bytes_text(sent.1),
+        got.0,
+        bytes_text(got.1),
+        got.2
+    )
+}
+
+/// A byte count for a person: B, kB, MB.
+pub fn bytes_text(n: u64) -> String {
+    match n {
+        0..1_000 => format!("{n} B"),
+        1_000..1_000_000 => format!("{:.1} kB", n as f64 / 1e3),
+        _ => format!("{:.1} MB", n as f64 / 1e6),
     }
 }

@@ -344,8 +344,7 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry, topol
             "exit_code": exit as u8,
         }));
     } else {
-        output::status("");
-        eprintln!(
+        let mut text = format!(
             "left room {room} after {:.0} s; {chat_sent} lines sent, {chat_received} received",
             since.elapsed().as_secs_f64()
         );
@@ -354,16 +353,18 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry, topol
             let got = |t: &natcall::TrackReport| t.received.as_ref().map_or(0, |s| s.frames_complete);
             let m = s.call.media_report();
             let f = fan_out.received.get(peer).cloned().unwrap_or_default();
-            eprintln!(
-                "  {peer}: path {}, rtt {:.1} ms, received {} audio and {} video frames on the session, {} and {} by fan-out",
+            let to = s.call.remote_addr().map(|a| format!(" to {a}")).unwrap_or_default();
+            text.push_str(&format!(
+                "\n  {peer}: path {}{to}, rtt {:.1} ms, received {} audio and {} video frames on the session, {} and {} by fan-out",
                 rep.path,
                 rep.rtt_ms,
                 got(&m.audio),
                 got(&m.video),
                 got(&f.audio),
                 got(&f.video)
-            );
+            ));
         }
+        output::say(&text);
     }
     ep.close().await;
     Ok(exit)

@@ -32,6 +32,10 @@ impl Stdin {
     }
 
     fn spawn() -> Self {
+        // Typed into the terminal view: lines come from its key reader.
+        if let Some(rx) = crate::view::read_lines() {
+            return Self { rx, closed: false };
+        }
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
@@ -58,6 +62,7 @@ impl Stdin {
 
 pub(crate) async fn bind(settings: &Settings, json: bool) -> Result<Endpoint> {
     let server = settings.server;
+    output::status(&format!("connecting to the rendezvous server at {server}…"));
     let name = settings.name.clone();
     let mut config = EndpointConfig::new(server, &settings.name, settings.identity.clone());
     config.server_trust = settings.trust.clone();
@@ -121,27 +126,161 @@ pub async fn call(settings: Settings, opts: Opts, peer: &str, policy: Policy) ->
     exit
 }
 
-/// `natcall listen`.
-pub async fn listen(settings: Settings, opts: Opts, once: bool) -> Result<Exit> {
+/// Which calls `natcall listen --accept` takes without asking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accept {
+    /// Every caller.
+    All,
+    /// Callers whose key is a contact (met before, or accepted).
+    Contacts,
+    /// These names (with the key met before, when there is one).
+    Names(Vec<String>),
+}
+
+impl std::str::FromStr for Accept {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "all" => Ok(Self::All),
+            "contacts" => Ok(Self::Contacts),
+            _ => {
+                let names: Vec<String> = s.split(',').map(|n| n.trim().to_owned()).collect();
+                for n in &names {
+                    natcall::validate_name(n).map_err(|e| {
+                        format!("{n:?} is neither all, contacts nor a name ({e}); use all, contacts or NAME,NAME…")
+                    })?;
+                }
+                Ok(Self::Names(names))
+            }
+        }
+    }
+}
+
+/// What this peer's contacts say of a caller's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    /// The key met before under this name.
+    Contact,
+    /// No key was met under this name.
+    New,
+    /// Another key was met under this name: the call is refused whatever the answer.
+    Changed,
+}
+
+impl Known {
+    fn of(contacts: &natcall::Contacts, caller: &str, key: natcall::Fingerprint) -> Self {
+        match contacts.get(caller) {
+            Ok(Some(c)) if c.fingerprint == key => Self::Contact,
+            Ok(Some(_)) => Self::Changed,
+            _ => Self::New,
+        }
+    }
+
+    fn text(self) -> &'static str {
+        match self {
+            Self::Contact => "a contact: the key you met before",
+            Self::New => "new: you have not met this name before",
+            Self::Changed => "KEY CHANGED since you last met: the call will be refused",
+        }
+    }
+
+    fn json(self) -> &'static str {
+        match self {
+            Self::Contact => "contact",
+            Self::New => "new",
+            Self::Changed => "changed",
+        }
+    }
+}
+
+impl Accept {
+    /// Whether a caller is taken; else why not.
+    fn allows(&self, caller: &str, known: Known) -> Result<(), &'static str> {
+        match self {
+            Self::All => Ok(()),
+            Self::Contacts if known == Known::Contact => Ok(()),
+            Self::Contacts => Err("not a contact (--accept contacts)"),
+            Self::Names(names) if names.iter().any(|n| n == caller) => Ok(()),
+            Self::Names(_) => Err("not among the names --accept allows"),
+        }
+    }
+}
+
+/// How long a person has to answer a call.
+const ANSWER_TIME: Duration = Duration::from_secs(30);
+
+/// Asks the person at the terminal whether to take the call; `Err` says why not.
+async fn ask(stdin: &mut Stdin, caller: &str) -> Result<(), &'static str> {
+    output::status(&format!("accept the call from {caller}? type y or n, then Enter"));
+    let answer = async {
+        loop {
+            match stdin.next().await.map(|l| l.trim().to_ascii_lowercase()) {
+                Some(l) if l == "y" || l == "yes" => return Ok(()),
+                Some(l) if l == "n" || l == "no" => return Err("you declined"),
+                Some(_) => output::say(&format!("answer y or n: accept the call from {caller}?")),
+                None => return Err("input ended"),
+            }
+        }
+    };
+    tokio::time::timeout(ANSWER_TIME, answer)
+        .await
+        .unwrap_or(Err("no answer in 30 s"))
+}
+
+/// `natcall listen`: takes calls one at a time, as `accept` allows or the person answers.
+pub async fn listen(
+    settings: Settings,
+    opts: Opts,
+    once: bool,
+    accept: Option<Accept>,
+    policy: Policy,
+) -> Result<Exit> {
     let json = opts.json;
     let mut stdin = Stdin::for_chat(&opts.media);
+    // A person at a terminal is asked, unless a rule was given; anything else takes what the
+    // rule allows, every caller by default (a listener started without a terminal is a service
+    // set up to take calls; keys that changed are refused whatever the rule).
+    let asking = accept.is_none() && !json && crate::view::foreground(&std::io::stdin()) && !opts.media.reads_stdin();
+    let accept = accept.unwrap_or(Accept::All);
     let ep = bind(&settings, json).await?;
     loop {
         output::status("waiting for calls…");
         // The endpoint registers again by itself when the server goes away (restart, network);
-        // `accept` fails only when it cannot (its name went to another key).
+        // `accept` fails only when it cannot (its name went to another key or session).
         let incoming = tokio::select! {
             c = ep.accept() => c.context("waiting for calls")?,
             _ = tokio::signal::ctrl_c() => return Ok(Exit::Ok),
         };
         let caller = incoming.caller().to_owned();
-        let policy = incoming.policy();
+        let key = incoming.fingerprint();
+        let known = Known::of(&settings.contacts, &caller, key);
         output::notice(
             json,
-            json!({"event": "incoming", "from": caller, "policy": policy.to_string()}),
-            &format!("incoming call from {caller} ({policy}): accepting"),
+            json!({"event": "incoming", "from": caller, "policy": incoming.policy().to_string(), "key": key.to_string(), "known": known.json()}),
+            &format!("{caller} is calling ({})\n  key {key}", known.text()),
         );
-        let exit = match incoming.accept().await {
+        let decision = if asking {
+            tokio::select! {
+                d = ask(&mut stdin, &caller) => d,
+                _ = tokio::signal::ctrl_c() => {
+                    let _ = incoming.reject();
+                    return Ok(Exit::Ok);
+                }
+            }
+        } else {
+            accept.allows(&caller, known)
+        };
+        if let Err(why) = decision {
+            let _ = incoming.reject();
+            output::notice(
+                json,
+                json!({"event": "declined", "from": caller, "why": why}),
+                &format!("declined the call from {caller}: {why}"),
+            );
+            continue;
+        }
+        let exit = match incoming.accept_with(policy).await {
             // A listener ends a call when its stdin closes only after it typed something in
             // that call: a listener with nothing to say (stdin /dev/null, a service) keeps its
             // calls up until the peer, --duration or Ctrl-C ends them.
@@ -176,12 +315,13 @@ fn path_text(call: &Call, since: Instant) -> String {
         ),
         None => String::new(),
     };
+    let to = call.remote_addr().map(|a| format!(" {a}")).unwrap_or_default();
     format!(
-        "[{}] path {}  rtt {:.1} ms  {:.0} s  sending {:.0} kbit/s{}{}",
+        "[{}] {:.0} s  path {}{to}  rtt {:.1} ms  sending {:.0} kbit/s{}{}",
         call.peer(),
+        since.elapsed().as_secs_f64(),
         call.path(),
         call.rtt().as_secs_f64() * 1000.0,
-        since.elapsed().as_secs_f64(),
         m.send_rate_bps as f64 / 1000.0,
         track("audio", &m.audio),
         track("video", &m.video),
@@ -356,6 +496,7 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
     let mut rate_tick = tokio::time::interval(Duration::from_millis(250));
     rate_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut notices_open = true;
+    let mut accepting = true;
     // Ends when the peer finished talking or the stream broke (the call's end says why).
     let chat_in = async {
         while let Ok(Some(line)) = call.recv_chat().await {
@@ -376,6 +517,18 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
         std::future::pending().await
     };
     tokio::pin!(source);
+    // Each side tells the other whether its inputs end (files, pipes): a call with inputs on both
+    // sides ends once both ended and were delivered, so neither direction is cut short.
+    let mut signal = match call.announce_inputs(media.has_inputs()).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell the peer about this side's inputs");
+            None
+        }
+    };
+    let peer_inputs = call.peer_inputs_done();
+    tokio::pin!(peer_inputs);
+    let (mut mine_done, mut peer_done) = (false, false);
     // Received media frames go to the --recv-* outputs (else they are only counted in the
     // statistics). The first frame of each track is announced (`first_media`, ms since the call
     // was placed). Ends when the call's media ends.
@@ -436,6 +589,15 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
                 None => {}
             },
             reason = call.ended() => break reason,
+            // Calls that come during this one are told busy at once.
+            incoming = ep.accept(), if accepting => match incoming {
+                Ok(other) => {
+                    let from = other.caller().to_owned();
+                    other.busy();
+                    output::notice(json, json!({"event": "busy", "from": from}), &format!("{from} tried to call (busy)"));
+                }
+                Err(_) => accepting = false,
+            },
             _ = &mut ctrl_c => {
                 call.hangup("interrupted");
                 break EndReason::Local;
@@ -450,7 +612,7 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
                 kill_at = None;
             }
             Some(to) = path_rx.changed() => {
-                output::notice(json, json!({"event": "path", "to": to, "at_s": since.elapsed().as_secs_f64()}), &format!("path changed to {to}"));
+                output::notice(json, json!({"event": "path", "to": to, "remote_addr": call.remote_addr(), "at_ms": since.elapsed().as_secs_f64() * 1000.0}), &format!("path changed to {to}{}", call.remote_addr().map(|a| format!(" ({a})")).unwrap_or_default()));
             }
             _ = tick.tick() => output::status(&path_text(&call, since)),
             _ = rate_tick.tick(), if json => {
@@ -470,10 +632,23 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
                 None => notices_open = false,
             },
             _ = &mut chat_in, if chat_open => chat_open = false,
-            r = &mut source => match r {
+            r = &mut source, if !mine_done => match r {
                 Ok(()) => {
-                    call.hangup("sent everything");
-                    break EndReason::Local;
+                    mine_done = true;
+                    if let Some(s) = signal.take() {
+                        if let Err(e) = s.ended().await {
+                            tracing::warn!(error = %e, "cannot tell the peer this side's inputs ended");
+                        }
+                    }
+                    if peer_done {
+                        call.hangup("sent everything");
+                        break EndReason::Local;
+                    }
+                    output::notice(
+                        json,
+                        json!({"event": "inputs_ended", "waiting_for": peer}),
+                        &format!("your inputs were sent; the call goes on until {peer}'s end too (Ctrl-C hangs up)"),
+                    );
                 }
                 // The call ended under the input (the peer hung up, the path died): say why.
                 Err(e) if ended_under(&e) => break call.ended().await,
@@ -483,6 +658,13 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
                     break EndReason::Local;
                 }
             },
+            r = &mut peer_inputs, if !peer_done => {
+                peer_done = true;
+                if r.is_ok() && mine_done {
+                    call.hangup("sent everything");
+                    break EndReason::Local;
+                }
+            }
             r = &mut sink, if !sink_done => {
                 sink_done = true;
                 if let Err(e) = r {
@@ -526,25 +708,28 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
             o.insert("chat_received".into(), json!(received));
             o.insert("media_input_bytes".into(), json!(media_in.load(Ordering::Relaxed)));
             o.insert("media_output_bytes".into(), json!(media_out.load(Ordering::Relaxed)));
+            o.insert("remote_addr".into(), json!(call.remote_addr()));
             o.insert("exit_code".into(), json!(exit as u8));
         }
         output::line(&v);
     } else {
-        output::status("");
         let changes: Vec<String> = report
             .path_changes
             .iter()
             .map(|c| format!("{} → {} at {:.0} ms", c.from, c.to, c.at_ms))
             .collect();
-        eprintln!(
-            "call with {peer} ended ({ended}): path {} [{}], connected in {:.1} ms, rtt {:.1} ms, {} B sent, {} B received, {sent} lines sent, {received} received",
+        let to = call.remote_addr().map(|a| format!(" to {a}")).unwrap_or_default();
+        output::say(&format!(
+            "call with {peer} ended ({ended}): path {}{to} [{}], connected in {:.1} ms, rtt {:.1} ms\n  {}\n  {}\n  chat: {sent} lines sent, {received} received; {} sent and {} received on the path in all",
             report.path,
             changes.join(", "),
             report.time_to_connected_ms,
             report.rtt_ms,
-            report.bytes_sent,
-            report.bytes_received,
-        );
+            output::track_text("audio", &report.media.audio),
+            output::track_text("video", &report.media.video),
+            output::bytes_text(report.bytes_sent),
+            output::bytes_text(report.bytes_received),
+        ));
     }
     Ok(exit)
 }

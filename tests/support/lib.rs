@@ -233,3 +233,88 @@ fn rand_suffix() -> u32 {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0)
 }
+
+/// A private tmux server (its own socket in the test's directory) whose windows run commands on
+/// a terminal of a given size, to test what a person sees. Killed on drop.
+#[derive(Debug)]
+pub struct Tmux {
+    socket: PathBuf,
+    cols: u16,
+    rows: u16,
+}
+
+impl Tmux {
+    pub fn new(dir: &Path, cols: u16, rows: u16) -> Self {
+        Self {
+            socket: dir.join("tmux.sock"),
+            cols,
+            rows,
+        }
+    }
+
+    fn tmux(&self) -> Command {
+        let mut cmd = Command::new("tmux");
+        cmd.arg("-S").arg(&self.socket);
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = self
+            .tmux()
+            .args(args)
+            .output()
+            .expect("tmux runs (tests/run-all.sh installs it)");
+        assert!(
+            out.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `command` (a shell command line) in a new session `name`; when it exits the pane
+    /// shows `EXIT=<code>` and stays, so what it printed can still be read.
+    pub fn spawn(&self, name: &str, command: &str) {
+        let line = format!("{command}; echo EXIT=$?; sleep 600");
+        let (cols, rows) = (self.cols.to_string(), self.rows.to_string());
+        self.run(&["new-session", "-d", "-s", name, "-x", &cols, "-y", &rows, &line]);
+    }
+
+    /// The pane's text now, one string per row (trailing spaces removed).
+    pub fn capture(&self, name: &str) -> Vec<String> {
+        self.run(&["capture-pane", "-p", "-t", name])
+            .lines()
+            .map(|l| l.trim_end().to_owned())
+            .collect()
+    }
+
+    /// Types `keys` (tmux key names: text, `Enter`, `C-c`, …) into session `name`.
+    pub fn keys(&self, name: &str, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", name];
+        args.extend_from_slice(keys);
+        self.run(&args);
+    }
+
+    /// Waits until the pane shows a row containing `text`; returns the screen.
+    pub fn wait_for(&self, name: &str, text: &str, within: Duration) -> Vec<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let screen = self.capture(name);
+            if screen.iter().any(|l| l.contains(text)) {
+                return screen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}'s terminal never showed {text:?}:\n{}",
+                screen.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.tmux().arg("kill-server").output();
+    }
+}

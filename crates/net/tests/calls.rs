@@ -181,7 +181,9 @@ async fn an_unreachable_server_is_a_sentence() {
     let e = Endpoint::bind(config).await.expect_err("nothing listens");
     let text = e.to_string();
     assert!(
-        text.starts_with(&format!("cannot reach the rendezvous server at {free}: Connection refused")),
+        text.starts_with(&format!(
+            "cannot reach the rendezvous server at {free}: Connection refused"
+        )),
         "{text}"
     );
     assert!(text.ends_with("(is it running? check --server)"), "{text}");
