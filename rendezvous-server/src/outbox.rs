@@ -61,6 +61,8 @@ const CONTROL_CAP_FACTOR: usize = 4;
 const DRAIN_SAMPLE: Duration = Duration::from_millis(50);
 /// …and a sample spanning more than this (the client was not sent anything) is dropped.
 const DRAIN_IDLE: Duration = Duration::from_millis(500);
+/// The least round trip is forgotten after this long (the path may have changed).
+const RTT_MIN_WINDOW: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 struct Item {
@@ -89,14 +91,23 @@ struct State {
     window: u32,
     /// Frames per second the client drains (from its acks), smoothed.
     drain_rate: f64,
+    /// Bytes per second the client drains (from its acks), smoothed.
+    drain_bytes_rate: f64,
     /// Frames acknowledged since `drain_since`, for the next drain sample.
     drain_frames: u32,
+    /// Bytes of the frames acknowledged since `drain_since`.
+    drain_bytes: u64,
     drain_since: Option<Instant>,
     /// Relay frames written and not yet acknowledged: their sizes and when they were written
     /// (at most `idle_limit`).
     unacked: VecDeque<(u32, Instant)>,
+    /// Bytes of the `unacked` frames.
+    unacked_bytes: u64,
     /// Smoothed round trip from writing a frame to its acknowledgement.
     rtt: Option<Duration>,
+    /// The least round trip seen lately, and when: the path without the queue that builds on
+    /// it (the smoothed round trip grows with that queue).
+    rtt_min: Option<(Duration, Instant)>,
     /// Senders whose video is being dropped until their next key frame starts.
     video_skip: Vec<u64>,
     /// Senders of which the writer has sent the start of a video frame but not its end.
@@ -163,10 +174,14 @@ impl Outbox {
             idle_count: 0,
             window: (2 * config.ack_every).min(config.idle_limit),
             drain_rate: 0.0,
+            drain_bytes_rate: 0.0,
             drain_frames: 0,
+            drain_bytes: 0,
             drain_since: None,
             unacked: VecDeque::new(),
+            unacked_bytes: 0,
             rtt: None,
+            rtt_min: None,
             video_skip: Vec::new(),
             video_mid_frame: Vec::new(),
             stalled_since: None,
@@ -301,6 +316,16 @@ impl Outbox {
             if self.drop_video_frames(s) {
                 continue;
             }
+            // No video can go (what waits is the rest of frames already started): audio goes
+            // only if the buffer is over its size, or audio itself is too old — never because
+            // a started frame's packets are old.
+            let c = &self.config;
+            let audio_over = s.relay_len() > c.max_frames
+                || s.relay_bytes > c.max_bytes
+                || s.audio.front().is_some_and(|a| now.duration_since(a.at) > c.max_age());
+            if !audio_over {
+                break;
+            }
             let Some(a) = s.audio.pop_front() else { break };
             self.forget(s, &a, TrafficClass::Audio, DropReason::Overload);
         }
@@ -331,8 +356,9 @@ impl Outbox {
     }
 
     /// Drops whole video frames of the sender with the most video waiting (the oldest's on a
-    /// tie), from its oldest up to its next key frame; other senders' frames stay. Returns
-    /// whether anything was dropped.
+    /// tie), from its oldest up to its next key frame; other senders' frames stay. A sender
+    /// whose waiting video is all of a frame the client is already receiving is passed over
+    /// for the next one. Returns whether anything was dropped.
     fn drop_video_frames(&self, s: &mut State) -> bool {
         let mut counts: Vec<(u64, usize)> = Vec::new();
         for i in &s.video {
@@ -341,11 +367,15 @@ impl Outbox {
                 None => counts.push((i.from, 1)),
             }
         }
-        // `counts` is in order of each sender's oldest packet: `max_by_key` keeps the last
-        // maximum, so reverse to prefer the oldest.
-        let Some(from) = counts.iter().rev().max_by_key(|(_, n)| *n).map(|(f, _)| *f) else {
-            return false;
-        };
+        // `counts` is in order of each sender's oldest packet: a stable sort by count, most
+        // first, keeps the oldest first among equals.
+        counts.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
+        counts.iter().any(|&(from, _)| self.drop_video_frames_of(s, from))
+    }
+
+    /// Drops `from`'s waiting video from its oldest frame not yet started up to its next key
+    /// frame; returns whether anything was dropped.
+    fn drop_video_frames_of(&self, s: &mut State, from: u64) -> bool {
         // This sender's packets, by position in the queue.
         let mine: Vec<usize> = s
             .video
@@ -401,6 +431,7 @@ impl Outbox {
             bytes += u64::from(len);
             written = Some(at);
         }
+        s.unacked_bytes = s.unacked_bytes.saturating_sub(bytes);
         let rtt = s.rtt;
         if let Some(stall) = s.budget.on_acked(now, bytes, written, rtt) {
             debug!(
@@ -412,26 +443,32 @@ impl Outbox {
             // The round trip of the frame that completed this acknowledgement.
             let sample = now.saturating_duration_since(at);
             s.rtt = Some(s.rtt.map_or(sample, |r| (r * 7 + sample) / 8));
+            if s.rtt_min
+                .is_none_or(|(min, since)| sample <= min || now.duration_since(since) > RTT_MIN_WINDOW)
+            {
+                s.rtt_min = Some((sample, now));
+            }
         }
         // The drain rate from what was acknowledged over at least `DRAIN_SAMPLE`: a client
         // reads in bursts (TCP hands over what arrived together), and one burst's
         // acknowledgements back to back are no rate.
         let since = *s.drain_since.get_or_insert(now);
         s.drain_frames += frames;
+        s.drain_bytes += bytes;
         let elapsed = now.saturating_duration_since(since);
         if elapsed > DRAIN_IDLE {
             // A quiet spell measures nothing: start over.
             s.drain_since = Some(now);
             s.drain_frames = 0;
+            s.drain_bytes = 0;
         } else if elapsed >= DRAIN_SAMPLE {
-            let rate = f64::from(s.drain_frames) / elapsed.as_secs_f64();
-            s.drain_rate = if s.drain_rate == 0.0 {
-                rate
-            } else {
-                0.7 * s.drain_rate + 0.3 * rate
-            };
+            let smooth = |old: f64, new: f64| if old == 0.0 { new } else { 0.7 * old + 0.3 * new };
+            let secs = elapsed.as_secs_f64();
+            s.drain_rate = smooth(s.drain_rate, f64::from(s.drain_frames) / secs);
+            s.drain_bytes_rate = smooth(s.drain_bytes_rate, s.drain_bytes as f64 / secs);
             s.drain_since = Some(now);
             s.drain_frames = 0;
+            s.drain_bytes = 0;
             let c = &self.config;
             // A round trip's worth of what it drains is in flight however the link is; on top
             // of that, `target_delay` of it may wait in the network. (A window of only
@@ -457,8 +494,17 @@ impl Outbox {
         self.drop_late_audio(&mut s, now);
         let room = s.window.saturating_sub(s.idle_count).min(self.config.burst);
         // Video never fills the last quarter of the window: it stays free for audio and control,
-        // which then wait for the link, not for an acknowledgement behind video.
+        // which then wait for the link, not for an acknowledgement behind video. The window
+        // counts frames, and video packets are several times the size of audio ones: video is
+        // also held to three quarters of what the client drains in bytes over the same span,
+        // so the bytes in flight ahead of an audio frame stay about `target_delay` of the link.
         let video_room = (s.window - s.window / 4).saturating_sub(s.idle_count);
+        let video_bytes_room = if s.drain_bytes_rate > 0.0 {
+            let span = s.rtt_min.map(|(r, _)| r).unwrap_or_default() + self.config.target_delay();
+            (s.drain_bytes_rate * span.as_secs_f64() * 0.75) as u64
+        } else {
+            u64::MAX
+        };
         let mut taken = 0;
         let mut video_taken = 0;
         while taken < room {
@@ -467,7 +513,14 @@ impl Outbox {
                 (i, TrafficClass::Control)
             } else if let Some(i) = s.audio.pop_front() {
                 (i, TrafficClass::Audio)
-            } else if video_taken >= video_room {
+            } else if video_taken >= video_room
+                || s.video.front().is_some_and(|i| {
+                    // A frame already started goes on (it is committed); one packet always goes
+                    // when nothing is in flight.
+                    let started = !i.flags.has(RelayFlags::FRAME_START) && s.video_mid_frame.contains(&i.from);
+                    !started && s.unacked_bytes > 0 && s.unacked_bytes + i.wire.len() as u64 > video_bytes_room
+                })
+            {
                 break;
             } else if let Some(i) = s.video.pop_front() {
                 video_taken += 1;
@@ -485,6 +538,7 @@ impl Outbox {
             self.metrics.relayed(class, item.wire.len());
             s.unacked
                 .push_back((u32::try_from(item.wire.len()).unwrap_or(u32::MAX), now));
+            s.unacked_bytes += item.wire.len() as u64;
             out.push(item.wire);
             taken += 1;
         }
@@ -630,6 +684,117 @@ mod tests {
 
     fn outbox() -> Outbox {
         Outbox::new(config(), Metrics::new(), 16)
+    }
+
+    #[test]
+    fn video_in_flight_is_held_to_the_bytes_the_client_drains_and_audio_passes_it() {
+        // A client draining 10 kB/s over a 20 ms round trip, target delay 80 ms: about
+        // 0.75 × 10 kB/s × 100 ms = 750 bytes of video may be in flight. Video packets are 100
+        // bytes here; audio ones 20.
+        let c = RelayConfig {
+            idle_limit: 64,
+            ack_every: 1,
+            target_delay_ms: 80,
+            burst: 64,
+            max_frames: 1000,
+            max_bytes: 1 << 20,
+            max_age_ms: 10_000,
+            audio_deadline_ms: 10_000,
+            ..RelayConfig::default()
+        };
+        let o = Outbox::new(c, Metrics::new(), 16);
+        let t0 = Instant::now();
+        let mut batch = Vec::new();
+        // Measure the client: 20-byte control frames, one every 2 ms (10 kB/s, 500 frames/s:
+        // a window of 50 frames), each acknowledged 20 ms after it was written.
+        for i in 0..500u64 {
+            let now = t0 + Duration::from_millis(2 * i);
+            o.push_relay(
+                1,
+                Bytes::from(vec![1u8; 20]),
+                &header(TrafficClass::Control, START | END),
+                now,
+            );
+            o.take(now, &mut batch);
+            if i >= 10 {
+                o.ack(1, now);
+            }
+        }
+        let now = t0 + Duration::from_millis(1000);
+        o.ack(10, now);
+        assert!(
+            o.window() >= 40,
+            "the window in frames is not what holds video: {}",
+            o.window()
+        );
+        batch.clear();
+        // Twenty one-packet video frames wait; the window in frames would let many more out.
+        for _ in 0..20 {
+            video_frame(&o, 9, 1, false, now);
+        }
+        assert_eq!(o.take(now, &mut batch), Take::Frames);
+        let video = batch.len();
+        assert!((6..=9).contains(&video), "{video} video packets of 100 bytes in flight");
+        // Audio is not held behind the video that waits.
+        o.push_relay(
+            2,
+            Bytes::from(vec![5u8; 20]),
+            &header(TrafficClass::Audio, START | END),
+            now,
+        );
+        batch.clear();
+        assert_eq!(o.take(now, &mut batch), Take::Frames);
+        assert_eq!(batch.iter().map(|b| b[0]).collect::<Vec<_>>(), [5]);
+        // As the client acknowledges, video goes on.
+        o.ack(4, now + Duration::from_millis(40));
+        batch.clear();
+        o.take(now + Duration::from_millis(40), &mut batch);
+        assert!(!batch.is_empty() && batch.iter().all(|b| b[0] == 9));
+    }
+
+    #[test]
+    fn old_packets_of_a_started_frame_do_not_make_audio_go() {
+        let o = outbox();
+        let t0 = Instant::now();
+        // The client starts receiving a frame of 3 packets: the first is written, the rest wait
+        // (the window is full).
+        o.push_relay(1, wire(1), &header(TrafficClass::Video, START | KEY), t0);
+        o.push_relay(1, wire(2), &header(TrafficClass::Video, KEY), t0);
+        let mut batch = Vec::new();
+        o.take(t0, &mut batch);
+        let written = batch.len() as u32;
+        assert_eq!(written, 2);
+        o.push_relay(1, wire(3), &header(TrafficClass::Video, END), t0);
+        // Long after (the rest of that frame is older than max_age), audio comes: it stays.
+        let later = t0 + Duration::from_secs(1);
+        o.push_relay(2, wire(7), &header(TrafficClass::Audio, START | END), later);
+        assert_eq!(o.dropped_frames().0, 0, "no audio dropped");
+        o.ack(written, later);
+        assert!(drain(&o, later).contains(&7));
+    }
+
+    #[test]
+    fn a_sender_mid_frame_is_passed_over_for_another_whose_video_can_go() {
+        let o = outbox();
+        let t0 = Instant::now();
+        // Sender 1's frame has started: its first packet is written, the rest (no end yet)
+        // wait.
+        o.push_relay(1, wire(1), &header(TrafficClass::Video, START | KEY), t0);
+        let mut batch = Vec::new();
+        assert_eq!(o.take(t0, &mut batch), Take::Frames);
+        for _ in 0..6 {
+            o.push_relay(1, wire(1), &header(TrafficClass::Video, 0), t0);
+        }
+        // Sender 2's frames can go; over the bound (10 frames) they do, not audio, though
+        // sender 1 has more waiting.
+        video_frame_from(&o, 2, 2, 2, true, t0);
+        video_frame_from(&o, 2, 2, 2, false, t0);
+        o.push_relay(3, wire(7), &header(TrafficClass::Audio, START | END), t0);
+        assert_eq!(o.dropped_frames(), (0, 4), "sender 2's four packets, no audio");
+        o.ack(1, t0);
+        let out = drain(&o, t0);
+        assert_eq!(out.iter().filter(|t| **t == 1).count(), 6, "sender 1's frame whole");
+        assert!(out.contains(&7));
     }
 
     fn header(class: TrafficClass, flags: u8) -> RelayHeader {

@@ -201,8 +201,8 @@ async fn in_fan_out_a_slow_member_gets_thinner_video_and_costs_the_others_nothin
     }
     // slow's own buffer at the server thins its video: whole frames, resuming at key frames
     // (2 s apart; nothing asks the senders for one in fan-out), so little video but all of it
-    // complete; its audio goes first from the buffer, but what is already in its link's queue
-    // delays it.
+    // complete; its audio goes first from the buffer, and the video in flight is held to what
+    // its link drains, so audio does not wait behind it in the link's queue.
     // Video is counted against what each sender sent (the share of frames seen would read a
     // single frame received as 100 %).
     let slow = out.reports["slow"].as_ref().expect("a report");
@@ -254,8 +254,9 @@ async fn in_fan_out_a_slow_member_gets_thinner_video_and_costs_the_others_nothin
 }
 
 /// What slow's audio at least reaches at 300 kbit/s against three senders in fan-out (measured
-/// alone: 79-80 % on time; its link's queue holds video ahead of it, see docs/rooms.md).
-const AUDIO_300: f64 = 0.6;
+/// alone, six runs: 91.6–99.9 % on time; 78–80 % before its buffer held the video in flight to
+/// the bytes it drains; see docs/rooms.md).
+const AUDIO_300: f64 = 0.85;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_whose_uplink_cannot_carry_a_copy_for_everyone_moves_to_fan_out() {
