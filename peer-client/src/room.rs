@@ -137,7 +137,6 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry, topol
         let full = (want_bps * 5 / 4).max(100_000);
         uplink.map_or(full, |up| full.min(up * 9 / 10)).max(1)
     };
-    let (rate_tx, fan_rate) = watch::channel(fan_out_rate(None));
     r.set_fan_out_rate(fan_out_rate(None)).await;
     let mut uplink_bps: Option<u64> = None;
     let mut uplink = UplinkMeter::new(UPLINK_TICKS, UPLINK_BACKING_OFF);
@@ -164,11 +163,13 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry, topol
         TopologyArg::Mesh => mode_event(&mut topology, Topology::Mesh, "--topology mesh"),
         TopologyArg::Auto => mode_event(&mut topology, Topology::Mesh, "a small room starts in mesh"),
     }
-    let fan_out_source = match (r.fan_out_sender(), opts.media.no_media) {
-        (Some(sender), false) => Some(tokio::spawn(fan_out_source(
+    // The fan-out rate as the room paces it: the rate set here, or less under the server's
+    // budget (when every other member drains less).
+    let fan_out_source = match (r.fan_out_sender(), r.watch_fan_out_rate(), opts.media.no_media) {
+        (Some(sender), Some(rate), false) => Some(tokio::spawn(fan_out_source(
             sender,
             opts.media.video_kbps,
-            fan_rate,
+            rate,
             mode.clone(),
         ))),
         _ => None,
@@ -290,7 +291,6 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry, topol
                         if to == Topology::FanOut {
                             let rate = fan_out_rate(uplink_bps);
                             r.set_fan_out_rate(rate).await;
-                            rate_tx.send_replace(rate);
                         }
                         // Samples from before the change say nothing of the new mode.
                         uplink = UplinkMeter::new(UPLINK_TICKS, UPLINK_BACKING_OFF);
@@ -308,6 +308,7 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry, topol
         t.abort();
     }
     let fan_out = r.fan_out_report();
+    let fan_out_rate = r.watch_fan_out_rate().map(|w| *w.borrow());
     r.leave();
     for s in sessions.values() {
         s.call.hangup("left the room");
@@ -338,6 +339,8 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry, topol
                 "sent": {"audio": fan_out.sent[0], "video": fan_out.sent[1]},
                 "keys_made": fan_out.keys_made,
                 "unknown_key_packets": fan_out.unknown_key_packets,
+                // The rate sent at when the room ended (under the server's budget, if any).
+                "rate_bps": fan_out_rate,
             },
             "chat_sent": chat_sent,
             "chat_received": chat_received,

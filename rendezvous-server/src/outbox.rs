@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use natcall_proto::relay::{RelayFlags, RelayHeader, TrafficClass};
+use natcall_proto::relay::{ROOM_ID_BIT, RelayFlags, RelayHeader, TrafficClass};
 use tokio::sync::Notify;
 use tracing::debug;
 
@@ -248,7 +248,13 @@ impl Outbox {
             return None;
         }
         let len = wire.len();
-        let busy = s.idle_count >= s.window;
+        // Busy: the window is full. For a room's fan-out also when video waits because what is
+        // in flight is all the video the client drains in time: a fan-out sender hears nothing
+        // else from its receivers (a 1:1 sender's own controller sees that queue in the
+        // receiver's feedback, and a budget on top of it starves the call beside a download).
+        let video_held =
+            header.call & ROOM_ID_BIT != 0 && !s.video.is_empty() && s.unacked_bytes >= self.video_bytes_room(&s);
+        let busy = s.idle_count >= s.window || video_held;
         s.budget.on_pushed(now, header.call, len, busy);
         let pending = s
             .unacked
@@ -299,6 +305,17 @@ impl Outbox {
         drop(s);
         self.notify.notify_one();
         grant
+    }
+
+    /// The bytes of video that may be in flight: three quarters of what the client drains over
+    /// its least round trip plus `target_delay` (unbounded until measured).
+    fn video_bytes_room(&self, s: &State) -> u64 {
+        if s.drain_bytes_rate > 0.0 {
+            let span = s.rtt_min.map(|(r, _)| r).unwrap_or_default() + self.config.target_delay();
+            (s.drain_bytes_rate * span.as_secs_f64() * 0.75) as u64
+        } else {
+            u64::MAX
+        }
     }
 
     fn over_bounds(&self, s: &State, now: Instant) -> bool {
@@ -499,12 +516,7 @@ impl Outbox {
         // also held to three quarters of what the client drains in bytes over the same span,
         // so the bytes in flight ahead of an audio frame stay about `target_delay` of the link.
         let video_room = (s.window - s.window / 4).saturating_sub(s.idle_count);
-        let video_bytes_room = if s.drain_bytes_rate > 0.0 {
-            let span = s.rtt_min.map(|(r, _)| r).unwrap_or_default() + self.config.target_delay();
-            (s.drain_bytes_rate * span.as_secs_f64() * 0.75) as u64
-        } else {
-            u64::MAX
-        };
+        let video_bytes_room = self.video_bytes_room(&s);
         let mut taken = 0;
         let mut video_taken = 0;
         while taken < room {

@@ -15,9 +15,11 @@
 //! 3. an audio or video relay frame with the room's id from a member is handed, bytes
 //!    untouched, to every other member's buffer (one copy each, `natcall_room_copies_total`);
 //!    each buffer applies the relay engine's class policy on its own, so a slow member loses
-//!    its own video frames and nobody else's. Rooms send no budgets: a sender is not held to
-//!    its slowest receiver. Control-class frames are dropped: they are never dropped by a
-//!    buffer, so one sender's could fill every member's;
+//!    its own video frames and nobody else's. A sender whose every other member is a
+//!    bottleneck gets a budget (`RelayBudget` with the room's id): the most any of them takes
+//!    from one sender, so it is held to the members that can take the most, never to the
+//!    slowest. Control-class frames are dropped: they are never dropped by a buffer, so one
+//!    sender's could fill every member's;
 //! 4. `RoomLeave`, the member's connection ending, or its name being released tells the
 //!    others `RoomMemberLeft`; a room whose last member left is gone.
 //!
@@ -28,8 +30,8 @@
 //! count); relay fan-out only reads it and clones the receivers' buffers out of it.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use natcall_proto::control::{Fingerprint, RoomMember, RoomRefusal, ServerMsg, validate_name};
@@ -124,6 +126,45 @@ pub struct Rooms {
     max_per_peer: usize,
     rng: SystemRandom,
     metrics: Metrics,
+    /// Per room, what its limited receivers drain and when each sender was last told.
+    budgets: Mutex<HashMap<u32, RoomBudgets>>,
+}
+
+/// A receiver's budget for a room is recent for this long (its buffer gives one every budget
+/// interval, 100 ms by default, while it is the bottleneck).
+const GRANT_FRESH: Duration = Duration::from_secs(1);
+/// A sender is told its fan-out budget at most this often.
+const FAN_OUT_BUDGET_EVERY: Duration = Duration::from_millis(250);
+/// A sender's fan-out budget is at least this (bit/s): its audio with the relay's framing.
+const FAN_OUT_BUDGET_FLOOR: u64 = 48_000;
+
+/// What a room's receivers drain while they are the bottleneck, for its senders' budgets.
+#[derive(Debug, Default)]
+struct RoomBudgets {
+    /// Receiver connection → the room's budget at its buffer (bit/s, for all senders) and when.
+    grants: HashMap<u64, (u64, Instant)>,
+    /// Sender connection → when it was last told.
+    told: HashMap<u64, Instant>,
+}
+
+impl RoomBudgets {
+    /// The fan-out budget of the sender whose receivers are `receivers` (the other members),
+    /// if every one of them is the bottleneck now: the most any of them takes from one sender
+    /// (its budget shared among the room's other senders). A sender is held to the members
+    /// that can take the most, not to the slowest; while any member takes everything, there is
+    /// no budget.
+    fn budget(&self, receivers: &[u64], now: Instant) -> Option<u64> {
+        let senders = receivers.len().max(1) as u64;
+        let mut best = 0;
+        for r in receivers {
+            let (bps, at) = self.grants.get(r)?;
+            if now.duration_since(*at) > GRANT_FRESH {
+                return None;
+            }
+            best = best.max(bps / senders);
+        }
+        (best > 0).then_some(best.max(FAN_OUT_BUDGET_FLOOR))
+    }
 }
 
 /// A room as `/rooms` lists it: name, id, and each member's name and buffer.
@@ -163,6 +204,7 @@ impl Rooms {
             max_per_peer: limits.max_rooms_per_peer,
             rng: SystemRandom::new(),
             metrics,
+            budgets: Mutex::new(HashMap::new()),
         })
     }
 
@@ -489,6 +531,7 @@ impl Rooms {
         let id = table.rooms.get(room).map(|r| r.id)?;
         let name = remove_conn_room(&mut table, conn_id, room)?;
         notify_left(&table, room, &name, "left");
+        self.forget_budgets(&table);
         self.publish(&table);
         Some(id)
     }
@@ -502,6 +545,7 @@ impl Rooms {
                 notify_left(&table, &room, &name, "connection ended");
             }
         }
+        self.forget_budgets(&table);
         self.publish(&table);
     }
 
@@ -522,20 +566,22 @@ impl Rooms {
             return;
         }
         let table = read(&self.table);
-        let receivers: Option<Vec<Arc<Outbox>>> = table
+        let found = table
             .by_id
             .get(&header.call)
             .and_then(|name| table.rooms.get(name))
-            .filter(|r| r.members.iter().any(|m| m.member.conn_id == conn_id))
-            .map(|r| {
-                r.members
+            .and_then(|r| {
+                let me = r.members.iter().find(|m| m.member.conn_id == conn_id)?;
+                let others: Vec<(u64, Arc<Outbox>)> = r
+                    .members
                     .iter()
                     .filter(|m| m.member.conn_id != conn_id)
-                    .map(|m| m.member.outbox.clone())
-                    .collect()
+                    .map(|m| (m.member.conn_id, m.member.outbox.clone()))
+                    .collect();
+                Some((me.member.outbox.clone(), others))
             });
         drop(table);
-        let Some(receivers) = receivers else {
+        let Some((mine, receivers)) = found else {
             self.metrics.dropped(header.class, DropReason::NotInCall, 1, wire.len());
             debug!(
                 room = header.call,
@@ -545,10 +591,64 @@ impl Rooms {
             return;
         };
         self.metrics.room_copies(header.class, receivers.len() as u64);
-        for outbox in receivers {
-            // A budget is for one sender and one receiver; in a room a sender is not held to
-            // its slowest receiver, whose own buffer thins its video instead.
-            let _ = outbox.push_relay(conn_id, wire.clone(), header, now);
+        let mut grants = Vec::new();
+        for (conn, outbox) in &receivers {
+            // A receiver's buffer gives a budget for the room (all its senders together)
+            // while it is the bottleneck; it goes to whichever sender's frame comes next.
+            if let Some(g) = outbox.push_relay(conn_id, wire.clone(), header, now) {
+                grants.push((*conn, g.bps));
+            }
+        }
+        self.fan_out_budget(header.call, conn_id, &mine, &receivers, &grants, now);
+    }
+
+    /// Forgets the budgets of rooms that closed.
+    fn forget_budgets(&self, table: &Table) {
+        let mut budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+        budgets.retain(|id, _| table.by_id.contains_key(id));
+    }
+
+    /// Records the receivers' budgets, and tells this sender its fan-out budget when every
+    /// other member is a bottleneck (at most every [`FAN_OUT_BUDGET_EVERY`]).
+    fn fan_out_budget(
+        &self,
+        room: u32,
+        sender: u64,
+        mine: &Outbox,
+        receivers: &[(u64, Arc<Outbox>)],
+        grants: &[(u64, u64)],
+        now: Instant,
+    ) {
+        let mut budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = budgets.entry(room).or_default();
+        for &(conn, bps) in grants {
+            entry.grants.insert(conn, (bps, now));
+        }
+        if entry
+            .told
+            .get(&sender)
+            .is_some_and(|at| now.duration_since(*at) < FAN_OUT_BUDGET_EVERY)
+        {
+            return;
+        }
+        let conns: Vec<u64> = receivers.iter().map(|(c, _)| *c).collect();
+        // Members that left are forgotten (the lists stay as small as the room).
+        entry.grants.retain(|c, _| conns.contains(c) || *c == sender);
+        let Some(bps) = entry.budget(&conns, now) else { return };
+        entry.told.retain(|c, _| conns.contains(c) || *c == sender);
+        entry.told.insert(sender, now);
+        drop(budgets);
+        self.metrics.budget_sent();
+        let msg = ServerMsg::RelayBudget {
+            call: room,
+            bps,
+            dropped: 0,
+        };
+        match control_frame(&msg) {
+            Ok(f) => {
+                let _ = mine.push_server(f);
+            }
+            Err(e) => warn!(error = %e, "cannot encode a fan-out budget"),
         }
     }
 

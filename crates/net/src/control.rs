@@ -380,6 +380,10 @@ async fn read_loop(mut rd: ReadHalf<Stream>, mut buf: BytesMut, shared: &Shared)
                         // again; this connection is over (the server closes it next).
                         return shared.with(|core, now| core.handle_replaced(now, by));
                     }
+                    Ok(ServerMsg::RelayBudget { call, bps, .. }) if call & ROOM_ID_BIT != 0 => {
+                        // A room's: what its members that take the most drain from this one.
+                        shared.deliver_room_budget(call, bps);
+                    }
                     Ok(ServerMsg::RelayBudget { call, bps, dropped }) => {
                         // For the call's media session, not the core's state.
                         shared.deliver_budget(call, bps, dropped);

@@ -47,6 +47,13 @@ pub(crate) struct Link {
 
 pub(crate) type Core = PeerCore<Link>;
 
+/// Where a room's fan-out packets and budgets go.
+#[derive(Debug)]
+pub(crate) struct RoomInputs {
+    packets: mpsc::Sender<Bytes>,
+    ctl: mpsc::Sender<crate::room_media::Ctl>,
+}
+
 /// The core and the I/O around it, shared by every task of an endpoint.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -64,7 +71,7 @@ pub(crate) struct Shared {
     rooms: mpsc::Sender<RoomInput>,
     /// Fan-out packets of each room this endpoint is in, by room id
     /// ([`crate::room_media`]).
-    room_packets: Mutex<std::collections::HashMap<u32, mpsc::Sender<Bytes>>>,
+    room_packets: Mutex<std::collections::HashMap<u32, RoomInputs>>,
     /// [`crate::Endpoint::close`] was called, or the endpoint is gone: every task ends.
     closing: AtomicBool,
     /// A `GoingAway` asked to come back after this many milliseconds (`u64::MAX`: none).
@@ -223,12 +230,36 @@ impl Shared {
         }
     }
 
-    /// Fan-out packets to room `id` go to `tx` from now on.
-    pub(crate) fn register_room(&self, id: u32, tx: mpsc::Sender<Bytes>) {
+    /// Fan-out packets to room `id` go to `packets` from now on, its budgets to `ctl`.
+    pub(crate) fn register_room(
+        &self,
+        id: u32,
+        packets: mpsc::Sender<Bytes>,
+        ctl: mpsc::Sender<crate::room_media::Ctl>,
+    ) {
         self.room_packets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, tx);
+            .insert(id, RoomInputs { packets, ctl });
+    }
+
+    /// Hands the server's fan-out budget for room `id` to the room's media (a full input
+    /// loses it: the server sends the next one a quarter second later).
+    pub(crate) fn deliver_room_budget(&self, id: u32, bps: u64) {
+        let ctl = self
+            .room_packets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .map(|r| r.ctl.clone());
+        match ctl {
+            Some(ctl) => {
+                if ctl.try_send(crate::room_media::Ctl::Budget(bps)).is_err() {
+                    trace!(room = id, "room media input full: fan-out budget dropped");
+                }
+            }
+            None => trace!(room = id, "fan-out budget of a room this endpoint is not in ignored"),
+        }
     }
 
     /// Forgets room `id`: its packets are dropped from now on.
@@ -244,7 +275,7 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
-            .cloned();
+            .map(|r| r.packets.clone());
         match tx {
             Some(tx) => {
                 if tx.try_send(payload).is_err() {

@@ -517,6 +517,14 @@ impl Room {
         }
     }
 
+    /// The rate this member sends at in fan-out, bit/s, as it changes: the rate set
+    /// ([`Room::set_fan_out_rate`]), or less while the server says every other member drains
+    /// less (its budget: what the members that take the most can take from this sender), then
+    /// growing back by 8 % a second. Size the media to it. `None` before fan-out media starts.
+    pub fn watch_fan_out_rate(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.media.as_ref().map(|m| m.rate.clone())
+    }
+
     /// Fan-out statistics: what this member sent to the room, and what arrived from each other
     /// member through the server.
     pub fn fan_out_report(&self) -> FanOutReport {

@@ -25,7 +25,7 @@ use natcall_media::room::{KEY_MESSAGE_LEN, fan_out_packet};
 use natcall_media::{Frame, ReceiverConfig, RoomReceiver, SendStats, Sender, SenderConfig, SenderKey, Track};
 use natcall_proto::relay::{RelayFlags, TrafficClass};
 use ring::rand::{SecureRandom, SystemRandom};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, trace, warn};
 
 use crate::core::Route;
@@ -57,6 +57,9 @@ pub(crate) enum Ctl {
     Frame(Track, Frame),
     /// The rate to send at in fan-out, bit/s.
     Rate(u64),
+    /// The server's fan-out budget, bit/s: what the members that take the most drain from
+    /// this sender (every other member is a bottleneck).
+    Budget(u64),
     /// `from` handed over its key (read from its session).
     Key { from: String, key: SenderKey },
     /// Rekey number `generation` reached the members (or its wait ended): seal with `key`.
@@ -82,6 +85,8 @@ pub struct FanOutReport {
 pub(crate) struct RoomMedia {
     pub(crate) ctl: mpsc::Sender<Ctl>,
     pub(crate) report: Arc<Mutex<FanOutReport>>,
+    /// The rate this member sends at in fan-out now (the rate set, or less under a budget).
+    pub(crate) rate: watch::Receiver<u64>,
     room_id: u32,
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
@@ -98,8 +103,9 @@ impl RoomMedia {
     /// Starts the room's fan-out task; `rate_bps` is what this member sends at in fan-out.
     pub(crate) fn start(shared: Arc<Shared>, room_id: u32, rate_bps: u64) -> Self {
         let (packets_tx, packets) = mpsc::channel(PACKET_QUEUE);
-        shared.register_room(room_id, packets_tx);
+        let (rate_tx, rate_rx) = watch::channel(rate_bps);
         let (ctl, ctl_rx) = mpsc::channel(256);
+        shared.register_room(room_id, packets_tx, ctl.clone());
         let report = Arc::new(Mutex::new(FanOutReport::default()));
         let now = Instant::now();
         let key = fresh_key();
@@ -122,11 +128,14 @@ impl RoomMedia {
             pending: None,
             gone: std::collections::HashSet::new(),
             helpers: tokio::task::JoinSet::new(),
+            rate: FanOutRate::new(rate_bps),
+            rate_tx,
         };
         let task = tokio::spawn(task.run(packets, ctl_rx));
         Self {
             ctl,
             report,
+            rate: rate_rx,
             room_id,
             shared,
             task,
@@ -167,6 +176,68 @@ struct Task {
     /// Key senders and readers, and rekeys: they end with this task (aborted with it), so
     /// none keeps a session's QUIC connection open.
     helpers: tokio::task::JoinSet<()>,
+    /// The rate set, the server's budget, and the rate sent at.
+    rate: FanOutRate,
+    rate_tx: watch::Sender<u64>,
+}
+
+/// A budget is followed for this long after the server's last one…
+const BUDGET_LIFETIME: Duration = Duration::from_secs(1);
+/// …then the rate grows back towards the rate set by this share per second (nothing else comes
+/// back from fan-out receivers: growing at once would overrun them again).
+const FAN_OUT_GROWTH: f64 = 0.08;
+
+/// The fan-out rate: the rate set ([`Ctl::Rate`]), held to the server's budget while it comes,
+/// then grown back slowly.
+#[derive(Debug, Clone, Copy)]
+struct FanOutRate {
+    set: u64,
+    now_bps: f64,
+    budget_at: Option<Instant>,
+    grown_at: Option<Instant>,
+}
+
+impl FanOutRate {
+    fn new(set: u64) -> Self {
+        Self {
+            set,
+            now_bps: set as f64,
+            budget_at: None,
+            grown_at: None,
+        }
+    }
+
+    fn set(&mut self, bps: u64) {
+        self.set = bps;
+        self.now_bps = self.now_bps.min(bps as f64);
+        if self.budget_at.is_none() {
+            self.now_bps = bps as f64;
+        }
+    }
+
+    fn budget(&mut self, now: Instant, bps: u64) {
+        self.budget_at = Some(now);
+        self.grown_at = None;
+        self.now_bps = (bps as f64).min(self.set as f64);
+    }
+
+    /// Grows back once the budget is old; returns the rate in bit/s.
+    fn tick(&mut self, now: Instant) -> u64 {
+        if let Some(at) = self.budget_at {
+            if now.duration_since(at) > BUDGET_LIFETIME {
+                let from = self.grown_at.unwrap_or(at + BUDGET_LIFETIME);
+                let dt = now.saturating_duration_since(from);
+                self.now_bps *= 1.0 + FAN_OUT_GROWTH * dt.as_secs_f64();
+                self.grown_at = Some(now);
+                if self.now_bps >= self.set as f64 {
+                    self.now_bps = self.set as f64;
+                    self.budget_at = None;
+                    self.grown_at = None;
+                }
+            }
+        }
+        self.now_bps as u64
+    }
 }
 
 impl Task {
@@ -191,6 +262,9 @@ impl Task {
                 Some(_) = self.helpers.join_next(), if !self.helpers.is_empty() => {}
                 _ = tick.tick() => {
                     let now = Instant::now();
+                    if self.rate.budget_at.is_some() {
+                        self.apply_rate(now);
+                    }
                     self.receiver.handle_timeout(now);
                     // Played frames are counted in the statistics; the built-in sources send
                     // test patterns nobody plays.
@@ -203,6 +277,15 @@ impl Task {
             }
             self.transmit();
         }
+    }
+
+    /// Paces at the fan-out rate now, and says so when it changed.
+    fn apply_rate(&mut self, now: Instant) {
+        let bps = self.rate.tick(now);
+        if bps != self.sender.rate_bps() {
+            self.sender.set_rate(now, bps);
+        }
+        self.rate_tx.send_if_modified(|r| std::mem::replace(r, bps) != bps);
     }
 
     fn handle(&mut self, c: Ctl) {
@@ -255,7 +338,15 @@ impl Task {
                     self.key = key;
                 }
             }
-            Ctl::Rate(bps) => self.sender.set_rate(now, bps),
+            Ctl::Rate(bps) => {
+                self.rate.set(bps);
+                self.apply_rate(now);
+            }
+            Ctl::Budget(bps) => {
+                debug!(room = self.room_id, bps, "fan-out budget");
+                self.rate.budget(now, bps);
+                self.apply_rate(now);
+            }
             Ctl::Frame(track, frame) => {
                 if let Err(e) = self.sender.handle_frame(track, frame) {
                     debug!(error = %e, "fan-out frame refused");
