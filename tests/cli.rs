@@ -363,3 +363,74 @@ fn an_unknown_key_in_the_config_file_is_refused_naming_it() {
     );
     assert!(err.contains("expected `server` or `name`"), "{err}");
 }
+
+#[test]
+fn server_addresses_that_are_not_one_are_usage_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (server, says) in [
+        ("127.0.0.1:99999", "\"99999\" is not a port"),
+        ("http://127.0.0.1:3478", "is a URL: give HOST[:PORT]"),
+        ("", "no server address"),
+        ("127.0.0.1:3478#SHA256:abc", "a server key is written SHA256:"),
+    ] {
+        let out = natcall(dir.path(), &["--name", "alice", "--server", server, "call", "bob"]);
+        assert_eq!(out.status.code(), Some(2), "{server}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{server}: {}", stderr(&out));
+        assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    }
+    let out = natcall(
+        dir.path(),
+        &["--name", "alice", "--server", "nonexistent.invalid", "call", "bob"],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("cannot resolve the rendezvous server nonexistent.invalid:3478"));
+    // A rule mixed with names.
+    let out = natcall(dir.path(), &["--name", "bob", "listen", "--accept", "all,carol"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("all is a rule of its own"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_chat_line_too_long_is_not_sent_and_the_call_goes_on() {
+    let (dir, server) = setup();
+    let mut bob = Peer::spawn(dir.path(), server.addr, "bob", &["listen", "--once", "--no-media"]);
+    bob.wait_event("registered", EXIT, |_| true);
+    let mut alice = Peer::spawn(dir.path(), server.addr, "alice", &["call", "bob", "--no-media"]);
+    alice.wait_event("connected", EXIT, |_| true);
+    alice.say(&"x".repeat(5000));
+    let not_sent = alice.wait_event("not_sent", EXIT, |_| true);
+    assert_eq!(
+        not_sent["why"],
+        "not sent: a chat line is at most 4096 bytes, this one has 5000"
+    );
+    alice.say("after the long one");
+    bob.wait_chat("after the long one");
+    alice.close_stdin();
+    assert_eq!(alice.wait_exit(EXIT), 0);
+    assert_eq!(bob.wait_exit(EXIT), 0);
+}
+
+#[test]
+fn sigterm_mid_call_hangs_up_so_the_peer_knows_at_once() {
+    let (dir, server) = setup();
+    let mut bob = Peer::spawn(dir.path(), server.addr, "bob", &["listen", "--once", "--no-media"]);
+    bob.wait_event("registered", EXIT, |_| true);
+    let mut alice = Peer::spawn(dir.path(), server.addr, "alice", &["call", "bob", "--no-media"]);
+    alice.wait_event("connected", EXIT, |_| true);
+    bob.wait_event("connected", EXIT, |_| true);
+    let status = Command::new("kill")
+        .args(["-TERM", &alice.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let terminated = Instant::now();
+    assert_eq!(alice.wait_exit(EXIT), 0, "{}", alice.log_text());
+    assert_eq!(alice.report()["ended"]["by"], "local");
+    assert_eq!(bob.wait_exit(EXIT), 0, "{}", bob.log_text());
+    assert!(
+        terminated.elapsed() < Duration::from_secs(5),
+        "bob learned of the end after {:?}",
+        terminated.elapsed()
+    );
+    assert_eq!(bob.report()["ended"]["by"], "peer");
+}

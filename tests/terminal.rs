@@ -69,9 +69,13 @@ fn a_call_on_an_80_column_terminal_keeps_one_status_line_chat_and_the_typed_text
     // Ctrl-C hangs up: the summary counts each track's frames and bytes, names the path's
     // address, and bob exits 0; alice sees bob hang up.
     tmux.keys("bob", &["C-c"]);
-    let screen = tmux.wait_for("bob", "EXIT=", EXIT);
+    let screen = tmux.wait_for("bob", "TTY=", EXIT);
     let text = screen.join("\n");
     assert!(screen.iter().any(|l| l == "EXIT=0"), "{text}");
+    assert!(
+        screen.iter().any(|l| l == "TTY=icanon echo"),
+        "the terminal is given back:\n{text}"
+    );
     assert!(
         screen
             .iter()
@@ -108,4 +112,58 @@ fn a_caller_declined_at_the_terminal_is_told_at_once() {
     let err = alice.wait_event("error", EXIT, |_| true);
     assert_eq!(err["error"], "calling bob: bob declined");
     tmux.wait_for("bob", "declined the call from alice: you declined", EXIT);
+}
+
+#[test]
+fn a_peer_cannot_drive_the_terminal_and_ctrl_d_hangs_up_with_the_keyboard_still_live() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Rendezvous::start(dir.path());
+    let tmux = Tmux::new(dir.path(), 80, 24);
+    let cmd = format!(
+        "{} --server {} --name bob --home {} listen",
+        bin("natcall").display(),
+        server.addr,
+        dir.path().join("bob").display()
+    );
+    tmux.spawn("bob", &cmd);
+    tmux.wait_for("bob", "registered as bob", EXIT);
+    // Typed while no call rings: not an answer to the next one, not chat for it.
+    tmux.keys("bob", &["y", "Enter", "note to self", "Enter"]);
+    let mut alice = Peer::spawn(dir.path(), server.addr, "alice", &["call", "bob", "--no-media"]);
+    tmux.wait_for("bob", "accept the call from alice?", EXIT);
+    tmux.keys("bob", &["y", "Enter"]);
+    alice.wait_event("connected", EXIT, |_| true);
+    // Escape sequences in chat: a title, a screen clear, a bell, a carriage return.
+    alice.say("\u{1b}]0;pwned\u{7}evil\u{1b}[2J\rline");
+    let screen = tmux.wait_for("bob", "evil", EXIT);
+    let text = screen.join("\n");
+    assert!(
+        screen
+            .iter()
+            .any(|l| l == "alice: \u{fffd}]0;pwned\u{fffd}evil\u{fffd}[2J\u{fffd}line"),
+        "{text}"
+    );
+    assert!(
+        screen.iter().any(|l| l.starts_with("registered as bob")),
+        "the screen was not cleared:\n{text}"
+    );
+    assert!(
+        !alice
+            .seen
+            .iter()
+            .any(|v| v["event"] == "chat" && v["text"] == "note to self"),
+        "{:?}",
+        alice.seen
+    );
+    // Ctrl-D on the empty line hangs up; bob goes on listening, and the keyboard still works:
+    // a second Ctrl-D stops him, and the terminal is given back.
+    tmux.keys("bob", &["C-d"]);
+    assert_eq!(alice.wait_exit(EXIT), 0, "{}", alice.log_text());
+    tmux.wait_for("bob", "call with alice ended", EXIT);
+    tmux.wait_for("bob", "waiting for calls", EXIT);
+    tmux.keys("bob", &["C-d"]);
+    let screen = tmux.wait_for("bob", "TTY=", EXIT);
+    let text = screen.join("\n");
+    assert!(screen.iter().any(|l| l == "EXIT=0"), "{text}");
+    assert!(screen.iter().any(|l| l == "TTY=icanon echo"), "{text}");
 }

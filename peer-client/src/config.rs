@@ -47,13 +47,27 @@ pub fn parse_server(text: &str) -> Result<(String, Option<ServerKey>)> {
             a,
             Some(
                 k.parse::<ServerKey>()
-                    .with_context(|| format!("in --server {text:?}"))?,
+                    .map_err(|e| crate::output::usage(format!("--server {text:?}: {e}")))?,
             ),
         ),
         None => (text, None),
     };
+    let usage = |what: String| Err(crate::output::usage(what));
     if addr.is_empty() {
-        bail!("no server address in {text:?} (expected HOST:PORT)");
+        return usage(format!(
+            "no server address in --server {text:?}: give HOST[:PORT], e.g. rendezvous.example.net or 127.0.0.1:3478"
+        ));
+    }
+    if addr.contains("://") {
+        return usage(format!(
+            "--server {text:?} is a URL: give HOST[:PORT], e.g. rendezvous.example.net or 127.0.0.1:3478"
+        ));
+    }
+    if let Some((host, port)) = addr.rsplit_once(':')
+        && !host.contains(':')
+        && port.parse::<u16>().is_err()
+    {
+        return usage(format!("--server {text:?}: {port:?} is not a port (1-65535)"));
     }
     let has_port = match addr.rsplit_once(':') {
         // An IPv6 address without brackets has colons but no port.
@@ -104,11 +118,21 @@ impl Settings {
             }));
         }
         let (label, key) = parse_server(&server)?;
+        let unreachable = |why: String| {
+            anyhow::Error::new(crate::output::Coded {
+                exit: crate::output::Exit::Server,
+                message: why,
+            })
+        };
         let addr = tokio::net::lookup_host(&label)
             .await
-            .with_context(|| format!("cannot resolve rendezvous server {label:?} (expected HOST:PORT)"))?
+            .map_err(|e| {
+                unreachable(format!(
+                    "cannot resolve the rendezvous server {label}: {e} (check --server)"
+                ))
+            })?
             .next()
-            .with_context(|| format!("rendezvous server {label:?} has no address"))?;
+            .ok_or_else(|| unreachable(format!("the rendezvous server {label} has no address (check --server)")))?;
         let identity = Identity::load_or_create(&home)?;
         let contacts = Contacts::in_dir(&home, label.clone());
         let trust = ServerTrust {

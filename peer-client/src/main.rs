@@ -62,7 +62,8 @@ enum Cmd {
         #[arg(long)]
         once: bool,
         /// Which calls to take without asking: all, contacts (keys met before), or a list of
-        /// names (NAME,NAME…). Default: ask on a terminal, else all.
+        /// names (NAME,NAME…); callers a rule does not allow are declined without asking.
+        /// Default: ask on a terminal (not with --json), else all.
         #[arg(long, value_name = "all|contacts|NAMES")]
         accept: Option<session::Accept>,
         /// Which paths calls may use: auto, direct-only, relay-only, lan-only (combined with the
@@ -321,14 +322,18 @@ async fn release_name(settings: config::Settings, json: bool) -> anyhow::Result<
     Ok(Exit::Ok)
 }
 
-fn init_logging() {
-    // Logs go to stderr; quiet by default so chat, notices and the status line stay readable.
-    // RUST_LOG=natcall=debug shows the traversal and path decisions.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+fn init_logging(json: bool) {
+    // Logs go to stderr (above the status line in the terminal view); quiet by default so chat,
+    // notices and the status line stay readable: errors only in the terminal view, whose
+    // notices say what a warning would; warnings otherwise. RUST_LOG=natcall=debug shows the
+    // traversal and path decisions.
+    let viewed = !json && std::io::stdout().is_terminal();
+    let default = if viewed { "error" } else { "warn" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(view::LogWriter::default)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(!viewed && std::io::stderr().is_terminal())
         .init();
 }
 
@@ -344,7 +349,7 @@ fn main() -> ExitCode {
         Ok(args) => args,
         Err(e) => e.exit(),
     };
-    init_logging();
+    init_logging(args.json);
     if let Cmd::Demo = args.cmd {
         // The demo runs its own server and peers: flags naming others would be ignored.
         let given: Vec<String> = ["server", "name", "home"]
@@ -391,6 +396,21 @@ fn main() -> ExitCode {
     let json = args.json;
     // The session runs as a task on the runtime's workers, not on this thread: media frames
     // then pass between tasks on the same workers instead of waking this thread per frame.
+    // SIGTERM and SIGHUP do what Ctrl-C does (a call hangs up and the peer is told, the
+    // terminal is given back), instead of killing the process mid-call.
+    rt.spawn(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = hup.recv() => {}
+            }
+            view::interrupt();
+        }
+    });
     let session = rt.spawn(async move {
         match args.cmd {
             Cmd::Demo => demo::run(json).await,

@@ -5,7 +5,7 @@
 //! `--json` mode: stdout is JSON lines — `{"event":"chat",...}`, `{"event":"path",...}`, and
 //! last `{"event":"report",...}` (or `{"event":"error",...}`); nothing else goes to stdout.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use natcall::Error;
@@ -141,8 +141,13 @@ pub fn chat(json: bool, from: &str, text: &str) {
     } else if crate::view::print(&shown) {
         // Shown.
     } else if MEDIA_ON_STDOUT.load(std::sync::atomic::Ordering::Relaxed) {
-        eprintln!("{shown}");
+        say(&shown);
     } else {
+        let shown = if std::io::stdout().is_terminal() {
+            crate::view::printable(&shown)
+        } else {
+            shown.as_str().into()
+        };
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{shown}");
         let _ = out.flush();
@@ -167,7 +172,11 @@ pub fn notice(json: bool, event: serde_json::Value, text: &str) {
 /// stderr.
 pub fn say(text: &str) {
     if !crate::view::print(text) {
-        eprintln!("{text}");
+        if std::io::stderr().is_terminal() {
+            eprintln!("{}", crate::view::printable(text));
+        } else {
+            eprintln!("{text}");
+        }
     }
 }
 

@@ -75,7 +75,9 @@ struct Member {
 pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry, topology_arg: TopologyArg) -> Result<Exit> {
     let json = opts.json;
     let mut stdin = Stdin::for_chat(&opts.media);
-    let ep = session::bind(&settings, json).await?;
+    let Some(ep) = session::bind_or_interrupted(&settings, json).await? else {
+        return Ok(Exit::Ok);
+    };
     let opened = match &entry {
         Entry::Create { invite } => {
             let names: Vec<&str> = invite.iter().map(String::as_str).collect();
@@ -254,6 +256,10 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry, topol
             },
             // stdin closing changes nothing: the member stays until --duration, Ctrl-C or the end.
             Some(line) = stdin.next(), if !stdin.closed() => {
+                if let Some(why) = crate::session::too_long(&line) {
+                    output::notice(json, json!({"event": "not_sent", "why": why}), &why);
+                    continue;
+                }
                 for (peer, s) in sessions.iter().filter(|(_, s)| s.ended.is_none()) {
                     if let Err(e) = s.call.send_chat(&line).await {
                         tracing::debug!(%peer, error = %e, "chat not sent");

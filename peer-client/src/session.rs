@@ -48,6 +48,12 @@ impl Stdin {
         Self { rx, closed: false }
     }
 
+    /// Drops the lines typed so far and not read (typed while nothing was asked: they must
+    /// not answer the next question or go to the next caller).
+    pub(crate) fn discard_pending(&mut self) {
+        while self.rx.try_recv().is_ok() {}
+    }
+
     /// Whether stdin has ended.
     pub(crate) fn closed(&self) -> bool {
         self.closed
@@ -81,6 +87,14 @@ pub(crate) async fn bind(settings: &Settings, json: bool) -> Result<Endpoint> {
     Ok(ep)
 }
 
+/// [`bind`], or `None` when Ctrl-C (or SIGTERM) comes first.
+pub(crate) async fn bind_or_interrupted(settings: &Settings, json: bool) -> Result<Option<Endpoint>> {
+    tokio::select! {
+        ep = bind(settings, json) => ep.map(Some),
+        _ = tokio::signal::ctrl_c() => Ok(None),
+    }
+}
+
 /// Says when the server is lost and when the endpoint is registered again (calls go on
 /// meanwhile: direct ones untouched, relayed ones resume when the server is back).
 async fn report_server(ep: Endpoint, name: String, server: std::net::SocketAddr, json: bool) {
@@ -107,7 +121,9 @@ async fn report_server(ep: Endpoint, name: String, server: std::net::SocketAddr,
 pub async fn call(settings: Settings, opts: Opts, peer: &str, policy: Policy) -> Result<Exit> {
     let json = opts.json;
     let mut stdin = Stdin::for_chat(&opts.media);
-    let ep = bind(&settings, json).await?;
+    let Some(ep) = bind_or_interrupted(&settings, json).await? else {
+        return Ok(Exit::Ok);
+    };
     output::status(&format!("calling {peer} ({policy})…"));
     let call = tokio::select! {
         c = ep.call(peer, policy) => match c {
@@ -146,6 +162,9 @@ impl std::str::FromStr for Accept {
             "contacts" => Ok(Self::Contacts),
             _ => {
                 let names: Vec<String> = s.split(',').map(|n| n.trim().to_owned()).collect();
+                if let Some(word) = names.iter().find(|n| *n == "all" || *n == "contacts") {
+                    return Err(format!("{word} is a rule of its own: use it alone, or list names only"));
+                }
                 for n in &names {
                     natcall::validate_name(n).map_err(|e| {
                         format!("{n:?} is neither all, contacts nor a name ({e}); use all, contacts or NAME,NAME…")
@@ -207,6 +226,18 @@ impl Accept {
     }
 }
 
+/// Why a chat line cannot be sent as it is (one line of at most [`natcall::MAX_CHAT_LINE`]
+/// bytes), said to the person; the call goes on.
+pub(crate) fn too_long(line: &str) -> Option<String> {
+    (line.len() > natcall::MAX_CHAT_LINE).then(|| {
+        format!(
+            "not sent: a chat line is at most {} bytes, this one has {}",
+            natcall::MAX_CHAT_LINE,
+            line.len()
+        )
+    })
+}
+
 /// How long a person has to answer a call.
 const ANSWER_TIME: Duration = Duration::from_secs(30);
 
@@ -243,7 +274,9 @@ pub async fn listen(
     // set up to take calls; keys that changed are refused whatever the rule).
     let asking = accept.is_none() && !json && crate::view::foreground(&std::io::stdin()) && !opts.media.reads_stdin();
     let accept = accept.unwrap_or(Accept::All);
-    let ep = bind(&settings, json).await?;
+    let Some(ep) = bind_or_interrupted(&settings, json).await? else {
+        return Ok(Exit::Ok);
+    };
     loop {
         output::status("waiting for calls…");
         // The endpoint registers again by itself when the server goes away (restart, network);
@@ -261,6 +294,7 @@ pub async fn listen(
             &format!("{caller} is calling ({})\n  key {key}", known.text()),
         );
         let decision = if asking {
+            stdin.discard_pending();
             tokio::select! {
                 d = ask(&mut stdin, &caller) => d,
                 _ = tokio::signal::ctrl_c() => {
@@ -576,8 +610,12 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
         tokio::select! {
             line = stdin.next(), if !stdin.closed => match line {
                 Some(line) => {
-                    call.send_chat(&line).await?;
-                    sent.fetch_add(1, Ordering::Relaxed);
+                    if let Some(why) = too_long(&line) {
+                        output::notice(json, json!({"event": "not_sent", "why": why}), &why);
+                    } else {
+                        call.send_chat(&line).await?;
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 None if (caller && !media.has_inputs()) || sent.load(Ordering::Relaxed) > 0 => {
                     if let Err(e) = call.finish_chat().await {
@@ -720,7 +758,7 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
             .collect();
         let to = call.remote_addr().map(|a| format!(" to {a}")).unwrap_or_default();
         output::say(&format!(
-            "call with {peer} ended ({ended}): path {}{to} [{}], connected in {:.1} ms, rtt {:.1} ms\n  {}\n  {}\n  chat: {sent} lines sent, {received} received; {} sent and {} received on the path in all",
+            "call with {peer} ended ({ended}): path {}{to} [{}], connected in {:.1} ms, rtt {:.1} ms\n  {}\n  {}\n  chat: {sent} lines sent, {received} received; chat and call control over QUIC: {} sent, {} received",
             report.path,
             changes.join(", "),
             report.time_to_connected_ms,

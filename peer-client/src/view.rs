@@ -14,8 +14,11 @@
 //! The view draws on stdout when that is a terminal (else on stderr when that is one); with
 //! `--json`, or when neither is a terminal, it is off and output is exactly as without it.
 //! Typing uses the terminal in raw mode (crossterm): Enter sends the line, Backspace and Ctrl-U
-//! edit it, Ctrl-D on an empty line ends input (as end of stdin does), Ctrl-C interrupts (as
-//! SIGINT does: the process raises it). The terminal is restored by [`finish`], also on a panic.
+//! edit it, Ctrl-C — and Ctrl-D on an empty line — interrupt as SIGINT does (the process raises
+//! it: a call hangs up, a listener waiting or a room stops), and the keyboard stays live. The
+//! terminal is restored by [`finish`], also on a panic. Text from elsewhere (a peer's chat, a
+//! hang-up reason) is shown with its control characters replaced, so it cannot drive the
+//! terminal.
 
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
@@ -39,8 +42,9 @@ struct State {
     status: String,
     /// The line being typed; `Some` while keys are read in raw mode.
     input: Option<String>,
-    /// Rows of the bottom region (status, input) on the screen now.
-    drawn: u16,
+    /// The bottom region's rows on the screen now (status, input), each as the columns drawn:
+    /// after the terminal narrows, a row may take several.
+    drawn: Vec<usize>,
 }
 
 static VIEW: Mutex<Option<State>> = Mutex::new(None);
@@ -67,7 +71,7 @@ pub fn init(json: bool, media_on_stdout: bool) {
         target,
         status: String::new(),
         input: None,
-        drawn: 0,
+        drawn: Vec::new(),
     });
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -88,7 +92,7 @@ pub fn print(text: &str) -> bool {
         let mut out = Vec::new();
         s.clear_region(&mut out);
         for line in text.lines() {
-            let _ = queue!(out, Print(line), Print("\r\n"));
+            let _ = queue!(out, Print(printable(line)), Print("\r\n"));
         }
         s.draw_region(&mut out);
         s.write(&out);
@@ -99,7 +103,7 @@ pub fn print(text: &str) -> bool {
 /// Replaces the status line.
 pub fn status(text: &str) {
     with(|s| {
-        if s.status == text && s.drawn > 0 {
+        if s.status == text && !s.drawn.is_empty() {
             return;
         }
         s.status = text.to_owned();
@@ -173,7 +177,10 @@ fn on_key(key: KeyEvent) -> Key {
                 interrupt();
                 Key::Edited
             }
-            KeyCode::Char('d') if ctrl && input.is_empty() => Key::End,
+            KeyCode::Char('d') if ctrl && input.is_empty() => {
+                interrupt();
+                Key::Edited
+            }
             KeyCode::Char('u') if ctrl => {
                 input.clear();
                 Key::Edited
@@ -205,8 +212,8 @@ fn on_key(key: KeyEvent) -> Key {
 }
 
 /// Ctrl-C in raw mode is a key, not a signal: raise SIGINT so it does what it does anywhere
-/// else (hang up, stop listening).
-fn interrupt() {
+/// else (hang up, stop listening). SIGTERM and SIGHUP are turned into it too.
+pub fn interrupt() {
     let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::INT);
 }
 
@@ -229,30 +236,35 @@ impl State {
     }
 
     /// Moves to the first column of the region's first row and clears to the end of the screen.
+    /// A row drawn wider than the terminal is now (it narrowed) takes several rows.
     fn clear_region(&mut self, out: &mut Vec<u8>) {
+        let width = self.width();
+        let rows: usize = self.drawn.iter().map(|cols| cols.div_ceil(width).max(1)).sum();
         let _ = queue!(out, cursor::MoveToColumn(0));
-        if self.drawn > 1 {
-            let _ = queue!(out, cursor::MoveUp(self.drawn - 1));
+        if rows > 1 {
+            let _ = queue!(out, cursor::MoveUp(u16::try_from(rows - 1).unwrap_or(u16::MAX)));
         }
         let _ = queue!(out, terminal::Clear(terminal::ClearType::FromCursorDown));
-        self.drawn = 0;
+        self.drawn.clear();
     }
 
     /// Draws the region from the cursor (at the first column of a cleared row). Each row stays
     /// one column short of the width, so the terminal never wraps it.
     fn draw_region(&mut self, out: &mut Vec<u8>) {
         let room = self.width() - 1;
-        let mut rows = 0;
+        let mut rows = Vec::new();
         if !self.status.is_empty() {
-            let _ = queue!(out, Print(fit_start(&self.status, room)));
-            rows += 1;
+            let shown = fit_start(&self.status, room);
+            let _ = queue!(out, Print(shown));
+            rows.push(columns(shown));
         }
         if let Some(input) = &self.input {
-            if rows > 0 {
+            if !rows.is_empty() {
                 let _ = queue!(out, Print("\r\n"));
             }
-            let _ = queue!(out, Print("> "), Print(fit_end(input, room.saturating_sub(2))));
-            rows += 1;
+            let shown = fit_end(input, room.saturating_sub(2));
+            let _ = queue!(out, Print("> "), Print(shown));
+            rows.push(2 + columns(shown));
         }
         self.drawn = rows;
     }
@@ -262,6 +274,24 @@ impl State {
         self.clear_region(&mut out);
         self.draw_region(&mut out);
         self.write(&out);
+    }
+}
+
+/// The columns `text` takes.
+fn columns(text: &str) -> usize {
+    text.chars().map(|c| c.width().unwrap_or(0)).sum()
+}
+
+/// `text` with its control characters (escape sequences, carriage returns, bells) replaced by
+/// U+FFFD, so text from a peer cannot move the cursor, clear the screen or retitle the window.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.chars().any(|c| c.is_control() && c != '\t') {
+        text.chars()
+            .map(|c| if c.is_control() && c != '\t' { '\u{fffd}' } else { c })
+            .collect::<String>()
+            .into()
+    } else {
+        text.into()
     }
 }
 
@@ -335,5 +365,12 @@ mod tests {
         assert_eq!(fit_end("a long line being typed", 10), "eing typed");
         assert_eq!(fit_end("漢字x", 3), "字x");
         assert_eq!(fit_end("", 3), "");
+    }
+
+    #[test]
+    fn control_characters_from_elsewhere_cannot_drive_the_terminal() {
+        assert_eq!(printable("hello"), "hello");
+        assert_eq!(printable("a\x1b[2Jb\x07c\rd\te"), "a\u{fffd}[2Jb\u{fffd}c\u{fffd}d\te");
+        assert_eq!(printable("\x1b]0;pwned\x07"), "\u{fffd}]0;pwned\u{fffd}");
     }
 }

@@ -273,9 +273,13 @@ impl Tmux {
     }
 
     /// Runs `command` (a shell command line) in a new session `name`; when it exits the pane
-    /// shows `EXIT=<code>` and stays, so what it printed can still be read.
+    /// shows `EXIT=<code>` and then `TTY=` with the terminal's `icanon` and `echo` modes
+    /// (`TTY=icanon echo` when it was given back sane), and stays, so what it printed can still
+    /// be read.
     pub fn spawn(&self, name: &str, command: &str) {
-        let line = format!("{command}; echo EXIT=$?; sleep 600");
+        let line = format!(
+            "{command}; echo EXIT=$?; echo TTY=$(stty -a | tr ' ;' '\\n\\n' | grep -x -e '-\\?icanon' -e '-\\?echo' | tr '\\n' ' '); sleep 600"
+        );
         let (cols, rows) = (self.cols.to_string(), self.rows.to_string());
         self.run(&["new-session", "-d", "-s", name, "-x", &cols, "-y", &rows, &line]);
     }

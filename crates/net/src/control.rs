@@ -400,6 +400,11 @@ async fn read_loop(mut rd: ReadHalf<Stream>, mut buf: BytesMut, shared: &Shared)
             Ok(None) => match rd.read_buf(&mut buf).await {
                 Ok(0) => return "the server closed the connection".to_owned(),
                 Ok(_) => {}
+                // A server that stops (killed, restarted) closes TCP without TLS's goodbye:
+                // rustls calls that an unexpected EOF, with a link to its manual.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return "the server closed the connection".to_owned();
+                }
                 Err(e) => return format!("lost the connection to the server: {e}"),
             },
             Err(e) => return format!("the server sent a bad frame: {e}"),
