@@ -84,6 +84,9 @@ struct Harness {
     /// first, at most three).
     owner: HashMap<u32, (u8, usize)>,
     held: HashMap<u8, Vec<u32>>,
+    /// A sender's ids it no longer uses (older than its three, or held when it left): the
+    /// receiver refuses them from that sender again.
+    retired: HashMap<u8, Vec<u32>>,
     unknown: u64,
 }
 
@@ -96,6 +99,7 @@ impl Harness {
             sent: Vec::new(),
             owner: HashMap::new(),
             held: HashMap::new(),
+            retired: HashMap::new(),
             unknown: 0,
         }
     }
@@ -106,7 +110,9 @@ impl Harness {
                 let (sender, k) = (input.u8() % SENDERS, usize::from(input.u8()) % KEYS.len());
                 let id = KEYS[k].0;
                 let result = self.rx.add_key(self.now, sender, &key(k));
+                let retired = self.retired.get(&sender).is_some_and(|r| r.contains(&id));
                 match self.owner.get(&id) {
+                    _ if retired => assert!(result.is_err(), "retired key id {id} taken back by {sender}"),
                     Some((o, _)) if *o != sender => {
                         assert!(result.is_err(), "key id {id} of sender {o} given to {sender}");
                     }
@@ -119,6 +125,7 @@ impl Harness {
                         if ids.len() > 3 {
                             let old = ids.remove(0);
                             self.owner.remove(&old);
+                            self.retired.entry(sender).or_default().push(old);
                         }
                     }
                 }
@@ -196,6 +203,7 @@ impl Harness {
                 self.rx.remove_sender(&sender);
                 for id in self.held.remove(&sender).unwrap_or_default() {
                     self.owner.remove(&id);
+                    self.retired.entry(sender).or_default().push(id);
                 }
             }
             RoomOp::Advance => {

@@ -17,7 +17,7 @@
 //! Keys come from the caller (this crate has no randomness): 4 random bytes of id and 32 of
 //! secret.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::time::Instant;
 
@@ -114,7 +114,16 @@ struct FromSender {
     receiver: Receiver,
     /// Its key ids, oldest first, at most [`KEYS_KEPT`].
     keys: Vec<u32>,
+    /// Key ids it no longer uses (older than its [`KEYS_KEPT`] latest, or held when it left),
+    /// at most [`RETIRED_KEPT`]: never taken again, so what it sent under them cannot be
+    /// replayed when it comes back (its packets then start afresh).
+    retired: VecDeque<u32>,
+    /// It left the room (and may come back, with a new process: sequence numbers from 0).
+    left: bool,
 }
+
+/// Key ids a receiver remembers per sender as retired (4 bytes each).
+pub const RETIRED_KEPT: usize = 4096;
 
 /// Every other member's fan-out media, as one member receives it: a [`Receiver`] per sender
 /// (named by `M`, e.g. its name) and the senders' keys.
@@ -152,25 +161,47 @@ impl<M: Clone + Eq + Hash + std::fmt::Debug> RoomReceiver<M> {
         let from = self.senders.entry(sender.clone()).or_insert_with(|| FromSender {
             receiver: Receiver::new(config.clone(), key.opener(), now),
             keys: Vec::new(),
+            retired: VecDeque::new(),
+            left: false,
         });
+        if from.retired.contains(&key.id) {
+            return Err(Error::Malformed(
+                "a room key its sender no longer uses, handed over again",
+            ));
+        }
+        if from.left {
+            // Back in the room (a new process, perhaps, counting from 0): a fresh receiver.
+            // What it sent before is under retired keys, which nothing opens any more.
+            from.receiver = Receiver::new(config.clone(), key.opener(), now);
+            from.left = false;
+        }
 
         from.keys.push(key.id);
         while from.keys.len() > KEYS_KEPT {
             let old = from.keys.remove(0);
             self.keys.remove(&old);
+            from.retired.push_back(old);
+        }
+        while from.retired.len() > RETIRED_KEPT {
+            from.retired.pop_front();
         }
         self.keys.insert(key.id, (sender, key.opener()));
         Ok(())
     }
 
-    /// `sender` left: its keys are forgotten (nothing it sends opens any more); its receiver
-    /// (replay window, statistics) stays, so packets it sent before cannot be replayed if the
-    /// same key is handed over again.
+    /// `sender` left: its keys are retired (nothing it sent or sends under them opens any more,
+    /// and they are refused if handed over again). When it comes back with a new key its
+    /// packets start afresh (a new process counts from 0).
     pub fn remove_sender(&mut self, sender: &M) {
         if let Some(from) = self.senders.get_mut(sender) {
             for id in from.keys.drain(..) {
                 self.keys.remove(&id);
+                from.retired.push_back(id);
             }
+            while from.retired.len() > RETIRED_KEPT {
+                from.retired.pop_front();
+            }
+            from.left = true;
         }
     }
 
@@ -314,6 +345,43 @@ mod tests {
         assert_eq!(send_audio(&mut alice, k1.id, &mut carol, &mut now, 5), 0);
         let stats = carol.stats(&"alice", Track::AUDIO, now).expect("stats");
         assert!(stats.packets_auth_failed >= 5, "{stats:?}");
+    }
+
+    #[test]
+    fn a_member_back_with_a_new_process_is_heard_at_once_and_its_old_packets_stay_dead() {
+        let start = crate::test_origin();
+        let mut now = start;
+        let (k1, k2) = (key(20, 1), key(21, 2));
+        let mut bob = RoomReceiver::new(ReceiverConfig::default());
+        bob.add_key(now, "alice", &k1).expect("key");
+        // Alice's first process sends a while; bob keeps copies of its packets.
+        let mut first = Sender::new(SenderConfig::default(), k1.sealer(), now);
+        let mut old_packets = Vec::new();
+        for i in 0..200u32 {
+            first
+                .handle_frame(Track::AUDIO, Frame::new(i * 20, vec![7; 40]))
+                .expect("queued");
+            while let Some(t) = first.poll_transmit(now) {
+                let p = fan_out_packet(k1.id, &t.contents);
+                bob.handle_packet(now, &p).expect("opens");
+                old_packets.push(p);
+            }
+            now += Duration::from_millis(20);
+        }
+        // Alice's process dies; she comes back with a new one, a new key and sequence
+        // numbers from 0: heard at once, not refused as too old.
+        bob.remove_sender(&"alice");
+        bob.add_key(now, "alice", &k2).expect("the new key");
+        let mut second = Sender::new(SenderConfig::default(), k2.sealer(), now);
+        assert_eq!(send_audio(&mut second, k2.id, &mut bob, &mut now, 5), 5);
+        // What the first process sent does not open again, and its key is not taken back.
+        for p in &old_packets[..20] {
+            assert!(bob.handle_packet(now, p).is_err());
+        }
+        assert!(bob.add_key(now, "alice", &k1).is_err(), "a retired key is refused");
+        for p in &old_packets[..20] {
+            assert!(bob.handle_packet(now, p).is_err());
+        }
     }
 
     #[test]
