@@ -49,7 +49,7 @@ fn a_call_on_an_80_column_terminal_keeps_one_status_line_chat_and_the_typed_text
     let status: Vec<&String> = screen.iter().filter(|l| l.contains("[alice]")).collect();
     assert_eq!(status.len(), 1, "one status line:\n{text}");
     assert!(status[0].starts_with("[alice] "), "{text}");
-    assert!(status[0].contains("path lan"), "{text}");
+    assert!(status[0].contains(" lan rtt "), "{text}");
     assert!(screen.iter().all(|l| l.chars().count() <= 80), "{text}");
     assert!(screen.iter().any(|l| l == "alice: hello bob"), "{text}");
     assert!(

@@ -97,9 +97,13 @@ impl Settings {
         let file_path = home.join("config.toml");
         let file: File = match std::fs::read_to_string(&file_path) {
             Ok(text) => toml::from_str(&text).map_err(|e| {
+                let line = e
+                    .span()
+                    .map(|s| format!(" line {}", text[..s.start].matches('\n').count() + 1));
                 crate::output::usage(format!(
-                    "invalid {}: {} (the keys are documented in the README: server, name)",
+                    "invalid {}{}: {} (its keys: server = \"HOST[:PORT]\", name = \"NAME\"; see the README)",
                     file_path.display(),
+                    line.unwrap_or_default(),
                     e.message()
                 ))
             })?,

@@ -183,8 +183,18 @@ pub async fn run(settings: Settings, opts: Opts, room: &str, entry: Entry, topol
     // SIGINT that lands between two turns.
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
+    let mut accepting = true;
     let exit = loop {
         tokio::select! {
+            // A call to a member in a room is told busy at once.
+            incoming = ep.accept(), if accepting => match incoming {
+                Ok(other) => {
+                    let from = other.caller().to_owned();
+                    other.busy();
+                    output::notice(json, json!({"event": "busy", "from": from}), &format!("{from} tried to call (busy: in room {room})"));
+                }
+                Err(_) => accepting = false,
+            },
             ev = r.next_event() => match ev {
                 Some(RoomEvent::MemberJoined(m)) => {
                     others.insert(m.name.clone());
@@ -504,7 +514,7 @@ fn status_text(
         Topology::Mesh => "mesh",
         Topology::FanOut => "fan-out",
     };
-    let mut parts = vec![format!("[{room}] {:.0} s {how}", since.elapsed().as_secs_f64())];
+    let mut parts = vec![format!("[{room}] {:.0}s {how}", since.elapsed().as_secs_f64())];
     for (peer, s) in sessions {
         if s.ended.is_some() {
             continue;
@@ -531,8 +541,10 @@ fn status_text(
             })
         };
         let delay = m.audio.received.as_ref().map_or(0.0, |r| r.delay_ms);
+        // Short: a room's line holds every member (cut to the terminal's width).
+        let via = if via == "server" { "srv" } else { "ses" };
         parts.push(format!(
-            "{peer} {} {:.0} ms, by {via}: loss a{:.1}% v{:.1}% delay {:.0} ms",
+            "{peer} {}/{via} {:.0}ms a{:.0}% v{:.0}% {:.0}ms",
             s.call.path(),
             s.call.rtt().as_secs_f64() * 1000.0,
             loss(&m.audio),
@@ -540,7 +552,7 @@ fn status_text(
             delay
         ));
     }
-    parts.join("  ")
+    parts.join(" | ")
 }
 
 async fn sleep_until_opt(t: Option<Instant>) {

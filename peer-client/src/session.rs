@@ -293,13 +293,28 @@ pub async fn listen(
             json!({"event": "incoming", "from": caller, "policy": incoming.policy().to_string(), "key": key.to_string(), "known": known.json()}),
             &format!("{caller} is calling ({})\n  key {key}", known.text()),
         );
-        let decision = if asking {
+        let decision = if incoming.policy().combine(policy).is_none() {
+            // Cannot agree: no question to ask; `accept_with` declines it with the reason.
+            Ok(())
+        } else if asking {
             stdin.discard_pending();
-            tokio::select! {
-                d = ask(&mut stdin, &caller) => d,
-                _ = tokio::signal::ctrl_c() => {
-                    let _ = incoming.reject();
-                    return Ok(Exit::Ok);
+            let answer = ask(&mut stdin, &caller);
+            tokio::pin!(answer);
+            loop {
+                tokio::select! {
+                    d = &mut answer => break d,
+                    // Another caller while this one rings: busy, at once.
+                    other = ep.accept() => {
+                        if let Ok(other) = other {
+                            let from = other.caller().to_owned();
+                            other.busy();
+                            output::notice(json, json!({"event": "busy", "from": from}), &format!("{from} tried to call (busy)"));
+                        }
+                    }
+                    _ = tokio::signal::ctrl_c() => {
+                        let _ = incoming.reject();
+                        return Ok(Exit::Ok);
+                    }
                 }
             }
         } else {
@@ -340,18 +355,19 @@ pub async fn listen(
 
 fn path_text(call: &Call, since: Instant) -> String {
     let m = call.media_report();
+    // Most telling first, the path's address last: the line is cut to the terminal's width.
     let track = |name: &str, r: &natcall::TrackReport| match &r.received {
         Some(s) => format!(
-            "  {name} {:.0} kbit/s loss {} jitter {:.1} ms",
+            " | {name} {:.0}k lost {} jit {:.0}ms",
             s.bitrate_bps as f64 / 1000.0,
             s.packets_lost,
             s.jitter_ms
         ),
         None => String::new(),
     };
-    let to = call.remote_addr().map(|a| format!(" {a}")).unwrap_or_default();
+    let to = call.remote_addr().map(|a| format!(" | {a}")).unwrap_or_default();
     format!(
-        "[{}] {:.0} s  path {}{to}  rtt {:.1} ms  sending {:.0} kbit/s{}{}",
+        "[{}] {:.0}s {} rtt {:.0}ms send {:.0}k{}{}{to}",
         call.peer(),
         since.elapsed().as_secs_f64(),
         call.path(),
@@ -758,7 +774,7 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
             .collect();
         let to = call.remote_addr().map(|a| format!(" to {a}")).unwrap_or_default();
         output::say(&format!(
-            "call with {peer} ended ({ended}): path {}{to} [{}], connected in {:.1} ms, rtt {:.1} ms\n  {}\n  {}\n  chat: {sent} lines sent, {received} received; chat and call control over QUIC: {} sent, {} received",
+            "call with {peer} ended ({ended}): path {}{to} [{}], connected in {:.1} ms, rtt {:.1} ms\n  {}\n  {}\n  chat: {sent} sent, {received} received; chat and call control over QUIC: {} sent, {} received",
             report.path,
             changes.join(", "),
             report.time_to_connected_ms,

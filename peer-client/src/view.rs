@@ -75,7 +75,7 @@ pub fn init(json: bool, media_on_stdout: bool) {
     });
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        finish();
+        finish_after_panic();
         previous(info);
     }));
 }
@@ -112,8 +112,24 @@ pub fn status(text: &str) {
 }
 
 /// Clears the bottom region and gives the terminal back (cooked mode); the view is off after.
+/// Waits for a key or print in progress on another thread to finish first.
 pub fn finish() {
-    let Ok(mut view) = VIEW.try_lock() else { return };
+    let view = VIEW.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    restore(view);
+}
+
+/// [`finish`] from the panic hook: the panicking thread may hold the view's lock, so it is
+/// only tried (raw mode is left off in any case).
+fn finish_after_panic() {
+    match VIEW.try_lock() {
+        Ok(view) => restore(view),
+        Err(_) => {
+            let _ = terminal::disable_raw_mode();
+        }
+    }
+}
+
+fn restore(mut view: std::sync::MutexGuard<'_, Option<State>>) {
     if let Some(mut s) = view.take() {
         let mut out = Vec::new();
         s.clear_region(&mut out);
