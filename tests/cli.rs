@@ -434,3 +434,23 @@ fn sigterm_mid_call_hangs_up_so_the_peer_knows_at_once() {
     );
     assert_eq!(bob.report()["ended"]["by"], "peer");
 }
+
+#[test]
+fn a_caller_who_reaches_a_member_in_a_room_is_told_busy() {
+    let (dir, server) = setup();
+    let mut carol = Peer::spawn(
+        dir.path(),
+        server.addr,
+        "carol",
+        &["room", "team", "--create", "--no-media"],
+    );
+    carol.wait_event("room", EXIT, |_| true);
+    let mut alice = Peer::spawn(dir.path(), server.addr, "alice", &["call", "carol"]);
+    alice.wait_event("registered", EXIT, |_| true);
+    let calling = Instant::now();
+    assert_eq!(alice.wait_exit(EXIT), 5, "{}", alice.log_text());
+    assert!(calling.elapsed() < Duration::from_secs(5), "{:?}", calling.elapsed());
+    let err = alice.wait_event("error", EXIT, |_| true);
+    assert!(err["error"].as_str().unwrap_or("").contains("carol is busy"), "{err}");
+    carol.wait_event("busy", EXIT, |v| v["from"] == "alice");
+}
