@@ -246,3 +246,37 @@ fn release_name_frees_only_your_own_name_and_says_so_in_one_line() {
     let (code, _) = release_name(server.addr, "frank", &other);
     assert_eq!(code, Some(0), "the name was free for another key");
 }
+
+#[test]
+fn a_server_on_ipv6_gets_stun_answers_and_peers_call_each_other_directly_over_ipv6() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback on this host: nothing to test");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Rendezvous::start_at(dir.path(), "[::1]:0".parse().expect("addr"));
+    let mut bob = Peer::spawn(dir.path(), server.addr, "bob", &["listen", "--once", "--no-media"]);
+    let registered = bob.wait_event("registered", EXIT, |_| true);
+    // The STUN binding went over IPv6 (it used to fail: "UDP looks blocked").
+    let public = registered["public_addr"].as_str().unwrap_or_default().to_owned();
+    assert!(public.starts_with("[::1]:"), "{registered}");
+    let mut alice = Peer::spawn(
+        dir.path(),
+        server.addr,
+        "alice",
+        &["call", "bob", "--policy", "direct-only", "--no-media"],
+    );
+    let connected = alice.wait_event("connected", EXIT, |_| true);
+    assert_eq!(connected["path"], "direct", "{connected}");
+    alice.say("over six");
+    bob.wait_chat("over six");
+    alice.close_stdin();
+    assert_eq!(alice.wait_exit(EXIT), 0);
+    assert_eq!(bob.wait_exit(EXIT), 0);
+    assert!(!alice.log_text().contains("UDP looks blocked"), "{}", alice.log_text());
+    let report = alice.report();
+    assert!(
+        report["remote_addr"].as_str().is_some_and(|a| a.starts_with("[::1]:")),
+        "{report}"
+    );
+}

@@ -200,6 +200,7 @@ impl Server {
                 _ = &mut shutdown => break,
                 accepted = tcp.accept() => match accepted {
                     Ok((stream, addr)) => {
+                        let addr = crate::sockopt::canonical(addr);
                         let id = next_id.fetch_add(1, Ordering::Relaxed);
                         match self.admit(&permits, addr) {
                             Ok(admitted) => {

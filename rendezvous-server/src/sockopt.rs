@@ -54,10 +54,27 @@ impl Sockets {
     }
 }
 
-/// A TCP listener with `SO_REUSEADDR`.
+/// `addr` as peers know it: an IPv4 peer that reached a dual-stack (`[::]`) socket shows up as
+/// `::ffff:a.b.c.d`, and is recorded, matched and handed to other peers as `a.b.c.d`.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// `[::]` takes IPv4 and IPv6 alike (dual stack), whatever `net.ipv6.bindv6only` says.
+fn dual_stack(s: &Socket, addr: SocketAddr) -> io::Result<()> {
+    if let SocketAddr::V6(v6) = addr
+        && v6.ip().is_unspecified()
+    {
+        s.set_only_v6(false)?;
+    }
+    Ok(())
+}
+
+/// A TCP listener with `SO_REUSEADDR` (dual stack on `[::]`).
 pub fn tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
+    dual_stack(&s, addr)?;
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     s.listen(1024)?;
@@ -68,6 +85,7 @@ pub fn tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
 pub fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     s.set_reuse_address(true)?;
+    dual_stack(&s, addr)?;
     // The kernel clamps these to net.core.{r,w}mem_max; a smaller buffer is not an error.
     let _ = s.set_recv_buffer_size(1 << 21);
     let _ = s.set_send_buffer_size(1 << 21);
@@ -112,6 +130,17 @@ pub fn is_reset(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv4_peer_on_a_dual_stack_socket_is_known_by_its_ipv4_address() {
+        let mapped: SocketAddr = "[::ffff:203.0.113.5]:4000".parse().expect("addr");
+        assert_eq!(
+            canonical(mapped),
+            "203.0.113.5:4000".parse::<SocketAddr>().expect("addr")
+        );
+        let v6: SocketAddr = "[2001:db8::1]:4000".parse().expect("addr");
+        assert_eq!(canonical(v6), v6);
+    }
 
     #[tokio::test]
     async fn listeners_reuse_addresses_and_peers_get_nodelay_and_keepalive() {

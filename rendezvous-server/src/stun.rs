@@ -56,7 +56,10 @@ async fn respond_one(socket: Arc<UdpSocket>, registry: Arc<Registry>, metrics: M
                 continue;
             }
         };
-        if let Some(len) = answer(&registry, &metrics, &buf[..n], src, &mut out) {
+        // Recorded and answered as the peer knows its address (IPv4, not `::ffff:…`, on a
+        // dual-stack socket); sent back to the address the datagram came from.
+        let peer = crate::sockopt::canonical(src);
+        if let Some(len) = answer(&registry, &metrics, &buf[..n], peer, &mut out) {
             metrics.stun_answered();
             if let Err(e) = socket.send_to(&out[..len], src).await {
                 trace!(%src, error = %e, "udp send failed");

@@ -57,7 +57,8 @@ pub struct EndpointConfig {
     pub name: String,
     /// This peer's identity.
     pub identity: Identity,
-    /// Local UDP address to bind (default `0.0.0.0:0`).
+    /// Local UDP address to bind (default: any address of the server's family, port 0 —
+    /// `0.0.0.0:0`, or `[::]:0` for a server on IPv6).
     pub bind: SocketAddr,
     /// Traversal timings (checks, budget, liveness).
     pub traversal: natcall_traversal::Config,
@@ -81,7 +82,10 @@ impl EndpointConfig {
             server,
             name: name.into(),
             identity,
-            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            bind: match server {
+                SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+                SocketAddr::V6(_) => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
+            },
             traversal,
             contacts: None,
             server_trust: ServerTrust::first_use(server.to_string()),
@@ -224,25 +228,38 @@ pub struct Endpoint {
     pub(crate) inner: Arc<Inner>,
 }
 
-/// The private addresses of this host's interfaces, with `port`. Loopback is included only when
+/// This host's addresses other peers may reach it at, with `port`, in the family of the UDP
+/// socket (the server's): private IPv4 addresses; or, on IPv6, unique-local and global
+/// addresses (never link-local: they mean nothing across hosts). Loopback is included only when
 /// the server itself is on loopback (a single-host setup).
 fn lan_addresses(port: u16, server: SocketAddr) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = if_addrs::get_if_addrs()
         .unwrap_or_default()
         .into_iter()
         .filter(|i| !i.is_loopback())
-        .filter_map(|i| match i.ip() {
-            IpAddr::V4(v4) if v4.is_private() || v4.is_link_local() || is_shared(v4) => {
+        .filter_map(|i| match (i.ip(), server) {
+            (IpAddr::V4(v4), SocketAddr::V4(_)) if v4.is_private() || v4.is_link_local() || is_shared(v4) => {
                 Some(SocketAddr::new(IpAddr::V4(v4), port))
             }
+            (IpAddr::V6(v6), SocketAddr::V6(_)) if reachable_v6(v6) => Some(SocketAddr::new(IpAddr::V6(v6), port)),
             _ => None,
         })
         .take(natcall_proto::control::MAX_LAN_ADDRS)
         .collect();
     if out.is_empty() && server.ip().is_loopback() {
-        out.push(SocketAddr::from(([127, 0, 0, 1], port)));
+        out.push(SocketAddr::new(server.ip(), port));
     }
     out
+}
+
+/// An IPv6 address another host may reach: unique-local (fc00::/7) or global unicast
+/// (2000::/3); not link-local, loopback, multicast or documentation space.
+fn reachable_v6(ip: std::net::Ipv6Addr) -> bool {
+    let first = ip.segments()[0];
+    let unique_local = first & 0xfe00 == 0xfc00;
+    let documentation = first == 0x2001 && ip.segments()[1] == 0x0db8;
+    let global = first & 0xe000 == 0x2000 && !documentation;
+    unique_local || global
 }
 
 /// 100.64.0.0/10, carrier-grade NAT space: private to the carrier's customers.
@@ -266,6 +283,11 @@ fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, Error> {
     // Best effort: a smaller buffer still works.
     let _ = socket.set_recv_buffer_size(UDP_BUFFER);
     let _ = socket.set_send_buffer_size(UDP_BUFFER);
+    if addr.is_ipv6() {
+        // IPv6 only: IPv4 peers are reached through the relay (one family per socket keeps
+        // every address as peers and the server know it, never `::ffff:…`).
+        socket.set_only_v6(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     Ok(UdpSocket::from_std(socket.into())?)
