@@ -36,6 +36,7 @@ fn a_call_on_an_80_column_terminal_keeps_one_status_line_chat_and_the_typed_text
     tmux.keys("bob", &["y", "Enter"]);
     alice.wait_event("connected", EXIT, |_| true);
     let connected = Instant::now();
+    tmux.wait_for("bob", "answer: y", EXIT);
     alice.say("hello bob");
     alice.say("a second line, to see that chat is never glued to the status line");
     tmux.wait_for("bob", "alice: a second line", EXIT);

@@ -244,6 +244,13 @@ const ANSWER_TIME: Duration = Duration::from_secs(30);
 /// Asks the person at the terminal whether to take the call; `Err` says why not.
 async fn ask(stdin: &mut Stdin, caller: &str) -> Result<(), &'static str> {
     output::status(&format!("accept the call from {caller}? type y or n, then Enter"));
+    crate::view::asking(true);
+    let answer = answer(stdin, caller).await;
+    crate::view::asking(false);
+    answer
+}
+
+async fn answer(stdin: &mut Stdin, caller: &str) -> Result<(), &'static str> {
     let answer = async {
         loop {
             match stdin.next().await.map(|l| l.trim().to_ascii_lowercase()) {

@@ -42,6 +42,8 @@ struct State {
     status: String,
     /// The line being typed; `Some` while keys are read in raw mode.
     input: Option<String>,
+    /// What a typed line is shown as when sent ("you", or "answer" while a question waits).
+    echo: &'static str,
     /// The bottom region's rows on the screen now (status, input), each as the columns drawn:
     /// after the terminal narrows, a row may take several.
     drawn: Vec<usize>,
@@ -71,6 +73,7 @@ pub fn init(json: bool, media_on_stdout: bool) {
         target,
         status: String::new(),
         input: None,
+        echo: "you",
         drawn: Vec::new(),
     });
     let previous = std::panic::take_hook();
@@ -98,6 +101,11 @@ pub fn print(text: &str) -> bool {
         s.write(&out);
     })
     .is_some()
+}
+
+/// Typed lines are shown as answers (`answer: y`) while `asking`, as chat (`you: …`) otherwise.
+pub fn asking(asking: bool) {
+    with(|s| s.echo = if asking { "answer" } else { "you" });
 }
 
 /// Replaces the status line.
@@ -216,7 +224,8 @@ fn on_key(key: KeyEvent) -> Key {
     });
     match outcome {
         Some(Key::Line(line)) => {
-            print(&format!("you: {line}"));
+            let echo = with(|s| s.echo).unwrap_or("you");
+            print(&format!("{echo}: {line}"));
             Key::Line(line)
         }
         Some(k) => {
