@@ -137,6 +137,8 @@ impl Settings {
             })?
             .next()
             .ok_or_else(|| unreachable(format!("the rendezvous server {label} has no address (check --server)")))?;
+        // `[::ffff:a.b.c.d]` is the IPv4 server a.b.c.d: reached from an IPv4 socket.
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
         let identity = Identity::load_or_create(&home)?;
         let contacts = Contacts::in_dir(&home, label.clone());
         let trust = ServerTrust {

@@ -336,7 +336,12 @@ pub async fn listen(
             );
             continue;
         }
-        let exit = match incoming.accept_with(policy).await {
+        let accepted = tokio::select! {
+            a = incoming.accept_with(policy) => a,
+            // Connecting can take seconds: Ctrl-C meanwhile stops the listener.
+            _ = tokio::signal::ctrl_c() => return Ok(Exit::Ok),
+        };
+        let exit = match accepted {
             // A listener ends a call when its stdin closes only after it typed something in
             // that call: a listener with nothing to say (stdin /dev/null, a service) keeps its
             // calls up until the peer, --duration or Ctrl-C ends them.

@@ -307,12 +307,15 @@ impl Outbox {
         grant
     }
 
-    /// The bytes of video that may be in flight: three quarters of what the client drains over
-    /// its least round trip plus `target_delay` (unbounded until measured).
+    /// The bytes of video that may be in flight: a least round trip of what the client drains
+    /// (the path without a queue: in flight whatever the link), plus three quarters of
+    /// `target_delay` of it (the queue video may build); unbounded until measured. More in
+    /// flight than what is drained per round trip lets the drain rate grow to the link's.
     fn video_bytes_room(&self, s: &State) -> u64 {
         if s.drain_bytes_rate > 0.0 {
-            let span = s.rtt_min.map(|(r, _)| r).unwrap_or_default() + self.config.target_delay();
-            (s.drain_bytes_rate * span.as_secs_f64() * 0.75) as u64
+            let rtt = s.rtt_min.map(|(r, _)| r).unwrap_or_default().as_secs_f64();
+            let queue = self.config.target_delay().as_secs_f64() * 0.75;
+            (s.drain_bytes_rate * (rtt + queue)) as u64
         } else {
             u64::MAX
         }
@@ -330,16 +333,22 @@ impl Outbox {
     fn enforce(&self, s: &mut State, now: Instant) {
         self.drop_late_audio(s, now);
         while self.over_bounds(s, now) {
-            if self.drop_video_frames(s) {
+            let c = &self.config;
+            let size_over = s.relay_len() > c.max_frames || s.relay_bytes > c.max_bytes;
+            // Over its size, any sender's video may go; over its age only, only the video of
+            // senders whose own oldest waiting packet is too old (a slow frame of one sender
+            // does not black out the others).
+            let cutoff = if size_over { None } else { now.checked_sub(c.max_age()) };
+            if self.drop_video_frames(s, cutoff, false) {
                 continue;
             }
-            // No video can go (what waits is the rest of frames already started): audio goes
-            // only if the buffer is over its size, or audio itself is too old — never because
-            // a started frame's packets are old.
-            let c = &self.config;
-            let audio_over = s.relay_len() > c.max_frames
-                || s.relay_bytes > c.max_bytes
-                || s.audio.front().is_some_and(|a| now.duration_since(a.at) > c.max_age());
+            // What waits is the rest of frames already started. Over the size bounds they are
+            // cut (a sender that never ends its frame cannot grow the buffer); audio goes only
+            // then, or when audio itself is too old — never because a started frame is old.
+            if size_over && self.drop_video_frames(s, None, true) {
+                continue;
+            }
+            let audio_over = size_over || s.audio.front().is_some_and(|a| now.duration_since(a.at) > c.max_age());
             if !audio_over {
                 break;
             }
@@ -376,23 +385,29 @@ impl Outbox {
     /// tie), from its oldest up to its next key frame; other senders' frames stay. A sender
     /// whose waiting video is all of a frame the client is already receiving is passed over
     /// for the next one. Returns whether anything was dropped.
-    fn drop_video_frames(&self, s: &mut State) -> bool {
-        let mut counts: Vec<(u64, usize)> = Vec::new();
+    /// `older_than`: only senders whose oldest waiting packet came before it. `cut`: frames
+    /// already started go too (all of the sender's waiting video).
+    fn drop_video_frames(&self, s: &mut State, older_than: Option<Instant>, cut: bool) -> bool {
+        // (sender, packets waiting, whether its oldest is old enough), in order of each
+        // sender's oldest packet.
+        let mut counts: Vec<(u64, usize, bool)> = Vec::new();
         for i in &s.video {
-            match counts.iter_mut().find(|(f, _)| *f == i.from) {
-                Some((_, n)) => *n += 1,
-                None => counts.push((i.from, 1)),
+            match counts.iter_mut().find(|(f, _, _)| *f == i.from) {
+                Some((_, n, _)) => *n += 1,
+                None => counts.push((i.from, 1, older_than.is_none_or(|t| i.at < t))),
             }
         }
+        let mut counts: Vec<(u64, usize)> = counts.into_iter().filter(|c| c.2).map(|(f, n, _)| (f, n)).collect();
         // `counts` is in order of each sender's oldest packet: a stable sort by count, most
         // first, keeps the oldest first among equals.
         counts.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
-        counts.iter().any(|&(from, _)| self.drop_video_frames_of(s, from))
+        counts.iter().any(|&(from, _)| self.drop_video_frames_of(s, from, cut))
     }
 
     /// Drops `from`'s waiting video from its oldest frame not yet started up to its next key
-    /// frame; returns whether anything was dropped.
-    fn drop_video_frames_of(&self, s: &mut State, from: u64) -> bool {
+    /// frame (with `cut`, from its oldest packet, a frame already started included); returns
+    /// whether anything was dropped.
+    fn drop_video_frames_of(&self, s: &mut State, from: u64, cut: bool) -> bool {
         // This sender's packets, by position in the queue.
         let mine: Vec<usize> = s
             .video
@@ -401,10 +416,11 @@ impl Outbox {
             .filter(|(_, i)| i.from == from)
             .map(|(n, _)| n)
             .collect();
-        // Packets of a frame the client is already receiving must all go out.
+        // Packets of a frame the client is already receiving must all go out (unless cut).
         let mut start = 0;
         if s.video_mid_frame.contains(&from) {
             match mine.iter().position(|&n| s.video[n].flags.has(RelayFlags::FRAME_END)) {
+                _ if cut => s.video_mid_frame.retain(|f| *f != from),
                 Some(end) => start = end + 1,
                 None => return false,
             }
@@ -530,7 +546,11 @@ impl Outbox {
                     // A frame already started goes on (it is committed); one packet always goes
                     // when nothing is in flight.
                     let started = !i.flags.has(RelayFlags::FRAME_START) && s.video_mid_frame.contains(&i.from);
-                    !started && s.unacked_bytes > 0 && s.unacked_bytes + i.wire.len() as u64 > video_bytes_room
+                    // Never held while fewer frames are in flight than one acknowledgement
+                    // needs (the client could not acknowledge, and the rate not be measured).
+                    !started
+                        && s.idle_count + taken >= self.config.ack_every
+                        && s.unacked_bytes + i.wire.len() as u64 > video_bytes_room
                 })
             {
                 break;
@@ -696,6 +716,48 @@ mod tests {
 
     fn outbox() -> Outbox {
         Outbox::new(config(), Metrics::new(), 16)
+    }
+
+    #[test]
+    fn a_frame_that_never_ends_is_cut_at_the_size_bound_and_the_buffer_stays_bounded() {
+        let o = outbox();
+        let t0 = Instant::now();
+        // A sender starts a frame (its first packet is written) and then never ends it.
+        o.push_relay(1, wire(1), &header(TrafficClass::Video, START), t0);
+        let mut batch = Vec::new();
+        assert_eq!(o.take(t0, &mut batch), Take::Frames);
+        for _ in 0..1000 {
+            o.push_relay(1, wire(1), &header(TrafficClass::Video, 0), t0);
+        }
+        assert!(o.lock().relay_len() <= config().max_frames, "{}", o.lock().relay_len());
+        // Its next video waits for a key frame; audio still goes.
+        o.push_relay(2, wire(7), &header(TrafficClass::Audio, START | END), t0);
+        o.ack(1, t0);
+        assert!(drain(&o, t0).contains(&7));
+    }
+
+    #[test]
+    fn one_senders_old_started_frame_does_not_drop_anothers_fresh_video() {
+        let c = RelayConfig {
+            max_frames: 100,
+            ..config()
+        };
+        let o = Outbox::new(c, Metrics::new(), 16);
+        let t0 = Instant::now();
+        // Sender 1's frame started and its rest waits (the window is full of it).
+        o.push_relay(1, wire(1), &header(TrafficClass::Video, START | KEY), t0);
+        for _ in 0..3 {
+            o.push_relay(1, wire(1), &header(TrafficClass::Video, KEY), t0);
+        }
+        let mut batch = Vec::new();
+        o.take(t0, &mut batch);
+        o.push_relay(1, wire(1), &header(TrafficClass::Video, KEY), t0);
+        // Half a second later (past max_age for sender 1's waiting packet), sender 2's fresh
+        // frames are kept: only the old sender's video is over the age bound.
+        let later = t0 + Duration::from_millis(500);
+        video_frame_from(&o, 2, 2, 2, true, later);
+        video_frame_from(&o, 2, 2, 2, false, later);
+        assert_eq!(o.dropped_frames(), (0, 0));
     }
 
     #[test]

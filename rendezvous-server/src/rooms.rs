@@ -145,22 +145,29 @@ struct RoomBudgets {
     grants: HashMap<u64, (u64, Instant)>,
     /// Sender connection → when it was last told.
     told: HashMap<u64, Instant>,
+    /// Sender connection → when it last sent to the room.
+    sent: HashMap<u64, Instant>,
 }
 
 impl RoomBudgets {
     /// The fan-out budget of the sender whose receivers are `receivers` (the other members),
     /// if every one of them is the bottleneck now: the most any of them takes from one sender
-    /// (its budget shared among the room's other senders). A sender is held to the members
-    /// that can take the most, not to the slowest; while any member takes everything, there is
-    /// no budget.
+    /// (its budget shared among the members sending to it lately, silent ones not counted). A
+    /// sender is held to the members that can take the most, not to the slowest; while any
+    /// member takes everything, there is no budget.
     fn budget(&self, receivers: &[u64], now: Instant) -> Option<u64> {
-        let senders = receivers.len().max(1) as u64;
         let mut best = 0;
         for r in receivers {
             let (bps, at) = self.grants.get(r)?;
             if now.duration_since(*at) > GRANT_FRESH {
                 return None;
             }
+            let senders = self
+                .sent
+                .iter()
+                .filter(|(c, t)| *c != r && now.duration_since(**t) <= GRANT_FRESH)
+                .count()
+                .max(1) as u64;
             best = best.max(bps / senders);
         }
         (best > 0).then_some(best.max(FAN_OUT_BUDGET_FLOOR))
@@ -621,6 +628,7 @@ impl Rooms {
     ) {
         let mut budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
         let entry = budgets.entry(room).or_default();
+        entry.sent.insert(sender, now);
         for &(conn, bps) in grants {
             entry.grants.insert(conn, (bps, now));
         }
@@ -634,6 +642,7 @@ impl Rooms {
         let conns: Vec<u64> = receivers.iter().map(|(c, _)| *c).collect();
         // Members that left are forgotten (the lists stay as small as the room).
         entry.grants.retain(|c, _| conns.contains(c) || *c == sender);
+        entry.sent.retain(|c, _| conns.contains(c) || *c == sender);
         let Some(bps) = entry.budget(&conns, now) else { return };
         entry.told.retain(|c, _| conns.contains(c) || *c == sender);
         entry.told.insert(sender, now);

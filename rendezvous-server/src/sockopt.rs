@@ -60,12 +60,14 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
-/// `[::]` takes IPv4 and IPv6 alike (dual stack), whatever `net.ipv6.bindv6only` says.
+/// `[::]` takes IPv4 and IPv6 alike (dual stack), whatever `net.ipv6.bindv6only` says, where
+/// the system allows it (some never do: IPv6 only there).
 fn dual_stack(s: &Socket, addr: SocketAddr) -> io::Result<()> {
     if let SocketAddr::V6(v6) = addr
         && v6.ip().is_unspecified()
+        && let Err(e) = s.set_only_v6(false)
     {
-        s.set_only_v6(false)?;
+        tracing::warn!(error = %e, "[::] is IPv6 only here: listen on an IPv4 address too for IPv4 peers");
     }
     Ok(())
 }
