@@ -47,6 +47,19 @@ pub(crate) struct Link {
 
 pub(crate) type Core = PeerCore<Link>;
 
+/// Queues `what` for room `id`'s media without waiting: a full input loses it (logged), as does
+/// a room this endpoint is not in.
+fn hand_over<T>(id: u32, to: Option<mpsc::Sender<T>>, item: T, what: &str) {
+    match to {
+        Some(tx) => {
+            if tx.try_send(item).is_err() {
+                trace!(room = id, what, "room media input full: dropped");
+            }
+        }
+        None => trace!(room = id, what, "for a room this endpoint is not in: dropped"),
+    }
+}
+
 /// Where a room's fan-out packets and budgets go.
 #[derive(Debug)]
 pub(crate) struct RoomInputs {
@@ -246,20 +259,8 @@ impl Shared {
     /// Hands the server's fan-out budget for room `id` to the room's media (a full input
     /// loses it: the server sends the next one a quarter second later).
     pub(crate) fn deliver_room_budget(&self, id: u32, bps: u64) {
-        let ctl = self
-            .room_packets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .map(|r| r.ctl.clone());
-        match ctl {
-            Some(ctl) => {
-                if ctl.try_send(crate::room_media::Ctl::Budget(bps)).is_err() {
-                    trace!(room = id, "room media input full: fan-out budget dropped");
-                }
-            }
-            None => trace!(room = id, "fan-out budget of a room this endpoint is not in ignored"),
-        }
+        let ctl = self.room_input(id, |r| r.ctl.clone());
+        hand_over(id, ctl, crate::room_media::Ctl::Budget(bps), "fan-out budget");
     }
 
     /// Forgets room `id`: its packets are dropped from now on.
@@ -270,20 +271,17 @@ impl Shared {
     /// Hands a fan-out packet of room `id` to the room's media; a room that cannot keep up
     /// loses packets, like a congested link.
     pub(crate) fn deliver_room(&self, id: u32, payload: Bytes) {
-        let tx = self
-            .room_packets
+        let packets = self.room_input(id, |r| r.packets.clone());
+        hand_over(id, packets, payload, "fan-out packet");
+    }
+
+    /// One of room `id`'s inputs, if this endpoint is in it (cloned out of the lock).
+    fn room_input<T>(&self, id: u32, pick: impl FnOnce(&RoomInputs) -> T) -> Option<T> {
+        self.room_packets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
-            .map(|r| r.packets.clone());
-        match tx {
-            Some(tx) => {
-                if tx.try_send(payload).is_err() {
-                    trace!(room = id, "room media input full: packet dropped");
-                }
-            }
-            None => trace!(room = id, "fan-out packet of a room this endpoint is not in dropped"),
-        }
+            .map(pick)
     }
 
     /// Hands the relay's budget for server call `server_call` to its media session. A session
