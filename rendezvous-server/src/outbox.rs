@@ -545,10 +545,14 @@ impl Outbox {
                 || s.video.front().is_some_and(|i| {
                     // A frame already started goes on (it is committed); one packet always goes
                     // when nothing is in flight.
+                    // Rooms only: a 1:1 sender's own controller reads the queue from its
+                    // receiver's feedback, and video held here would hide it (its target then
+                    // ran over a slow link's cap).
+                    let room = i.call & ROOM_ID_BIT != 0;
                     let started = !i.flags.has(RelayFlags::FRAME_START) && s.video_mid_frame.contains(&i.from);
                     // Never held while fewer frames are in flight than one acknowledgement
                     // needs (the client could not acknowledge, and the rate not be measured).
-                    !started
+                    room && !started
                         && s.idle_count + taken >= self.config.ack_every
                         && s.unacked_bytes + i.wire.len() as u64 > video_bytes_room
                 })
@@ -761,7 +765,7 @@ mod tests {
     }
 
     #[test]
-    fn video_in_flight_is_held_to_the_bytes_the_client_drains_and_audio_passes_it() {
+    fn a_rooms_video_in_flight_is_held_to_the_bytes_the_client_drains_and_audio_passes_it() {
         // A client draining 10 kB/s over a 20 ms round trip, target delay 80 ms: about
         // 0.75 × 10 kB/s × 100 ms = 750 bytes of video may be in flight. Video packets are 100
         // bytes here; audio ones 20.
@@ -803,8 +807,14 @@ mod tests {
         );
         batch.clear();
         // Twenty one-packet video frames wait; the window in frames would let many more out.
+        // A room's video (1:1 video is not held this way: its sender reads the queue itself).
+        let room = RelayHeader {
+            call: ROOM_ID_BIT | CALL,
+            class: TrafficClass::Video,
+            flags: RelayFlags(START | END),
+        };
         for _ in 0..20 {
-            video_frame(&o, 9, 1, false, now);
+            o.push_relay(1, wire(9), &room, now);
         }
         assert_eq!(o.take(now, &mut batch), Take::Frames);
         let video = batch.len();
