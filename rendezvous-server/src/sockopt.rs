@@ -22,25 +22,50 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// Unanswered probes before the kernel gives up on the connection.
 pub const KEEPALIVE_RETRIES: u32 = 4;
 
-/// The server's two sockets on one port number.
+/// The server's sockets: TCP and UDP on one port number, and a second UDP STUN port.
 #[derive(Debug)]
 pub struct Sockets {
     /// TCP control/relay listener.
     pub tcp: TcpListener,
     /// UDP STUN socket.
     pub udp: UdpSocket,
+    /// The second UDP STUN socket (same IP, another port), by which peers learn whether their
+    /// NAT maps ports per destination; `None`: off.
+    pub udp_alt: Option<UdpSocket>,
+    /// With an alternate IP (RFC 5780): the sockets on it, at the main port and at the second
+    /// port.
+    pub udp_other: Option<(UdpSocket, UdpSocket)>,
 }
 
 impl Sockets {
+    /// Binds TCP and UDP on `addr`, and the second STUN port as by default (see
+    /// [`Sockets::bind_with_alt`] with `None`).
+    pub fn bind(addr: SocketAddr) -> io::Result<Self> {
+        Self::bind_with_alt(addr, None)
+    }
+
     /// Binds TCP and UDP on `addr`. With port 0 the TCP port is chosen by the kernel and UDP
     /// takes the same number (retrying a few times if another socket holds it).
-    pub fn bind(addr: SocketAddr) -> io::Result<Self> {
+    ///
+    /// The second STUN port (`stun_alt_port` in the configuration): `Some(0)` turns it off,
+    /// `Some(p)` binds port `p` (an error if it is taken); `None` binds the main port + 1, or
+    /// any free port when the main port is 0, and goes without one (with a warning) when that
+    /// port is taken.
+    pub fn bind_with_alt(addr: SocketAddr, alt: Option<u16>) -> io::Result<Self> {
         let mut last_err = None;
         for _ in 0..16 {
             let tcp = tcp_listener(addr)?;
             let port = tcp.local_addr()?.port();
             match udp_socket(SocketAddr::new(addr.ip(), port)) {
-                Ok(udp) => return Ok(Self { tcp, udp }),
+                Ok(udp) => {
+                    let udp_alt = bind_alt(addr, port, alt)?;
+                    return Ok(Self {
+                        tcp,
+                        udp,
+                        udp_alt,
+                        udp_other: None,
+                    });
+                }
                 Err(e) if addr.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => last_err = Some(e),
                 Err(e) => return Err(e),
             }
@@ -48,9 +73,55 @@ impl Sockets {
         Err(last_err.unwrap_or_else(|| io::Error::other("no free port for both TCP and UDP")))
     }
 
+    /// [`Sockets::bind_with_alt`], and with `alternate_ip` the two STUN sockets of RFC 5780 on
+    /// it (the main and the second port numbers): then `addr` must name one IP, of the same
+    /// family, and the second port must be on.
+    pub fn bind_rfc5780(
+        addr: SocketAddr,
+        alt: Option<u16>,
+        alternate_ip: Option<std::net::IpAddr>,
+    ) -> io::Result<Self> {
+        let mut s = Self::bind_with_alt(addr, alt)?;
+        let Some(ip) = alternate_ip else { return Ok(s) };
+        let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_owned());
+        if addr.ip().is_unspecified() || addr.is_ipv4() != ip.is_ipv4() || ip == addr.ip() {
+            return Err(invalid(
+                "alternate_ip needs listen on one IP address of the same family, other than it",
+            ));
+        }
+        let Some(alt) = &s.udp_alt else {
+            return Err(invalid(
+                "alternate_ip needs the second STUN port (stun_alt_port is 0 or taken)",
+            ));
+        };
+        let (p1, p2) = (s.udp.local_addr()?.port(), alt.local_addr()?.port());
+        s.udp_other = Some((
+            udp_socket(SocketAddr::new(ip, p1))?,
+            udp_socket(SocketAddr::new(ip, p2))?,
+        ));
+        Ok(s)
+    }
+
     /// The bound address (TCP and UDP share the port).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.tcp.local_addr()
+    }
+}
+
+fn bind_alt(addr: SocketAddr, port: u16, alt: Option<u16>) -> io::Result<Option<UdpSocket>> {
+    match alt {
+        Some(0) => Ok(None),
+        Some(p) => udp_socket(SocketAddr::new(addr.ip(), p)).map(Some),
+        None => {
+            let p = if addr.port() == 0 { 0 } else { port.wrapping_add(1) };
+            match udp_socket(SocketAddr::new(addr.ip(), p)) {
+                Ok(s) => Ok(Some(s)),
+                Err(e) => {
+                    tracing::warn!(port = p, error = %e, "no second STUN port: peers cannot tell whether their NAT maps ports per destination (set stun_alt_port)");
+                    Ok(None)
+                }
+            }
+        }
     }
 }
 

@@ -63,6 +63,20 @@ fn answer_by(responder: &FuzzResponder, req: &[u8], src: SocketAddr) -> Option<b
     let token = responder.token();
     let signed = parsed.has_integrity && parsed.username.as_deref() == Some(token.username.as_str());
     let password = signed.then_some(token.password.as_str());
+    if !signed && (parsed.change.ip || parsed.change.port) {
+        // The fuzz responder has one STUN socket: a change it cannot make is refused (420).
+        assert_eq!(
+            stun::parse_binding_answer(response, &parsed.transaction_id),
+            Err(stun::StunError::Refused(420)),
+            "an impossible CHANGE-REQUEST is not refused"
+        );
+        assert!(
+            len <= AMPLIFICATION_LIMIT * req.len(),
+            "{len}-byte refusal to {} bytes",
+            req.len()
+        );
+        return Some(false);
+    }
     let mapped = stun::parse_binding_success(response, &parsed.transaction_id, password);
     assert_eq!(mapped, Ok(src), "the answer does not tell the source its address");
     if signed {

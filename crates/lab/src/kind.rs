@@ -27,11 +27,14 @@ pub enum Kind {
     Cgnat,
     /// A port-restricted NAT whose firewall drops all UDP: only TCP leaves.
     UdpBlocked,
+    /// A symmetric NAT whose router runs miniupnpd (UPnP-IGD, NAT-PMP, PCP), as many home
+    /// routers do: a peer may ask it to map its port.
+    SymmetricUpnp,
 }
 
 impl Kind {
     /// Every kind, in table order.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Public,
         Kind::FullCone,
         Kind::AddressRestricted,
@@ -39,6 +42,7 @@ impl Kind {
         Kind::Symmetric,
         Kind::Cgnat,
         Kind::UdpBlocked,
+        Kind::SymmetricUpnp,
     ];
 
     /// The name used on the command line and in tables.
@@ -51,6 +55,7 @@ impl Kind {
             Kind::Symmetric => "symmetric",
             Kind::Cgnat => "cgnat",
             Kind::UdpBlocked => "udp-blocked",
+            Kind::SymmetricUpnp => "symmetric-upnp",
         }
     }
 
@@ -70,6 +75,9 @@ impl Kind {
             }
             Kind::Cgnat => "EIM + APDF home NAT behind an EIM + APDF carrier NAT (100.64.0.0/10): two NATs",
             Kind::UdpBlocked => "EIM + APDF NAT whose firewall drops all UDP: only TCP (the relay) works",
+            Kind::SymmetricUpnp => {
+                "symmetric NAT whose router runs miniupnpd (UPnP-IGD, NAT-PMP, PCP): a peer can have its port mapped"
+            }
         }
     }
 }
@@ -89,6 +97,16 @@ impl FromStr for Kind {
             .find(|k| k.name() == s)
             .ok_or_else(|| Error::UnknownKind(s.to_owned()))
     }
+}
+
+/// An IP address family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
 }
 
 /// The path a call runs on, as the `natcall --json` report names it.
@@ -144,6 +162,37 @@ pub enum Scenario {
         /// Whether the router forwards LAN → its own public address back into the LAN.
         hairpin: bool,
     },
+    /// IPv6: the server dual-stack (`[::]:3478`), the peers as `case` says.
+    V6(V6Case),
+}
+
+/// The IPv6 scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum V6Case {
+    /// Both dual-stack, global IPv6 behind a stateful firewall that drops unsolicited inbound
+    /// (RFC 6092), IPv4 behind a symmetric NAT each: IPv4 could only relay, so a direct path is
+    /// IPv6 punched through both firewalls.
+    FirewalledV6,
+    /// Both dual-stack behind port-restricted IPv4 NATs and IPv6 firewalls: both families go
+    /// direct, and IPv6 is preferred.
+    DualStack,
+    /// One peer on IPv6 only, the other on IPv4 only: the relay.
+    V6OnlyToV4Only,
+}
+
+impl V6Case {
+    /// Every case, in table order.
+    pub const ALL: [V6Case; 3] = [V6Case::FirewalledV6, V6Case::DualStack, V6Case::V6OnlyToV4Only];
+
+    /// The name in tables and file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            V6Case::FirewalledV6 => "v6-firewalled",
+            V6Case::DualStack => "dual-stack",
+            V6Case::V6OnlyToV4Only => "v6-only_x_v4-only",
+        }
+    }
 }
 
 impl Scenario {
@@ -157,6 +206,7 @@ impl Scenario {
         match self {
             Scenario::Pair { a, .. } => a.to_string(),
             Scenario::SameLan { .. } => "same-lan".into(),
+            Scenario::V6(c) => c.name().into(),
         }
     }
 
@@ -166,6 +216,7 @@ impl Scenario {
             Scenario::Pair { b, .. } => b.to_string(),
             Scenario::SameLan { hairpin: true } => "same-lan (hairpin on)".into(),
             Scenario::SameLan { hairpin: false } => "same-lan (hairpin off)".into(),
+            Scenario::V6(c) => c.name().into(),
         }
     }
 
@@ -175,6 +226,7 @@ impl Scenario {
             Scenario::Pair { a, b } => format!("{a}_x_{b}"),
             Scenario::SameLan { hairpin: true } => "same-lan_hairpin-on".into(),
             Scenario::SameLan { hairpin: false } => "same-lan_hairpin-off".into(),
+            Scenario::V6(c) => format!("ipv6_{}", c.name()),
         }
     }
 
@@ -190,13 +242,18 @@ impl Scenario {
     pub fn expected(&self) -> Path {
         let (a, b) = match *self {
             Scenario::SameLan { .. } => return Path::Lan,
+            Scenario::V6(V6Case::V6OnlyToV4Only) => return Path::Relay,
+            Scenario::V6(_) => return Path::Direct,
             Scenario::Pair { a, b } => (a, b),
         };
         if a == Kind::UdpBlocked || b == Kind::UdpBlocked {
             return Path::Relay;
         }
-        let strict = |k: Kind| matches!(k, Kind::PortRestricted | Kind::Cgnat | Kind::Symmetric);
-        if (a == Kind::Symmetric && strict(b)) || (b == Kind::Symmetric && strict(a)) {
+        // One symmetric NAT is traversed: by ordinary checks when the other side filters by
+        // address only (or not at all), by birthday probing when it filters by port too. Two
+        // symmetric NATs leave nothing to aim at: the relay — unless one router maps a port on
+        // request (symmetric-upnp), which the other side then reaches like a public address.
+        if a == Kind::Symmetric && b == Kind::Symmetric {
             return Path::Relay;
         }
         Path::Direct
@@ -213,7 +270,16 @@ impl Scenario {
         }
         all.push(Scenario::SameLan { hairpin: true });
         all.push(Scenario::SameLan { hairpin: false });
+        all.extend(V6Case::ALL.map(Scenario::V6));
         all
+    }
+
+    /// The address family the caller's final path must run on, when the scenario says.
+    pub fn expected_family(&self) -> Option<Family> {
+        match self {
+            Scenario::V6(V6Case::FirewalledV6 | V6Case::DualStack) => Some(Family::V6),
+            _ => None,
+        }
     }
 }
 
@@ -230,7 +296,7 @@ mod tests {
     #[test]
     fn the_matrix_has_every_unordered_pair_and_both_same_lan_variants() {
         let all = Scenario::matrix();
-        assert_eq!(all.len(), 7 * 8 / 2 + 2);
+        assert_eq!(all.len(), 8 * 9 / 2 + 2 + 3);
         let unique: std::collections::HashSet<_> = all.iter().collect();
         assert_eq!(unique.len(), all.len());
     }
@@ -241,14 +307,19 @@ mod tests {
         let e = |a, b| Scenario::pair(a, b).expected();
         assert_eq!(e(PortRestricted, PortRestricted), Path::Direct);
         assert_eq!(e(Cgnat, Cgnat), Path::Direct);
-        for k in [Public, FullCone, AddressRestricted] {
+        for k in [
+            Public,
+            FullCone,
+            AddressRestricted,
+            PortRestricted,
+            Cgnat,
+            SymmetricUpnp,
+        ] {
             assert_eq!(e(Symmetric, k), Path::Direct, "{k}");
             assert_eq!(e(k, Symmetric), Path::Direct, "{k}");
         }
-        for k in [PortRestricted, Symmetric, Cgnat] {
-            assert_eq!(e(Symmetric, k), Path::Relay, "{k}");
-            assert_eq!(e(k, Symmetric), Path::Relay, "{k}");
-        }
+        assert_eq!(e(Symmetric, Symmetric), Path::Relay);
+        assert_eq!(e(SymmetricUpnp, SymmetricUpnp), Path::Direct);
         for k in Kind::ALL {
             assert_eq!(e(UdpBlocked, k), Path::Relay, "{k}");
         }

@@ -5,7 +5,9 @@
 //! 1. the server listens on `<server ip>:3478` (checked by a TCP connect from its namespace);
 //! 2. bob registers; alice calls; both print `connected` (on the relay, policy `auto`);
 //! 3. wait up to [`FINAL_PATH_WAIT`] for alice's `path` event to `lan` or `direct` (direct
-//!    and LAN pairs are selected well under a second; the traversal budget is 5 s);
+//!    and LAN pairs are selected well under a second; the traversal budget is 5 s), or
+//!    [`BIRTHDAY_PATH_WAIT`] when exactly one side is behind a symmetric NAT (birthday
+//!    traversal: typically 1–2 s, budget 10 s);
 //! 4. a chat line each way; alice closes stdin, which ends the call; both must exit 0;
 //! 5. the final `path` of both reports must be the expected one.
 
@@ -18,12 +20,16 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::impair::{ImpairGuard, Impairment};
+use crate::kind::V6Case;
 use crate::process::{Binaries, Proc};
 use crate::topology::{self, SERVER_PORT};
-use crate::{Error, Path, Scenario};
+use crate::{Error, Family, Kind, Path, Scenario};
 
 /// How long to wait after `connected` for a move off the relay (traversal budget 5 s + margin).
 pub const FINAL_PATH_WAIT: Duration = Duration::from_secs(7);
+/// The same when one side is behind a symmetric NAT: birthday traversal's budget (10 s) +
+/// margin.
+pub const BIRTHDAY_PATH_WAIT: Duration = Duration::from_secs(12);
 const STEP: Duration = Duration::from_secs(20);
 const CHAT_A: &str = "hello bob, this is alice";
 const CHAT_B: &str = "hello alice, bob here";
@@ -63,6 +69,11 @@ pub struct Outcome {
     pub exit_codes: [Option<i32>; 2],
     /// The first thing that went wrong (besides a path mismatch).
     pub error: Option<String>,
+    /// Port forwards the routers' miniupnpd still held after both peers exited (symmetric-upnp
+    /// only): each peer releases its mapping when it closes.
+    pub port_forwards_left: Option<usize>,
+    /// The family of the caller's final path (its report's `remote_addr`), when it is direct.
+    pub family: Option<Family>,
     /// The caller's and the callee's reports.
     pub reports: [Option<Value>; 2],
     /// The folder with the logs, when kept.
@@ -84,6 +95,8 @@ impl Outcome {
             chat_both_ways: false,
             exit_codes: [None, None],
             error: None,
+            port_forwards_left: None,
+            family: None,
             reports: [None, None],
             log_dir: None,
             wall_ms: 0.0,
@@ -97,19 +110,29 @@ impl Outcome {
             && self.exit_codes == [Some(0), Some(0)]
             && self.observed == Some(self.expected)
             && self.observed_b == Some(self.expected)
+            && self.port_forwards_left.unwrap_or(0) == 0
+            && self.scenario.expected_family().is_none_or(|f| self.family == Some(f))
     }
 
     /// A one-line verdict.
     pub fn summary(&self) -> String {
         let path = |p: Option<Path>| p.map_or("-".to_string(), |p| p.to_string());
         format!(
-            "{}: expected {}, observed {} (bob {}), chat both ways {}, exits {:?}{}",
+            "{}: expected {}, observed {}{} (bob {}), chat both ways {}, exits {:?}{}{}",
             self.scenario,
             self.expected,
             path(self.observed),
+            match (self.scenario.expected_family(), self.family) {
+                (Some(want), got) => format!(" over {:?} (expected {want:?})", got),
+                _ => String::new(),
+            },
             path(self.observed_b),
             self.chat_both_ways,
             self.exit_codes,
+            self.port_forwards_left
+                .filter(|n| *n > 0)
+                .map(|n| format!(", {n} port forwards left on the router"))
+                .unwrap_or_default(),
             self.error.as_ref().map(|e| format!(", error: {e}")).unwrap_or_default()
         )
     }
@@ -188,6 +211,7 @@ async fn run_in_lab(
             guards.push(imp.apply(device).await?);
         }
     }
+    let log_dir = dir.to_path_buf();
     let (bins, dir) = (bins.clone(), dir.to_path_buf());
     let (server, a, b) = (net.server.clone(), net.a.clone(), net.b.clone());
     let mut result = tokio::task::spawn_blocking(move || {
@@ -197,6 +221,13 @@ async fn run_in_lab(
     })
     .await
     .map_err(|e| Error::InvalidScenario(format!("the scenario driver panicked: {e}")))?;
+    for (i, d) in net.daemons.iter().enumerate() {
+        let _ = std::fs::write(log_dir.join(format!("miniupnpd-{i}.log")), d.log());
+        match d.port_forwards() {
+            Ok(n) => *result.port_forwards_left.get_or_insert(0) += n,
+            Err(e) => result.error = result.error.take().or(Some(format!("reading miniupnpd's rules: {e}"))),
+        }
+    }
     drop(guards);
     drop(net);
     result.scenario = scenario;
@@ -207,7 +238,12 @@ async fn run_in_lab(
 /// Runs the three processes and fills `out`; all waits bounded.
 fn drive(bins: &Binaries, dir: &FsPath, [server, a, b]: [&Device; 3], out: &mut Outcome) {
     let mut procs: Vec<Proc> = Vec::new();
-    if let Err(e) = converse(bins, dir, [server, a, b], &mut procs, out) {
+    let symmetric = |k: Kind| matches!(k, Kind::Symmetric | Kind::SymmetricUpnp);
+    let wait = match out.scenario {
+        Scenario::Pair { a, b } if symmetric(a) || symmetric(b) => BIRTHDAY_PATH_WAIT,
+        _ => FINAL_PATH_WAIT,
+    };
+    if let Err(e) = converse(bins, dir, [server, a, b], &mut procs, out, wait) {
         out.error = Some(e);
     }
     for p in &mut procs {
@@ -221,6 +257,10 @@ fn drive(bins: &Binaries, dir: &FsPath, [server, a, b]: [&Device; 3], out: &mut 
     out.observed_b = path_of(&out.reports[1], "path");
     out.path_at_connect = path_of(&out.reports[0], "path_at_connect");
     if let Some(r) = &out.reports[0] {
+        out.family = r["remote_addr"]
+            .as_str()
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+            .map(|a| if a.is_ipv4() { Family::V4 } else { Family::V6 });
         out.time_to_connected_ms = r["time_to_connected_ms"].as_f64();
         out.time_to_final_path_ms = r["path_changes"]
             .as_array()
@@ -235,18 +275,39 @@ fn converse(
     [server, a, b]: [&Device; 3],
     procs: &mut Vec<Proc>,
     out: &mut Outcome,
+    final_path_wait: Duration,
 ) -> Result<(), String> {
     let ip = server.ip().ok_or("the server device has no IPv4 address")?;
     let addr = SocketAddr::from((ip, SERVER_PORT));
-    procs.push(start_server(bins, dir, server, addr)?);
+    // IPv6 scenarios: the server listens dual-stack; a peer on IPv6 only reaches it over IPv6.
+    let (listen, alice_server) = match out.scenario {
+        Scenario::V6(case) => {
+            let ip6 = server.ip6().ok_or("the server device has no IPv6 address")?;
+            let alice = match case {
+                V6Case::V6OnlyToV4Only => SocketAddr::from((ip6, SERVER_PORT)),
+                _ => addr,
+            };
+            (SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, SERVER_PORT)), alice)
+        }
+        _ => (addr, addr),
+    };
+    procs.push(start_server_on(bins, dir, server, listen, addr)?);
     let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let peer = |name: &str, cmd: &[&str]| peer_args(addr, dir, name, &args(cmd));
+    let peer = |name: &str, to: SocketAddr, cmd: &[&str]| peer_args(to, dir, name, &args(cmd));
     procs.push(
-        Proc::spawn(b, dir, "bob", &bins.natcall, &peer("bob", &["listen", "--once"])).map_err(|e| e.to_string())?,
+        Proc::spawn(b, dir, "bob", &bins.natcall, &peer("bob", addr, &["listen", "--once"]))
+            .map_err(|e| e.to_string())?,
     );
     procs[1].wait_event("registered", STEP, |_| true)?;
     procs.push(
-        Proc::spawn(a, dir, "alice", &bins.natcall, &peer("alice", &["call", "bob"])).map_err(|e| e.to_string())?,
+        Proc::spawn(
+            a,
+            dir,
+            "alice",
+            &bins.natcall,
+            &peer("alice", alice_server, &["call", "bob"]),
+        )
+        .map_err(|e| e.to_string())?,
     );
     let [_, bob, alice] = procs.as_mut_slice() else {
         return Err("internal: three processes expected".into());
@@ -254,7 +315,7 @@ fn converse(
     alice.wait_event("connected", STEP, |_| true)?;
     bob.wait_event("connected", STEP, |_| true)?;
     // The final path: a move to LAN or direct, or none within the budget (then the relay).
-    let _ = alice.wait_event("path", FINAL_PATH_WAIT, |v| v["to"] == "lan" || v["to"] == "direct");
+    let _ = alice.wait_event("path", final_path_wait, |v| v["to"] == "lan" || v["to"] == "direct");
     alice.say(CHAT_A)?;
     bob.wait_event("chat", STEP, |v| v["text"] == CHAT_A)?;
     bob.say(CHAT_B)?;
@@ -269,10 +330,35 @@ fn converse(
 /// Starts `natcall-rendezvous` on `addr` in `device`'s namespace (logging to
 /// `dir/rendezvous.log`) and waits until it accepts TCP.
 pub(crate) fn start_server(bins: &Binaries, dir: &FsPath, device: &Device, addr: SocketAddr) -> Result<Proc, String> {
-    let state = dir.join("rendezvous-state").display().to_string();
-    let args: Vec<String> = [
+    start_server_on(bins, dir, device, addr, addr)
+}
+
+/// [`start_server`] listening on `listen` (e.g. `[::]:3478`), ready when `addr` accepts TCP.
+pub(crate) fn start_server_on(
+    bins: &Binaries,
+    dir: &FsPath,
+    device: &Device,
+    listen: SocketAddr,
+    addr: SocketAddr,
+) -> Result<Proc, String> {
+    start_server_as(bins, dir, "rendezvous", device, listen, addr, &[])
+}
+
+/// [`start_server_on`] under log name `name` (`dir/<name>.log`, state in
+/// `dir/<name>-state`), with more arguments (`--cluster …`).
+pub(crate) fn start_server_as(
+    bins: &Binaries,
+    dir: &FsPath,
+    name: &str,
+    device: &Device,
+    listen: SocketAddr,
+    addr: SocketAddr,
+    extra: &[&str],
+) -> Result<Proc, String> {
+    let state = dir.join(format!("{name}-state")).display().to_string();
+    let mut args: Vec<String> = [
         "--listen",
-        &addr.to_string(),
+        &listen.to_string(),
         "--log-level",
         "debug",
         "--state-dir",
@@ -281,7 +367,8 @@ pub(crate) fn start_server(bins: &Binaries, dir: &FsPath, device: &Device, addr:
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let server = Proc::spawn(device, dir, "rendezvous", &bins.rendezvous, &args).map_err(|e| e.to_string())?;
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let server = Proc::spawn(device, dir, name, &bins.rendezvous, &args).map_err(|e| e.to_string())?;
     wait_listening(device, addr)?;
     Ok(server)
 }

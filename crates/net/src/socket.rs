@@ -96,7 +96,7 @@ impl AsyncUdpSocket for MuxSocket {
         };
         let sent = match route {
             crate::core::Route::Udp(real) if !self.shared.blackholed(real) => {
-                self.udp().try_send_to(transmit.contents, real).map(|_| ())
+                self.shared.send_udp(transmit.contents, real).map(|_| ())
             }
             other => {
                 // The relay (QUIC travels as control class), or no path yet: QUIC retransmits.
@@ -140,6 +140,8 @@ impl AsyncUdpSocket for MuxSocket {
                 Poll::Pending => return Poll::Pending,
             };
             let n = rb.filled().len();
+            // A dual-stack socket gives IPv4 senders as `::ffff:a.b.c.d`: canonical from here on.
+            let src = SocketAddr::new(src.ip().to_canonical(), src.port());
             if self.shared.blackholed(src) {
                 continue;
             }

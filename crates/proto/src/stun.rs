@@ -10,7 +10,8 @@
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
-use stun_rs::attributes::stun::{Fingerprint, MessageIntegrity, UserName, XorMappedAddress};
+use stun_rs::attributes::discovery::{ChangeRequest, ChangeRequestFlags, OtherAddress, ResponseOrigin};
+use stun_rs::attributes::stun::{ErrorCode, Fingerprint, MessageIntegrity, UserName, XorMappedAddress};
 use stun_rs::methods::BINDING;
 use stun_rs::{
     DecoderContextBuilder, HMACKey, MessageClass, MessageDecoderBuilder, MessageEncoderBuilder, StunMessage,
@@ -122,6 +123,9 @@ pub enum StunError {
     /// A message could not be encoded.
     #[error("cannot encode STUN message: {0}")]
     Encode(String),
+    /// An error response, with its code (e.g. 420: the server cannot honour a CHANGE-REQUEST).
+    #[error("STUN error response {0}")]
+    Refused(u16),
 }
 
 /// A registration token: USERNAME and short-term password for authenticated Binding requests.
@@ -146,6 +150,38 @@ pub struct BindingRequest {
     pub username: Option<String>,
     /// Whether it carries MESSAGE-INTEGRITY (to be checked with [`verify_integrity`]).
     pub has_integrity: bool,
+    /// CHANGE-REQUEST (RFC 5780): answer from the other IP and/or port.
+    pub change: Change,
+    /// Whether it carries FINGERPRINT.
+    pub has_fingerprint: bool,
+}
+
+/// What a CHANGE-REQUEST asks for (RFC 5780 §7.2): the answer to come from the server's other
+/// IP address, its other port, or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Change {
+    /// From the alternate IP address.
+    pub ip: bool,
+    /// From the alternate port.
+    pub port: bool,
+}
+
+/// The RFC 5780 attributes of an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Origin {
+    /// RESPONSE-ORIGIN: the address the answer is sent from.
+    pub response_origin: Option<SocketAddr>,
+    /// OTHER-ADDRESS: the server's alternate IP and port.
+    pub other_address: Option<SocketAddr>,
+}
+
+/// A Binding success response as a client reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindingAnswer {
+    /// XOR-MAPPED-ADDRESS: the client's address as the server saw it.
+    pub mapped: SocketAddr,
+    /// RESPONSE-ORIGIN and OTHER-ADDRESS, when the server sent them.
+    pub origin: Origin,
 }
 
 fn check_size(data: &[u8]) -> Result<(), StunError> {
@@ -199,10 +235,20 @@ pub fn parse_binding_request(data: &[u8]) -> Result<BindingRequest, StunError> {
         .map(|u| u.as_str().to_owned());
     let mut transaction_id = [0u8; 12];
     transaction_id.copy_from_slice(msg.transaction_id().as_ref());
+    let change = msg
+        .get::<ChangeRequest>()
+        .and_then(|a| a.as_change_request().ok())
+        .map(|c| Change {
+            ip: c.flags().contains(ChangeRequestFlags::ChangeIp),
+            port: c.flags().contains(ChangeRequestFlags::ChangePort),
+        })
+        .unwrap_or_default();
     Ok(BindingRequest {
         transaction_id,
         username,
         has_integrity: msg.get::<MessageIntegrity>().is_some(),
+        change,
+        has_fingerprint: msg.get::<Fingerprint>().is_some(),
     })
 }
 
@@ -238,6 +284,107 @@ pub fn encode_binding_success(
         b = b.with_attribute(MessageIntegrity::new(key(p)?));
     }
     encode(&b.with_attribute(Fingerprint::default()).build(), out)
+}
+
+/// Encodes a plain Binding success response with the RFC 5780 attributes of `origin`;
+/// FINGERPRINT only when `fingerprint`. Returns the length written to `out`.
+pub fn encode_binding_success_with(
+    transaction_id: &[u8; 12],
+    mapped: SocketAddr,
+    origin: &Origin,
+    fingerprint: bool,
+    out: &mut [u8],
+) -> Result<usize, StunError> {
+    let mut b = StunMessageBuilder::new(BINDING, MessageClass::SuccessResponse)
+        .with_transaction_id(TransactionId::from(*transaction_id))
+        .with_attribute(XorMappedAddress::from(mapped));
+    if let Some(a) = origin.response_origin {
+        b = b.with_attribute(ResponseOrigin::from(a));
+    }
+    if let Some(a) = origin.other_address {
+        b = b.with_attribute(OtherAddress::from(a));
+    }
+    if fingerprint {
+        b = b.with_attribute(Fingerprint::default());
+    }
+    encode(&b.build(), out)
+}
+
+/// Encodes a Binding error response (e.g. 420 for a CHANGE-REQUEST the server cannot honour).
+pub fn encode_binding_error(
+    transaction_id: &[u8; 12],
+    code: u16,
+    reason: &str,
+    out: &mut [u8],
+) -> Result<usize, StunError> {
+    let code = stun_rs::ErrorCode::new(code, reason).map_err(|e| StunError::Encode(e.to_string()))?;
+    let msg = StunMessageBuilder::new(BINDING, MessageClass::ErrorResponse)
+        .with_transaction_id(TransactionId::from(*transaction_id))
+        .with_attribute(ErrorCode::from(code))
+        .with_attribute(Fingerprint::default())
+        .build();
+    encode(&msg, out)
+}
+
+/// Encodes a plain Binding request with CHANGE-REQUEST `change` (RFC 5780 tests; none when both
+/// flags are off) and FINGERPRINT.
+pub fn encode_change_request(transaction_id: &[u8; 12], change: Change, out: &mut [u8]) -> Result<usize, StunError> {
+    let mut b = StunMessageBuilder::new(BINDING, MessageClass::Request)
+        .with_transaction_id(TransactionId::from(*transaction_id));
+    if change.ip || change.port {
+        let mut flags = enumflags2::BitFlags::empty();
+        if change.ip {
+            flags |= ChangeRequestFlags::ChangeIp;
+        }
+        if change.port {
+            flags |= ChangeRequestFlags::ChangePort;
+        }
+        b = b.with_attribute(ChangeRequest::new(Some(flags)));
+    }
+    encode(&b.with_attribute(Fingerprint::default()).build(), out)
+}
+
+/// Parses a plain Binding success response for `transaction_id`: XOR-MAPPED-ADDRESS and the
+/// RFC 5780 attributes. An error response is [`StunError::Refused`].
+pub fn parse_binding_answer(data: &[u8], transaction_id: &[u8; 12]) -> Result<BindingAnswer, StunError> {
+    check_size(data)?;
+    let msg = decode(data, None, true)?;
+    if msg.transaction_id().as_ref() != transaction_id {
+        return Err(StunError::Unexpected("transaction id does not match"));
+    }
+    if msg.method() != BINDING {
+        return Err(StunError::Unexpected("not a Binding response"));
+    }
+    if msg.class() == MessageClass::ErrorResponse {
+        let code = msg
+            .get::<ErrorCode>()
+            .and_then(|a| a.as_error_code().ok())
+            .map_or(0, |e| e.error_code().error_code());
+        return Err(StunError::Refused(code));
+    }
+    if msg.class() != MessageClass::SuccessResponse {
+        return Err(StunError::Unexpected("not a Binding response"));
+    }
+    let xma = msg.get::<XorMappedAddress>().ok_or(StunError::NoMappedAddress)?;
+    let mapped = *xma
+        .as_xor_mapped_address()
+        .map_err(|e| StunError::Malformed(e.to_string()))?
+        .socket_address();
+    let response_origin = msg
+        .get::<ResponseOrigin>()
+        .and_then(|a| a.as_response_origin().ok())
+        .map(|a| *a.socket_address());
+    let other_address = msg
+        .get::<OtherAddress>()
+        .and_then(|a| a.as_other_address().ok())
+        .map(|a| *a.socket_address());
+    Ok(BindingAnswer {
+        mapped,
+        origin: Origin {
+            response_origin,
+            other_address,
+        },
+    })
 }
 
 /// Encodes a Binding request, authenticated with a registration token if one is given.

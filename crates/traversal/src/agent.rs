@@ -59,7 +59,26 @@ pub struct Agent {
     last_check_at: Option<Instant>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
+    probes: Probes,
 }
+
+/// Birthday probes to a peer behind a NAT that maps per destination (see [`Agent::probe`]).
+#[derive(Debug, Default)]
+struct Probes {
+    targets: Vec<SocketAddr>,
+    next: usize,
+    interval: Duration,
+    delay: Duration,
+    at: Option<Instant>,
+    /// Runs started (the first, then one per restart), at most [`MAX_PROBE_RUNS`].
+    runs: u32,
+}
+
+/// Probes sent at most per `handle_timeout` when the caller was late (no burst after a stall).
+const MAX_PROBE_CATCH_UP: usize = 4;
+/// Runs of birthday probes per agent: the first attempt and two retries (each restart after
+/// falling back to the relay probes again), so a peer cannot have another probe all call long.
+pub const MAX_PROBE_RUNS: u32 = 3;
 
 #[derive(Debug, Clone, Copy)]
 struct Transaction {
@@ -126,6 +145,94 @@ impl Agent {
             last_check_at: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            probes: Probes::default(),
+        }
+    }
+
+    /// Birthday probing: while checking, sends one check to each of `targets`, in order, one
+    /// every `interval`, starting `delay` from `now` — the guessed public ports of a peer whose
+    /// NAT gives every destination a new port (a symmetric NAT) and which opened many of them
+    /// towards this peer. Each probe opens this side's NAT to its target; the probe that hits
+    /// one of the peer's open ports reaches it, and the peer's triggered check back validates
+    /// the pair as any other (probes themselves are never retransmitted and their answers
+    /// validate nothing). Probing stops when a pair is nominated or the budget runs out, and
+    /// starts over from the first target on [`Agent::restart`].
+    pub fn probe(&mut self, now: Instant, targets: Vec<SocketAddr>, interval: Duration, delay: Duration) {
+        debug!(targets = targets.len(), ?interval, "birthday probing");
+        self.probes = Probes {
+            targets,
+            next: 0,
+            interval,
+            delay,
+            at: Some(now + delay),
+            runs: 1,
+        };
+    }
+
+    /// Probes sent in this run so far.
+    pub fn probes_sent(&self) -> usize {
+        self.probes.next
+    }
+
+    /// The remote candidates checked (those the caller gave and those learned), in check
+    /// order.
+    pub fn candidates(&self) -> Vec<Candidate> {
+        (0..self.checks.len())
+            .map(|i| {
+                let p = self.checks.get(i);
+                Candidate {
+                    addr: p.remote,
+                    kind: p.kind,
+                }
+            })
+            .collect()
+    }
+
+    /// The remote candidate of the selected pair, while one is selected.
+    pub fn selected(&self) -> Option<Candidate> {
+        let Phase::Connected { pair, .. } = &self.phase else {
+            return None;
+        };
+        let p = self.checks.get(*pair);
+        Some(Candidate {
+            addr: p.remote,
+            kind: p.kind,
+        })
+    }
+
+    /// Whether the agent is still looking for a first path: checking, nothing validated yet
+    /// (when birthday traversal is worth its traffic).
+    pub fn is_searching(&self) -> bool {
+        matches!(self.phase, Phase::Checking) && self.first_valid_at.is_none()
+    }
+
+    fn send_probes(&mut self, now: Instant) {
+        if !self.is_searching() {
+            self.probes.at = None;
+            return;
+        }
+        for _ in 0..MAX_PROBE_CATCH_UP {
+            let Some(at) = self.probes.at.filter(|at| now >= *at) else {
+                return;
+            };
+            let Some(&target) = self.probes.targets.get(self.probes.next) else {
+                self.probes.at = None;
+                return;
+            };
+            self.probes.next += 1;
+            self.probes.at = Some(at + self.probes.interval);
+            let Some((_, contents)) = self.encode_check(false) else {
+                return;
+            };
+            self.transmits.push_back(Transmit {
+                destination: target,
+                contents,
+                probe: true,
+            });
+        }
+        // Still late after the catch-up: go on from now, not in a burst.
+        if self.probes.at.is_some_and(|at| at <= now) {
+            self.probes.at = Some(now + self.probes.interval);
         }
     }
 
@@ -180,6 +287,7 @@ impl Agent {
                 self.retransmit_checks(now);
                 self.retransmit_nomination(now);
                 self.start_paced_check(now);
+                self.send_probes(now);
                 self.maybe_nominate(now);
             }
             Phase::Connected { .. } => self.drive_liveness(now),
@@ -206,6 +314,13 @@ impl Agent {
         self.started_at = now;
         self.first_valid_at = None;
         self.last_check_at = None;
+        if !self.probes.targets.is_empty() && self.probes.runs < MAX_PROBE_RUNS {
+            self.probes.runs += 1;
+            self.probes.next = 0;
+            self.probes.at = Some(now + self.probes.delay);
+        } else {
+            self.probes.at = None;
+        }
     }
 
     /// The next datagram to send, if any.
@@ -230,10 +345,20 @@ impl Agent {
                     (Role::Controlling, Some(first)) => Some(first + self.config.nomination_delay),
                     _ => None,
                 };
-                [Some(self.deadline()), self.checks.next_retransmit(), paced, nominate]
-                    .into_iter()
-                    .flatten()
-                    .min()
+                let probe = self
+                    .probes
+                    .at
+                    .filter(|_| self.probes.next < self.probes.targets.len() && self.first_valid_at.is_none());
+                [
+                    Some(self.deadline()),
+                    self.checks.next_retransmit(),
+                    paced,
+                    nominate,
+                    probe,
+                ]
+                .into_iter()
+                .flatten()
+                .min()
             }
             Phase::Nominating { retransmit, .. } => {
                 let checks = self.checks.next_retransmit();
@@ -261,6 +386,7 @@ impl Agent {
             Ok(contents) => self.transmits.push_back(Transmit {
                 destination: from,
                 contents,
+                probe: false,
             }),
             Err(error) => debug!(%error, "cannot encode check response"),
         }
@@ -297,8 +423,13 @@ impl Agent {
             trace!(%from, "too many pairs; not adding a peer-reflexive candidate");
             return None;
         }
-        debug!(%from, "peer-reflexive candidate discovered");
-        let pair = CandidatePair::new(from, CandidateKind::PeerReflexive, now);
+        let kind = if self.probes.targets.contains(&from) {
+            CandidateKind::Predicted
+        } else {
+            CandidateKind::PeerReflexive
+        };
+        debug!(%from, ?kind, "peer-reflexive candidate discovered");
+        let pair = CandidatePair::new(from, kind, now);
         Some(self.checks.push(pair))
     }
 
@@ -362,7 +493,7 @@ impl Agent {
         let waited_enough = self
             .first_valid_at
             .is_some_and(|first| now >= first + self.config.nomination_delay);
-        let nothing_better = kind == crate::PathKind::Lan || !self.checks.better_pending(kind);
+        let nothing_better = kind == crate::PathKind::Lan || !self.checks.better_pending(best);
         if waited_enough || nothing_better {
             self.start_nomination(now, best);
         }
@@ -463,7 +594,9 @@ impl Agent {
         self.send_check(now, index, Purpose::Check);
     }
 
-    fn send_check(&mut self, now: Instant, index: usize, purpose: Purpose) {
+    /// A check with a fresh transaction id (USE-CANDIDATE when nominating): the id and the
+    /// encoded request.
+    fn encode_check(&mut self, use_candidate: bool) -> Option<(TransactionId, Vec<u8>)> {
         let transaction_id = self.rng.transaction_id();
         let username = self.credentials.outgoing_username();
         let request = CheckRequest {
@@ -471,11 +604,20 @@ impl Agent {
             role: self.role,
             tie_breaker: self.tie_breaker,
             priority: CandidateKind::PeerReflexive.priority(),
-            use_candidate: purpose == Purpose::Nominate,
+            use_candidate,
         };
-        let contents = match check::encode_request(&self.credentials.key, transaction_id, &request) {
-            Ok(contents) => contents,
-            Err(error) => return debug!(%error, "cannot encode check"),
+        match check::encode_request(&self.credentials.key, transaction_id, &request) {
+            Ok(contents) => Some((transaction_id, contents)),
+            Err(error) => {
+                debug!(%error, "cannot encode check");
+                None
+            }
+        }
+    }
+
+    fn send_check(&mut self, now: Instant, index: usize, purpose: Purpose) {
+        let Some((transaction_id, contents)) = self.encode_check(purpose == Purpose::Nominate) else {
+            return;
         };
         let pair = self.checks.get_mut(index);
         pair.last_sent = Some(now);
@@ -483,6 +625,7 @@ impl Agent {
         self.transmits.push_back(Transmit {
             destination: pair.remote,
             contents,
+            probe: false,
         });
         let transaction = Transaction {
             pair: index,

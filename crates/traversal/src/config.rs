@@ -35,6 +35,18 @@ pub struct Config {
     pub liveness_probes: u32,
     /// Seed of the agent's PRNG (transaction ids, tie-breaker). Vary it per agent.
     pub rng_seed: u64,
+    /// Birthday traversal (see [`crate::birthday`]): sockets the side behind a symmetric NAT
+    /// opens towards the peer (0 turns birthday traversal off).
+    pub birthday_sockets: usize,
+    /// Birthday traversal: probes the other side sends per attempt.
+    pub birthday_probes: usize,
+    /// Birthday traversal: one probe every this long (2 048 × 4 ms ≈ 8.2 s per attempt).
+    pub probe_interval: Duration,
+    /// Birthday traversal: the budget of an attempt (instead of `budget`), on both sides.
+    pub birthday_budget: Duration,
+    /// Birthday traversal starts this long after the checks, and only if no pair was validated
+    /// by then (a peer on a public address answers ordinary checks first).
+    pub birthday_delay: Duration,
 }
 
 impl Default for Config {
@@ -51,6 +63,11 @@ impl Default for Config {
             liveness_timeout: Duration::from_secs(20),
             liveness_probes: 3,
             rng_seed: 0,
+            birthday_sockets: 256,
+            birthday_probes: 2048,
+            probe_interval: Duration::from_millis(4),
+            birthday_budget: Duration::from_secs(10),
+            birthday_delay: Duration::from_millis(500),
         }
     }
 }
@@ -73,6 +90,15 @@ pub enum CandidateKind {
     ServerReflexive,
     /// Learned from the source of an authenticated check (e.g. a symmetric NAT's port).
     PeerReflexive,
+    /// A peer-reflexive address that is one of the ports birthday probing guessed
+    /// ([`crate::Agent::probe`]): a symmetric NAT's port found by probing.
+    Predicted,
+    /// A public address the peer's router mapped to its socket on request (UPnP-IGD, NAT-PMP,
+    /// PCP): open to anyone.
+    PortMapped,
+    /// A global address of the peer's own (IPv6, no NAT): its host address is also the one the
+    /// world sees, behind at most a stateful firewall that simultaneous checks open.
+    Global,
 }
 
 impl CandidateKind {
@@ -80,7 +106,9 @@ impl CandidateKind {
     pub fn path_kind(self) -> PathKind {
         match self {
             Self::Lan => PathKind::Lan,
-            Self::ServerReflexive | Self::PeerReflexive => PathKind::Direct,
+            Self::ServerReflexive | Self::PeerReflexive | Self::Predicted | Self::PortMapped | Self::Global => {
+                PathKind::Direct
+            }
         }
     }
 
@@ -88,10 +116,26 @@ impl CandidateKind {
     pub(crate) fn priority(self) -> u32 {
         let type_preference: u32 = match self {
             Self::Lan => 126,
-            Self::PeerReflexive => 110,
+            Self::PeerReflexive | Self::Predicted => 110,
+            Self::PortMapped => 105,
+            Self::Global => 120,
             Self::ServerReflexive => 100,
         };
         (type_preference << 24) | (65_535 << 8) | 255
+    }
+}
+
+impl CandidateKind {
+    /// The name reports use (ICE's short names: host, srflx, prflx; and predicted).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Lan => "host",
+            Self::ServerReflexive => "srflx",
+            Self::PeerReflexive => "prflx",
+            Self::Predicted => "predicted",
+            Self::PortMapped => "mapped",
+            Self::Global => "global",
+        }
     }
 }
 
@@ -118,6 +162,22 @@ impl Candidate {
         Self {
             addr,
             kind: CandidateKind::ServerReflexive,
+        }
+    }
+
+    /// A global (IPv6) address of the peer's own.
+    pub fn global(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            kind: CandidateKind::Global,
+        }
+    }
+
+    /// The public address the peer's router mapped for it.
+    pub fn port_mapped(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            kind: CandidateKind::PortMapped,
         }
     }
 }

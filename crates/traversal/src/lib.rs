@@ -61,6 +61,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod agent;
+pub mod birthday;
 mod check;
 mod config;
 mod liveness;
@@ -71,7 +72,7 @@ pub mod sim;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-pub use agent::Agent;
+pub use agent::{Agent, MAX_PROBE_RUNS};
 pub use check::looks_like_stun;
 pub use config::{Candidate, CandidateKind, Config, Credentials, PathKind, Role};
 
@@ -109,6 +110,8 @@ pub struct Transmit {
     pub destination: SocketAddr,
     /// The UDP payload (a STUN message, always well under 512 bytes).
     pub contents: Vec<u8>,
+    /// A birthday probe ([`Agent::probe`]): a check whose answer nobody waits for.
+    pub probe: bool,
 }
 
 /// Why the call should go through the relay.

@@ -89,9 +89,14 @@ impl CandidatePair {
         matches!(self.state, PairState::Waiting | PairState::InProgress(_))
     }
 
-    /// Preference order of valid pairs: LAN before direct, then lower RTT.
-    pub(crate) fn rank(&self) -> (PathKind, Duration) {
-        (self.path_kind(), self.rtt.unwrap_or(Duration::MAX))
+    /// Preference order of valid pairs: LAN before direct, then IPv6 before IPv4 (no NAT
+    /// mapping to keep alive), then lower RTT.
+    pub(crate) fn rank(&self) -> (PathKind, bool, Duration) {
+        (
+            self.path_kind(),
+            self.remote.is_ipv4(),
+            self.rtt.unwrap_or(Duration::MAX),
+        )
     }
 }
 
@@ -111,7 +116,11 @@ impl CheckList {
             let start_at = match kind {
                 CandidateKind::Lan if !try_lan => continue,
                 CandidateKind::Lan => now,
-                CandidateKind::ServerReflexive | CandidateKind::PeerReflexive => public_start,
+                CandidateKind::ServerReflexive
+                | CandidateKind::PeerReflexive
+                | CandidateKind::Predicted
+                | CandidateKind::PortMapped
+                | CandidateKind::Global => public_start,
             };
             if list.find(remote).is_none() {
                 list.pairs.push(CandidatePair::new(remote, kind, start_at));
@@ -179,9 +188,11 @@ impl CheckList {
             .min_by_key(|&i| self.pairs[i].rank())
     }
 
-    /// Whether a pending pair could still beat a valid pair of kind `best`.
-    pub(crate) fn better_pending(&self, best: PathKind) -> bool {
-        self.pairs.iter().any(|p| p.is_pending() && p.path_kind() <= best)
+    /// Whether a pending pair could still beat the valid pair `best` (by kind, then family).
+    pub(crate) fn better_pending(&self, best: usize) -> bool {
+        let best = &self.pairs[best];
+        let key = |p: &CandidatePair| (p.path_kind(), p.remote.is_ipv4());
+        self.pairs.iter().any(|p| p.is_pending() && key(p) <= key(best))
     }
 
     /// Resets every pair to `Waiting` for a fresh run starting at `now`.
@@ -195,5 +206,39 @@ impl CheckList {
             };
             *pair = CandidatePair::new(pair.remote, pair.kind, start_at);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid(addr: &str, kind: CandidateKind, rtt_ms: u64, now: Instant) -> CandidatePair {
+        let mut p = CandidatePair::new(addr.parse().expect("addr"), kind, now);
+        p.state = PairState::Succeeded;
+        p.rtt = Some(Duration::from_millis(rtt_ms));
+        p
+    }
+
+    #[test]
+    fn ipv6_beats_a_faster_ipv4_pair_and_lan_beats_both() {
+        let now = crate::test_origin();
+        let mut list = CheckList::default();
+        let v4 = list.push(valid("198.51.100.7:4000", CandidateKind::ServerReflexive, 5, now));
+        let v6 = list.push(valid("[2001:db8:1::7]:4000", CandidateKind::Global, 40, now));
+        assert_eq!(list.best_valid(), Some(v6), "IPv6 first, whatever the RTT");
+        // A pending IPv6 pair may still beat a valid IPv4 one; nothing pending beats IPv6.
+        let mut pending = CandidatePair::new(
+            "[2001:db8:1::8]:4000".parse().expect("addr"),
+            CandidateKind::Global,
+            now,
+        );
+        pending.state = PairState::Waiting;
+        let p = list.push(pending);
+        assert!(list.better_pending(v4));
+        list.pairs[p].state = PairState::Failed;
+        assert!(!list.better_pending(v6));
+        let lan = list.push(valid("10.0.0.7:4000", CandidateKind::Lan, 90, now));
+        assert_eq!(list.best_valid(), Some(lan));
     }
 }

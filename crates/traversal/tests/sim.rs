@@ -469,3 +469,119 @@ mod hostile_input {
         }
     }
 }
+
+/// A symmetric NAT that hands out ports in sequence (the model's) behind the controlled side:
+/// the ordinary checks fail, and the port-restricted side's probes at the predicted ports find
+/// the one the symmetric NAT opened towards it. The winning candidate is a predicted one.
+#[test]
+fn probes_at_predicted_ports_traverse_a_sequential_symmetric_nat() {
+    let t0 = origin();
+    let mut network = network_between(Kind::PortRestricted, Kind::Symmetric, Duration::from_millis(10));
+    let hard = network.server_reflexive(1).expect("UDP works");
+    let mut sim = start(network, [config(1), config(2)], t0);
+    let targets = natcall_traversal::birthday::targets(hard.ip(), hard.port(), Some(1), 64, 5);
+    sim.agents[0].probe(
+        t0,
+        targets.clone(),
+        Duration::from_millis(4),
+        Duration::from_millis(100),
+    );
+    assert!(sim.run_until(t0 + Duration::from_secs(10), decided), "{:?}", sim.events);
+    for side in 0..2 {
+        let (at, event) = sim.outcome(side).expect("decided");
+        assert!(
+            matches!(
+                event,
+                Event::Selected {
+                    kind: PathKind::Direct,
+                    ..
+                }
+            ),
+            "side {side}: {:?}",
+            sim.events
+        );
+        assert!(at < Duration::from_secs(1), "side {side} after {at:?}");
+    }
+    let won = sim.agents[0].selected().expect("selected");
+    assert_eq!(won.kind, natcall_traversal::CandidateKind::Predicted);
+    assert!(targets.contains(&won.addr));
+    let sent = sim.agents[0].probes_sent();
+    assert!(
+        sent >= 1 && sent < targets.len(),
+        "probing stops once a pair is valid: {sent}"
+    );
+
+    // The same pair without probes relays at the budget.
+    run_scenario(
+        network_between(Kind::PortRestricted, Kind::Symmetric, Duration::from_millis(10)),
+        RELAY,
+        Config::default().budget,
+    );
+}
+
+/// Probes are paced (one per interval after the delay) and bounded by the target list; none
+/// is sent once the agent gave up.
+#[test]
+fn probes_are_paced_bounded_and_stop_with_the_checks() {
+    let t0 = origin();
+    let credentials = Credentials::new("call-password-42", "alice", "bob").expect("valid credentials");
+    let mut agent = Agent::new(config(3), Role::Controlling, credentials, Vec::new(), false, t0);
+    let targets: Vec<SocketAddr> = (0..10).map(|i| addr(&format!("203.0.113.9:{}", 2000 + i))).collect();
+    agent.probe(
+        t0,
+        targets.clone(),
+        Duration::from_millis(10),
+        Duration::from_millis(50),
+    );
+    let mut sent = Vec::new();
+    let mut now = t0;
+    while let Some(t) = agent.poll_timeout() {
+        now = t;
+        agent.handle_timeout(now);
+        while let Some(tx) = agent.poll_transmit() {
+            assert!(tx.probe && tx.contents.len() < 512);
+            sent.push((now - t0, tx.destination));
+        }
+        if agent.poll_event().is_some() {
+            break;
+        }
+    }
+    assert_eq!(sent.len(), targets.len(), "each target once");
+    assert_eq!(sent[0], (Duration::from_millis(50), targets[0]));
+    assert_eq!(sent[9], (Duration::from_millis(140), targets[9]));
+    assert_eq!(
+        now - t0,
+        Config::default().budget,
+        "then the agent gives up at its budget"
+    );
+    agent.handle_timeout(now + Duration::from_secs(1));
+    assert!(agent.poll_transmit().is_none());
+}
+
+/// Probing runs again on a restart (the next attempt at a direct path), three runs at most.
+#[test]
+fn probing_runs_at_most_three_times_per_agent() {
+    let t0 = origin();
+    let credentials = Credentials::new("call-password-42", "alice", "bob").expect("valid credentials");
+    let mut agent = Agent::new(config(4), Role::Controlling, credentials, Vec::new(), false, t0);
+    let targets: Vec<SocketAddr> = (0..3).map(|i| addr(&format!("203.0.113.9:{}", 3000 + i))).collect();
+    agent.probe(t0, targets, Duration::from_millis(10), Duration::ZERO);
+    let mut now = t0;
+    let mut per_run = Vec::new();
+    for _ in 0..5 {
+        let mut sent = 0;
+        while let Some(t) = agent.poll_timeout() {
+            now = t;
+            agent.handle_timeout(now);
+            while let Some(tx) = agent.poll_transmit() {
+                sent += usize::from(tx.probe);
+            }
+            if agent.poll_event().is_some() {
+                break;
+            }
+        }
+        per_run.push(sent);
+        agent.restart(now);
+    }
+    assert_eq!(per_run, [3, 3, 3, 0, 0]);
+}
