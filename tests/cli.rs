@@ -454,3 +454,79 @@ fn a_caller_who_reaches_a_member_in_a_room_is_told_busy() {
     assert!(err["error"].as_str().unwrap_or("").contains("carol is busy"), "{err}");
     carol.wait_event("busy", EXIT, |v| v["from"] == "alice");
 }
+
+/// `natcall netcheck --json` and its exit code.
+fn netcheck(dir: &std::path::Path, args: &[&str]) -> (serde_json::Value, Option<i32>) {
+    let mut all = vec!["--json", "netcheck"];
+    all.extend_from_slice(args);
+    let out = natcall(dir, &all);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "netcheck")
+        .unwrap_or_else(|| panic!("no netcheck report: {text}\n{}", stderr(&out)));
+    (report, out.status.code())
+}
+
+/// On loopback nothing translates or filters: netcheck says so, against a server with only its
+/// second port (the address dependence untested, and said to be) and against one with an
+/// alternate IP (every RFC 5780 test); with no server on the port it exits 3.
+#[test]
+fn netcheck_reports_what_loopback_does_and_exit_3_without_udp() {
+    let (dir, server) = setup();
+    let second = server.second_port().expect("the server has a second STUN port");
+    let port = second.to_string();
+    let (r, code) = netcheck(
+        dir.path(),
+        &["--server", &server.addr.to_string(), "--second-port", &port],
+    );
+    assert_eq!(code, Some(0), "{r}");
+    assert_eq!(r["udp"], true, "{r}");
+    assert!(r["public"].as_str().is_some_and(|p| p.starts_with("127.0.0.1:")), "{r}");
+    assert!(r["latency_ms"].as_f64().is_some(), "{r}");
+    assert_eq!(r["other_address"], serde_json::Value::Null, "{r}");
+    assert_eq!(r["second_port"], second, "{r}");
+    assert_eq!(r["mapping"], "endpoint-independent", "{r}");
+    assert_eq!(r["mapping_address_tested"], false, "{r}");
+    // The answer from the other port came through: not port-dependent (the address untested).
+    assert_eq!(r["filtering"], "address-dependent", "{r}");
+    assert_eq!(r["filtering_address_tested"], false, "{r}");
+    assert_eq!(r["hairpinning"], true, "{r}");
+
+    let rfc5780 = Rendezvous::start_with(
+        dir.path(),
+        "127.0.0.1:0".parse().expect("addr"),
+        &["--alternate-ip", "127.0.0.2"],
+    );
+    let (r, code) = netcheck(dir.path(), &["--server", &rfc5780.addr.to_string()]);
+    assert_eq!(code, Some(0), "{r}");
+    let other: SocketAddr = r["other_address"]
+        .as_str()
+        .expect("OTHER-ADDRESS")
+        .parse()
+        .expect("addr");
+    assert_eq!(other.ip().to_string(), "127.0.0.2", "{r}");
+    assert_eq!(Some(other.port()), rfc5780.second_port(), "{r}");
+    assert_eq!(
+        (r["mapping"].as_str(), r["filtering"].as_str()),
+        (Some("endpoint-independent"), Some("endpoint-independent")),
+        "{r}"
+    );
+    assert_eq!(
+        (
+            r["mapping_address_tested"].as_bool(),
+            r["filtering_address_tested"].as_bool()
+        ),
+        (Some(true), Some(true)),
+        "{r}"
+    );
+
+    // Nothing on the port: UDP gets no answer.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("binds");
+    let addr = silent.local_addr().expect("addr").to_string();
+    let (r, code) = netcheck(dir.path(), &["--server", &addr]);
+    assert_eq!(code, Some(3), "{r}");
+    assert_eq!(r["udp"], false, "{r}");
+    assert!(r["verdict"].as_str().is_some_and(|v| v.contains("relay")), "{r}");
+}

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use natcall_e2e::{Peer, Rendezvous};
+use natcall_e2e::{Peer, Rendezvous, assert_media};
 
 const EXIT: Duration = Duration::from_secs(20);
 
@@ -41,17 +41,7 @@ fn chat_call(policy: &str, alice_extra: &[&str]) -> (serde_json::Value, serde_js
     assert_eq!(alice.wait_exit(EXIT), 0, "alice's log:\n{}", alice.log_text());
     assert_eq!(bob.wait_exit(EXIT), 0, "bob's log:\n{}", bob.log_text());
     let (a, b) = (alice.report(), bob.report());
-    for r in [&a, &b] {
-        for track in ["audio", "video"] {
-            let got = &r["media"][track]["received"];
-            assert!(
-                got["frames_complete"].as_u64().unwrap_or(0) > 0,
-                "{} received no {track}: {r}",
-                r["name"]
-            );
-            assert_eq!(got["packets_auth_failed"], 0, "{r}");
-        }
-    }
+    assert_media([&a, &b]);
     (a, b)
 }
 

@@ -2,7 +2,10 @@
 # The whole test suite: installs the system packages the tests use if they are missing
 # (coturn for an external STUN client and the side-by-side bench, nftables and iproute2 for the
 # namespace lab, ffmpeg for real media through a call, tcpdump for the on-the-wire capture, tmux
-# for what a person sees on a terminal, a font for the bench's chart), then runs every test of the workspace and the bench's smoke test.
+# for what a person sees on a terminal, miniupnpd for the lab's router that maps ports on
+# request, redis-server for the cluster tests (each starts its own on a loopback port and stops
+# it), a font for the bench's chart), then runs every test of the workspace and the bench's
+# smoke test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +16,8 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v ffprobe >/dev/null || need+=(ffmpeg)
 command -v tcpdump >/dev/null || need+=(tcpdump)
 command -v tmux >/dev/null || need+=(tmux)
+[ -x /usr/sbin/miniupnpd ] || need+=(miniupnpd-nftables)
+command -v redis-server >/dev/null || need+=(redis-server)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing ${need[*]}" >&2

@@ -30,9 +30,13 @@ use crate::output::Exit;
 pub struct Args {
     /// Rendezvous server, HOST[:PORT][#SHA256:KEY] (default: the config file's, else
     /// 127.0.0.1:3478). With #SHA256:KEY only a server with that key is accepted; without, the
-    /// key met first is remembered in known_servers and required from then on.
-    #[arg(long, global = true, env = "NATCALL_SERVER")]
-    server: Option<String>,
+    /// key met first is remembered in known_servers and required from then on. Give it again
+    /// for other servers of the same cluster: the first that answers is your home, and when it
+    /// is lost you register with the next (keeping your name; relayed calls resume there). A
+    /// name with several addresses is that many servers, tried in the resolver's order (they
+    /// share the name's key, or its CA certificate).
+    #[arg(long, global = true, env = "NATCALL_SERVER", value_delimiter = ',')]
+    server: Vec<String>,
     /// Your name on the server (default: the config file's, else $USER).
     #[arg(long, global = true, env = "NATCALL_NAME")]
     name: Option<String>,
@@ -42,6 +46,9 @@ pub struct Args {
     /// Machine-readable output: one JSON object per line on stdout, the last one the report.
     #[arg(long, global = true)]
     json: bool,
+    /// Do not ask the router to map natcall's UDP port (UPnP-IGD, NAT-PMP, PCP).
+    #[arg(long, global = true)]
+    no_portmap: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -157,6 +164,21 @@ enum Cmd {
     TrustServer {
         /// The server and its new key, as the key-change error prints them.
         server: String,
+    },
+    /// What your NAT does, in RFC 4787 / RFC 5780 terms, measured against the server's STUN:
+    /// UDP reachability and latency, public address, mapping and filtering behaviour, port
+    /// allocation, hairpinning, and what that means for calls. Every RFC 5780 test runs
+    /// against a server with an alternate address (natcall-rendezvous --alternate-ip, or any
+    /// RFC 5780 STUN server); without one the second STUN port still shows whether the NAT
+    /// maps and filters per port. Exit 0 when UDP works, 3 when the server does not answer.
+    #[command(after_help = "Examples:
+  natcall netcheck                         against the configured server
+  natcall netcheck --server stun.example.net:3478 --json")]
+    Netcheck {
+        /// The server's second STUN port, when it is not the main port + 1 (used only when the
+        /// server has no alternate address).
+        #[arg(long)]
+        second_port: Option<u16>,
     },
     /// Free your name on the server (anyone may register it afterwards), then exit.
     #[command(after_help = "Example:
@@ -312,6 +334,7 @@ fn secs(s: Option<f64>) -> Option<Duration> {
 async fn release_name(settings: config::Settings, json: bool) -> anyhow::Result<Exit> {
     let mut config = natcall::EndpointConfig::new(settings.server, &settings.name, settings.identity);
     config.server_trust = settings.trust.clone();
+    config.fallback_servers = settings.fallbacks.clone();
     natcall::Endpoint::release_name(&config).await?;
     let (name, server) = (&settings.name, settings.server);
     if json {
@@ -335,6 +358,35 @@ fn init_logging(json: bool) {
         .with_writer(view::LogWriter::default)
         .with_ansi(!viewed && std::io::stderr().is_terminal())
         .init();
+}
+
+/// The settings for a command that registers, with `--no-portmap` applied.
+async fn resolve(
+    server: Vec<String>,
+    name: Option<String>,
+    home: Option<PathBuf>,
+    no_portmap: bool,
+) -> anyhow::Result<config::Settings> {
+    let mut settings = config::Settings::resolve(server, name, home).await?;
+    settings.portmap = !no_portmap;
+    Ok(settings)
+}
+
+/// `natcall netcheck`: the report as text or one JSON object; exit 3 when UDP gets no answer.
+async fn netcheck(server: std::net::SocketAddr, second_port: Option<u16>, json: bool) -> anyhow::Result<Exit> {
+    let report = natcall::netcheck::run(server, second_port)
+        .await
+        .map_err(|e| anyhow::anyhow!("netcheck against {server}: {e}"))?;
+    if json {
+        let mut v = serde_json::to_value(&report)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("event".into(), serde_json::json!("netcheck"));
+        }
+        output::line(&v);
+    } else {
+        print!("{}", natcall::netcheck::text(&report));
+    }
+    Ok(if report.udp { Exit::Ok } else { Exit::Server })
 }
 
 /// `natcall --version`: the binary, its version and the protocol it speaks.
@@ -379,6 +431,11 @@ fn main() -> ExitCode {
         }
         _ => {}
     }
+    // Birthday traversal behind a symmetric NAT opens a few hundred sockets per call: take the
+    // open-file limit the system allows (best effort: fewer sockets still work).
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::debug!(error = %e, "cannot raise the open-file limit");
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -419,11 +476,11 @@ fn main() -> ExitCode {
                 action: None | Some(contacts::ContactsCmd::List),
             } => contacts::list(args.home, json),
             Cmd::Contacts { action: Some(action) } => {
-                let settings = config::Settings::resolve(args.server, args.name, args.home).await?;
+                let settings = resolve(args.server, args.name, args.home, args.no_portmap).await?;
                 contacts::change(&settings, action, json)
             }
             Cmd::Verify { peer, key } => {
-                let settings = config::Settings::resolve(args.server, args.name, args.home).await?;
+                let settings = resolve(args.server, args.name, args.home, args.no_portmap).await?;
                 contacts::verify(&settings, &peer, key, json)
             }
             Cmd::TrustServer { server } => {
@@ -431,8 +488,12 @@ fn main() -> ExitCode {
                 output::notice(json, serde_json::json!({"event": "trusted", "text": done}), &done);
                 Ok(Exit::Ok)
             }
+            Cmd::Netcheck { second_port } => {
+                let server = config::server_addr(args.server, args.home).await?;
+                netcheck(server, second_port, json).await
+            }
             Cmd::ReleaseName => {
-                let settings = config::Settings::resolve(args.server, args.name, args.home).await?;
+                let settings = resolve(args.server, args.name, args.home, args.no_portmap).await?;
                 release_name(settings, json).await
             }
             Cmd::Listen {
@@ -442,7 +503,7 @@ fn main() -> ExitCode {
                 session: how,
             } => {
                 let opts = how.into_opts(json)?;
-                let settings = config::Settings::resolve(args.server, args.name, args.home).await?;
+                let settings = resolve(args.server, args.name, args.home, args.no_portmap).await?;
                 session::listen(settings, opts, once, accept, policy).await
             }
             Cmd::Room {
@@ -460,7 +521,7 @@ fn main() -> ExitCode {
                     room::Entry::Join { code }
                 };
                 let opts = how.into_opts(json)?;
-                let settings = config::Settings::resolve(args.server, args.name, args.home).await?;
+                let settings = resolve(args.server, args.name, args.home, args.no_portmap).await?;
                 room::run(settings, opts, &room, entry, topology).await
             }
             Cmd::Call {
@@ -469,7 +530,7 @@ fn main() -> ExitCode {
                 session: how,
             } => {
                 let opts = how.into_opts(json)?;
-                let settings = config::Settings::resolve(args.server, args.name, args.home).await?;
+                let settings = resolve(args.server, args.name, args.home, args.no_portmap).await?;
                 session::call(settings, opts, &peer, policy).await
             }
         }

@@ -191,6 +191,28 @@ pub fn addr_text(addr: Option<std::net::SocketAddr>) -> String {
 }
 
 /// One track of a call for a person: what was sent and what arrived, in frames and bytes.
+/// One line on how the direct path was looked for: the two NAT mappings, the candidates
+/// checked, birthday traversal, and the candidate that won.
+pub fn traversal_text(t: &natcall::TraversalReport) -> String {
+    let candidates: Vec<String> = t.candidates.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    let birthday = match t.birthday {
+        Some("spray") => format!(
+            "; birthday traversal: opened {} ports towards the peer",
+            t.spray_sockets
+        ),
+        Some(_) => format!("; birthday traversal: {} probes sent", t.probes_sent),
+        None => String::new(),
+    };
+    let won = t.won.as_deref().map(|w| format!("; won: {w}")).unwrap_or_default();
+    format!(
+        "traversal: NAT mapping {} here, {} at the peer; candidates [{}]{birthday}{won}",
+        t.nat_mapping,
+        t.peer_nat_mapping,
+        candidates.join(", ")
+    )
+}
+
+/// One line of a track's figures.
 pub fn track_text(name: &str, t: &natcall::TrackReport) -> String {
     let sent = t.sent.as_ref().map_or((0, 0), |s| (s.frames_sent, s.bytes_sent));
     let got = t

@@ -73,17 +73,26 @@ pub(crate) async fn bind(settings: &Settings, json: bool) -> Result<Endpoint> {
     let mut config = EndpointConfig::new(server, &settings.name, settings.identity.clone());
     config.server_trust = settings.trust.clone();
     config.contacts = Some(settings.contacts.clone());
+    config.portmap = settings.portmap;
+    config.fallback_servers = settings.fallbacks.clone();
     let ep = Endpoint::bind(config).await?;
+    // The first server may not have answered: one of the others is home then.
+    let server = ep.server();
     let public = ep
         .public_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|| "unknown (UDP blocked?)".into());
+    let mapping = ep.nat_mapping();
+    let nat = match mapping {
+        natcall::Mapping::Unknown => String::new(),
+        m => format!(" (NAT mapping {m})"),
+    };
     output::notice(
         json,
-        json!({"event": "registered", "name": name, "server": server.to_string(), "public_addr": ep.public_addr()}),
-        &format!("registered as {name} at {server}; public UDP address {public}"),
+        json!({"event": "registered", "name": name, "server": server.to_string(), "public_addr": ep.public_addr(), "nat_mapping": mapping.to_string()}),
+        &format!("registered as {name} at {server}; public UDP address {public}{nat}"),
     );
-    tokio::spawn(report_server(ep.clone(), name, server, json));
+    tokio::spawn(report_server(ep.clone(), name, json));
     Ok(ep)
 }
 
@@ -97,10 +106,11 @@ pub(crate) async fn bind_or_interrupted(settings: &Settings, json: bool) -> Resu
 
 /// Says when the server is lost and when the endpoint is registered again (calls go on
 /// meanwhile: direct ones untouched, relayed ones resume when the server is back).
-async fn report_server(ep: Endpoint, name: String, server: std::net::SocketAddr, json: bool) {
+async fn report_server(ep: Endpoint, name: String, json: bool) {
     let mut seen = ServerState::Up;
     loop {
         seen = ep.server_changed(&seen).await;
+        let server = ep.server();
         match &seen {
             ServerState::Up => output::notice(
                 json,
@@ -786,7 +796,7 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
             .collect();
         let to = call.remote_addr().map(|a| format!(" to {a}")).unwrap_or_default();
         output::say(&format!(
-            "call with {peer} ended ({ended}): path {}{to} [{}], connected in {:.1} ms, rtt {:.1} ms\n  {}\n  {}\n  chat: {sent} sent, {received} received; chat and call control over QUIC: {} sent, {} received",
+            "call with {peer} ended ({ended}): path {}{to} [{}], connected in {:.1} ms, rtt {:.1} ms\n  {}\n  {}\n  chat: {sent} sent, {received} received; chat and call control over QUIC: {} sent, {} received\n  {}",
             report.path,
             changes.join(", "),
             report.time_to_connected_ms,
@@ -795,6 +805,7 @@ async fn run(ep: &Endpoint, call: Call, opts: Opts, stdin: &mut Stdin, caller: b
             output::track_text("video", &report.media.video),
             output::bytes_text(report.bytes_sent),
             output::bytes_text(report.bytes_received),
+            output::traversal_text(&report.traversal),
         ));
     }
     Ok(exit)

@@ -703,6 +703,8 @@ fn candidates(info: &PeerInfo) -> Candidates {
     Candidates {
         public: info.public_udp,
         lan: info.lan_addrs.clone(),
+        mapping: info.mapping,
+        port_mapped: info.port_mapped,
     }
 }
 

@@ -3,10 +3,17 @@
 //! ```toml
 //! listen = "0.0.0.0:3478"          # TCP control/relay and UDP STUN, same port number
 //! public_addr = "203.0.113.5:3478" # what peers are told to send STUN to (optional)
+//! stun_alt_port = 3479             # second UDP STUN port (default: listen port + 1; 0: off)
+//! alternate_ip = "203.0.113.6"     # a second IP: RFC 5780 NAT discovery (optional)
 //! log_level = "info"               # used when RUST_LOG is not set
 //! state_dir = "/var/lib/natcall-rendezvous"  # name → key bindings survive restarts
 //! tls_cert = "/etc/letsencrypt/live/rv.example.net/fullchain.pem"  # a CA certificate (optional;
 //! tls_key = "/etc/letsencrypt/live/rv.example.net/privkey.pem"     # without: the server's own key)
+//!
+//! [cluster]                        # several servers on one Redis (optional; see docs/deploy.md)
+//! redis = "redis://10.0.0.5:6379"
+//! node_id = "eu-1"
+//! advertise = "203.0.113.5:3478"   # where peers and other nodes reach this one
 //!
 //! [limits]
 //! max_frame_len = 16384
@@ -42,6 +49,16 @@ pub struct Config {
     /// (a server behind a 1:1 NAT or load balancer).
     #[serde(deserialize_with = "opt_socket_addr")]
     pub public_addr: Option<SocketAddr>,
+    /// A second UDP STUN port on the same IP: a peer compares its public port as seen there
+    /// and on the main port to learn whether its NAT maps ports per destination (a symmetric
+    /// NAT), which decides how calls punch through it. Unset: the listen port + 1 (any free
+    /// port when the listen port is 0), skipped with a warning when taken; 0: off.
+    pub stun_alt_port: Option<u16>,
+    /// A second IP address of this host (RFC 5780): STUN is answered on it at the main and the
+    /// second port, and answers carry RESPONSE-ORIGIN and OTHER-ADDRESS, so clients can tell
+    /// how their NAT maps and filters (`natcall netcheck`, `turnutils_natdiscovery`). Needs
+    /// `listen` on one IP address of the same family.
+    pub alternate_ip: Option<std::net::IpAddr>,
     /// Log filter used when `RUST_LOG` is not set: a level or RUST_LOG-style directives, each
     /// with a level (see [`check_log_level`]).
     pub log_level: String,
@@ -65,6 +82,106 @@ pub struct Config {
     pub limits: Limits,
     /// The relay engine.
     pub relay: RelayConfig,
+    /// Many servers sharing one registry in Redis; a single server when unset.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// One node of a cluster of servers sharing their registry in Redis (see `crate::cluster`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The Redis server: `redis://[:PASSWORD@]HOST:PORT[/DB]` (or `rediss://` with TLS); a
+    /// Redis Cluster: `redis+cluster://HOST:PORT,HOST:PORT,…` (seed nodes); Redis behind
+    /// Sentinel: `redis+sentinel://HOST:PORT,HOST:PORT,…/MASTER` (the sentinels, and the
+    /// name of the master they monitor).
+    pub redis: String,
+    /// This node's id, unique in the cluster (letters, digits, `-`, `_`, `.`; at most 64).
+    pub node_id: String,
+    /// Where peers and other nodes reach this node (its public IP and port). Default: the
+    /// listen address, when it is one specific address.
+    #[serde(default, deserialize_with = "opt_socket_addr")]
+    pub advertise: Option<SocketAddr>,
+    /// How long a node's peers stay listed as present on it after its last refresh (seconds;
+    /// refreshed every third of it). A node that dies frees its peers' presence this long after.
+    #[serde(default = "ClusterConfig::default_presence_ttl")]
+    pub presence_ttl_secs: u64,
+    /// How long one Redis command, or a visit to another node, may take (milliseconds).
+    #[serde(default = "ClusterConfig::default_timeout")]
+    pub timeout_ms: u64,
+}
+
+impl ClusterConfig {
+    /// A node of the cluster on `redis` with id `node_id`, the other values their defaults.
+    pub fn new(redis: impl Into<String>, node_id: impl Into<String>) -> Self {
+        Self {
+            redis: redis.into(),
+            node_id: node_id.into(),
+            advertise: None,
+            presence_ttl_secs: Self::default_presence_ttl(),
+            timeout_ms: Self::default_timeout(),
+        }
+    }
+
+    fn default_presence_ttl() -> u64 {
+        30
+    }
+
+    fn default_timeout() -> u64 {
+        2000
+    }
+
+    /// [`Self::presence_ttl_secs`].
+    pub fn presence_ttl(&self) -> Duration {
+        Duration::from_secs(self.presence_ttl_secs)
+    }
+
+    /// [`Self::timeout_ms`].
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let schemes = ["redis://", "rediss://", "redis+cluster://", "redis+sentinel://"];
+        if !schemes.iter().any(|s| self.redis.starts_with(s)) {
+            return Err(ConfigError::Invalid(format!(
+                "cluster.redis = {:?} is not a Redis URL; write redis://HOST:PORT, \
+                 redis+cluster://HOST:PORT,HOST:PORT,… or redis+sentinel://HOST:PORT,…/MASTER",
+                self.redis
+            )));
+        }
+        let id_ok = !self.node_id.is_empty()
+            && self.node_id.len() <= 64
+            && self
+                .node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !id_ok {
+            return Err(ConfigError::Invalid(format!(
+                "cluster.node_id = {:?} must be 1 to 64 letters, digits, '-', '_' or '.'",
+                self.node_id
+            )));
+        }
+        if let Some(a) = self.advertise {
+            if a.ip().is_unspecified() || a.port() == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "cluster.advertise = \"{a}\" is not an address others can reach; give this node's IP:PORT"
+                )));
+            }
+        }
+        if !(3..=3600).contains(&self.presence_ttl_secs) {
+            return Err(ConfigError::Invalid(format!(
+                "cluster.presence_ttl_secs must be between 3 and 3600, not {}",
+                self.presence_ttl_secs
+            )));
+        }
+        if !(10..=60_000).contains(&self.timeout_ms) {
+            return Err(ConfigError::Invalid(format!(
+                "cluster.timeout_ms must be between 10 and 60000, not {}",
+                self.timeout_ms
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -72,6 +189,8 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 3478)),
             public_addr: None,
+            stun_alt_port: None,
+            alternate_ip: None,
             log_level: "info".into(),
             state_dir: None,
             state_file: None,
@@ -80,6 +199,7 @@ impl Default for Config {
             tls_key: None,
             limits: Limits::default(),
             relay: RelayConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -528,6 +648,28 @@ impl Config {
                 )));
             }
         }
+        if let Some(ip) = self.alternate_ip {
+            let listen = self.listen.ip();
+            if listen.is_unspecified() || ip.is_ipv4() != listen.is_ipv4() || ip == listen || ip.is_unspecified() {
+                return Err(ConfigError::Invalid(format!(
+                    "alternate_ip = \"{ip}\" needs listen on one address of the same family, other than it \
+                     (listen = \"{}\"), such as listen = \"203.0.113.5:3478\" with alternate_ip = \"203.0.113.6\"",
+                    self.listen
+                )));
+            }
+            if self.stun_alt_port == Some(0) {
+                return Err(ConfigError::Invalid(
+                    "alternate_ip needs the second STUN port: leave stun_alt_port unset or give a port".into(),
+                ));
+            }
+            if self.public_addr.is_some() {
+                return Err(ConfigError::Invalid(
+                    "alternate_ip and public_addr do not go together: behind a NAT the addresses RFC 5780 \
+                     answers name would be private; run NAT discovery on a host with its public IPs"
+                        .into(),
+                ));
+            }
+        }
         for (name, path) in [
             ("state_dir", &self.state_dir),
             ("state_file", &self.state_file),
@@ -545,6 +687,9 @@ impl Config {
                 "tls_cert and tls_key go together: set both (a CA certificate) or neither (the server's own key)"
                     .into(),
             ));
+        }
+        if let Some(c) = &self.cluster {
+            c.validate()?;
         }
         self.limits.validate()?;
         self.relay.validate()

@@ -34,7 +34,7 @@ use bytes::{Bytes, BytesMut};
 use natcall_proto::PROTOCOL_VERSION;
 use natcall_proto::auth::verify_registration;
 use natcall_proto::codec::decode_control;
-use natcall_proto::control::{ClientMsg, Decline, MAX_LAN_ADDRS, Policy, Reply, ServerMsg, validate_name};
+use natcall_proto::control::{CallFailure, ClientMsg, Decline, MAX_LAN_ADDRS, Policy, Reply, ServerMsg, validate_name};
 use natcall_proto::frame::{self, ErrorCode, Frame, FrameDecoder, FrameError, FrameKind, RawFrame, control_frame};
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::io::AsyncReadExt;
@@ -63,6 +63,22 @@ pub(crate) struct Context {
     pub(crate) metrics: Metrics,
     /// Turns true when the server drains for shutdown.
     pub(crate) drain: watch::Receiver<bool>,
+    /// The second STUN port, once bound (0: none).
+    pub(crate) stun_alt_port: std::sync::atomic::AtomicU16,
+    /// This node's cluster and its peers' links to other nodes (a cluster node only).
+    pub(crate) cluster: Option<Arc<crate::cluster::visit::Visits>>,
+    /// Where a draining node sends its peers (other live nodes), set when the drain starts.
+    pub(crate) move_to: std::sync::Mutex<Vec<SocketAddr>>,
+}
+
+impl Context {
+    /// The second STUN port peers are told about, if the server has one.
+    pub(crate) fn stun_alt_port(&self) -> Option<u16> {
+        match self.stun_alt_port.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            p => Some(p),
+        }
+    }
 }
 
 /// How the read loop ended.
@@ -81,6 +97,34 @@ enum End {
     Shed(Disconnect, &'static str),
 }
 
+/// A request that waits on the registry's backend (Redis, in a cluster): the read loop runs it
+/// before it decodes the connection's next frame.
+enum Pending {
+    Register {
+        challenge: [u8; 32],
+        name: String,
+        cert: Vec<u8>,
+        signature: Vec<u8>,
+        lan_addrs: Vec<SocketAddr>,
+    },
+    Release(String),
+    RoomCreate(String, ClientMsg),
+    /// A call to a name not registered here (a cluster node: maybe on another node).
+    RemoteCall {
+        request: u32,
+        callee: String,
+        policy: Policy,
+    },
+    /// A resume with a peer not registered here (a cluster node: maybe on another node).
+    RemoteResume {
+        call: u32,
+        peer: String,
+        proof: [u8; 32],
+    },
+    /// A lookup of a name not registered here (a cluster node).
+    Lookup(String),
+}
+
 enum Phase {
     AwaitHello,
     AwaitRegister { challenge: [u8; 32] },
@@ -93,6 +137,15 @@ struct Conn {
     addr: SocketAddr,
     outbox: Arc<Outbox>,
     phase: Phase,
+    /// Waits on the backend: no later frame is handled before it ran.
+    pending: Option<Pending>,
+    /// Registered by another node speaking for its peer (a visit).
+    visitor: bool,
+    /// Came from another node's address, so was not counted against
+    /// `limits.max_connections_per_ip` when accepted (visits are not one source's): anything but
+    /// a visit is counted when it registers, and holds its count here.
+    uncounted: bool,
+    source_slot: Option<crate::limits::SourceSlot>,
     /// Budget for control (non-relay) frames: over it, the connection is shed.
     control_tokens: TokenBucket,
     /// Budget for relay frames: over it, they are dropped.
@@ -156,8 +209,9 @@ fn error_frame(code: ErrorCode, message: &str) -> Bytes {
     b.freeze()
 }
 
-/// Serves one accepted connection until it ends.
-pub(crate) async fn serve(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr, id: u64) {
+/// Serves one accepted connection until it ends. `uncounted`: it came from another node's
+/// address and was not counted against the per-address limit (see `Conn::uncounted`).
+pub(crate) async fn serve(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr, id: u64, uncounted: bool) {
     if let Err(e) = sockopt::configure_peer(&stream, &ctx.config.relay) {
         warn!(%addr, error = %e, "cannot set socket options; closing");
         return;
@@ -215,6 +269,10 @@ pub(crate) async fn serve(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr
         addr,
         outbox,
         phase: Phase::AwaitHello,
+        pending: None,
+        visitor: false,
+        uncounted,
+        source_slot: None,
         last_rx: now,
         ping: None,
         rtt: None,
@@ -224,8 +282,20 @@ pub(crate) async fn serve(ctx: Arc<Context>, stream: TcpStream, addr: SocketAddr
     let mut drain = conn.ctx.drain.clone();
     let (rd, end) = conn.read_loop(rd, &mut drain, status).await;
     if let Phase::Registered { name } = &conn.phase {
-        conn.ctx.registry.unregister(name, id);
+        let removed = conn.ctx.registry.unregister(name, id);
         conn.ctx.metrics.set_registered(conn.ctx.registry.online_count());
+        if let Some(visits) = &conn.ctx.cluster {
+            visits.drop_conn(id);
+            if removed && !conn.visitor && conn.ctx.registry.peer(name).is_none() {
+                if let Err(e) = visits.cluster().clear_home(name).await {
+                    debug!(peer = %name, error = %e, "presence not cleared (it expires)");
+                }
+                // Registered here again meanwhile: its presence stays.
+                if conn.ctx.registry.peer(name).is_some_and(|p| !p.visitor) {
+                    let _ = visits.cluster().set_home(name).await;
+                }
+            }
+        }
         let why = matches!(end, End::Shed(Disconnect::Stalled, _))
             .then(|| format!("{name}'s connection could not keep up with the relay and was closed"));
         conn.ctx.calls.leave(id, why);
@@ -261,8 +331,15 @@ impl Conn {
             Phase::Registered { .. } => limits.idle_timeout(),
             _ => limits.hello_timeout(),
         };
+        // Registered: silence ends the connection. Before: `hello_timeout` from now, whatever
+        // arrives meanwhile (an unsolicited `Pong` kept an unregistered connection open).
+        let opened = Instant::now();
+        let deadline = |phase: &Phase, last_rx: Instant| match phase {
+            Phase::Registered { .. } => last_rx + limits.idle_timeout(),
+            _ => opened + limits.hello_timeout(),
+        };
         let ping = sleep_until(next_ping);
-        let idle = sleep_until(self.last_rx + idle_after(&self.phase));
+        let idle = sleep_until(deadline(&self.phase, self.last_rx));
         let drained = drain.wait_for(|d| *d);
         let written = writer.wait_for(|s| *s != Status::Writing);
         tokio::pin!(ping, idle, drained, written);
@@ -271,7 +348,7 @@ impl Conn {
             let registered = matches!(self.phase, Phase::Registered { .. });
             if registered != was_registered {
                 was_registered = registered;
-                idle.as_mut().reset(self.last_rx + idle_after(&self.phase));
+                idle.as_mut().reset(deadline(&self.phase, self.last_rx));
             }
             // A read that fills the buffer's free room leaves the socket marked readable, and the
             // next read only finds it empty (EAGAIN): with 256 B of room a 518-byte relay frame
@@ -295,9 +372,9 @@ impl Conn {
                     self.send_ping()
                 }
                 () = &mut idle => {
-                    let deadline = self.last_rx + idle_after(&self.phase);
-                    if Instant::now() < deadline {
-                        idle.as_mut().reset(deadline);
+                    let due = deadline(&self.phase, self.last_rx);
+                    if Instant::now() < due {
+                        idle.as_mut().reset(due);
                         None
                     } else {
                         let what = if registered { "no message" } else { "no hello and registration" };
@@ -308,6 +385,15 @@ impl Conn {
                 }
                 _ = &mut drained => {
                     self.ctx.metrics.disconnect(Disconnect::Drain);
+                    let mut servers = self.ctx.move_to.lock().map(|m| m.clone()).unwrap_or_default();
+                    if !servers.is_empty() && !self.visitor {
+                        // Each peer gets the list from another node on: they spread out.
+                        let n = servers.len();
+                        servers.rotate_left((self.id % n as u64) as usize);
+                        if let Ok(f) = control_frame(&ServerMsg::MoveTo { servers }) {
+                            self.outbox.push_server(f);
+                        }
+                    }
                     Some(End::Graceful(going_away("server is shutting down")))
                 }
                 status = &mut written => {
@@ -315,6 +401,10 @@ impl Conn {
                     let status = status.map_or(Status::Failed, |s| *s);
                     Some(self.writer_ended(status))
                 }
+            };
+            let end = match end {
+                Some(end) => Some(end),
+                None => self.run_pending(&decoder, &mut buf).await,
             };
             if let Some(end) = end {
                 return (rd, end);
@@ -340,10 +430,16 @@ impl Conn {
 
     /// `ReleaseName`: frees the name, answers `NameReleased` and ends the connection
     /// gracefully (it is no longer registered).
-    fn release_name(&mut self, name: String) -> End {
-        match self.ctx.registry.release(&name, self.id) {
+    async fn release_name(&mut self, name: String) -> End {
+        match self.ctx.registry.release(&name, self.id).await {
             Ok(_) => {
                 info!(peer = %name, addr = %self.addr, "name released");
+                if let Some(visits) = &self.ctx.cluster {
+                    visits.drop_conn(self.id);
+                    if let Err(e) = visits.cluster().clear_home(&name).await {
+                        debug!(peer = %name, error = %e, "presence not cleared (it expires)");
+                    }
+                }
                 self.ctx.metrics.set_registered(self.ctx.registry.online_count());
                 self.ctx.calls.leave(self.id, None);
                 self.ctx.rooms.leave_all(self.id);
@@ -386,9 +482,47 @@ impl Conn {
         }
     }
 
-    /// Handles every whole frame in `buf`.
+    /// Runs the request waiting on the backend, then handles the frames that came behind it,
+    /// until none waits.
+    async fn run_pending(&mut self, decoder: &FrameDecoder, buf: &mut BytesMut) -> Option<End> {
+        while let Some(pending) = self.pending.take() {
+            let end = match pending {
+                Pending::Register {
+                    challenge,
+                    name,
+                    cert,
+                    signature,
+                    lan_addrs,
+                } => self.register(challenge, name, &cert, &signature, lan_addrs).await,
+                Pending::Release(name) => Some(self.release_name(name).await),
+                Pending::RoomCreate(name, msg) => {
+                    self.room_request(&name, msg).await;
+                    None
+                }
+                Pending::RemoteCall {
+                    request,
+                    callee,
+                    policy,
+                } => self.remote_call(request, callee, policy).await,
+                Pending::RemoteResume { call, peer, proof } => self.remote_resume(call, peer, proof).await,
+                Pending::Lookup(name) => self.remote_lookup(name).await,
+            };
+            if end.is_some() {
+                return end;
+            }
+            if let Some(end) = self.handle_bytes(decoder, buf) {
+                return Some(end);
+            }
+        }
+        None
+    }
+
+    /// Handles every whole frame in `buf`, up to one that waits on the backend.
     fn handle_bytes(&mut self, decoder: &FrameDecoder, buf: &mut BytesMut) -> Option<End> {
         loop {
+            if self.pending.is_some() {
+                return None;
+            }
             let raw = match decoder.decode(buf) {
                 Ok(Some(raw)) => raw,
                 Ok(None) => return None,
@@ -446,6 +580,14 @@ impl Conn {
             let len = raw.wire().len();
             self.ctx.metrics.dropped(header.class, DropReason::RateLimit, 1, len);
             trace!(addr = %self.addr, call = header.call, "relay frame over the relay rate dropped");
+            return None;
+        }
+        if let Some(link) = self.ctx.cluster.as_ref().and_then(|v| v.route(self.id, header.call)) {
+            // The call is on another node: this peer's link there carries it.
+            if !link.send(raw.into_wire()) {
+                self.ctx.metrics.dropped(header.class, DropReason::Overload, 1, 0);
+            }
+            self.relaying = true;
             return None;
         }
         let now = self.last_rx.into_std();
@@ -518,13 +660,30 @@ impl Conn {
 
     fn handle_msg(&mut self, msg: ClientMsg) -> Option<End> {
         trace!(addr = %self.addr, ?msg, "control message");
+        if let Some(end) = self.forward_to_node(&msg) {
+            return end;
+        }
+        if self.visitor
+            && matches!(
+                msg,
+                ClientMsg::ReleaseName | ClientMsg::RoomCreate { .. } | ClientMsg::NatMapping { .. }
+            )
+        {
+            // A visit speaks for a peer's calls and room joins, nothing else.
+            return Some(End::Graceful(error_frame(
+                ErrorCode::Unexpected,
+                "not allowed on a visit",
+            )));
+        }
+        let cluster = self.ctx.cluster.is_some() && !self.visitor;
         match (&self.phase, msg) {
             (_, ClientMsg::Pong { nonce }) => {
                 if let Some((n, sent)) = self.ping.filter(|(n, _)| *n == nonce) {
                     let rtt = sent.elapsed();
                     self.rtt = Some(rtt);
                     self.ping = None;
-                    if let Phase::Registered { name } = &self.phase {
+                    // A visit's RTT is its node's, not its peer's: the peer's came with the visit.
+                    if let (Phase::Registered { name }, false) = (&self.phase, self.visitor) {
                         self.ctx.registry.record_rtt(name, self.id, rtt);
                     }
                     trace!(addr = %self.addr, nonce = n, ?rtt, "pong");
@@ -540,14 +699,52 @@ impl Conn {
                     lan_addrs,
                 },
             ) => {
-                let challenge = *challenge;
-                self.register(challenge, name, &cert, &signature, lan_addrs)
+                // From a node's address, but a peer's registration: counted as any source's.
+                if self.uncounted {
+                    match self.ctx.registry.sources().admit(self.addr.ip()) {
+                        Some(slot) => {
+                            self.source_slot = Some(slot);
+                            self.uncounted = false;
+                        }
+                        None => {
+                            self.ctx.metrics.refused(crate::metrics::Refusal::PerIpConnections);
+                            let n = self.ctx.config.limits.max_connections_per_ip;
+                            let msg = format!(
+                                "server full for your address: it has {n} connections, the most one address may; try later"
+                            );
+                            return Some(End::Graceful(error_frame(ErrorCode::ServerFull, &msg)));
+                        }
+                    }
+                }
+                self.pending = Some(Pending::Register {
+                    challenge: *challenge,
+                    name,
+                    cert,
+                    signature,
+                    lan_addrs,
+                });
+                None
             }
+            (
+                Phase::AwaitRegister { .. },
+                ClientMsg::Visit {
+                    node,
+                    name,
+                    fingerprint,
+                    candidates,
+                    rtt_us,
+                    proof,
+                },
+            ) => self.accept_visit(&node, name, fingerprint, candidates, rtt_us, &proof),
             (Phase::Registered { .. }, ClientMsg::Lookup { name }) => {
                 if let Some(refusal) = self.lookup_limited(&name) {
                     return self.send_msg(&refusal);
                 }
                 let peer = self.ctx.registry.peer(&name);
+                if peer.is_none() && cluster {
+                    self.pending = Some(Pending::Lookup(name));
+                    return None;
+                }
                 let online = peer.is_some();
                 self.send_msg(&ServerMsg::Presence {
                     name,
@@ -563,11 +760,31 @@ impl Conn {
                     policy,
                 },
             ) => {
+                if cluster && callee != *name && self.ctx.registry.peer(&callee).is_none() {
+                    // Each asks Redis where the callee is: counted as a lookup.
+                    if self.lookup_limited(&callee).is_some() {
+                        return self.send_msg(&ServerMsg::CallFailed {
+                            request,
+                            callee,
+                            failure: CallFailure::RateLimited,
+                        });
+                    }
+                    self.pending = Some(Pending::RemoteCall {
+                        request,
+                        callee,
+                        policy,
+                    });
+                    return None;
+                }
                 let me = self.member(name);
                 self.ctx.calls.place(&self.ctx.registry, me, request, &callee, policy);
                 None
             }
             (Phase::Registered { name }, ClientMsg::Resume { call, peer, proof }) => {
+                if cluster && peer != *name && self.ctx.registry.peer(&peer).is_none() {
+                    self.pending = Some(Pending::RemoteResume { call, peer, proof });
+                    return None;
+                }
                 let me = self.member(name);
                 self.ctx.calls.resume(&self.ctx.registry, me, call, &peer, proof);
                 None
@@ -593,20 +810,37 @@ impl Conn {
                 self.ctx.calls.set_path(self.id, call, path);
                 None
             }
+            (Phase::Registered { name }, ClientMsg::NatMapping { mapping, port_mapped }) => {
+                debug!(peer = %name, ?mapping, ?port_mapped, "NAT mapping reported");
+                // Only an address that could be public is passed on to callers.
+                let port_mapped = port_mapped
+                    .map(sockopt::canonical)
+                    .filter(|a| natcall_proto::control::plausible_public(*a));
+                self.ctx.registry.record_mapping(name, self.id, mapping, port_mapped);
+                None
+            }
             (Phase::Registered { name }, msg @ (ClientMsg::RoomCreate { .. } | ClientMsg::RoomJoin { .. })) => {
-                let name = name.clone();
-                self.room_request(&name, msg);
+                // A creation looks up the invited names' keys in the backend.
+                self.pending = Some(Pending::RoomCreate(name.clone(), msg));
                 None
             }
             (Phase::Registered { .. }, ClientMsg::RoomLeave { room }) => {
+                let remote = self.ctx.cluster.as_ref().and_then(|v| v.untrack_room(self.id, &room));
+                if let Some(link) = remote {
+                    let leave = ClientMsg::RoomLeave { room };
+                    if !control_frame(&leave).is_ok_and(|f| link.send(f)) {
+                        debug!("the link to the room's node is full or gone; leave dropped");
+                    }
+                    return None;
+                }
                 if let Some(id) = self.ctx.rooms.leave(self.id, &room) {
                     self.ctx.calls.end_pairs(self.id, id);
                 }
                 None
             }
             (Phase::Registered { name }, ClientMsg::ReleaseName) => {
-                let name = name.clone();
-                Some(self.release_name(name))
+                self.pending = Some(Pending::Release(name.clone()));
+                None
             }
             (Phase::Registered { .. }, ClientMsg::Register { .. }) => Some(End::Graceful(error_frame(
                 ErrorCode::Unexpected,
@@ -614,6 +848,246 @@ impl Conn {
             ))),
             (_, _) => Some(End::Graceful(error_frame(ErrorCode::NotRegistered, "register first"))),
         }
+    }
+
+    /// A message about a call another node has (this peer's visit there carries it): passed
+    /// on to that node. `None` when it is not such a message.
+    fn forward_to_node(&self, msg: &ClientMsg) -> Option<Option<End>> {
+        let visits = self.ctx.cluster.as_ref()?;
+        if !matches!(self.phase, Phase::Registered { .. }) {
+            return None;
+        }
+        let call = match msg {
+            ClientMsg::Reply { call, .. }
+            | ClientMsg::Answer { call, .. }
+            | ClientMsg::Hangup { call, .. }
+            | ClientMsg::CallPath { call, .. } => *call,
+            _ => return None,
+        };
+        let link = visits.route(self.id, call)?;
+        match control_frame(msg) {
+            Ok(f) => {
+                if !link.send(f) {
+                    debug!(call, "the link to the call's node is full or gone; message dropped");
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot encode a message for another node"),
+        }
+        // The other node tells this peer nothing more of a call it ended or declined.
+        let ended = match msg {
+            ClientMsg::Hangup { .. } => true,
+            ClientMsg::Reply { reply, .. } => matches!(reply, Reply::Decline(_)),
+            ClientMsg::Answer { accept, .. } => !accept,
+            _ => false,
+        };
+        if ended {
+            visits.untrack(self.id, call);
+        }
+        Some(None)
+    }
+
+    /// This peer's link to the node `other` (a peer's name) is homed on, if another node.
+    async fn link_to_home(&self, me: &str, other: &str) -> Result<Option<Arc<crate::cluster::visit::Link>>, String> {
+        let Some(visits) = self.ctx.cluster.clone() else {
+            return Ok(None);
+        };
+        let home = visits.cluster().home(other).await.map_err(|e| e.to_string())?;
+        self.link_to_node(me, home).await
+    }
+
+    /// This peer's link to node `node`, if it is another node.
+    async fn link_to_node(
+        &self,
+        me: &str,
+        node: Option<String>,
+    ) -> Result<Option<Arc<crate::cluster::visit::Link>>, String> {
+        let Some(visits) = self.ctx.cluster.clone() else {
+            return Ok(None);
+        };
+        let Some(node) = node.filter(|n| n != visits.cluster().node()) else {
+            return Ok(None);
+        };
+        let Some(info) = self.ctx.registry.peer(me).filter(|p| p.conn_id == self.id) else {
+            return Ok(None); // replaced meanwhile
+        };
+        visits
+            .link(&node, me, self.id, &info, self.outbox.clone())
+            .await
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+
+    /// `Call` to `callee`, who is not registered here: passed to its home node, or refused.
+    async fn remote_call(&mut self, request: u32, callee: String, policy: Policy) -> Option<End> {
+        let Phase::Registered { name } = &self.phase else {
+            return None;
+        };
+        let name = name.clone();
+        if self.ctx.registry.peer(&callee).is_some() {
+            // Registered here meanwhile.
+            let me = self.member(&name);
+            self.ctx.calls.place(&self.ctx.registry, me, request, &callee, policy);
+            return None;
+        }
+        let failure = match self.link_to_home(&name, &callee).await {
+            Ok(Some(link)) => {
+                let msg = ClientMsg::Call {
+                    request,
+                    callee: callee.clone(),
+                    policy,
+                };
+                if control_frame(&msg).is_ok_and(|f| link.send(f)) {
+                    debug!(peer = %name, %callee, "call passed to the callee's node");
+                    return None;
+                }
+                link.answered();
+                CallFailure::Unavailable
+            }
+            Ok(None) => CallFailure::Offline,
+            Err(e) => {
+                warn!(peer = %name, %callee, error = %e, "cannot reach the callee's node");
+                CallFailure::Unavailable
+            }
+        };
+        self.send_msg(&ServerMsg::CallFailed {
+            request,
+            callee,
+            failure,
+        })
+    }
+
+    /// `Resume` with `peer`, who is not registered here. The call's two `Resume`s meet on the
+    /// node whose `Resume` came first (recorded in Redis under a digest of the names and the
+    /// proof): this one waits here if it is first, else it goes to that node over this peer's
+    /// visit. Without Redis, or when that node does not answer, it waits here.
+    async fn remote_resume(&mut self, call: u32, peer: String, proof: [u8; 32]) -> Option<End> {
+        let Phase::Registered { name } = &self.phase else {
+            return None;
+        };
+        let name = name.clone();
+        if let (Some(visits), None) = (self.ctx.cluster.clone(), self.ctx.registry.peer(&peer)) {
+            let ttl = self.ctx.config.limits.resume_timeout();
+            let meet = visits.cluster().claim_resume(&proof, &name, &peer, ttl).await;
+            match meet {
+                Ok(node) => match self.link_to_node(&name, Some(node)).await {
+                    Ok(Some(link)) => {
+                        let msg = ClientMsg::Resume {
+                            call,
+                            peer: peer.clone(),
+                            proof,
+                        };
+                        if control_frame(&msg).is_ok_and(|f| link.send(f)) {
+                            visits.track(&link, call);
+                            debug!(peer = %name, other = %peer, "resume passed to the node where the call's resumes meet");
+                            return None;
+                        }
+                        link.answered();
+                    }
+                    Ok(None) => {} // this node: wait here
+                    Err(e) => {
+                        debug!(peer = %name, other = %peer, error = %e, "the node where the resumes meet does not answer; they meet here now");
+                        let _ = visits.cluster().take_resume(&proof, &name, &peer, ttl).await;
+                    }
+                },
+                Err(e) => {
+                    debug!(peer = %name, other = %peer, error = %e, "no resume rendezvous without Redis; the resume waits here")
+                }
+            }
+        }
+        let me = self.member(&name);
+        self.ctx.calls.resume(&self.ctx.registry, me, call, &peer, proof);
+        None
+    }
+
+    /// `Lookup` of a name not registered here: its key, and whether it is online anywhere.
+    async fn remote_lookup(&mut self, name: String) -> Option<End> {
+        let visits = self.ctx.cluster.clone()?;
+        let found = async {
+            let home = visits.cluster().home(&name).await?;
+            let key = self.ctx.registry.owner(&name).await?;
+            Ok::<_, RegisterError>((home.is_some(), key))
+        };
+        match found.await {
+            Ok((online, fingerprint)) => self.send_msg(&ServerMsg::Presence {
+                name,
+                online,
+                fingerprint: fingerprint.filter(|_| online),
+            }),
+            Err(e) => self.send_msg(&ServerMsg::LookupFailed {
+                name,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// `Visit` from another node of the cluster, for its peer `name`.
+    fn accept_visit(
+        &mut self,
+        node: &str,
+        name: String,
+        fingerprint: natcall_proto::control::Fingerprint,
+        candidates: natcall_proto::control::Candidates,
+        rtt_us: Option<u64>,
+        proof: &[u8; 32],
+    ) -> Option<End> {
+        let Some(visits) = self.ctx.cluster.clone() else {
+            return Some(End::Graceful(error_frame(
+                ErrorCode::Unexpected,
+                "this server is not a node of a cluster",
+            )));
+        };
+        let cluster = visits.cluster();
+        if node == cluster.node() || !cluster.check_visit(node, &name, &fingerprint, &self.binding, proof) {
+            warn!(addr = %self.addr, %node, peer = %name, "visit with a wrong proof refused");
+            return Some(End::Graceful(error_frame(
+                ErrorCode::BadSignature,
+                "the visit's proof does not verify",
+            )));
+        }
+        if let Err(e) = validate_name(&name) {
+            return Some(End::Graceful(error_frame(ErrorCode::BadName, &e.to_string())));
+        }
+        if candidates.lan.len() > MAX_LAN_ADDRS {
+            return Some(End::Graceful(error_frame(
+                ErrorCode::Malformed,
+                "too many LAN addresses",
+            )));
+        }
+        if self.ctx.registry.peer(&name).is_some_and(|p| !p.visitor) {
+            return Some(End::Graceful(error_frame(
+                ErrorCode::NameTaken,
+                "that peer is registered with this node itself",
+            )));
+        }
+        let rtt = rtt_us.map(Duration::from_micros);
+        let reg = self.ctx.registry.visit(
+            &name,
+            fingerprint,
+            candidates,
+            rtt,
+            self.addr,
+            self.id,
+            self.outbox.clone(),
+        );
+        if let Some(old) = reg.replaced {
+            let replaced = control_frame(&ServerMsg::Replaced { by: self.addr }).unwrap_or_default();
+            old.outbox.push_server(replaced);
+            old.outbox.close(false);
+            self.ctx.calls.leave(old.conn_id, None);
+            self.ctx.rooms.leave_all(old.conn_id);
+        }
+        info!(peer = %name, %node, addr = %self.addr, "visit from another node");
+        self.visitor = true;
+        self.ctx.metrics.set_registered(self.ctx.registry.online_count());
+        self.phase = Phase::Registered { name: name.clone() };
+        self.send_msg(&ServerMsg::Registered {
+            name,
+            fingerprint,
+            token: reg.token,
+            stun_addr: self.ctx.config.public_addr,
+            relay_ack_every: self.ctx.config.relay.ack_every,
+            stun_alt_port: self.ctx.stun_alt_port(),
+        })
     }
 
     /// This connection as a member of a room, with its key; `None` if its registration was
@@ -625,7 +1099,7 @@ impl Conn {
 
     /// `RoomCreate` or `RoomJoin` from `name`: refused over `limits.room_joins_per_min`, else
     /// handed to the rooms; a join sets up the joiner's session with each member already in.
-    fn room_request(&mut self, name: &str, msg: ClientMsg) {
+    async fn room_request(&mut self, name: &str, msg: ClientMsg) {
         let Some((me, fingerprint)) = self.room_member(name) else {
             return;
         };
@@ -638,11 +1112,65 @@ impl Conn {
             self.ctx.rooms.refuse_rate(&me, &room, per_min);
             return;
         }
+        // A name the room table refuses is not looked up or recorded in the cluster.
+        let cluster = self
+            .ctx
+            .cluster
+            .clone()
+            .filter(|_| !self.visitor && validate_name(&room).is_ok());
+        if let (Some(visits), ClientMsg::RoomJoin { .. }) = (&cluster, &msg) {
+            if !self.ctx.rooms.contains(&room) {
+                // A room on another node of the cluster: the join goes there, over this
+                // peer's visit.
+                match visits.cluster().room_home(&room).await {
+                    Ok(home) => match self.link_to_node(name, home).await {
+                        Ok(Some(link)) => {
+                            if control_frame(&msg).is_ok_and(|f| link.send(f)) {
+                                visits.track_room(&link, &room);
+                                return;
+                            }
+                            link.answered();
+                        }
+                        Ok(None) => {}
+                        Err(e) => warn!(%room, error = %e, "cannot reach the room's node"),
+                    },
+                    Err(e) => warn!(%room, error = %e, "cannot look the room up in the cluster"),
+                }
+            }
+        }
+        if let (Some(visits), ClientMsg::RoomCreate { .. }) = (&cluster, &msg) {
+            match visits.cluster().claim_room(&room).await {
+                Ok(holder) if holder != visits.cluster().node() => {
+                    self.ctx.rooms.refuse_elsewhere(&me, &room);
+                    return;
+                }
+                Ok(_) => {}
+                // Without Redis the room is this node's alone; its name is recorded when Redis
+                // is back (the refresher writes this node's rooms).
+                Err(e) => warn!(%room, error = %e, "room not recorded in the cluster"),
+            }
+        }
         match msg {
-            ClientMsg::RoomCreate { invite, .. } => {
-                self.ctx
-                    .rooms
-                    .create(&self.ctx.registry, me, fingerprint, &room, invite);
+            ClientMsg::RoomCreate { mut invite, .. } => {
+                invite.sort();
+                invite.dedup();
+                invite.retain(|n| *n != me.name);
+                // Past the room's size the creation is refused: no name is looked up then.
+                let look_up = invite.len() <= self.ctx.rooms.max_members();
+                let mut invited = Vec::with_capacity(invite.len());
+                for n in invite {
+                    // A name the backend cannot look up now is invited without a key: the
+                    // server vouches for whichever key registers it when it joins.
+                    let key = match look_up && validate_name(&n).is_ok() {
+                        true => self.ctx.registry.owner(&n).await.unwrap_or_else(|e| {
+                            warn!(name = %n, error = %e, "cannot look up an invited name's key");
+                            None
+                        }),
+                        false => None,
+                    };
+                    invited.push((n, key));
+                }
+                self.ctx.rooms.create(me, fingerprint, &room, invited);
             }
             ClientMsg::RoomJoin { code, .. } => {
                 let Some((id, others)) = self.ctx.rooms.join(me.clone(), fingerprint, &room, code.as_deref()) else {
@@ -672,7 +1200,7 @@ impl Conn {
         }
     }
 
-    fn register(
+    async fn register(
         &mut self,
         challenge: [u8; 32],
         name: String,
@@ -694,33 +1222,33 @@ impl Conn {
             Ok(fp) => fp,
             Err(e) => return Some(End::Graceful(error_frame(ErrorCode::BadSignature, &e.to_string()))),
         };
-        let reg =
-            match self
-                .ctx
-                .registry
-                .register(&name, fingerprint, lan_addrs, self.addr, self.id, self.outbox.clone())
-            {
-                Ok(reg) => reg,
-                Err(RegisterError::NameTaken(n)) => {
-                    let msg = name_taken(&n);
-                    return Some(End::Graceful(error_frame(ErrorCode::NameTaken, &msg)));
-                }
-                Err(RegisterError::Full(max)) => {
-                    let msg = format!("the server holds its maximum of {max} names");
-                    return Some(End::Graceful(error_frame(ErrorCode::ServerFull, &msg)));
-                }
-                Err(RegisterError::Io(e)) => {
-                    warn!(error = %e, "cannot record a name binding");
-                    return Some(End::Graceful(error_frame(
-                        ErrorCode::Internal,
-                        "the server cannot record the name",
-                    )));
-                }
-                Err(e) => {
-                    debug!(peer = %name, addr = %self.addr, error = %e, "registration refused by a limit");
-                    return Some(End::Graceful(error_frame(e.code(), &e.to_string())));
-                }
-            };
+        let reg = match self
+            .ctx
+            .registry
+            .register(&name, fingerprint, lan_addrs, self.addr, self.id, self.outbox.clone())
+            .await
+        {
+            Ok(reg) => reg,
+            Err(RegisterError::NameTaken(n)) => {
+                let msg = name_taken(&n);
+                return Some(End::Graceful(error_frame(ErrorCode::NameTaken, &msg)));
+            }
+            Err(RegisterError::Full(max)) => {
+                let msg = format!("the server holds its maximum of {max} names");
+                return Some(End::Graceful(error_frame(ErrorCode::ServerFull, &msg)));
+            }
+            Err(RegisterError::Io(e)) => {
+                warn!(error = %e, "cannot record a name binding");
+                return Some(End::Graceful(error_frame(
+                    ErrorCode::Internal,
+                    "the server cannot record the name",
+                )));
+            }
+            Err(e) => {
+                debug!(peer = %name, addr = %self.addr, error = %e, "registration refused by a limit");
+                return Some(End::Graceful(error_frame(e.code(), &e.to_string())));
+            }
+        };
         if let Some(old) = reg.replaced {
             info!(peer = %name, old_conn = old.conn_id, by = %self.addr, "registration replaced by a newer connection");
             // Final for the old connection: told who took over, it does not register again (a
@@ -730,6 +1258,11 @@ impl Conn {
             old.outbox.close(false);
             self.ctx.calls.leave(old.conn_id, None);
             self.ctx.rooms.leave_all(old.conn_id);
+        }
+        if let Some(visits) = &self.ctx.cluster {
+            if let Err(e) = visits.cluster().set_home(&name).await {
+                warn!(peer = %name, error = %e, "presence not recorded in the cluster");
+            }
         }
         info!(peer = %name, addr = %self.addr, key = %fingerprint.short(), "peer registered");
         self.ctx.metrics.set_registered(self.ctx.registry.online_count());
@@ -741,6 +1274,7 @@ impl Conn {
             token: reg.token,
             stun_addr,
             relay_ack_every: self.ctx.config.relay.ack_every,
+            stun_alt_port: self.ctx.stun_alt_port(),
         })
     }
 

@@ -25,6 +25,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod calls;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod http;
@@ -39,7 +40,7 @@ pub mod stun;
 pub mod tls;
 
 pub use calls::{Calls, RelayCounts, start_delays};
-pub use config::{Config, Limits, RelayConfig, StateDir};
+pub use config::{ClusterConfig, Config, Limits, RelayConfig, StateDir};
 pub use metrics::Metrics;
 pub use rooms::Rooms;
 pub use server::{Server, ServerError, run};

@@ -26,6 +26,16 @@ struct Args {
     /// Address peers should send STUN to, when it differs from the one they connect to.
     #[arg(long)]
     public_addr: Option<SocketAddr>,
+    /// A second UDP STUN port, by which peers learn whether their NAT maps ports per
+    /// destination (default: the listen port + 1; 0 turns it off).
+    #[arg(long)]
+    stun_alt_port: Option<u16>,
+    /// A second IP address of this host: STUN is answered on it too (main and second port),
+    /// and answers carry RESPONSE-ORIGIN and OTHER-ADDRESS, so clients can run RFC 5780 NAT
+    /// behaviour discovery (`natcall netcheck`, coturn's turnutils_natdiscovery). Needs
+    /// --listen on one IP address.
+    #[arg(long)]
+    alternate_ip: Option<std::net::IpAddr>,
     /// Log filter when RUST_LOG is unset: error, warn, info, debug, trace, or a RUST_LOG-style
     /// filter such as "info,natcall_rendezvous=debug".
     #[arg(long, value_parser = log_level)]
@@ -56,6 +66,17 @@ struct Args {
     /// A call's Resume waits this long for the other member's, in milliseconds.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     resume_timeout_ms: Option<u64>,
+    /// Run as one node of a cluster sharing names and presence in this Redis
+    /// (redis://HOST:PORT); a single server needs none. Needs --node-id.
+    #[arg(long, value_name = "REDIS_URL", requires = "node_id")]
+    cluster: Option<String>,
+    /// This node's id in the cluster (unique; letters, digits, '-', '_', '.').
+    #[arg(long, requires = "cluster")]
+    node_id: Option<String>,
+    /// Where peers and the other nodes reach this node, IP:PORT (default: --public-addr, else
+    /// --listen when it is one address).
+    #[arg(long, requires = "cluster")]
+    advertise: Option<SocketAddr>,
 }
 
 /// `--log-level`: refused at once when it is not a level or a filter.
@@ -74,6 +95,12 @@ impl Args {
         }
         if let Some(v) = self.public_addr {
             c.public_addr = Some(v);
+        }
+        if let Some(v) = self.stun_alt_port {
+            c.stun_alt_port = Some(v);
+        }
+        if let Some(v) = self.alternate_ip {
+            c.alternate_ip = Some(v);
         }
         if let Some(v) = self.log_level {
             c.log_level = v;
@@ -104,6 +131,18 @@ impl Args {
         }
         if let Some(v) = self.resume_timeout_ms {
             c.limits.resume_timeout_ms = v;
+        }
+        if let (Some(redis), Some(node_id)) = (self.cluster, self.node_id) {
+            let mut cluster = c
+                .cluster
+                .take()
+                .unwrap_or_else(|| natcall_rendezvous::ClusterConfig::new(redis.clone(), node_id.clone()));
+            cluster.redis = redis;
+            cluster.node_id = node_id;
+            c.cluster = Some(cluster);
+        }
+        if let (Some(cluster), Some(v)) = (c.cluster.as_mut(), self.advertise) {
+            cluster.advertise = Some(v);
         }
         c.validate()?;
         Ok(c)
@@ -188,8 +227,21 @@ async fn run() -> Result<()> {
     }
     let shutdown = shutdown_signal();
     let sockets =
-        Sockets::bind(config.listen).with_context(|| format!("cannot listen on {} (TCP and UDP)", config.listen))?;
-    let server = natcall_rendezvous::Server::new(config).context("cannot start the server")?;
+        Sockets::bind_rfc5780(config.listen, config.stun_alt_port, config.alternate_ip).with_context(|| {
+            let alt = match config.stun_alt_port {
+                Some(p) if p != 0 => format!(" and UDP port {p}"),
+                _ => String::new(),
+            };
+            let ip = config
+                .alternate_ip
+                .map(|ip| format!(" and on {ip}"))
+                .unwrap_or_default();
+            format!("cannot listen on {} (TCP and UDP){alt}{ip}", config.listen)
+        })?;
+    let local = sockets.tcp.local_addr().context("the listener has no address")?;
+    let server = natcall_rendezvous::Server::open(config, local)
+        .await
+        .context("cannot start the server")?;
     reload_on_sighup(server.clone());
     server.run(sockets, shutdown).await.context("server failed")?;
     Ok(())

@@ -233,6 +233,9 @@ struct Inner {
     names_bound: Gauge,
     names_expired: Counter,
     tracked_sources: Gauge,
+    redis_up: Gauge,
+    redis_errors: Counter,
+    visit_links: Gauge,
 }
 
 /// The server's metrics. Cheap to clone; every handle is registered once.
@@ -281,6 +284,9 @@ impl Metrics {
             names_bound: gauge("natcall_names_bound", &[]),
             names_expired: counter("natcall_names_expired_total", &[]),
             tracked_sources: gauge("natcall_tracked_sources", &[]),
+            redis_up: gauge("natcall_cluster_redis_up", &[]),
+            redis_errors: counter("natcall_cluster_redis_errors_total", &[]),
+            visit_links: gauge("natcall_cluster_visit_links", &[]),
             rooms: gauge("natcall_rooms", &[]),
             room_members: gauge("natcall_room_members", &[]),
             room_copies: per_class("natcall_room_copies_total"),
@@ -386,6 +392,19 @@ impl Metrics {
     pub(crate) fn set_tracked_sources(&self, n: usize) {
         self.inner.tracked_sources.set(n as f64);
     }
+
+    /// Whether the cluster's Redis answered the last command (a cluster node only).
+    pub(crate) fn set_redis_up(&self, up: bool) {
+        self.inner.redis_up.set(if up { 1.0 } else { 0.0 });
+    }
+
+    pub(crate) fn redis_error(&self) {
+        self.inner.redis_errors.increment(1);
+    }
+
+    pub(crate) fn set_visit_links(&self, n: usize) {
+        self.inner.visit_links.set(n as f64);
+    }
 }
 
 impl Default for Metrics {
@@ -462,6 +481,18 @@ fn describe(rec: &PrometheusRecorder) {
             "The connection limit in force (limits.max_connections, capped below the open-file limit)",
         ),
         ("natcall_names_bound", "Name to key bindings held"),
+        (
+            "natcall_cluster_redis_up",
+            "1 while the cluster's Redis answers, 0 while it does not (cluster nodes only)",
+        ),
+        (
+            "natcall_cluster_redis_errors_total",
+            "Redis commands that failed or missed their deadline (cluster.timeout_ms)",
+        ),
+        (
+            "natcall_cluster_visit_links",
+            "Open links speaking for this node's peers on other nodes (cross-node calls)",
+        ),
         (
             "natcall_names_expired_total",
             "Name bindings freed because the name was not registered for limits.name_expiry_days",

@@ -18,10 +18,12 @@ use crate::config::{Limits, StateDir};
 use crate::limits::{SourceLimits, SourceRefusal};
 use crate::metrics::{Metrics, Refusal};
 use crate::outbox::Outbox;
+use backend::{Embedded, NameBackend};
 use store::{NameStore, StoreLimits};
 
+pub mod backend;
 pub mod store;
-use natcall_proto::control::Fingerprint;
+use natcall_proto::control::{Fingerprint, Mapping};
 use natcall_proto::frame::ErrorCode;
 use natcall_proto::stun::TokenCredentials;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -51,6 +53,9 @@ pub enum RegisterError {
     /// The state directory could not be written.
     #[error("cannot record the name binding: {0}")]
     Io(#[from] io::Error),
+    /// The cluster's shared registry (Redis) did not answer.
+    #[error("the cluster's registry is unreachable ({0}); try later")]
+    Unavailable(String),
 }
 
 /// A registered, online peer.
@@ -66,10 +71,17 @@ pub struct PeerInfo {
     pub tcp_addr: SocketAddr,
     /// Source address of its last authenticated STUN binding: its public UDP address.
     pub public_udp: Option<SocketAddr>,
+    /// How its NAT maps ports, as it last reported (`NatMapping`).
+    pub mapping: Mapping,
+    /// The address its router mapped for it, as it last reported (`NatMapping`).
+    pub port_mapped: Option<SocketAddr>,
     /// Last RTT measured by ping/pong on its TCP connection.
     pub rtt: Option<Duration>,
     /// The buffer towards its connection.
     pub outbox: Arc<Outbox>,
+    /// Registered by another node of the cluster speaking for it (a visit, see
+    /// `crate::cluster::visit`): its home is elsewhere.
+    pub visitor: bool,
     token: TokenCredentials,
     /// The sequence number of the last token binding accepted (the first 8 bytes of its
     /// transaction id, big-endian): only a newer one may move `public_udp`.
@@ -99,7 +111,7 @@ struct Online {
 #[derive(Debug)]
 pub struct Registry {
     online: Mutex<Online>,
-    names: Mutex<NameStore>,
+    names: Arc<dyn NameBackend>,
     sources: Arc<SourceLimits>,
     limits: Limits,
     metrics: Metrics,
@@ -114,7 +126,7 @@ impl RegisterError {
             Self::Full(_) | Self::TooManySources => ErrorCode::ServerFull,
             Self::KeyQuota(_) | Self::SourceQuota(_) => ErrorCode::QuotaExceeded,
             Self::RegistrationRate(_) => ErrorCode::RateLimited,
-            Self::Io(_) => ErrorCode::Internal,
+            Self::Io(_) | Self::Unavailable(_) => ErrorCode::Internal,
         }
     }
 }
@@ -153,7 +165,7 @@ pub(crate) fn random_hex(rng: &SystemRandom, bytes: usize) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave these maps half-updated in a way later
     // readers could trip over (every update is a single insert/remove), so poison is ignored.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -169,15 +181,21 @@ impl Registry {
             expiry_secs: limits.name_expiry().as_secs(),
         };
         let names = NameStore::open(state, store_limits, unix_now())?;
-        metrics.set_names(names.len(), names.expired_total());
-        Ok(Self {
+        Ok(Self::with_backend(Arc::new(Embedded::new(names)), limits, metrics))
+    }
+
+    /// A registry whose name bindings are kept by `names` (a cluster's shared registry).
+    pub fn with_backend(names: Arc<dyn NameBackend>, limits: &Limits, metrics: Metrics) -> Self {
+        let (held, expired) = names.counts();
+        metrics.set_names(held, expired);
+        Self {
             online: Mutex::default(),
-            names: Mutex::new(names),
+            names,
             sources: SourceLimits::new(limits, metrics.clone()),
             limits: limits.clone(),
             metrics,
             rng: SystemRandom::new(),
-        })
+        }
     }
 
     /// The per-source limits (connections, registrations, new names).
@@ -186,7 +204,7 @@ impl Registry {
     }
 
     /// Registers `name` for `fingerprint` on connection `conn_id`.
-    pub fn register(
+    pub async fn register(
         &self,
         name: &str,
         fingerprint: Fingerprint,
@@ -199,11 +217,12 @@ impl Registry {
         let (ip, l) = (tcp_addr.ip(), &self.limits);
         self.sources.registration(ip, now, l.registrations_per_ip_per_min)?;
         {
-            let mut names = lock(&self.names);
-            let claimed = names.claim(name, fingerprint, unix_now(), || {
-                Ok(self.sources.new_name(ip, now, l.new_names_per_ip_per_hour)?)
-            });
-            self.metrics.set_names(names.len(), names.expired_total());
+            let sources = &self.sources;
+            let per_hour = l.new_names_per_ip_per_hour;
+            let allow_new = move || Ok(sources.new_name(ip, now, per_hour)?);
+            let claimed = self.names.claim(name, fingerprint, unix_now(), &allow_new).await;
+            let (held, expired) = self.names.counts();
+            self.metrics.set_names(held, expired);
             match &claimed {
                 Err(RegisterError::KeyQuota(_)) => self.metrics.refused(Refusal::KeyQuota),
                 Err(RegisterError::Full(_)) => self.metrics.refused(Refusal::NamesFull),
@@ -211,57 +230,113 @@ impl Registry {
             }
             claimed?;
         }
-        let token = TokenCredentials {
-            username: format!("nc1:{}", random_hex(&self.rng, 8)),
-            password: random_hex(&self.rng, 16),
-        };
+        let token = self.fresh_token();
         let info = PeerInfo {
             conn_id,
             fingerprint,
             lan_addrs,
             tcp_addr,
             public_udp: None,
+            mapping: Mapping::Unknown,
+            port_mapped: None,
             stun_seq: 0,
             rtt: None,
             outbox,
+            visitor: false,
             token: token.clone(),
         };
+        Ok(self.insert(name, info))
+    }
+
+    /// Registers `name` (key `fingerprint`, `candidates`, `rtt` from its home) for the node
+    /// that speaks for it on connection `conn_id` (a visit): no name is claimed (its home did
+    /// that), and it is not this node's to announce.
+    #[allow(clippy::too_many_arguments)]
+    pub fn visit(
+        &self,
+        name: &str,
+        fingerprint: Fingerprint,
+        candidates: natcall_proto::control::Candidates,
+        rtt: Option<Duration>,
+        tcp_addr: SocketAddr,
+        conn_id: u64,
+        outbox: Arc<Outbox>,
+    ) -> Registration {
+        let token = self.fresh_token();
+        let info = PeerInfo {
+            conn_id,
+            fingerprint,
+            lan_addrs: candidates.lan,
+            tcp_addr,
+            public_udp: candidates.public,
+            mapping: candidates.mapping,
+            port_mapped: candidates.port_mapped,
+            stun_seq: 0,
+            rtt,
+            outbox,
+            visitor: true,
+            token,
+        };
+        self.insert(name, info)
+    }
+
+    /// A new STUN token: a random username and password.
+    fn fresh_token(&self) -> TokenCredentials {
+        TokenCredentials {
+            username: format!("nc1:{}", random_hex(&self.rng, 8)),
+            password: random_hex(&self.rng, 16),
+        }
+    }
+
+    fn insert(&self, name: &str, info: PeerInfo) -> Registration {
+        let token = info.token.clone();
         let mut online = lock(&self.online);
         online.tokens.insert(token.username.clone(), name.to_owned());
         let replaced = online.peers.insert(name.to_owned(), info);
         if let Some(old) = &replaced {
             online.tokens.remove(&old.token.username);
         }
-        Ok(Registration { token, replaced })
+        Registration { token, replaced }
     }
 
-    /// Removes `name` if connection `conn_id` still holds it.
-    pub fn unregister(&self, name: &str, conn_id: u64) {
+    /// Removes `name` if connection `conn_id` still holds it; returns whether it did.
+    pub fn unregister(&self, name: &str, conn_id: u64) -> bool {
         let mut online = lock(&self.online);
         if online.peers.get(name).is_some_and(|p| p.conn_id == conn_id) {
             if let Some(p) = online.peers.remove(name) {
                 online.tokens.remove(&p.token.username);
+                return true;
             }
         }
+        false
+    }
+
+    /// The names registered here for their home (not visitors).
+    pub fn homed_names(&self) -> Vec<String> {
+        lock(&self.online)
+            .peers
+            .iter()
+            .filter(|(_, p)| !p.visitor)
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// Frees `name` if connection `conn_id` registered it: the binding is gone (durably) and
     /// the peer is offline. Returns whether it was freed.
-    pub fn release(&self, name: &str, conn_id: u64) -> io::Result<bool> {
+    pub async fn release(&self, name: &str, conn_id: u64) -> Result<bool, RegisterError> {
         let Some(peer) = self.peer(name).filter(|p| p.conn_id == conn_id) else {
             return Ok(false);
         };
-        let mut names = lock(&self.names);
-        let freed = names.release(name, peer.fingerprint)?;
-        self.metrics.set_names(names.len(), names.expired_total());
-        drop(names);
+        let freed = self.names.release(name, peer.fingerprint).await?;
+        let (held, expired) = self.names.counts();
+        self.metrics.set_names(held, expired);
         self.unregister(name, conn_id);
         Ok(freed)
     }
 
     /// The key `name` is bound to, if any (expired or not).
-    pub fn owner(&self, name: &str) -> Option<Fingerprint> {
-        lock(&self.names).binding(name).map(|b| b.fingerprint)
+    pub async fn owner(&self, name: &str) -> Result<Option<Fingerprint>, RegisterError> {
+        self.names.owner(name).await
     }
 
     /// The online peer called `name`.
@@ -297,6 +372,14 @@ impl Registry {
         })
     }
 
+    /// Records how `name`'s NAT maps ports, as its connection `conn_id` reported.
+    pub fn record_mapping(&self, name: &str, conn_id: u64, mapping: Mapping, port_mapped: Option<SocketAddr>) {
+        if let Some(p) = lock(&self.online).peers.get_mut(name).filter(|p| p.conn_id == conn_id) {
+            p.mapping = mapping;
+            p.port_mapped = port_mapped;
+        }
+    }
+
     /// Records the RTT measured on connection `conn_id` of `name`.
     pub fn record_rtt(&self, name: &str, conn_id: u64, rtt: Duration) {
         if let Some(p) = lock(&self.online).peers.get_mut(name).filter(|p| p.conn_id == conn_id) {
@@ -330,38 +413,42 @@ mod tests {
         ))
     }
 
-    #[test]
-    fn a_name_belongs_to_its_first_key_and_survives_a_restart() {
+    #[tokio::test]
+    async fn a_name_belongs_to_its_first_key_and_survives_a_restart() {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = StateDir::new(dir.path());
         let addr: SocketAddr = "192.0.2.1:1000".parse().expect("addr");
         let r = registry(Some(&state), 10).expect("opens");
         r.register("alice", Fingerprint([1; 32]), vec![], addr, 1, tx())
+            .await
             .expect("first key");
         assert!(matches!(
-            r.register("alice", Fingerprint([2; 32]), vec![], addr, 2, tx()),
+            r.register("alice", Fingerprint([2; 32]), vec![], addr, 2, tx()).await,
             Err(RegisterError::NameTaken(_))
         ));
         drop(r);
         let r = registry(Some(&state), 10).expect("reopens");
         assert_eq!(r.online_count(), 0);
         assert!(matches!(
-            r.register("alice", Fingerprint([2; 32]), vec![], addr, 3, tx()),
+            r.register("alice", Fingerprint([2; 32]), vec![], addr, 3, tx()).await,
             Err(RegisterError::NameTaken(_))
         ));
         r.register("alice", Fingerprint([1; 32]), vec![], addr, 4, tx())
+            .await
             .expect("owner again");
     }
 
-    #[test]
-    fn re_registering_replaces_the_old_connection_and_its_token() {
+    #[tokio::test]
+    async fn re_registering_replaces_the_old_connection_and_its_token() {
         let addr: SocketAddr = "192.0.2.1:1000".parse().expect("addr");
         let r = registry(None, 10).expect("opens");
         let first = r
             .register("bob", Fingerprint([1; 32]), vec![], addr, 1, tx())
+            .await
             .expect("registers");
         let second = r
             .register("bob", Fingerprint([1; 32]), vec![], addr, 2, tx())
+            .await
             .expect("registers");
         assert_eq!(second.replaced.map(|p| p.conn_id), Some(1));
         assert_eq!(r.token_password(&first.token.username), None);
@@ -376,14 +463,15 @@ mod tests {
         assert_eq!(r.token_password(&second.token.username), None);
     }
 
-    #[test]
-    fn the_name_limit_holds() {
+    #[tokio::test]
+    async fn the_name_limit_holds() {
         let addr: SocketAddr = "192.0.2.1:1000".parse().expect("addr");
         let r = registry(None, 1).expect("opens");
         r.register("a", Fingerprint([1; 32]), vec![], addr, 1, tx())
+            .await
             .expect("registers");
         assert!(matches!(
-            r.register("b", Fingerprint([1; 32]), vec![], addr, 2, tx()),
+            r.register("b", Fingerprint([1; 32]), vec![], addr, 2, tx()).await,
             Err(RegisterError::Full(1))
         ));
     }

@@ -44,7 +44,6 @@ use crate::calls::Member;
 use crate::config::Limits;
 use crate::metrics::{DropReason, Metrics, Refusal};
 use crate::outbox::Outbox;
-use crate::registry::Registry;
 
 /// Characters of a join code: lowercase letters and digits without the look-alikes
 /// (`i l o 0 1`).
@@ -305,19 +304,38 @@ impl Rooms {
         self.refuse(to, room, Refused(RoomRefusal::RateLimited, reason));
     }
 
-    /// Handles `RoomCreate { room, invite }` from `me` (key `fingerprint`); `registry` says
-    /// which key each invited name is bound to.
+    /// Refuses a create of `room`, which another node of the cluster holds.
+    pub(crate) fn refuse_elsewhere(&self, to: &Member, room: &str) {
+        let reason =
+            format!("a room named {room} exists on another server of this cluster; join it, or pick another name");
+        self.refuse(to, room, Refused(RoomRefusal::Exists, reason));
+    }
+
+    /// Whether room `room` is on this server.
+    pub(crate) fn contains(&self, room: &str) -> bool {
+        read(&self.table).rooms.contains_key(room)
+    }
+
+    /// The names of the rooms on this server.
+    pub fn names(&self) -> Vec<String> {
+        read(&self.table).rooms.keys().cloned().collect()
+    }
+
+    /// The most members a room holds at once (and names a creation may invite).
+    pub(crate) fn max_members(&self) -> usize {
+        self.max_members
+    }
+
+    /// Handles `RoomCreate { room, invite }` from `me` (key `fingerprint`); `invited` are the
+    /// invited names (sorted, distinct, not `me`), each with the key it is bound to.
     pub(crate) fn create(
         &self,
-        registry: &Registry,
         me: Member,
         fingerprint: Fingerprint,
         room: &str,
-        mut invite: Vec<String>,
+        invited: Vec<(String, Option<Fingerprint>)>,
     ) {
-        invite.sort();
-        invite.dedup();
-        invite.retain(|n| *n != me.name);
+        let invite: Vec<String> = invited.iter().map(|(n, _)| n.clone()).collect();
         let mut table = write(&self.table);
         match self.check_create(&table, &me, room, &invite) {
             Err(refused) => {
@@ -327,13 +345,7 @@ impl Rooms {
             Ok(()) => {
                 let id = self.fresh_id(&table);
                 let code = self.fresh_code();
-                let invited: HashMap<String, Option<Fingerprint>> = invite
-                    .into_iter()
-                    .map(|n| {
-                        let key = registry.owner(&n);
-                        (n, key)
-                    })
-                    .collect();
+                let invited: HashMap<String, Option<Fingerprint>> = invited.into_iter().collect();
                 info!(%room, id, creator = %me.name, invited = invited.len(), "room created");
                 deliver(
                     &me,

@@ -10,7 +10,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 
 use bytes::BytesMut;
 use natcall_proto::frame::{self, ErrorCode};
@@ -29,7 +29,7 @@ use crate::limits::{self, FdReserve};
 use crate::metrics::{Metrics, Refusal};
 use crate::registry::Registry;
 use crate::rooms::Rooms;
-use crate::sockopt::Sockets;
+use crate::sockopt::{self, Sockets};
 use crate::stun;
 use crate::tls::{ServerTls, TlsSource};
 use natcall_proto::server_key::ServerKey;
@@ -58,6 +58,12 @@ pub enum ServerError {
     /// A socket operation failed.
     #[error("socket error: {0}")]
     Io(#[from] std::io::Error),
+    /// The cluster (Redis) cannot be joined.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
+    /// A cluster node was started without [`Server::open`], or with no address to advertise.
+    #[error("{0}")]
+    ClusterSetup(String),
 }
 
 /// What an operator can do about a state directory that cannot be used.
@@ -87,6 +93,11 @@ impl Server {
     /// caps `limits.max_connections` below the open-file limit.
     pub fn new(mut config: Config) -> Result<Self, ServerError> {
         config.validate()?;
+        if config.cluster.is_some() {
+            return Err(ServerError::ClusterSetup(
+                "a cluster node joins its Redis when it starts: use Server::open".into(),
+            ));
+        }
         let metrics = Metrics::new();
         cap_to_open_files(&mut config);
         metrics.set_max_connections(config.limits.max_connections);
@@ -96,11 +107,57 @@ impl Server {
                 dir: state.as_ref().map(|d| d.path().to_owned()).unwrap_or_default(),
                 source,
             })?;
+        let tls = ServerTls::load(config.tls_source())?;
+        Ok(Self::build(config, metrics, registry, tls, None))
+    }
+
+    /// A server with `config` listening on `local`: a single server as [`Server::new`]
+    /// makes, or a node of the cluster `config.cluster` names — its Redis joined (an error when
+    /// it does not answer), its name bindings there, and its address (`advertise`, else
+    /// `public_addr`, else `local` when it is one specific address) recorded for the others.
+    pub async fn open(mut config: Config, local: SocketAddr) -> Result<Self, ServerError> {
+        let Some(cc) = config.cluster.clone() else {
+            return Self::new(config);
+        };
+        config.validate()?;
+        let metrics = Metrics::new();
+        cap_to_open_files(&mut config);
+        metrics.set_max_connections(config.limits.max_connections);
+        let tls = ServerTls::load(config.tls_source())?;
+        let advertise = cc
+            .advertise
+            .or(config.public_addr)
+            .or(Some(local).filter(|a| !a.ip().is_unspecified()))
+            .ok_or_else(|| {
+                ServerError::ClusterSetup(format!(
+                    "a cluster node listening on {local} needs --advertise IP:PORT: the address peers and \
+                     other nodes reach it at"
+                ))
+            })?;
+        let cluster = crate::cluster::Cluster::connect(&cc, advertise, tls.key(), metrics.clone()).await?;
+        let l = &config.limits;
+        let names = crate::cluster::RedisNames::new(
+            cluster.clone(),
+            l.max_names,
+            l.max_names_per_key,
+            l.name_expiry().as_secs(),
+        );
+        let registry = Registry::with_backend(Arc::new(names), &config.limits, metrics.clone());
+        let visits = crate::cluster::visit::Visits::new(cluster, config.limits.idle_timeout(), metrics.clone());
+        Ok(Self::build(config, metrics, registry, tls, Some(visits)))
+    }
+
+    fn build(
+        config: Config,
+        metrics: Metrics,
+        registry: Registry,
+        tls: ServerTls,
+        cluster: Option<Arc<crate::cluster::visit::Visits>>,
+    ) -> Self {
         let (drain_tx, drain) = watch::channel(false);
         let calls = Calls::new(&config.limits, metrics.clone());
         let rooms = Rooms::new(&config.limits, metrics.clone());
-        let tls = ServerTls::load(config.tls_source())?;
-        Ok(Self {
+        Self {
             ctx: Arc::new(Context {
                 tls,
                 config,
@@ -109,9 +166,17 @@ impl Server {
                 rooms,
                 metrics,
                 drain,
+                stun_alt_port: AtomicU16::new(0),
+                cluster,
+                move_to: std::sync::Mutex::default(),
             }),
             drain_tx: Arc::new(drain_tx),
-        })
+        }
+    }
+
+    /// This node's cluster, if it is one.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.ctx.cluster.as_ref().map(|v| v.cluster())
     }
 
     /// Where the server keeps durable state (`None`: in memory), for other components' files.
@@ -151,8 +216,18 @@ impl Server {
 
     /// The `/health` document: status and a few counts.
     pub fn health(&self) -> String {
+        // A node whose Redis is gone still serves its peers and their calls: degraded, not down.
+        let cluster = match self.cluster() {
+            Some(c) if c.redis_up() => format!(",\"node\":\"{}\",\"redis\":\"up\"", c.node()),
+            Some(c) => format!(",\"node\":\"{}\",\"redis\":\"down\"", c.node()),
+            None => String::new(),
+        };
+        let status = match self.cluster() {
+            Some(c) if !c.redis_up() => "degraded",
+            _ => "ok",
+        };
         format!(
-            "{{\"status\":\"ok\",\"registered_peers\":{},\"calls\":{},\"rooms\":{}}}\n",
+            "{{\"status\":\"{status}\",\"registered_peers\":{},\"calls\":{},\"rooms\":{}{cluster}}}\n",
             self.ctx.registry.online_count(),
             self.ctx.calls.len(),
             self.ctx.rooms.len()
@@ -161,7 +236,12 @@ impl Server {
 
     /// Serves on `sockets` until `shutdown` completes, then drains every connection.
     pub async fn run(&self, sockets: Sockets, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        let Sockets { tcp, udp } = sockets;
+        let Sockets {
+            tcp,
+            udp,
+            udp_alt,
+            udp_other,
+        } = sockets;
         let local = tcp.local_addr()?;
         match self.ctx.tls.source() {
             TlsSource::Files { cert, .. } => {
@@ -171,8 +251,25 @@ impl Server {
                 info!(%local, key = %self.key(), "rendezvous server listening (TLS control/relay, UDP STUN); peers pin this key");
             }
         }
+        let (other_ip, other_both) = match udp_other {
+            Some((a, b)) => (Some(a), Some(b)),
+            None => (None, None),
+        };
+        let sockets = [Some(udp), udp_alt, other_ip, other_both].map(|s| s.map(Arc::new));
+        let mut layout = stun::Layout::default();
+        for (i, s) in sockets.iter().enumerate() {
+            layout.addrs[i] = s.as_ref().and_then(|s| s.local_addr().ok()).map(sockopt::canonical);
+        }
+        if let Some(alt) = layout.addrs[1] {
+            self.ctx.stun_alt_port.store(alt.port(), Ordering::Relaxed);
+            info!(port = alt.port(), "second STUN port (NAT mapping tests)");
+        }
+        if layout.rfc5780() {
+            info!(addrs = ?layout.addrs, "RFC 5780 NAT behaviour discovery on four STUN sockets");
+        }
         let stun_task = tokio::spawn(stun::respond(
-            Arc::new(udp),
+            sockets,
+            layout,
             self.ctx.registry.clone(),
             self.ctx.metrics.clone(),
         ));
@@ -190,6 +287,34 @@ impl Server {
             }
             None => None,
         };
+        let refresh_task = self.ctx.cluster.as_ref().map(|visits| {
+            let (cluster, registry) = (visits.cluster().clone(), self.ctx.registry.clone());
+            let rooms = self.ctx.rooms.clone();
+            tokio::spawn(async move {
+                let mut hosted: Vec<String> = Vec::new();
+                loop {
+                    // Every third of the TTL (every second while Redis does not answer), and at
+                    // once when Redis is back after an outage (it may have lost what this node
+                    // wrote).
+                    let every = match cluster.redis_up() {
+                        true => cluster.refresh_interval(),
+                        false => cluster.refresh_interval().min(std::time::Duration::from_secs(1)),
+                    };
+                    tokio::select! {
+                        () = tokio::time::sleep(every) => {}
+                        () = cluster.recovered() => {}
+                    }
+                    // Failures are counted and logged by the cluster; the next tick tries again.
+                    let now_hosted = rooms.names();
+                    let _ = cluster.refresh(&registry.homed_names(), &now_hosted).await;
+                    // Rooms closed since the last time are no longer this node's.
+                    for gone in hosted.iter().filter(|r| !now_hosted.contains(r)) {
+                        let _ = cluster.release_room(gone).await;
+                    }
+                    hosted = now_hosted;
+                }
+            })
+        });
         let permits = Arc::new(Semaphore::new(self.ctx.config.limits.max_connections));
         let mut reserve = FdReserve::new();
         let next_id = AtomicU64::new(1);
@@ -205,8 +330,9 @@ impl Server {
                         match self.admit(&permits, addr) {
                             Ok(admitted) => {
                                 let ctx = self.ctx.clone();
+                                let uncounted = admitted.1.is_none();
                                 conns.spawn(async move {
-                                    conn::serve(ctx, stream, addr, id).await;
+                                    conn::serve(ctx, stream, addr, id, uncounted).await;
                                     drop(admitted);
                                 });
                             }
@@ -230,9 +356,27 @@ impl Server {
             }
         }
         drop(tcp);
+        if let Some(visits) = &self.ctx.cluster {
+            // Peers are sent to the other live nodes: they keep their names there.
+            match visits.cluster().other_nodes().await {
+                Ok(nodes) => {
+                    info!(?nodes, "draining: peers are sent to the other nodes");
+                    if let Ok(mut m) = self.ctx.move_to.lock() {
+                        *m = nodes;
+                    }
+                }
+                Err(e) => warn!(error = %e, "draining without other nodes to send peers to"),
+            }
+        }
         info!(connections = conns.len(), "shutting down: draining connections");
         self.drain_tx.send_replace(true);
         while conns.join_next().await.is_some() {}
+        if let Some(t) = refresh_task {
+            t.abort();
+        }
+        if let Some(visits) = &self.ctx.cluster {
+            visits.cluster().leave().await;
+        }
         stun_task.abort();
         if let Some(t) = metrics_task {
             t.abort();
@@ -249,8 +393,20 @@ impl Server {
         &self,
         permits: &Arc<Semaphore>,
         addr: SocketAddr,
-    ) -> Result<(OwnedSemaphorePermit, SourceSlot), (Refusal, String)> {
+    ) -> Result<(OwnedSemaphorePermit, Option<SourceSlot>), (Refusal, String)> {
         let limits = &self.ctx.config.limits;
+        // Another node of the cluster opens one visit per peer of its calling here: those are
+        // not one source's connections (the total limit still holds). A connection from a
+        // node's address that registers as a peer is counted then (`conn::serve`).
+        if self.cluster().is_some_and(|c| c.is_node(addr.ip())) {
+            return match permits.clone().try_acquire_owned() {
+                Ok(permit) => Ok((permit, None)),
+                Err(_) => Err((
+                    Refusal::ServerFull,
+                    "server full: the server is at its connection limit; try later".to_owned(),
+                )),
+            };
+        }
         let Some(slot) = self.ctx.registry.sources().admit(addr.ip()) else {
             let n = limits.max_connections_per_ip;
             let msg =
@@ -258,7 +414,7 @@ impl Server {
             return Err((Refusal::PerIpConnections, msg));
         };
         match permits.clone().try_acquire_owned() {
-            Ok(permit) => Ok((permit, slot)),
+            Ok(permit) => Ok((permit, Some(slot))),
             Err(_) => Err((
                 Refusal::ServerFull,
                 "server full: the server is at its connection limit; try later".to_owned(),
@@ -323,5 +479,6 @@ const REFUSAL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Serves with `config` on `sockets` until `shutdown` completes (mini-redis style entry point).
 pub async fn run(sockets: Sockets, config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-    Server::new(config)?.run(sockets, shutdown).await
+    let local = sockets.tcp.local_addr()?;
+    Server::open(config, local).await?.run(sockets, shutdown).await
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use common::{Client, Got, Identity, Running, eventually, relay_frame, stun_with_token, test_config};
 use natcall_proto::control::{
-    CallFailure, CallStart, Candidates, ClientMsg, Decline, Fingerprint, Policy, Reply, ServerMsg,
+    CallFailure, CallStart, Candidates, ClientMsg, Decline, Fingerprint, Mapping, Policy, Reply, ServerMsg,
 };
 use natcall_rendezvous::{Config, RelayCounts, start_delays};
 
@@ -174,6 +174,15 @@ async fn an_accepted_call_starts_both_sides_with_each_others_key_candidates_and_
         let conn = reg.peer(name).expect("online").conn_id;
         reg.record_rtt(name, conn, Duration::from_millis(rtt));
     }
+    // alice measured a symmetric NAT; bob never said: the other side hears what each reported.
+    let alice_mapping = Mapping::Dependent { step: 3 };
+    let alice_mapped: SocketAddr = "198.51.100.9:40001".parse().expect("addr");
+    alice
+        .send(&ClientMsg::NatMapping {
+            mapping: alice_mapping,
+            port_mapped: Some(alice_mapped),
+        })
+        .await;
 
     let call = ring(&mut alice, &mut bob, "bob", Policy::DirectOnly).await;
     bob.send(&ClientMsg::Answer { call, accept: true }).await;
@@ -211,6 +220,8 @@ async fn an_accepted_call_starts_both_sides_with_each_others_key_candidates_and_
         Candidates {
             public: Some(bob_udp.local_addr().expect("addr")),
             lan: bob_lan,
+            mapping: Mapping::Unknown,
+            port_mapped: None,
         }
     );
     assert_eq!(
@@ -218,6 +229,8 @@ async fn an_accepted_call_starts_both_sides_with_each_others_key_candidates_and_
         Candidates {
             public: Some(alice_udp.local_addr().expect("addr")),
             lan: alice_lan,
+            mapping: alice_mapping,
+            port_mapped: Some(alice_mapped),
         }
     );
     assert_eq!(pw_a, pw_b, "one password per call");

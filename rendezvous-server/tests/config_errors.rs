@@ -120,3 +120,23 @@ fn a_state_dir_that_cannot_be_created_is_refused_naming_its_path() {
     );
     assert!(line.contains("--state-dir DIR"), "says what to do: {line}");
 }
+
+#[test]
+fn an_alternate_ip_without_one_listen_address_or_second_port_is_refused() {
+    // `refused` listens on 127.0.0.1:0; the same address as the alternate is no alternate.
+    let (status, stderr) = refused(&["--ephemeral", "--alternate-ip", "127.0.0.1"]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        error_line(&stderr)
+            .contains("alternate_ip = \"127.0.0.1\" needs listen on one address of the same family, other than it"),
+        "{stderr}"
+    );
+    let (status, stderr) = refused(&["--ephemeral", "--alternate-ip", "::1"]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let (status, stderr) = refused(&["--ephemeral", "--alternate-ip", "127.0.0.2", "--stun-alt-port", "0"]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        error_line(&stderr).contains("alternate_ip needs the second STUN port"),
+        "{stderr}"
+    );
+}

@@ -282,7 +282,7 @@ async fn a_released_name_is_free_for_another_key_even_after_a_restart() {
     }
     alice.expect_eof().await;
     assert!(srv.server.registry().peer("alice").is_none());
-    assert_eq!(srv.server.registry().owner("alice"), None);
+    assert_eq!(srv.server.registry().owner("alice").await.expect("embedded"), None);
     assert_eq!(metric(&srv, "natcall_names_bound"), 0.0);
     srv.shutdown().await;
 
@@ -290,7 +290,7 @@ async fn a_released_name_is_free_for_another_key_even_after_a_restart() {
     let newcomer = Identity::generate();
     let (_c, _) = Client::register(srv.addr, "alice", &newcomer).await;
     assert_eq!(
-        srv.server.registry().owner("alice"),
+        srv.server.registry().owner("alice").await.expect("embedded"),
         Some(Fingerprint::of_cert(&newcomer.cert))
     );
     srv.shutdown().await;
@@ -305,5 +305,32 @@ async fn release_before_registering_is_refused() {
         Got::Error(e) => assert_eq!(e.code, ErrorCode::NotRegistered),
         other => panic!("expected an error, got {other:?}"),
     }
+    srv.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_connection_that_never_registers_is_closed_after_the_hello_timeout_whatever_it_sends() {
+    let mut config = test_config();
+    config.limits.hello_timeout_ms = 400;
+    let srv = Running::start(config).await;
+    let started = tokio::time::Instant::now();
+    let mut idler = Client::hello(srv.addr).await;
+    // Unsolicited pongs every 100 ms used to count as activity and keep it open for good.
+    let e = loop {
+        idler.send(&ClientMsg::Pong { nonce: 1 }).await;
+        if let Some(got) = idler.try_next(std::time::Duration::from_millis(100)).await {
+            match got {
+                Got::Error(e) => break e,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "still open 5 s after a hello timeout of 400 ms"
+        );
+    };
+    assert_eq!(e.code, ErrorCode::Timeout);
+    assert_eq!(e.message, "no hello and registration within 400ms; closing");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(400));
     srv.shutdown().await;
 }

@@ -54,6 +54,11 @@ impl Rendezvous {
     /// Readiness is the server's own "listening" log line, not a TCP probe: a probe can be
     /// answered by another process on the port, or by a self-connect on loopback.
     pub fn start_at(dir: &Path, addr: SocketAddr) -> Self {
+        Self::start_with(dir, addr, &[])
+    }
+
+    /// [`Rendezvous::start_at`] with more arguments (e.g. `--alternate-ip`).
+    pub fn start_with(dir: &Path, addr: SocketAddr, extra: &[&str]) -> Self {
         let log = dir.join(format!("rendezvous-{}.log", rand_suffix()));
         // Name bindings and the TLS key in the test's own directory: runs never share them or
         // leave any in the user's home, and a restart on the same directory keeps them (peers
@@ -62,6 +67,7 @@ impl Rendezvous {
         let mut child = Command::new(bin("natcall-rendezvous"))
             .args(["--listen", &addr.to_string(), "--log-level", "debug", "--state-dir"])
             .arg(&state)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
@@ -83,6 +89,16 @@ impl Rendezvous {
             std::thread::sleep(Duration::from_millis(10));
         };
         Self { child, addr, log }
+    }
+}
+
+impl Rendezvous {
+    /// The server's second STUN port, from its log (`None` when it has none).
+    pub fn second_port(&self) -> Option<u16> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let line = text.lines().find(|l| l.contains("second STUN port"))?;
+        let at = line.find("port=")? + "port=".len();
+        line[at..].split_whitespace().next()?.parse().ok()
     }
 }
 
@@ -320,5 +336,323 @@ impl Tmux {
 impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = self.tmux().arg("kill-server").output();
+    }
+}
+
+/// A `redis-server` of its own on a loopback port (no persistence), stopped when dropped.
+#[derive(Debug)]
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    log: PathBuf,
+}
+
+impl Redis {
+    /// Starts one on a free loopback port; returns once it answers.
+    pub fn start(dir: &Path) -> Self {
+        let mut r = Self {
+            child: None,
+            port: free_port(),
+            log: dir.join(format!("redis-{}.log", rand_suffix())),
+        };
+        r.restart();
+        r
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops it (SIGKILL): its data is gone, as after a crash without persistence.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port (after [`Redis::stop`]); returns once it answers.
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&self.log).expect("log file"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starts redis-server (tests/run-all.sh installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+                let mut pong = [0u8; 7];
+                if s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut pong).is_ok() && &pong == b"+PONG\r\n" {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Rendezvous {
+    /// A node of the cluster on `redis` with id `node`, its state (TLS key) in `dir/node`, on a
+    /// port the kernel chooses.
+    pub fn start_node(dir: &Path, redis: &Redis, node: &str, extra: &[&str]) -> Self {
+        Self::start_node_at(dir, &redis.url(), node, extra)
+    }
+
+    /// [`Rendezvous::start_node`] on the Redis `url` names (`redis+cluster://…`, …).
+    pub fn start_node_at(dir: &Path, url: &str, node: &str, extra: &[&str]) -> Self {
+        let own = dir.join(node);
+        std::fs::create_dir_all(&own).expect("node directory");
+        let mut args = vec!["--cluster", url, "--node-id", node];
+        args.extend_from_slice(extra);
+        Self::start_with(&own, SocketAddr::from(([127, 0, 0, 1], 0)), &args)
+    }
+
+    /// Stops the server gracefully (SIGTERM) and waits for it to exit.
+    pub fn terminate(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `redis-cli ARGS` (from `redis-tools`, which `redis-server` pulls in); its stdout.
+fn redis_cli(args: &[&str]) -> String {
+    let out = Command::new("redis-cli").args(args).output().expect("runs redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Several `redis-server` processes forming a Redis Cluster, or a master with a Sentinel; all
+/// on loopback, killed when dropped.
+#[derive(Debug)]
+pub struct RedisGroup {
+    children: Vec<Child>,
+    /// The URL a node is given (`redis+cluster://…` or `redis+sentinel://…/natcall`).
+    pub url: String,
+    /// With a Sentinel: the master's port, its replica's (if any) and the Sentinel's.
+    sentinel_ports: Option<(u16, Option<u16>, u16)>,
+}
+
+impl Drop for RedisGroup {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn_redis(dir: &Path, args: &[String]) -> Child {
+    Command::new("redis-server")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.join(format!("redis-{}.log", rand_suffix()))).expect("log"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starts redis-server (tests/run-all.sh installs it)")
+}
+
+fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl RedisGroup {
+    /// A Redis Cluster of three masters (no replicas), every slot assigned.
+    pub fn cluster(dir: &Path) -> Self {
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut children = Vec::new();
+        for p in &ports {
+            let conf = dir.join(format!("nodes-{p}.conf"));
+            children.push(spawn_redis(
+                dir,
+                &[
+                    "--port".into(),
+                    p.to_string(),
+                    "--bind".into(),
+                    "127.0.0.1".into(),
+                    "--cluster-enabled".into(),
+                    "yes".into(),
+                    "--cluster-config-file".into(),
+                    conf.display().to_string(),
+                    "--save".into(),
+                    String::new(),
+                    "--appendonly".into(),
+                    "no".into(),
+                ],
+            ));
+        }
+        for p in &ports {
+            let p = p.to_string();
+            wait_until("a cluster node did not answer", || {
+                redis_cli(&["-p", &p, "ping"]).contains("PONG")
+            });
+        }
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let mut args = vec!["--cluster", "create"];
+        args.extend(addrs.iter().map(String::as_str));
+        args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        redis_cli(&args);
+        for p in &ports {
+            let p = p.to_string();
+            wait_until("the Redis Cluster did not come up", || {
+                redis_cli(&["-p", &p, "cluster", "info"]).contains("cluster_state:ok")
+            });
+        }
+        Self {
+            children,
+            url: format!("redis+cluster://{}", addrs.join(",")),
+            sentinel_ports: None,
+        }
+    }
+
+    /// A Redis master watched by one Sentinel, which names it `natcall`.
+    pub fn sentinel(dir: &Path) -> Self {
+        Self::sentinel_group(dir, false)
+    }
+
+    /// [`RedisGroup::sentinel`] with a replica of the master, which the Sentinel (quorum 1)
+    /// promotes about a second after the master stops answering
+    /// ([`RedisGroup::kill_master`]).
+    pub fn sentinel_with_replica(dir: &Path) -> Self {
+        Self::sentinel_group(dir, true)
+    }
+
+    fn sentinel_group(dir: &Path, with_replica: bool) -> Self {
+        let (master, sentinel) = (free_port(), free_port());
+        let quiet = |port: u16| {
+            vec![
+                "--port".into(),
+                port.to_string(),
+                "--bind".into(),
+                "127.0.0.1".into(),
+                "--save".into(),
+                String::new(),
+                "--appendonly".into(),
+                "no".into(),
+            ]
+        };
+        let mut children = vec![spawn_redis(dir, &quiet(master))];
+        let m = master.to_string();
+        wait_until("the master did not answer", || {
+            redis_cli(&["-p", &m, "ping"]).contains("PONG")
+        });
+        let replica = with_replica.then(|| {
+            let port = free_port();
+            let mut args = quiet(port);
+            args.extend(["--replicaof".into(), "127.0.0.1".into(), m.clone()]);
+            children.push(spawn_redis(dir, &args));
+            let r = port.to_string();
+            wait_until("the replica did not follow the master", || {
+                redis_cli(&["-p", &r, "info", "replication"]).contains("master_link_status:up")
+            });
+            port
+        });
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {sentinel}\nbind 127.0.0.1\nsentinel monitor natcall 127.0.0.1 {master} 1\n\
+                 sentinel down-after-milliseconds natcall 1000\nsentinel failover-timeout natcall 5000\n"
+            ),
+        )
+        .expect("sentinel.conf");
+        children.push(spawn_redis(dir, &[conf.display().to_string(), "--sentinel".into()]));
+        let s = sentinel.to_string();
+        wait_until("the Sentinel did not name the master", || {
+            redis_cli(&["-p", &s, "sentinel", "get-master-addr-by-name", "natcall"]).contains(&m)
+        });
+        if let Some(r) = replica {
+            let r = r.to_string();
+            wait_until("the Sentinel did not find the replica", || {
+                redis_cli(&["-p", &s, "sentinel", "replicas", "natcall"]).contains(&r)
+            });
+        }
+        Self {
+            children,
+            url: format!("redis+sentinel://127.0.0.1:{sentinel}/natcall"),
+            sentinel_ports: Some((master, replica, sentinel)),
+        }
+    }
+
+    /// Waits until the replica holds `key` (replication is asynchronous).
+    pub fn wait_replicated(&self, key: &str) {
+        let Some((_, Some(replica), _)) = self.sentinel_ports else {
+            panic!("no replica in this group");
+        };
+        let r = replica.to_string();
+        wait_until("the key did not reach the replica", || {
+            redis_cli(&["-p", &r, "exists", key]).trim() == "1"
+        });
+    }
+
+    /// Kills the master (SIGKILL) and waits until the Sentinel names the replica instead.
+    /// Returns how long the promotion took.
+    pub fn kill_master(&mut self) -> Duration {
+        let Some((_, Some(replica), sentinel)) = self.sentinel_ports else {
+            panic!("no replica in this group");
+        };
+        let _ = self.children[0].kill();
+        let _ = self.children[0].wait();
+        let started = Instant::now();
+        let (r, s) = (replica.to_string(), sentinel.to_string());
+        wait_until("the Sentinel did not promote the replica", || {
+            redis_cli(&["-p", &s, "sentinel", "get-master-addr-by-name", "natcall"]).contains(&r)
+        });
+        started.elapsed()
+    }
+}
+
+/// Each of the two call reports shows audio and video received (complete frames, none failing
+/// authentication).
+pub fn assert_media(reports: [&Value; 2]) {
+    for r in reports {
+        for track in ["audio", "video"] {
+            let got = &r["media"][track]["received"];
+            assert!(
+                got["frames_complete"].as_u64().unwrap_or(0) > 0,
+                "{} received no {track}: {r}",
+                r["name"]
+            );
+            assert_eq!(got["packets_auth_failed"], 0, "{r}");
+        }
     }
 }

@@ -17,13 +17,16 @@
 //!   loss, CPU per Mbit);
 //! - `resume`: how long a relayed call's media is down when its server is stopped and started
 //!   again (SIGTERM or SIGKILL), and how long the SIGTERM drain takes;
-//! - `idle-peers`: server memory (RSS) per registered idle peer.
+//! - `idle-peers`: server memory (RSS) per registered idle peer;
+//! - `cluster`: two nodes on one Redis beside a single server: memory per peer, call setup
+//!   and relay within one server and across nodes, failover times.
 //!
 //! Modules: [`load`] (pacing, stamping, latency: shared by every path), [`relay`] (natcall
 //! clients), [`turn`] (a TURN client), [`coturn`] (the coturn process and its load),
 //! [`direct`] (no relay), [`compare`], [`chart`].
 
 mod chart;
+mod cluster;
 mod compare;
 mod coturn;
 mod direct;
@@ -113,6 +116,27 @@ enum Cmd {
         /// Seconds of load.
         #[arg(long, default_value_t = 4)]
         seconds: u64,
+    },
+    /// Two cluster nodes on one Redis (started here, redis-server needed) beside one single
+    /// server: memory per registered peer, call setup and relay throughput within one server
+    /// and across nodes, and failover (a callee's home killed mid-call: time to register
+    /// elsewhere and to audio flowing again, median of RUNS). Prints Markdown.
+    Cluster {
+        /// Idle registered peers for the memory figure.
+        #[arg(long, default_value_t = 1000)]
+        peers: usize,
+        /// Calls set up for the setup-time figure (each way).
+        #[arg(long, default_value_t = 20)]
+        setups: usize,
+        /// Relayed calls for the throughput figure.
+        #[arg(long, default_value_t = 10)]
+        calls: usize,
+        /// Seconds of relay load.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Failover runs.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
     },
     /// The relay's maximum rate, then latency at 50 % and 90 % of it, for 1 and 50 calls.
     RelaySweep {
@@ -256,6 +280,22 @@ async fn work(cmd: Cmd) -> Result<()> {
                 })
                 .await?;
             print_relay(calls, rate, &o);
+        }
+        Cmd::Cluster {
+            peers,
+            setups,
+            calls,
+            seconds,
+            runs,
+        } => {
+            cluster::run(cluster::Plan {
+                peers,
+                setups,
+                calls,
+                seconds,
+                runs,
+            })
+            .await?;
         }
         Cmd::Room {
             members,

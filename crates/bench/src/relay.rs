@@ -67,9 +67,23 @@ fn control(msg: &ClientMsg) -> Result<BytesMut> {
 
 /// Registers two clients and sets up a relay-only call between them.
 async fn pair(addr: SocketAddr, i: usize, signer: &Signer) -> Result<(Side, Side)> {
-    let (an, bn) = (format!("relay-a{i}"), format!("relay-b{i}"));
-    let mut a = register(addr, an, signer).await?;
-    let mut b = register(addr, bn.clone(), signer).await?;
+    pair_across((addr, addr), &format!("relay-{i}"), signer)
+        .await
+        .map(|(a, b, _)| (a, b))
+}
+
+/// Registers a client on `addrs.0` and one on `addrs.1` (two nodes of a cluster, or the same
+/// server twice), named `{tag}-a` and `{tag}-b`, and sets up a relay-only call from the first
+/// to the second. Also returns how long the call took from `Call` to the caller's `Start`.
+pub(crate) async fn pair_across(
+    addrs: (SocketAddr, SocketAddr),
+    tag: &str,
+    signer: &Signer,
+) -> Result<(Side, Side, Duration)> {
+    let (an, bn) = (format!("{tag}-a"), format!("{tag}-b"));
+    let mut a = register(addrs.0, an, signer).await?;
+    let mut b = register(addrs.1, bn.clone(), signer).await?;
+    let placed = Instant::now();
     let (mut abuf, mut bbuf) = (BytesMut::new(), BytesMut::new());
     a.write_all(&control(&ClientMsg::Call {
         request: 1,
@@ -90,9 +104,9 @@ async fn pair(addr: SocketAddr, i: usize, signer: &Signer) -> Result<(Side, Side
     b.write_all(&control(&ClientMsg::Answer { call, accept: true })?)
         .await?;
     b.flush().await?;
-    for (s, buf) in [(&mut a, &mut abuf), (&mut b, &mut bbuf)] {
-        expect(s, buf, "start", |m| matches!(m, ServerMsg::Start(_))).await?;
-    }
+    expect(&mut a, &mut abuf, "start", |m| matches!(m, ServerMsg::Start(_))).await?;
+    let setup = placed.elapsed();
+    expect(&mut b, &mut bbuf, "start", |m| matches!(m, ServerMsg::Start(_))).await?;
     let side = |s: ServerStream, pending: BytesMut| {
         let (r, w) = tokio::io::split(s);
         Side {
@@ -103,7 +117,7 @@ async fn pair(addr: SocketAddr, i: usize, signer: &Signer) -> Result<(Side, Side
             pending,
         }
     };
-    Ok((side(a, abuf), side(b, bbuf)))
+    Ok((side(a, abuf), side(b, bbuf), setup))
 }
 
 fn frame_template(call: u32) -> Result<Vec<u8>> {
@@ -191,7 +205,15 @@ pub async fn setup(addr: SocketAddr, calls: usize) -> Result<Vec<(Side, Side)>> 
 pub async fn run(load: Load) -> Result<Outcome> {
     let server = Spawned::start()?;
     let pairs = setup(server.addr, load.calls).await?;
-    let cpu0 = server.cpu_seconds()?;
+    let mut o = measure(pairs, load, &[&server]).await?;
+    o.server_rss = server.peak_rss()?;
+    Ok(o)
+}
+
+/// Runs `load` over the relayed calls `pairs`; the CPU of `servers` (summed) is measured.
+pub(crate) async fn measure(pairs: Vec<(Side, Side)>, load: Load, servers: &[&Spawned]) -> Result<Outcome> {
+    let cpu = || -> Result<f64> { servers.iter().map(|s| s.cpu_seconds()).sum() };
+    let cpu0 = cpu()?;
     let w = Window::start(&load)?;
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
@@ -210,8 +232,7 @@ pub async fn run(load: Load) -> Result<Outcome> {
         }
     }
     let mut o = w.finish(senders, receivers, load).await?;
-    o.server_cpu = server.cpu_seconds()? - cpu0;
-    o.server_rss = server.peak_rss()?;
+    o.server_cpu = cpu()? - cpu0;
     Ok(o)
 }
 

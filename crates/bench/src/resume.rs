@@ -98,6 +98,23 @@ fn signal(child: &Child, stop: Stop) -> Result<()> {
     Ok(())
 }
 
+/// Sends an 80-byte audio frame on `call` every 20 ms until the call is gone.
+pub(crate) fn audio_source(call: Arc<natcall::Call>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        for n in 0u32.. {
+            tick.tick().await;
+            if call
+                .send_frame(Track::AUDIO, Frame::new(n * 20, vec![0x41; 80]))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    })
+}
+
 /// `t` as nanoseconds since `origin`.
 fn since(origin: Instant, t: Instant) -> u64 {
     t.duration_since(origin).as_nanos() as u64
@@ -129,19 +146,7 @@ pub async fn run_once(stop: Stop, down: Duration) -> Result<Sample> {
         .context("the call did not connect")??;
     let source = {
         let call = Arc::new(call);
-        let c = call.clone();
-        let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(20));
-            for n in 0u32.. {
-                tick.tick().await;
-                if c.send_frame(Track::AUDIO, Frame::new(n * 20, vec![0x41; 80]))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        });
+        let task = audio_source(call.clone());
         (call, task)
     };
     // Media flows before the outage.

@@ -56,8 +56,13 @@ impl Spawned {
 
     /// [`Self::start`] with `relay_section` as the config file's `[relay]` table body.
     pub fn start_with(relay_section: &str) -> Result<Self> {
+        Self::start_args(relay_section, &[])
+    }
+
+    /// [`Self::start_with`], with more command-line arguments (e.g. `--cluster`).
+    pub fn start_args(relay_section: &str, extra: &[&str]) -> Result<Self> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let config = std::env::temp_dir().join(format!("natcall-bench-{}.toml", std::process::id()));
+        let config = std::env::temp_dir().join(format!("natcall-bench-{}-{}.toml", std::process::id(), addr.port()));
         std::fs::write(
             &config,
             format!(
@@ -79,6 +84,7 @@ impl Spawned {
                 "-c",
             ])
             .arg(&config)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -13,6 +13,9 @@
 //! - [`run_scenario`]: builds one lab, starts the server and two peers in it, calls, chats both
 //!   ways, hangs up and returns an [`Outcome`] (reports, times, logs kept on failure);
 //! - [`matrix`]: every pair of kinds, run concurrently in separate labs, and the table.
+//! - [`trials`]: one scenario many times (success rate, time to the final path).
+//! - [`netcheck`]: `natcall netcheck` behind each kind, against our server and coturn's, and
+//!   coturn's `turnutils_natdiscovery` against ours: do all agree with the kind built?
 //! - [`probe`]: plain-UDP checks that an emulated router really maps and filters as named.
 //! - [`call`]: one call with the peers' arguments chosen by the caller (media inputs and
 //!   outputs, policy, duration), optionally captured on the caller's interface with
@@ -43,10 +46,12 @@
 
 pub mod call;
 pub mod capture;
+pub mod cluster;
 mod error;
 pub mod impair;
 mod kind;
 pub mod matrix;
+pub mod netcheck;
 pub mod probe;
 mod process;
 pub mod quality;
@@ -55,9 +60,10 @@ mod scenario;
 pub mod setup_bench;
 pub mod shape;
 pub mod topology;
+pub mod trials;
 
 pub use error::{Error, preflight};
 pub use impair::Impairment;
-pub use kind::{Kind, Path, Scenario};
+pub use kind::{Family, Kind, Path, Scenario, V6Case};
 pub use process::Binaries;
 pub use scenario::{Outcome, RunOptions, run_scenario};

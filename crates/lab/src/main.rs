@@ -90,6 +90,59 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// One scenario run --count times, each in a fresh lab: how often the call ends on the
+    /// expected path, and how long it takes to get there (median, p90, max), with each run's
+    /// birthday probes and sockets; a Markdown table. Exits 1 if a run misses the path.
+    Trials {
+        /// The caller's kind.
+        #[arg(long, default_value = "symmetric")]
+        a: String,
+        /// The callee's kind.
+        #[arg(long, default_value = "port-restricted")]
+        b: String,
+        /// Runs.
+        #[arg(long, default_value_t = 20)]
+        count: usize,
+        /// Print the runs as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Two rendezvous servers on two public hosts sharing one Redis, alice behind NAT A homed
+    /// on the first, bob behind NAT B on the second: the call crosses servers and must end on
+    /// the path the oracle gives for the two NATs (the relay with --policy relay-only), with
+    /// chat both ways. Exits 1 otherwise.
+    TwoServers {
+        /// alice's kind.
+        #[arg(long, default_value = "port-restricted")]
+        a: String,
+        /// bob's kind.
+        #[arg(long, default_value = "port-restricted")]
+        b: String,
+        /// alice's call policy (auto, direct-only, relay-only).
+        #[arg(long, default_value = "auto")]
+        policy: String,
+        /// Keep the logs in DIR (default: a temporary folder, kept only on failure).
+        #[arg(long)]
+        keep_logs: Option<PathBuf>,
+    },
+    /// `natcall netcheck` behind each NAT kind against natcall-rendezvous --alternate-ip and
+    /// against coturn's turnserver on the same two addresses, and coturn's
+    /// turnutils_natdiscovery against natcall-rendezvous: a Markdown table of what each saw
+    /// next to what the lab built. Exits 1 on any disagreement.
+    Netcheck {
+        /// The kinds, comma-separated (default: all).
+        #[arg(long, value_delimiter = ',')]
+        kinds: Option<Vec<String>>,
+        /// Kinds run at once, each in its own lab.
+        #[arg(long, default_value_t = 4)]
+        jobs: usize,
+        /// Keep the logs in DIR/<kind>/ (default: a temporary folder, removed).
+        #[arg(long)]
+        keep_logs: Option<PathBuf>,
+        /// Print the rows as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Call quality on slow links: each scenario (a 400 kbit/s downlink, a cap that drops from
     /// 2 Mbit/s to 300 kbit/s and back, 2 % loss and its lossless reference, a download beside
     /// the call) on the direct path and through the relay, one call at a time; a Markdown table,
@@ -229,6 +282,9 @@ async fn quality(
 fn scenario(a: &str, b: &str, hairpin: bool) -> Result<Scenario> {
     match (a, b) {
         ("same-lan", "same-lan") => Ok(Scenario::SameLan { hairpin }),
+        ("v6-firewalled", "v6-firewalled") => Ok(Scenario::V6(natcall_lab::V6Case::FirewalledV6)),
+        ("dual-stack", "dual-stack") => Ok(Scenario::V6(natcall_lab::V6Case::DualStack)),
+        ("v6-only", "v4-only") => Ok(Scenario::V6(natcall_lab::V6Case::V6OnlyToV4Only)),
         ("same-lan", _) | (_, "same-lan") => {
             bail!("same-lan puts both peers behind one router: use --a same-lan --b same-lan")
         }
@@ -318,6 +374,56 @@ fn run(args: Args) -> Result<bool> {
                     println!("{}", outcome.diagnostics());
                 }
                 Ok(outcome.passed())
+            }
+            Cmd::Netcheck {
+                kinds,
+                jobs,
+                keep_logs,
+                json,
+            } => {
+                let kinds = match kinds {
+                    Some(k) => k.iter().map(|k| k.parse::<Kind>()).collect::<Result<Vec<_>, _>>()?,
+                    None => Kind::ALL.to_vec(),
+                };
+                let tmp = tempfile::tempdir().context("a temporary folder for the logs")?;
+                let dir = keep_logs.unwrap_or_else(|| tmp.path().to_path_buf());
+                let rows = natcall_lab::netcheck::run(&bins, &kinds, jobs, &dir).await;
+                for r in rows.iter().filter(|r| r.error.is_some()) {
+                    eprintln!("{}: {}", r.kind, r.error.as_deref().unwrap_or_default());
+                }
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                } else {
+                    println!("{}", natcall_lab::netcheck::table(&rows));
+                }
+                Ok(rows.iter().all(|r| r.agrees()))
+            }
+            Cmd::TwoServers {
+                a,
+                b,
+                policy,
+                keep_logs,
+            } => {
+                let (a, b) = (a.parse::<Kind>()?, b.parse::<Kind>()?);
+                let temp = tempfile::Builder::new().prefix("natcall-lab-two-servers-").tempdir()?;
+                let dir = keep_logs.unwrap_or_else(|| temp.path().to_path_buf());
+                std::fs::create_dir_all(&dir)?;
+                let run = natcall_lab::cluster::run(&bins, a, b, &policy, &dir).await?;
+                println!("{}", run.summary());
+                if !run.passed() {
+                    let _ = temp.keep();
+                }
+                Ok(run.passed())
+            }
+            Cmd::Trials { a, b, count, json } => {
+                let trials =
+                    natcall_lab::trials::run(&bins, scenario(&a, &b, false)?, count, &RunOptions::default()).await;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&trials)?);
+                } else {
+                    println!("{}", natcall_lab::trials::table(&trials));
+                }
+                Ok(trials.on_expected_path == trials.runs.len())
             }
             Cmd::Quality {
                 scenarios,

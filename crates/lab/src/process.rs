@@ -58,7 +58,35 @@ pub(crate) fn run_in_output(device: &Device, program: &str, args: &[&str]) -> Re
     run_captured(device, program, args, None)
 }
 
+/// Like [`run_in_output`], also when the command exits with a failure: its stdout and exit
+/// code (at most 20 s).
+pub(crate) fn run_in_status(device: &Device, program: &str, args: &[&str]) -> Result<(String, Option<i32>), Error> {
+    let spawn = |c| device.spawn_command_sync(c);
+    run_waited(spawn, program, args, None, Duration::from_secs(20), true)
+}
+
+/// Like [`run_in_output`], in the namespace `spawn` starts commands in (a router's, the IX's).
+pub(crate) fn run_spawned(
+    spawn: impl FnOnce(Command) -> anyhow::Result<std::process::Child>,
+    program: &str,
+    args: &[&str],
+) -> Result<String, Error> {
+    run_waited(spawn, program, args, None, Duration::from_secs(10), false).map(|(out, _)| out)
+}
+
 fn run_captured(device: &Device, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Error> {
+    let spawn = |c| device.spawn_command_sync(c);
+    run_waited(spawn, program, args, stdin, Duration::from_secs(10), false).map(|(out, _)| out)
+}
+
+fn run_waited(
+    spawn: impl FnOnce(Command) -> anyhow::Result<std::process::Child>,
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+    within: Duration,
+    any_status: bool,
+) -> Result<(String, Option<i32>), Error> {
     let line = format!("{program} {}", args.join(" "));
     let path = crate::error::find_tool(program).unwrap_or_else(|| PathBuf::from(program));
     let mut cmd = Command::new(path);
@@ -66,7 +94,7 @@ fn run_captured(device: &Device, program: &str, args: &[&str], stdin: Option<&st
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = device.spawn_command_sync(cmd).map_err(|e| Error::Command {
+    let mut child = spawn(cmd).map_err(|e| Error::Command {
         command: line.clone(),
         stderr: format!("{e:#}"),
     })?;
@@ -75,15 +103,15 @@ fn run_captured(device: &Device, program: &str, args: &[&str], stdin: Option<&st
             .map_err(Error::io(format!("writing to `{line}`")))?;
     }
     // The output of these commands is small: read it after exit (it fits the pipe buffer).
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + within;
     loop {
         match child.try_wait().map_err(Error::io(format!("waiting for `{line}`")))? {
-            Some(status) if status.success() => {
+            Some(status) if status.success() || any_status => {
                 let mut stdout = String::new();
                 if let Some(mut o) = child.stdout.take() {
                     let _ = std::io::Read::read_to_string(&mut o, &mut stdout);
                 }
-                return Ok(stdout);
+                return Ok((stdout, status.code()));
             }
             Some(_) => {
                 let mut stderr = String::new();
@@ -97,7 +125,7 @@ fn run_captured(device: &Device, program: &str, args: &[&str], stdin: Option<&st
                 let _ = child.wait();
                 return Err(Error::Command {
                     command: line,
-                    stderr: "timed out after 10 s".into(),
+                    stderr: format!("timed out after {} s", within.as_secs()),
                 });
             }
             None => std::thread::sleep(Duration::from_millis(10)),

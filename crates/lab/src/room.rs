@@ -208,7 +208,7 @@ pub async fn run_room_with(
         for (_, kbit) in options.uplink_caps.iter().filter(|(m, _)| *m == i) {
             caps.push(LinkCap::uplink(last, *kbit, Duration::from_millis(200))?);
         }
-        routers.extend(r);
+        routers.push(r);
     }
     if options
         .caps

@@ -329,6 +329,24 @@ pub struct CallReport {
     pub bytes_received: u64,
     /// Media statistics per track (updated every 500 ms).
     pub media: MediaReport,
+    /// How the direct path was looked for: NAT mappings, candidates, birthday traversal, and
+    /// which candidate won.
+    pub traversal: crate::core::TraversalReport,
+    /// QUIC's own view of the path: its congestion window and the losses it saw.
+    pub quic: QuicReport,
+}
+
+/// QUIC's congestion state for the call (chat, files and media datagrams all pass its window).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct QuicReport {
+    /// The congestion window now, bytes.
+    pub cwnd: u64,
+    /// Times the congestion controller cut its window.
+    pub congestion_events: u64,
+    /// Packets QUIC sent, and those it declared lost.
+    pub packets_sent: u64,
+    /// See `packets_sent`.
+    pub packets_lost: u64,
 }
 
 impl Call {
@@ -390,8 +408,10 @@ impl Call {
     /// The call's statistics and path history.
     pub fn report(&self) -> CallReport {
         let stats = self.conn.stats();
-        let (path, path_changes) =
-            read(self.shared(), self.id(), |v| (v.path, v.changes.clone())).unwrap_or((Path::Connecting, Vec::new()));
+        let (path, path_changes, traversal) = read(self.shared(), self.id(), |v| {
+            (v.path, v.changes.clone(), v.traversal.clone())
+        })
+        .unwrap_or((Path::Connecting, Vec::new(), Default::default()));
         CallReport {
             peer: self.start.peer.clone(),
             role: self.role,
@@ -405,6 +425,13 @@ impl Call {
             bytes_sent: stats.udp_tx.bytes,
             bytes_received: stats.udp_rx.bytes,
             media: self.media.report(),
+            traversal,
+            quic: QuicReport {
+                cwnd: stats.path.cwnd,
+                congestion_events: stats.path.congestion_events,
+                packets_sent: stats.path.sent_packets,
+                packets_lost: stats.path.lost_packets,
+            },
         }
     }
 

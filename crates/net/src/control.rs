@@ -109,14 +109,68 @@ fn binding(stream: &Stream) -> Result<[u8; 32], Error> {
     Ok(binding)
 }
 
-/// Who this peer registers as.
+/// Who this peer registers as, and where.
 #[derive(Debug, Clone)]
 pub(crate) struct Credentials {
+    /// The server registered with (or tried) now.
     pub(crate) server: SocketAddr,
     pub(crate) identity: Identity,
     pub(crate) name: String,
     pub(crate) lan_addrs: Vec<SocketAddr>,
     pub(crate) tls: Tls,
+    /// The other servers of its cluster, in the order they are tried after `server`.
+    pub(crate) others: Vec<(SocketAddr, Tls)>,
+}
+
+impl Credentials {
+    /// Moves on to the next server (the current one goes last); `false` with only one.
+    pub(crate) fn rotate(&mut self) -> bool {
+        if self.others.is_empty() {
+            return false;
+        }
+        let (server, tls) = self.others.remove(0);
+        let old = (
+            std::mem::replace(&mut self.server, server),
+            std::mem::replace(&mut self.tls, tls),
+        );
+        self.others.push(old);
+        true
+    }
+
+    /// Makes `addr` the next server tried (a draining server's `MoveTo`), adding it, trusted as
+    /// `template` trusts a server met first, when it is not known yet.
+    pub(crate) fn prefer(&mut self, addr: SocketAddr, template: &ServerTrust) -> Result<(), Error> {
+        if addr == self.server {
+            return Ok(());
+        }
+        let entry = match self.others.iter().position(|(a, _)| *a == addr) {
+            Some(i) => self.others.remove(i),
+            None => {
+                let trust = ServerTrust {
+                    pinned: None,
+                    ..ServerTrust::first_use(addr.to_string())
+                };
+                let trust = ServerTrust {
+                    known_servers: template.known_servers.clone(),
+                    ca_roots: template.ca_roots.clone(),
+                    ..trust
+                };
+                (addr, Tls::new(trust)?)
+            }
+        };
+        self.others.insert(0, entry);
+        Ok(())
+    }
+
+    /// Whether other servers are known.
+    pub(crate) fn has_others(&self) -> bool {
+        !self.others.is_empty()
+    }
+
+    /// How the current server's key is checked.
+    pub(crate) fn trust(&self) -> &ServerTrust {
+        &self.tls.trust
+    }
 }
 
 /// The TLS client side of the server connections: one configuration and one verifier for the
@@ -244,12 +298,15 @@ pub(crate) async fn connect(who: &Credentials) -> Result<Connected, Error> {
                 token,
                 stun_addr,
                 relay_ack_every,
+                stun_alt_port,
                 ..
             } => {
+                let stun_addr = stun_addr.unwrap_or(server);
                 let registered = Registered {
-                    stun_addr: stun_addr.unwrap_or(server),
+                    stun_addr,
                     token,
                     relay_ack_every,
+                    stun_alt: stun_alt_port.map(|p| SocketAddr::new(stun_addr.ip(), p)),
                 };
                 Ok(Connected {
                     stream: conn.stream,
@@ -316,13 +373,28 @@ pub(crate) fn start(
     let (rd, wr) = tokio::io::split(stream);
     let (stop_tx, stop_rx) = oneshot::channel();
     // The writer takes the lanes only after the old writer let them go; what was queued for
-    // the old connection (stale acks, relay frames for old call ids) is dropped first.
-    let writer = tokio::spawn(async move {
-        let mut rx = lanes.lock().await;
-        while rx.control.try_recv().is_ok() {}
-        while rx.relay.try_recv().is_ok() {}
-        write_loop(wr, &mut rx, stop_rx).await;
-    });
+    // the old connection (stale acks, relay frames for old call ids) is dropped first — here,
+    // before the core hears of the registration: what it queues from then on (its NAT
+    // mapping, a call, its resumes) is this connection's. (Dropped in the writer task, it was
+    // lost whenever the task ran after the core had queued it: a call placed right after
+    // registering never reached the server.) The old writer has ended by now (the old reader
+    // waits for it), so the lanes are free; if not, the new writer waits for them.
+    let writer = match lanes.clone().try_lock_owned() {
+        Ok(mut rx) => {
+            while rx.control.try_recv().is_ok() {}
+            while rx.relay.try_recv().is_ok() {}
+            tokio::spawn(async move {
+                let mut rx = rx;
+                write_loop(wr, &mut rx, stop_rx).await;
+            })
+        }
+        Err(_) => tokio::spawn(async move {
+            let mut rx = lanes.lock_owned().await;
+            while rx.control.try_recv().is_ok() {}
+            while rx.relay.try_recv().is_ok() {}
+            write_loop(wr, &mut rx, stop_rx).await;
+        }),
+    };
     shared.with(|core, now| core.handle_registered(now, registered));
     let shared = shared.clone();
     tokio::spawn(async move {

@@ -43,10 +43,10 @@ use tracing::{debug, info, trace};
 
 pub(crate) use call::{CallEnd, CallView, Phase};
 use call::{CallState, Carrier, Resume};
-pub use call::{Path, PathChange, Role};
+pub use call::{Path, PathChange, Role, TraversalReport};
 pub(crate) use fake::{CallId, FakeAddr};
 pub(crate) use policy::Fallback;
-use policy::PathPolicy;
+use policy::{Birthday, PathPolicy};
 pub(crate) use server::Registered;
 use server::ServerLink;
 
@@ -161,6 +161,12 @@ pub(crate) enum Event {
     /// News of a room this peer asked for or is in (`RoomJoined`, `RoomRefused`,
     /// `RoomMemberJoined`, `RoomMemberLeft`).
     Room(ServerMsg),
+    /// Birthday traversal, this side behind the symmetric NAT: open `sockets` UDP sockets and
+    /// send one packet from each to `to` (the peer's public address); what comes back on one
+    /// of them from `to` is input like any other, and traffic to `to` leaves from that socket
+    /// from then on. The sockets belong to call `id` (closed with it, or replaced by the next
+    /// `Spray` of the call).
+    Spray { id: CallId, to: SocketAddr, sockets: usize },
     /// The server set up a pairwise session with `peer`, another member of `room`: call `id`
     /// (already accepted, connecting) in `role`.
     RoomPeer {
@@ -181,6 +187,8 @@ pub(crate) struct PeerCore<L> {
     next_id: u32,
     calls: HashMap<CallId, CallState<L>>,
     by_server: HashMap<u32, CallId>,
+    /// The servers a draining server named (`MoveTo`), until the next registration takes them.
+    move_to: Vec<SocketAddr>,
     by_username: HashMap<String, CallId>,
     by_real: HashMap<SocketAddr, CallId>,
     /// Transactions of the checks agents sent: their responses carry no USERNAME.
@@ -204,6 +212,7 @@ impl<L: Default> PeerCore<L> {
             next_id: 0,
             calls: HashMap::new(),
             by_server: HashMap::new(),
+            move_to: Vec::new(),
             by_username: HashMap::new(),
             by_real: HashMap::new(),
             by_tid: HashMap::new(),
@@ -442,6 +451,9 @@ impl<L: Default> PeerCore<L> {
             }
             ServerMsg::Resumed { call, id: new } => self.on_resumed(call, new),
             ServerMsg::ResumeFailed { call, reason } => self.on_resume_failed(call, &reason),
+            // Kept here, not passed as an event: the supervisor reads it as soon as the
+            // connection ends, which may be before the driver ran.
+            ServerMsg::MoveTo { servers } => self.move_to = servers,
             ServerMsg::GoingAway {
                 reason,
                 reconnect_after_ms,
@@ -494,6 +506,11 @@ impl<L: Default> PeerCore<L> {
         self.handle_server_lost(now, &reason);
         self.server.replace(reason.clone());
         reason
+    }
+
+    /// The servers a draining server named since the last call (emptied).
+    pub(crate) fn take_move_to(&mut self) -> Vec<SocketAddr> {
+        std::mem::take(&mut self.move_to)
     }
 
     /// Why the server is gone for good, when another session of this peer replaced this one.
@@ -688,6 +705,7 @@ impl<L: Default> PeerCore<L> {
         };
         if !peek.request && self.server.handle_answer(now, src, &peek.transaction_id, data) {
             self.changed = true;
+            self.report_mapping();
             return Datagram::Consumed;
         }
         let id = if peek.request {
@@ -789,6 +807,7 @@ impl<L: Default> PeerCore<L> {
         let mut out = Vec::new();
         self.server.handle_timeout(now, tid, &mut out);
         self.transmits.extend(out);
+        self.report_mapping();
         let ids: Vec<CallId> = self.calls.keys().copied().collect();
         for id in ids {
             self.call_timeout(now, id);
@@ -822,10 +841,29 @@ impl<L: Default> PeerCore<L> {
             return;
         }
         let retry = call.policy.take_retry(now);
+        let birthday_delay = self.config.traversal.birthday_delay;
         let Some(agent) = call.agent.as_mut() else { return };
         if retry {
             debug!(peer = %call.view.peer, "retrying a direct path");
+            call.probes_before += agent.probes_sent();
             agent.restart(now);
+            if let Some((_, at)) = &mut call.spray
+                && call.sprays < natcall_traversal::MAX_PROBE_RUNS
+            {
+                *at = Some(now + birthday_delay);
+            }
+        }
+        if let Some((to, at)) = &mut call.spray
+            && at.is_some_and(|t| now >= t)
+        {
+            *at = None;
+            if agent.is_searching() {
+                let sockets = self.config.traversal.birthday_sockets;
+                debug!(peer = %call.view.peer, %to, sockets, "opening ports for birthday traversal");
+                call.view.traversal.spray_sockets += sockets;
+                call.sprays += 1;
+                self.events.push_back(Event::Spray { id, to: *to, sockets });
+            }
         }
         if agent.poll_timeout().is_some_and(|t| now >= t) {
             agent.handle_timeout(now);
@@ -837,12 +875,23 @@ impl<L: Default> PeerCore<L> {
         let public = self.server.public();
         let udp_ok = self.server.udp_ok();
         let seed = self.next_random();
+        let probe_seed = self.next_random();
+        let mapping = self.server.mapping();
+        let port_mapped = self.server.port_mapped();
         let name = self.config.name.clone();
         let mut config = self.config.traversal.clone();
         config.rng_seed = seed;
         let Some(call) = self.calls.get_mut(&id) else { return };
         let Some(start) = &call.view.start else { return };
         let (remote, try_lan) = call.policy.candidates(public, &start.candidates);
+        let birthday = if config.birthday_sockets == 0 || config.birthday_probes == 0 {
+            Birthday::No
+        } else {
+            Birthday::plan(mapping, &start.candidates, &remote)
+        };
+        if birthday.is_on() {
+            config.budget = config.budget.max(config.birthday_budget);
+        }
         let credentials = Credentials::new(
             &start.password,
             format!("{name}~{}", start.call),
@@ -863,8 +912,32 @@ impl<L: Default> PeerCore<L> {
         } else {
             natcall_traversal::Role::Controlled
         };
-        debug!(peer = %call.view.peer, ?remote, try_lan, "starting connectivity checks");
+        debug!(peer = %call.view.peer, ?remote, try_lan, ?birthday, "starting connectivity checks");
+        let (delay, probes, interval) = (config.birthday_delay, config.birthday_probes, config.probe_interval);
         let mut agent = Agent::new(config, role, credentials, remote, try_lan, now);
+        let report = &mut call.view.traversal;
+        report.nat_mapping = mapping.to_string();
+        report.peer_nat_mapping = start.candidates.mapping.to_string();
+        report.port_mapped = port_mapped;
+        report.peer_port_mapped = start.candidates.port_mapped;
+        report.candidates.clear();
+        for c in agent.candidates() {
+            *report.candidates.entry(TraversalReport::label(&c)).or_default() += 1;
+        }
+        match birthday {
+            Birthday::Probe { at, step } => {
+                let targets = natcall_traversal::birthday::targets(at.ip(), at.port(), step, probes, probe_seed);
+                let family = if at.is_ipv4() { "v4" } else { "v6" };
+                report.candidates.insert(format!("predicted-{family}"), targets.len());
+                report.birthday = Some("probe");
+                agent.probe(now, targets, interval, delay);
+            }
+            Birthday::Spray { to } => {
+                report.birthday = Some("spray");
+                call.spray = Some((to, Some(now + delay)));
+            }
+            Birthday::No => report.birthday = None,
+        }
         if !udp_ok {
             agent.handle_udp_unusable(now);
         }
@@ -890,6 +963,7 @@ impl<L: Default> PeerCore<L> {
                 Phase::Running => {
                     at(call.checks_at);
                     at(call.agent.as_ref().and_then(Agent::poll_timeout));
+                    at(call.spray.and_then(|(_, t)| t));
                     at(call.policy.poll_retry().filter(|_| call.agent.is_some()));
                 }
             }
@@ -908,7 +982,7 @@ impl<L: Default> PeerCore<L> {
             return;
         };
         while let Some(t) = agent.poll_transmit() {
-            if let Some(p) = wire::peek(&t.contents).filter(|p| p.request) {
+            if let Some(p) = wire::peek(&t.contents).filter(|p| p.request && !t.probe) {
                 if self.by_tid.len() >= MAX_TRANSACTIONS {
                     if let Some(oldest) = self.by_tid.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| *k) {
                         self.by_tid.remove(&oldest);
@@ -922,10 +996,35 @@ impl<L: Default> PeerCore<L> {
             });
         }
         let mut restart = false;
+        let mut selected = false;
         while let Some(ev) = agent.poll_event() {
+            selected |= matches!(ev, AgentEvent::Selected { .. });
             restart |= self.on_agent_event(now, id, ev);
         }
+        if let Some(call) = self.calls.get_mut(&id) {
+            let report = &mut call.view.traversal;
+            report.probes_sent = call.probes_before + agent.probes_sent();
+            if selected && let Some(c) = agent.selected() {
+                report.won = Some(TraversalReport::label(&c));
+                for c in agent
+                    .candidates()
+                    .iter()
+                    .filter(|c| c.kind == natcall_traversal::CandidateKind::PeerReflexive)
+                {
+                    report.candidates.entry(TraversalReport::label(c)).or_insert(1);
+                }
+            }
+        }
         if restart {
+            let delay = self.config.traversal.birthday_delay;
+            if let Some(call) = self.calls.get_mut(&id) {
+                call.probes_before += agent.probes_sent();
+                if let Some((_, at)) = call.spray.as_mut()
+                    && call.sprays < natcall_traversal::MAX_PROBE_RUNS
+                {
+                    *at = Some(now + delay);
+                }
+            }
             agent.restart(now);
         }
         if let Some(call) = self.calls.get_mut(&id) {
@@ -1093,6 +1192,37 @@ impl<L: Default> PeerCore<L> {
         self.calls.len()
     }
 
+    /// How long a birthday traversal socket nobody answered stays open: the attempt's budget
+    /// and a little more.
+    pub(crate) fn spray_lifetime(&self) -> Duration {
+        self.config.traversal.birthday_budget + Duration::from_secs(2)
+    }
+
+    /// Tells the server how this peer's NAT maps ports, once it is measured.
+    fn report_mapping(&mut self) {
+        if let Some((mapping, port_mapped)) = self.server.poll_mapping() {
+            self.control
+                .push_back((ClientMsg::NatMapping { mapping, port_mapped }, Lane::Control));
+        }
+    }
+
+    /// The router mapped this peer's socket to `addr` (UPnP-IGD, NAT-PMP, PCP), or the mapping
+    /// is gone: the server and later calls learn it.
+    pub(crate) fn set_port_mapped(&mut self, addr: Option<SocketAddr>) {
+        self.server.set_port_mapped(addr);
+        self.report_mapping();
+    }
+
+    /// The router's port mapping for this peer's socket, if any.
+    pub(crate) fn port_mapped(&self) -> Option<SocketAddr> {
+        self.server.port_mapped()
+    }
+
+    /// How this peer's NAT maps ports, as measured against the server's two ports.
+    pub(crate) fn mapping(&self) -> natcall_proto::control::Mapping {
+        self.server.mapping()
+    }
+
     /// This peer's public address as the server observed it.
     pub(crate) fn public_addr(&self) -> Option<SocketAddr> {
         self.server.public()
@@ -1136,5 +1266,8 @@ pub(crate) fn refusal(failure: CallFailure, callee: &str) -> crate::Error {
         CallFailure::RateLimited => {
             crate::Error::CallRefused(format!("{callee} was called too often just now; try again later"))
         }
+        CallFailure::Unavailable => crate::Error::CallRefused(format!(
+            "{callee}'s server cannot be reached from yours right now; try again later"
+        )),
     }
 }

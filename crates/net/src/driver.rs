@@ -43,6 +43,8 @@ pub(crate) struct Link {
     pub(crate) media: Option<mpsc::Sender<MediaIn>>,
     /// The QUIC connection the acceptor took for this call, until the call takes it.
     pub(crate) accepted: Option<quinn::Connection>,
+    /// Birthday traversal's sockets, on the side behind the symmetric NAT.
+    pub(crate) spray: Option<crate::spray::Spray>,
 }
 
 pub(crate) type Core = PeerCore<Link>;
@@ -91,6 +93,10 @@ pub(crate) struct Shared {
     pub(crate) come_back_ms: AtomicU64,
     /// Test hook: drop all UDP to and from everyone but the server (a dead direct path).
     blackhole: AtomicBool,
+    /// Addresses reached from a birthday traversal socket rather than `udp`.
+    pub(crate) routes: Arc<crate::spray::Routes>,
+    /// `udp` is an IPv6 socket: IPv4 destinations are sent as `::ffff:a.b.c.d` (dual stack).
+    udp_is_v6: bool,
 }
 
 impl Shared {
@@ -103,6 +109,7 @@ impl Shared {
         offers: mpsc::Sender<Offer>,
         rooms: mpsc::Sender<RoomInput>,
     ) -> Self {
+        let udp_is_v6 = udp.local_addr().is_ok_and(|a| a.is_ipv6());
         Self {
             core: Mutex::new(core),
             udp,
@@ -117,6 +124,25 @@ impl Shared {
             closing: AtomicBool::new(false),
             come_back_ms: AtomicU64::new(u64::MAX),
             blackhole: AtomicBool::new(false),
+            routes: Arc::default(),
+            udp_is_v6,
+        }
+    }
+
+    /// Sends a datagram to `to` from the socket that reaches it: a birthday traversal socket
+    /// learned for it, or the main one.
+    pub(crate) fn send_udp(&self, contents: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+        match self.routes.get(to) {
+            Some(socket) => socket.try_send_to(contents, to),
+            None => self.udp.try_send_to(contents, self.on_socket(to)),
+        }
+    }
+
+    /// `to` as the main socket takes it: on a dual-stack socket an IPv4 address is `::ffff:…`.
+    fn on_socket(&self, to: SocketAddr) -> SocketAddr {
+        match to {
+            SocketAddr::V4(v4) if self.udp_is_v6 => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+            other => other,
         }
     }
 
@@ -219,7 +245,7 @@ impl Shared {
     pub(crate) fn send_routed(&self, route: Route, contents: &[u8], class: TrafficClass, flags: RelayFlags) {
         match route {
             Route::Udp(real) if !self.blackholed(real) => {
-                let _ = self.udp.try_send_to(contents, real);
+                let _ = self.send_udp(contents, real);
             }
             Route::Relay(call) => {
                 let header = RelayHeader { call, class, flags };
@@ -299,7 +325,7 @@ impl Shared {
     }
 
     /// One turn of the drive contract; returns when the core next wants its timers run.
-    pub(crate) fn step(&self) -> Option<Instant> {
+    pub(crate) fn step(self: &Arc<Self>) -> Option<Instant> {
         let now = Instant::now();
         let mut core = self.lock();
         if core.poll_timeout().is_some_and(|t| t <= now) {
@@ -322,7 +348,7 @@ impl Shared {
             if self.blackholed(t.destination) {
                 continue;
             }
-            if let Err(e) = self.udp.try_send_to(&t.contents, t.destination) {
+            if let Err(e) = self.send_udp(&t.contents, t.destination) {
                 debug!(to = %t.destination, error = %e, "datagram not sent");
             }
         }
@@ -335,8 +361,15 @@ impl Shared {
         self.lock().poll_timeout()
     }
 
-    fn handle_event(&self, event: Event) {
+    fn handle_event(self: &Arc<Self>, event: Event) {
         match event {
+            Event::Spray { id, to, sockets } => {
+                let lifetime = self.lock().spray_lifetime();
+                let spray = crate::spray::start(self, to, sockets, lifetime);
+                if let Some(link) = self.lock().link_mut(id) {
+                    link.spray = Some(spray); // the call's previous spray closes
+                }
+            }
             Event::Incoming(offer) => {
                 if let Err(e) = self.offers.try_send(offer) {
                     // Nobody takes calls now (or too many wait): decline rather than leave it ringing.

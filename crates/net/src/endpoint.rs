@@ -47,6 +47,11 @@ const CLOSE_HOLD: Duration = Duration::from_millis(100);
 /// How long [`Endpoint::bind`] waits for the first token binding's answer (its retransmits
 /// give up after 1.75 s).
 const PROBE_WAIT: Duration = Duration::from_secs(3);
+/// How long `bind` waits, from its start, for the router's port mapping: a NAT-PMP or PCP
+/// router answers within a LAN round trip or two, so a call placed right away can offer the
+/// mapped address; a slower mapping (UPnP, or none) is not waited for (the server learns it
+/// when it comes, for later calls).
+const PORTMAP_WAIT: Duration = Duration::from_millis(300);
 
 /// How to set up an [`Endpoint`].
 #[derive(Debug, Clone)]
@@ -69,6 +74,16 @@ pub struct EndpointConfig {
     /// How the server's TLS key is checked (default: trusted on first use, for this endpoint's
     /// life).
     pub server_trust: ServerTrust,
+    /// Ask the router to map the UDP socket's port (UPnP-IGD, NAT-PMP, PCP; default on): the
+    /// mapped address becomes a candidate peers check, renewed while the endpoint lives and
+    /// released when it closes. Skipped for a server on loopback (no router between) and on
+    /// IPv6 (these protocols map IPv4).
+    pub portmap: bool,
+    /// Other servers of the same cluster (sharing names through Redis), each with how its key
+    /// is checked: tried in order when `server` cannot be reached at start, and when the server
+    /// registered with is lost (the peer then registers with the next one, keeping its name;
+    /// its relayed calls resume there). Default none.
+    pub fallback_servers: Vec<(SocketAddr, ServerTrust)>,
 }
 
 impl EndpointConfig {
@@ -89,6 +104,8 @@ impl EndpointConfig {
             traversal,
             contacts: None,
             server_trust: ServerTrust::first_use(server.to_string()),
+            portmap: true,
+            fallback_servers: Vec::new(),
         }
     }
 }
@@ -214,12 +231,39 @@ pub(crate) struct Inner {
     pub(crate) rooms: crate::room::Router,
     /// The state the supervisor last published.
     state: tokio::sync::watch::Sender<ServerState>,
+    /// The router port mapping of the UDP socket, when asked for.
+    portmap: Option<portmapper::Client>,
+    /// The server registered with (the last one, while reconnecting).
+    server: std::sync::Mutex<SocketAddr>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        if let Some(p) = &self.portmap {
+            p.deactivate(); // releases the router's mapping
+        }
         self.shared.close();
     }
+}
+
+/// Asks the router for a mapping of `port` (UPnP-IGD, NAT-PMP, PCP) and keeps the core told of
+/// the mapped address as it comes, changes and goes.
+fn start_portmap(shared: &Arc<Shared>, port: u16) -> Option<portmapper::Client> {
+    let port = std::num::NonZeroU16::new(port)?;
+    let client = portmapper::Client::new(portmapper::Config::default());
+    client.update_local_port(port);
+    client.procure_mapping();
+    let mut watch = client.watch_external_address();
+    let shared = Arc::downgrade(shared);
+    tokio::spawn(async move {
+        while watch.changed().await.is_ok() {
+            let mapped = (*watch.borrow()).map(SocketAddr::V4);
+            let Some(shared) = shared.upgrade() else { return };
+            info!(?mapped, "router port mapping");
+            shared.with(|core, _| core.set_port_mapped(mapped));
+        }
+    });
+    Some(client)
 }
 
 /// A peer registered with a rendezvous server, able to place and receive calls.
@@ -228,24 +272,26 @@ pub struct Endpoint {
     pub(crate) inner: Arc<Inner>,
 }
 
-/// This host's addresses other peers may reach it at, with `port`, in the family of the UDP
-/// socket (the server's): private IPv4 addresses; or, on IPv6, unique-local and global
-/// addresses (never link-local: they mean nothing across hosts). Loopback is included only when
-/// the server itself is on loopback (a single-host setup).
-fn lan_addresses(port: u16, server: SocketAddr) -> Vec<SocketAddr> {
+/// This host's addresses other peers may reach it at, with `port`, in the families of the UDP
+/// socket: private IPv4 addresses (for a socket that speaks IPv4); unique-local and global IPv6
+/// addresses (for one that speaks IPv6; never link-local: they mean nothing across hosts).
+/// Loopback is included only when the server itself is on loopback (a single-host setup).
+fn lan_addresses(port: u16, server: SocketAddr, families: Families) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = if_addrs::get_if_addrs()
         .unwrap_or_default()
         .into_iter()
         .filter(|i| !i.is_loopback())
-        .filter_map(|i| match (i.ip(), server) {
-            (IpAddr::V4(v4), SocketAddr::V4(_)) if v4.is_private() || v4.is_link_local() || is_shared(v4) => {
+        .filter_map(|i| match i.ip() {
+            IpAddr::V4(v4) if families.v4 && (v4.is_private() || v4.is_link_local() || is_shared(v4)) => {
                 Some(SocketAddr::new(IpAddr::V4(v4), port))
             }
-            (IpAddr::V6(v6), SocketAddr::V6(_)) if reachable_v6(v6) => Some(SocketAddr::new(IpAddr::V6(v6), port)),
+            IpAddr::V6(v6) if families.v6 && reachable_v6(v6) => Some(SocketAddr::new(IpAddr::V6(v6), port)),
             _ => None,
         })
-        .take(natcall_proto::control::MAX_LAN_ADDRS)
         .collect();
+    // Private IPv4 first: many temporary IPv6 addresses must not crowd it out of the limit.
+    out.sort_by_key(|a| a.is_ipv6());
+    out.truncate(natcall_proto::control::MAX_LAN_ADDRS);
     if out.is_empty() && server.ip().is_loopback() {
         out.push(SocketAddr::new(server.ip(), port));
     }
@@ -253,13 +299,20 @@ fn lan_addresses(port: u16, server: SocketAddr) -> Vec<SocketAddr> {
 }
 
 /// An IPv6 address another host may reach: unique-local (fc00::/7) or global unicast
-/// (2000::/3); not link-local, loopback, multicast or documentation space.
+/// (2000::/3); not link-local, loopback or multicast. (Documentation space, 2001:db8::/32, counts
+/// as global: it is what labs use, and an address nobody routes only costs a few checks.)
 fn reachable_v6(ip: std::net::Ipv6Addr) -> bool {
     let first = ip.segments()[0];
     let unique_local = first & 0xfe00 == 0xfc00;
-    let documentation = first == 0x2001 && ip.segments()[1] == 0x0db8;
-    let global = first & 0xe000 == 0x2000 && !documentation;
+    let global = first & 0xe000 == 0x2000;
     unique_local || global
+}
+
+/// The address families the peer's UDP socket speaks.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Families {
+    pub(crate) v4: bool,
+    pub(crate) v6: bool,
 }
 
 /// 100.64.0.0/10, carrier-grade NAT space: private to the carrier's customers.
@@ -273,8 +326,35 @@ fn is_shared(ip: std::net::Ipv4Addr) -> bool {
 /// hiccup of a few milliseconds.
 const UDP_BUFFER: usize = 4 << 20;
 
-/// Binds the peer's one UDP socket with large buffers.
-fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, Error> {
+/// Binds the peer's one UDP socket: for the default address of a server on IPv4 (`0.0.0.0:0`,
+/// the server not on loopback), `[::]` dual-stack where the host has IPv6, so the socket also
+/// reaches peers' global IPv6 addresses (IPv4 addresses then travel as `::ffff:a.b.c.d` on the
+/// socket, canonical everywhere else: [`Shared::send_udp`] and the receive paths convert);
+/// also `[::]` dual-stack for the default address when the servers to fail over to are of both
+/// families (a dual-stack name: the home may be lost to a server of the other family);
+/// otherwise `addr` as given (a server on IPv6: IPv6 only).
+fn bind_socket(addr: SocketAddr, server: SocketAddr, mixed: bool) -> Result<(UdpSocket, Families), Error> {
+    let default_v4 = addr == SocketAddr::from(([0, 0, 0, 0], 0));
+    let default_v6 = addr == SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
+    let default = match server {
+        SocketAddr::V4(_) => default_v4,
+        SocketAddr::V6(_) => default_v6,
+    };
+    if (default_v4 && server.is_ipv4() && !server.ip().is_loopback()) || (default && mixed) {
+        let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
+        if let Ok(s) = bind_udp(any6, false) {
+            return Ok((s, Families { v4: true, v6: true }));
+        }
+    }
+    let families = Families {
+        v4: addr.is_ipv4(),
+        v6: addr.is_ipv6(),
+    };
+    Ok((bind_udp(addr, true)?, families))
+}
+
+/// Binds a UDP socket with large buffers; an IPv6 one `v6_only` or dual-stack.
+fn bind_udp(addr: SocketAddr, v6_only: bool) -> Result<UdpSocket, Error> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::DGRAM,
@@ -284,9 +364,9 @@ fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, Error> {
     let _ = socket.set_recv_buffer_size(UDP_BUFFER);
     let _ = socket.set_send_buffer_size(UDP_BUFFER);
     if addr.is_ipv6() {
-        // IPv6 only: IPv4 peers are reached through the relay (one family per socket keeps
-        // every address as peers and the server know it, never `::ffff:…`).
-        socket.set_only_v6(true)?;
+        // IPv6 only for a server on IPv6 (IPv4 peers are reached through the relay); dual-stack
+        // when asked (see `bind_socket`).
+        socket.set_only_v6(v6_only)?;
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
@@ -304,16 +384,27 @@ impl Endpoint {
     /// Binds the UDP socket, registers with the server, learns the public address, and starts
     /// the endpoint's tasks.
     pub async fn bind(config: EndpointConfig) -> Result<Self, Error> {
-        let udp = Arc::new(bind_udp(config.bind)?);
+        let mixed = config
+            .fallback_servers
+            .iter()
+            .any(|(a, _)| a.is_ipv4() != config.server.is_ipv4());
+        let (udp, families) = bind_socket(config.bind, config.server, mixed)?;
+        let udp = Arc::new(udp);
         let port = udp.local_addr()?.port();
-        let who = control::Credentials {
+        let mut others = Vec::with_capacity(config.fallback_servers.len());
+        for (addr, trust) in &config.fallback_servers {
+            others.push((*addr, control::Tls::new(trust.clone())?));
+        }
+        let mut who = control::Credentials {
             server: config.server,
             identity: config.identity.clone(),
             name: config.name.clone(),
-            lan_addrs: lan_addresses(port, config.server),
+            lan_addrs: lan_addresses(port, config.server, families),
             tls: control::Tls::new(config.server_trust.clone())?,
+            others,
         };
-        let conn = control::connect(&who).await?;
+        debug!(local = ?udp.local_addr().ok(), ?families, lan = ?who.lan_addrs, "UDP socket bound");
+        let conn = connect_any(&mut who).await?;
         let core = PeerCore::new(CoreConfig::new(&config.name, config.traversal.clone(), random_seed()));
         let (lanes, lane_rx) = control::lanes();
         let (relay_tx, relay_rx) = mpsc::channel(4096);
@@ -341,6 +432,10 @@ impl Endpoint {
             Arc::new(quinn::TokioRuntime),
         )?;
         tokio::spawn(driver::drive(shared.clone()));
+        let portmap_until = tokio::time::Instant::now() + PORTMAP_WAIT;
+        let portmap = (config.portmap && config.server.is_ipv4() && !config.server.ip().is_loopback())
+            .then(|| start_portmap(&shared, port))
+            .flatten();
         let lane_rx = Arc::new(tokio::sync::Mutex::new(lane_rx));
         let reader = control::start(&shared, lane_rx.clone(), conn);
         let inner = Arc::new(Inner {
@@ -353,13 +448,19 @@ impl Endpoint {
             offers: tokio::sync::Mutex::new(offers_rx),
             rooms: crate::room::Router::default(),
             state: tokio::sync::watch::channel(ServerState::Up).0,
+            portmap,
+            server: std::sync::Mutex::new(who.server),
         });
         tokio::spawn(crate::room::route(Arc::downgrade(&inner), rooms_rx));
         tokio::spawn(supervise(Arc::downgrade(&inner), who, lane_rx, reader));
         tokio::spawn(accept_quic(Arc::downgrade(&shared), quic));
         let ep = Self { inner };
         let _ = tokio::time::timeout(PROBE_WAIT, shared.wait(|core| core.probed().then_some(()))).await;
-        info!(name = %config.name, public = ?ep.public_addr(), "registered");
+        if ep.inner.portmap.is_some() {
+            let mapped = shared.wait(|core| core.port_mapped().map(|_| ()));
+            let _ = tokio::time::timeout_at(portmap_until, mapped).await;
+        }
+        info!(name = %config.name, public = ?ep.public_addr(), mapped = ?ep.port_mapped(), "registered");
         Ok(ep)
     }
 
@@ -367,14 +468,19 @@ impl Endpoint {
     /// to forget the binding, and returns once the server confirmed; anyone may register the
     /// name afterwards. No endpoint is left running (no UDP socket, no calls).
     pub async fn release_name(config: &EndpointConfig) -> Result<(), Error> {
-        let who = control::Credentials {
+        let mut others = Vec::with_capacity(config.fallback_servers.len());
+        for (addr, trust) in &config.fallback_servers {
+            others.push((*addr, control::Tls::new(trust.clone())?));
+        }
+        let mut who = control::Credentials {
             server: config.server,
             identity: config.identity.clone(),
             name: config.name.clone(),
             lan_addrs: Vec::new(),
             tls: control::Tls::new(config.server_trust.clone())?,
+            others,
         };
-        let released = control::connect(&who).await?.release_name().await?;
+        let released = connect_any(&mut who).await?.release_name().await?;
         info!(name = %released, server = %config.server, "name released");
         Ok(())
     }
@@ -394,6 +500,18 @@ impl Endpoint {
         self.inner.shared.lock().public_addr()
     }
 
+    /// How this peer's NAT maps its UDP socket, as measured against the server's two STUN
+    /// ports (`Mapping::Unknown` when the server has one port only, or UDP is blocked).
+    pub fn nat_mapping(&self) -> natcall_proto::control::Mapping {
+        self.inner.shared.lock().mapping()
+    }
+
+    /// The public address the router mapped to the UDP socket (UPnP-IGD, NAT-PMP, PCP), if it
+    /// did.
+    pub fn port_mapped(&self) -> Option<SocketAddr> {
+        self.inner.shared.lock().port_mapped()
+    }
+
     /// The local UDP address.
     pub fn local_addr(&self) -> Result<SocketAddr, Error> {
         Ok(self.inner.shared.udp.local_addr()?)
@@ -403,6 +521,12 @@ impl Endpoint {
     #[doc(hidden)]
     pub fn simulate_dead_udp(&self, dead: bool) {
         self.inner.shared.set_blackhole(dead);
+    }
+
+    /// The server this endpoint is registered with (the last one while it reconnects): the
+    /// configured one, or one of its fallbacks.
+    pub fn server(&self) -> SocketAddr {
+        *self.inner.server.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether the endpoint is registered with its server now.
@@ -425,6 +549,10 @@ impl Endpoint {
     /// before exiting the process (or dropping the endpoint).
     pub async fn close(&self) {
         let shared = &self.inner.shared;
+        if let Some(p) = &self.inner.portmap {
+            // The release goes out while the calls below close (the lease expires otherwise).
+            p.deactivate();
+        }
         shared.close();
         self.inner.quic.close(0u32.into(), b"endpoint closed");
         // A running call's hang-up waits for its QUIC close (so the server forwards the close
@@ -521,10 +649,36 @@ fn is_final(e: &Error) -> bool {
         )
 }
 
-/// Registers again whenever the connection to the server ends, until the endpoint closes.
+/// Registers with the current server of `who`, else with each other one in turn; fails with
+/// the first server's error when none registers this peer (a final refusal stops at once).
+async fn connect_any(who: &mut control::Credentials) -> Result<control::Connected, Error> {
+    let mut first = None;
+    for _ in 0..=who.others.len() {
+        match control::connect(who).await {
+            Ok(conn) => return Ok(conn),
+            // A changed key is one server's: the others may still be trusted.
+            Err(e) if is_final(&e) && !(who.has_others() && matches!(e, Error::ServerKeyChanged { .. })) => {
+                return Err(e);
+            }
+            Err(e) => {
+                debug!(server = %who.server, error = %e, "cannot register with this server");
+                first.get_or_insert(e);
+                if !who.rotate() {
+                    break;
+                }
+            }
+        }
+    }
+    // After a full turn the first server is current again.
+    Err(first.unwrap_or_else(|| Error::Protocol("no server to register with".into())))
+}
+
+/// Registers again whenever the connection to the server ends, until the endpoint closes: with
+/// the same server, or — with fallback servers — with the next one first (a server that is gone
+/// is left at once), each tried in turn.
 async fn supervise(
     inner: std::sync::Weak<Inner>,
-    who: control::Credentials,
+    mut who: control::Credentials,
     lanes: Arc<tokio::sync::Mutex<LaneReceivers>>,
     mut reader: tokio::task::JoinHandle<String>,
 ) {
@@ -555,11 +709,30 @@ async fn supervise(
         strong.state.send_replace(ServerState::Reconnecting(reason));
         drop(strong);
         let asked = shared.come_back_ms.swap(u64::MAX, Ordering::Relaxed);
-        let mut wait = if asked == u64::MAX {
+        let moved = shared.lock().take_move_to();
+        if !moved.is_empty() {
+            info!(servers = ?moved, "the server named other servers of its cluster");
+        }
+        let mut wait = if asked == u64::MAX || !moved.is_empty() {
             RECONNECT_FIRST
         } else {
             Duration::from_millis(asked)
         };
+        let template = who.trust().clone();
+        for addr in moved.iter().rev() {
+            if let Err(e) = who.prefer(*addr, &template) {
+                debug!(server = %addr, error = %e, "cannot use a server the old one named");
+            }
+        }
+        // The server just lost is tried last.
+        let switched = who.rotate();
+        if switched {
+            info!(server = %who.server, "registering with the next server of the cluster");
+        }
+        let first_tried = who.server;
+        // The wait before each round of servers: it doubles per round (up to RECONNECT_MAX),
+        // while the next server of a round is tried at once.
+        let mut round = wait;
         reader = loop {
             let jitter = 0.5 + f64::from(random_seed() as u32) / f64::from(u32::MAX) / 2.0;
             tokio::time::sleep(wait.mul_f64(jitter)).await;
@@ -571,7 +744,8 @@ async fn supervise(
             }
             match control::connect(&who).await {
                 Ok(conn) => break control::start(&shared, lanes.clone(), conn),
-                Err(e) if is_final(&e) => {
+                // A changed key is one server's: the others may still be trusted.
+                Err(e) if is_final(&e) && !(who.has_others() && matches!(e, Error::ServerKeyChanged { .. })) => {
                     warn!(error = %e, "the server refused to register this peer again");
                     if let Some(i) = inner.upgrade() {
                         i.state.send_replace(ServerState::Gone(e.to_string()));
@@ -579,13 +753,19 @@ async fn supervise(
                     return;
                 }
                 Err(e) => {
-                    debug!(error = %e, retry_in = ?wait, "registering again failed");
-                    wait = (wait * 2).min(RECONNECT_MAX);
+                    debug!(server = %who.server, error = %e, "registering again failed");
+                    if who.rotate() && who.server != first_tried {
+                        wait = Duration::ZERO;
+                    } else {
+                        round = (round * 2).clamp(RECONNECT_FIRST, RECONNECT_MAX);
+                        wait = round;
+                    }
                 }
             }
         };
         let Some(strong) = inner.upgrade() else { return };
-        info!("registered with the rendezvous server again");
+        info!(server = %who.server, "registered with the rendezvous server again");
+        *strong.server.lock().unwrap_or_else(|p| p.into_inner()) = who.server;
         strong.state.send_replace(ServerState::Up);
     }
 }
@@ -629,6 +809,30 @@ async fn accept_quic(shared: std::sync::Weak<Shared>, quic: quinn::Endpoint) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_server_list_of_both_families_gets_a_dual_stack_socket() {
+        let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
+        let v6_server: SocketAddr = "[::1]:3478".parse().unwrap();
+        let (_, only) = bind_socket(any6, v6_server, false).expect("binds [::]");
+        assert!(only.v6 && !only.v4, "a server on IPv6 alone: IPv6 only");
+        // A dual-stack name: home on IPv6, an IPv4 address to fail over to.
+        let (socket, both) = bind_socket(any6, v6_server, true).expect("binds [::]");
+        assert!(both.v6 && both.v4, "{both:?}");
+        // It does reach IPv4 (as ::ffff:a.b.c.d).
+        let v4 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = SocketAddr::from((
+            std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped(),
+            v4.local_addr().unwrap().port(),
+        ));
+        socket
+            .send_to(b"x", to)
+            .await
+            .expect("an IPv4 destination from the dual-stack socket");
+        let mut got = [0u8; 4];
+        v4.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(v4.recv(&mut got).expect("arrives over IPv4"), 1);
+    }
 
     #[test]
     fn only_a_refusal_no_retry_can_mend_is_final() {

@@ -39,23 +39,28 @@ mod error;
 mod file;
 mod identity;
 mod media;
+pub mod netcheck;
 mod room;
 mod room_media;
 mod safety;
 mod server_trust;
 mod socket;
+mod spray;
 mod tls;
 
-pub use call::{Call, CallReport, EndReason, InputsSignal, MAX_CHAT_LINE, Path, PathChange, PathWatch, Role};
+pub use call::{
+    Call, CallReport, EndReason, InputsSignal, MAX_CHAT_LINE, Path, PathChange, PathWatch, QuicReport, Role,
+};
 pub use contacts::{CONTACTS_FILE, Contact, Contacts, ContactsError, KeyChange, Seen, Trust, format_time};
 pub use control::{ServerStream, connect_tls};
+pub use core::TraversalReport;
 pub use endpoint::{Endpoint, EndpointConfig, IncomingCall, ServerState};
 pub use error::Error;
 pub use identity::Identity;
 pub use media::{MediaNotice, MediaRate, MediaReport, TrackReport};
 pub use natcall_media::{Frame, RateReason, ReceivedFrame, Stats as MediaStats, Track, Usage};
 pub use natcall_proto::PROTOCOL_VERSION;
-pub use natcall_proto::control::{Fingerprint, NameError, Policy, validate_name};
+pub use natcall_proto::control::{Fingerprint, Mapping, NameError, Policy, validate_name};
 pub use natcall_proto::control::{RoomMember, RoomRefusal};
 pub use natcall_proto::server_key::ServerKey;
 pub use room::{FAN_OUT_RATE_BPS, FanOutSender, Room, RoomEvent, Topology, TopologyChooser, TopologyRule, UplinkMeter};

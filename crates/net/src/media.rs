@@ -179,6 +179,7 @@ impl Media {
             rate: rate_tx,
             notices: notice_tx,
             stream_wait: StreamWait::default(),
+            route: None,
         };
         tokio::spawn(driver.run(packets, app_rx, ctl_rx, app_tx));
         Ok(Self {
@@ -262,6 +263,8 @@ struct Driver {
     rate: watch::Sender<MediaRate>,
     notices: mpsc::Sender<MediaNotice>,
     stream_wait: StreamWait,
+    /// The route media took at the last look: a new one is a new path for the controller.
+    route: Option<Route>,
 }
 
 /// How long stream pieces waited for the pacer over the current window: a stream held back
@@ -448,16 +451,26 @@ impl Driver {
         }
     }
 
-    /// Tells the sender what the call's current path adds to each packet, and whether it may
-    /// be probed (not through the relay, whose TCP connection delivers in bursts).
+    /// Tells the sender what the call's current path adds to each packet, whether it may be
+    /// probed, and whether it delivers in bursts (the relay's TCP connection does).
     fn follow_path(&mut self) {
         let route = self.socket.lock().route(self.fake);
+        if self.route.replace(route).is_some_and(|r| r != route) {
+            // What arrived on the old path says nothing of stalls on the new one.
+            self.sender.path_changed();
+        }
         if let Some(bytes) = path_overhead(route) {
             self.sender.set_overhead(bytes);
         }
         match route {
-            Route::Udp(_) => self.sender.set_probing(true),
-            Route::Relay(_) => self.sender.set_probing(false),
+            Route::Udp(_) => {
+                self.sender.set_probing(true);
+                self.sender.set_bursty_path(false);
+            }
+            Route::Relay(_) => {
+                self.sender.set_probing(false);
+                self.sender.set_bursty_path(true);
+            }
             Route::Void => {}
         }
     }

@@ -113,7 +113,9 @@ impl RoomMedia {
         config.rate_bps = rate_bps;
         config.start_rate_bps = rate_bps;
         let mut sender = Sender::new(config, key.sealer(), now);
+        // Fan-out goes through the server's TCP connection.
         sender.set_probing(false);
+        sender.set_bursty_path(true);
         let task = Task {
             shared: shared.clone(),
             room_id,

@@ -408,3 +408,36 @@ async fn a_released_name_can_be_registered_by_another_key() {
     assert_eq!(newcomer.name(), "frank");
     newcomer.close().await;
 }
+
+/// A peer measures how its NAT maps ports on the server's second STUN port (on loopback: one
+/// port for every destination) and tells the server, which hands it to callers; without the
+/// second port the mapping stays unknown and nothing is reported.
+#[tokio::test]
+async fn peers_measure_their_nat_mapping_on_the_servers_second_port() {
+    use natcall::Mapping;
+    let lab = server().await;
+    let alice = peer(&lab, "alice").await;
+    assert_eq!(alice.nat_mapping(), Mapping::Independent);
+    let reported = async {
+        loop {
+            if lab.server.registry().peer("alice").map(|p| p.mapping) == Some(Mapping::Independent) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), reported)
+        .await
+        .expect("the server records the reported mapping");
+
+    let sockets =
+        natcall_rendezvous::Sockets::bind_with_alt("127.0.0.1:0".parse().expect("addr"), Some(0)).expect("binds");
+    assert!(sockets.udp_alt.is_none(), "0 turns the second port off");
+    let one_port = common::start_on(sockets, natcall_rendezvous::Config::default());
+    let bob = peer(&one_port, "bob").await;
+    assert_eq!(bob.nat_mapping(), Mapping::Unknown);
+    assert_eq!(
+        one_port.server.registry().peer("bob").map(|p| p.mapping),
+        Some(Mapping::Unknown)
+    );
+}

@@ -159,6 +159,93 @@ pub enum ClientMsg {
     /// (the call runs under the stricter of it and the caller's, [`Policy::combine`]), or
     /// decline it, saying why. The caller learns a decline from [`ServerMsg::CallDeclined`].
     Reply { call: u32, reply: Reply },
+    /// How this peer's NAT maps its UDP socket (version 7), learned by comparing the server's
+    /// answers on its STUN port and on `stun_alt_port` ([`ServerMsg::Registered`]), and the
+    /// public address its router mapped to that socket on request (UPnP-IGD, NAT-PMP or PCP),
+    /// if any. Sent again whenever either changes. The server hands both to the peers this one
+    /// calls, in [`Candidates::mapping`] and [`Candidates::port_mapped`].
+    NatMapping {
+        mapping: Mapping,
+        port_mapped: Option<SocketAddr>,
+    },
+    /// From another node of the server's cluster (version 8), never from a peer: it speaks for
+    /// its registered peer `name` (key `fingerprint`, reachable at `candidates`, `rtt_us` from
+    /// that node), who calls or resumes a call with a peer of this node. `node` is the sending
+    /// node's id; `proof` is HMAC-SHA256 under the cluster's secret of the node ids, the name,
+    /// the key and this TLS session's exporter, so nobody without the
+    /// secret can speak for a peer, nor replay a visit on another connection (the exporter is
+    /// the one a `Register` signs, [`crate::REGISTER_BINDING_LABEL`]). Answered as
+    /// [`ClientMsg::Register`] is; the connection then carries that peer's calls with this
+    /// node's peers, their signalling and relay frames unchanged.
+    Visit {
+        node: String,
+        name: String,
+        fingerprint: Fingerprint,
+        candidates: Candidates,
+        rtt_us: Option<u64>,
+        proof: [u8; 32],
+    },
+}
+
+/// How a peer's NAT maps one UDP socket to public ports (RFC 4787 §4.1), as the peer measured
+/// it from two server ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Mapping {
+    /// Not measured (the server has no second port, or it did not answer).
+    #[default]
+    Unknown,
+    /// One public port towards both ports of the server (endpoint-independent mapping, or no
+    /// NAT; a NAT that maps per destination *address* only also looks so, since both ports are
+    /// on one IP): the server-reflexive address is the one peers reach.
+    Independent,
+    /// A new public port per destination (endpoint- or address-dependent: a symmetric NAT).
+    /// `step` is the second port minus the first: a small step means ports are handed out in
+    /// sequence and the next ones can be predicted; anything else counts as random.
+    Dependent { step: i32 },
+}
+
+impl fmt::Display for Mapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self, self.sequential_step()) {
+            (Mapping::Unknown, _) => f.write_str("unknown"),
+            (Mapping::Independent, _) => f.write_str("endpoint-independent"),
+            (Mapping::Dependent { .. }, Some(step)) => write!(f, "endpoint-dependent (sequential, step {step})"),
+            (Mapping::Dependent { .. }, None) => f.write_str("endpoint-dependent (random)"),
+        }
+    }
+}
+
+impl Mapping {
+    /// The largest |step| taken as sequential allocation.
+    pub const MAX_SEQUENTIAL_STEP: i32 = 16;
+
+    /// Whether the NAT maps per destination.
+    pub fn is_dependent(self) -> bool {
+        matches!(self, Mapping::Dependent { .. })
+    }
+
+    /// The step of sequential allocation, if the ports looked sequential.
+    pub fn sequential_step(self) -> Option<i32> {
+        match self {
+            Mapping::Dependent { step }
+                if step != 0 && step.unsigned_abs() <= Self::MAX_SEQUENTIAL_STEP.unsigned_abs() =>
+            {
+                Some(step)
+            }
+            _ => None,
+        }
+    }
+
+    /// The mapping seen from a first and a second binding of one socket.
+    pub fn from_ports(first: SocketAddr, second: SocketAddr) -> Self {
+        if first == second {
+            Mapping::Independent
+        } else {
+            Mapping::Dependent {
+                step: i32::from(second.port()) - i32::from(first.port()),
+            }
+        }
+    }
 }
 
 /// A callee's answer to a ringing call ([`ClientMsg::Reply`]).
@@ -286,6 +373,9 @@ pub enum CallFailure {
     AlreadyRinging,
     /// The callee was rung as often as the server allows for now (`rings_per_callee_per_min`).
     RateLimited,
+    /// The callee's server (another node of the cluster), or the cluster's registry, cannot be
+    /// reached now (version 8).
+    Unavailable,
 }
 
 /// The addresses a peer can be reached at, as the server knows them.
@@ -295,6 +385,32 @@ pub struct Candidates {
     pub public: Option<SocketAddr>,
     /// The private LAN addresses it reported.
     pub lan: Vec<SocketAddr>,
+    /// How its NAT maps ports, as it reported ([`ClientMsg::NatMapping`]).
+    pub mapping: Mapping,
+    /// The public address its router mapped to its socket on request (UPnP-IGD, NAT-PMP,
+    /// PCP), as it reported ([`ClientMsg::NatMapping`]).
+    pub port_mapped: Option<SocketAddr>,
+}
+
+/// Whether `addr` could be a public address a router mapped: not unspecified, loopback,
+/// private, link-local, multicast or broadcast, and not port 0. (Documentation and benchmarking
+/// ranges pass: labs use them.) A peer that names another address would only have others check
+/// it; this keeps those checks off their own hosts and LANs.
+pub fn plausible_public(addr: SocketAddr) -> bool {
+    if addr.port() == 0 {
+        return false;
+    }
+    match addr.ip() {
+        std::net::IpAddr::V4(v4) => {
+            !(v4.is_unspecified()
+                || v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_broadcast())
+        }
+        std::net::IpAddr::V6(v6) => v6.segments()[0] & 0xe000 == 0x2000,
+    }
 }
 
 /// Messages from the server to a peer.
@@ -307,13 +423,16 @@ pub enum ServerMsg {
     /// Registration accepted. `token` authenticates STUN binding requests that record the
     /// peer's public UDP address. STUN goes to `stun_addr`, or, when it is `None`, to the address
     /// the peer connected to (UDP, same port number). Relay frames sent to this peer are
-    /// acknowledged with [`ClientMsg::RelayAck`] every `relay_ack_every` frames read.
+    /// acknowledged with [`ClientMsg::RelayAck`] every `relay_ack_every` frames read. The server
+    /// also answers STUN on `stun_alt_port` at the same IP, when it names one, so the peer can
+    /// tell how its NAT maps ports ([`ClientMsg::NatMapping`]).
     Registered {
         name: String,
         fingerprint: Fingerprint,
         token: TokenCredentials,
         stun_addr: Option<SocketAddr>,
         relay_ack_every: u32,
+        stun_alt_port: Option<u16>,
     },
     /// Answer to [`ClientMsg::Lookup`].
     Presence {
@@ -401,6 +520,10 @@ pub enum ServerMsg {
     /// the server closes it next. Do not register again: that would take the name back from
     /// the newer session, which would take it back in turn.
     Replaced { by: SocketAddr },
+    /// This server is going away (version 8): register with one of `servers` (other nodes of
+    /// its cluster, best first) instead. Sent before [`ServerMsg::GoingAway`] when the server
+    /// drains and knows other nodes.
+    MoveTo { servers: Vec<SocketAddr> },
 }
 
 /// A member of a room, as the others are told of it.
@@ -458,4 +581,40 @@ pub struct CallStart {
     /// ([`Policy::combine`]; the caller's alone for a callee that answered with
     /// [`ClientMsg::Answer`], and `auto` for a room's session).
     pub policy: Policy,
+}
+
+#[cfg(test)]
+mod reach_tests {
+    use super::*;
+
+    #[test]
+    fn any_step_a_peer_reports_is_classified_without_overflow() {
+        assert_eq!(Mapping::Dependent { step: i32::MIN }.sequential_step(), None);
+        assert_eq!(Mapping::Dependent { step: i32::MAX }.sequential_step(), None);
+        assert_eq!(Mapping::Dependent { step: -16 }.sequential_step(), Some(-16));
+        assert_eq!(Mapping::Dependent { step: 0 }.sequential_step(), None);
+        assert_eq!(
+            Mapping::Dependent { step: i32::MIN }.to_string(),
+            "endpoint-dependent (random)"
+        );
+    }
+
+    #[test]
+    fn only_addresses_that_could_be_public_pass_as_router_mappings() {
+        let ok = |s: &str| plausible_public(s.parse().expect("addr"));
+        assert!(ok("11.0.0.1:4000") && ok("198.18.0.9:4000") && ok("[2001:db8::1]:4000"));
+        for bad in [
+            "127.0.0.1:53",
+            "192.168.1.1:80",
+            "10.0.0.1:4000",
+            "0.0.0.0:1",
+            "224.0.0.1:9",
+            "11.0.0.1:0",
+            "[fd00::1]:4000",
+            "[::1]:4000",
+            "[fe80::1]:4000",
+        ] {
+            assert!(!ok(bad), "{bad}");
+        }
+    }
 }

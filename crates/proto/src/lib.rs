@@ -53,7 +53,7 @@ pub use frame::FrameError;
 
 /// The protocol version spoken on the TCP control channel. Bump it on any incompatible change to
 /// [`control`] messages or the [`frame`] layout.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// The ALPN protocol name of the TLS channel between peers and the rendezvous server.
 pub const ALPN: &[u8] = b"natcall";

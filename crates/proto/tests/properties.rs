@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use bytes::BytesMut;
 use natcall_proto::codec::decode_control;
 use natcall_proto::control::{
-    CallFailure, CallStart, Candidates, ClientMsg, Decline, Fingerprint, PathKind, Policy, Reply, RoomMember,
+    CallFailure, CallStart, Candidates, ClientMsg, Decline, Fingerprint, Mapping, PathKind, Policy, Reply, RoomMember,
     RoomRefusal, ServerMsg,
 };
 use natcall_proto::frame::{self, DEFAULT_MAX_FRAME_LEN, ErrorCode, Frame, FrameDecoder, FrameError, MAX_ERROR_TEXT};
@@ -61,6 +61,8 @@ fn client_msg() -> impl Strategy<Value = ClientMsg> {
         ("[a-z]{1,32}", prop::option::of("[a-z2-9]{12}")).prop_map(|(room, code)| ClientMsg::RoomJoin { room, code }),
         "[a-z]{1,32}".prop_map(|room| ClientMsg::RoomLeave { room }),
         (any::<u32>(), reply()).prop_map(|(call, reply)| ClientMsg::Reply { call, reply }),
+        (mapping(), prop::option::of(addr()))
+            .prop_map(|(mapping, port_mapped)| ClientMsg::NatMapping { mapping, port_mapped }),
     ]
 }
 
@@ -96,15 +98,19 @@ fn server_msg() -> impl Strategy<Value = ServerMsg> {
             any::<[u8; 32]>(),
             "[a-z0-9:]{1,40}",
             "[a-f0-9]{32}",
-            prop::option::of(addr())
+            prop::option::of(addr()),
+            prop::option::of(any::<u16>()),
         )
-            .prop_map(|(name, fp, username, password, stun_addr)| ServerMsg::Registered {
-                name,
-                fingerprint: Fingerprint(fp),
-                token: TokenCredentials { username, password },
-                stun_addr,
-                relay_ack_every: 16,
-            }),
+            .prop_map(
+                |(name, fp, username, password, stun_addr, stun_alt_port)| ServerMsg::Registered {
+                    name,
+                    fingerprint: Fingerprint(fp),
+                    token: TokenCredentials { username, password },
+                    stun_addr,
+                    relay_ack_every: 16,
+                    stun_alt_port,
+                }
+            ),
         ("\\PC{0,32}", any::<bool>(), prop::option::of(any::<[u8; 32]>())).prop_map(|(name, online, fp)| {
             ServerMsg::Presence {
                 name,
@@ -183,22 +189,42 @@ fn server_msg() -> impl Strategy<Value = ServerMsg> {
     ]
 }
 
+fn mapping() -> impl Strategy<Value = Mapping> {
+    prop_oneof![
+        Just(Mapping::Unknown),
+        Just(Mapping::Independent),
+        any::<i32>().prop_map(|step| Mapping::Dependent { step }),
+    ]
+}
+
 fn start() -> impl Strategy<Value = CallStart> {
     (
         (any::<u32>(), "[a-z]{1,32}", any::<[u8; 32]>()),
-        (prop::option::of(addr()), prop::collection::vec(addr(), 0..8)),
+        (
+            prop::option::of(addr()),
+            prop::collection::vec(addr(), 0..8),
+            mapping(),
+            prop::option::of(addr()),
+        ),
         ("[a-f0-9]{32}", any::<bool>(), any::<u32>(), policy()),
     )
         .prop_map(
-            |((call, peer, fp), (public, lan), (password, controlling, delay_ms, policy))| CallStart {
-                call,
-                peer,
-                fingerprint: Fingerprint(fp),
-                candidates: Candidates { public, lan },
-                password,
-                controlling,
-                delay_ms,
-                policy,
+            |((call, peer, fp), (public, lan, mapping, port_mapped), (password, controlling, delay_ms, policy))| {
+                CallStart {
+                    call,
+                    peer,
+                    fingerprint: Fingerprint(fp),
+                    candidates: Candidates {
+                        public,
+                        lan,
+                        mapping,
+                        port_mapped,
+                    },
+                    password,
+                    controlling,
+                    delay_ms,
+                    policy,
+                }
             },
         )
 }

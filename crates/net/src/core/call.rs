@@ -133,6 +133,43 @@ pub(crate) struct CallView {
     pub(crate) end: Option<CallEnd>,
     /// Bumped on every change the application may wait for.
     pub(crate) version: u64,
+    /// How the checks went about it.
+    pub(crate) traversal: TraversalReport,
+}
+
+/// How a call looked for a direct path (its last attempt; probe counts over all attempts).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TraversalReport {
+    /// How this side's NAT maps ports, as measured against the server's two STUN ports
+    /// ("unknown", "endpoint-independent", "endpoint-dependent (random)", …).
+    pub nat_mapping: String,
+    /// The same for the peer, as it reported.
+    pub peer_nat_mapping: String,
+    /// The public address this side's router mapped for it (UPnP-IGD, NAT-PMP, PCP), if any.
+    pub port_mapped: Option<std::net::SocketAddr>,
+    /// The same for the peer.
+    pub peer_port_mapped: Option<std::net::SocketAddr>,
+    /// Birthday traversal: "spray" (this side, behind the symmetric NAT, opened many ports),
+    /// "probe" (this side probed the peer's guessed ports), or none.
+    pub birthday: Option<&'static str>,
+    /// Sockets opened for birthday traversal (each sent one packet), over all attempts.
+    pub spray_sockets: usize,
+    /// Birthday probes sent, over all attempts.
+    pub probes_sent: usize,
+    /// The remote candidates of the last attempt, counted by kind and family ("srflx-v4",
+    /// "host-v6", "prflx-v4", and "predicted-v4": the ports birthday probing aimed at).
+    pub candidates: std::collections::BTreeMap<String, usize>,
+    /// The kind and family of the candidate the selected direct path runs to, if one was
+    /// selected.
+    pub won: Option<String>,
+}
+
+impl TraversalReport {
+    /// The report's name of a candidate: kind and family.
+    pub(crate) fn label(c: &natcall_traversal::Candidate) -> String {
+        let family = if c.addr.is_ipv4() { "v4" } else { "v6" };
+        format!("{}-{family}", c.kind.name())
+    }
 }
 
 /// Where the call's packets go, as the core keeps it (see [`super::Route`] for what senders get).
@@ -167,6 +204,13 @@ pub(crate) struct CallState<L> {
     pub(crate) held: Option<(ClientMsg, Instant)>,
     /// While ringing or accepted: when this side gives up.
     pub(crate) ring_deadline: Option<Instant>,
+    /// Birthday traversal with this side behind the symmetric NAT: where the sockets go, and
+    /// when they are opened next (each attempt at a direct path opens them again).
+    pub(crate) spray: Option<(SocketAddr, Option<Instant>)>,
+    /// Birthday probes sent by the agent's earlier attempts.
+    pub(crate) probes_before: usize,
+    /// Sprays done for this call (at most `natcall_traversal::MAX_PROBE_RUNS`, as probing).
+    pub(crate) sprays: u32,
     /// The async layer's handles for this call (its media queue, an accepted connection).
     pub(crate) link: L,
 }
@@ -184,6 +228,7 @@ impl<L: Default> CallState<L> {
                 changes: Vec::new(),
                 end: None,
                 version: 0,
+                traversal: TraversalReport::default(),
             },
             policy: PathPolicy::new(policy),
             offered_key: None,
@@ -198,6 +243,9 @@ impl<L: Default> CallState<L> {
             resume: Resume::Known,
             held: None,
             ring_deadline: None,
+            spray: None,
+            probes_before: 0,
+            sprays: 0,
             link: L::default(),
         }
     }

@@ -6,8 +6,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use natcall_proto::control::{Candidates, Policy};
-use natcall_traversal::{Candidate, RelayReason};
+use natcall_proto::control::{Candidates, Mapping, Policy};
+use natcall_traversal::{Candidate, CandidateKind, RelayReason};
 
 /// First retry of direct after falling back to the relay; doubles up to [`RETRY_MAX`].
 pub(crate) const RETRY_FIRST: Duration = Duration::from_secs(5);
@@ -23,6 +23,51 @@ pub(crate) enum Fallback {
     Restart,
     /// End the call; the sentence says why.
     Fail(String),
+}
+
+/// A global unicast IPv6 address (2000::/3): reachable across the internet, unlike a private
+/// IPv4 or a unique-local IPv6 one.
+pub(crate) fn is_global(addr: &SocketAddr) -> bool {
+    matches!(addr.ip(), std::net::IpAddr::V6(v6) if v6.segments()[0] & 0xe000 == 0x2000)
+}
+
+/// This side's part in birthday traversal (`natcall_traversal::birthday`), when exactly one of
+/// the two NATs maps ports per destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Birthday {
+    /// Neither or both NATs map per destination, or no direct path is wanted: checks as usual.
+    No,
+    /// This side's NAT maps per destination: open many ports towards the peer's address.
+    Spray { to: SocketAddr },
+    /// The peer's NAT does: probe guessed ports at its public IP, after `last_port` in `step`
+    /// when its ports come in sequence.
+    Probe { at: SocketAddr, step: Option<i32> },
+}
+
+impl Birthday {
+    /// The plan for a call checking `remote` (what [`PathPolicy::candidates`] gave), with this
+    /// peer's mapping `mine` and the peer's `theirs`.
+    pub(crate) fn plan(mine: Mapping, theirs: &Candidates, remote: &[Candidate]) -> Self {
+        let Some(public) = remote
+            .iter()
+            .find(|c| c.kind == CandidateKind::ServerReflexive)
+            .map(|c| c.addr)
+        else {
+            return Birthday::No; // no direct path is checked (a LAN or relay policy)
+        };
+        match (mine, theirs.mapping) {
+            (m, Mapping::Independent) if m.is_dependent() => Birthday::Spray { to: public },
+            (Mapping::Independent, t) if t.is_dependent() => Birthday::Probe {
+                at: public,
+                step: t.sequential_step(),
+            },
+            _ => Birthday::No,
+        }
+    }
+
+    pub(crate) fn is_on(self) -> bool {
+        self != Birthday::No
+    }
 }
 
 /// The policy state machine of one call.
@@ -69,13 +114,27 @@ impl PathPolicy {
     /// public IP (or under `lan-only`).
     pub(crate) fn candidates(&self, mine: Option<SocketAddr>, theirs: &Candidates) -> (Vec<Candidate>, bool) {
         let same_public = matches!((mine, theirs.public), (Some(a), Some(b)) if a.ip() == b.ip());
-        let lan = theirs.lan.iter().map(|a| Candidate::lan(*a));
-        let public = theirs.public.map(Candidate::server_reflexive);
+        // A peer's global IPv6 addresses are public (no NAT: its host address is the one the
+        // world sees): checked wherever a public address is, first (a v6 path needs no mapping).
+        let lan = theirs.lan.iter().filter(|a| !is_global(a)).map(|a| Candidate::lan(*a));
+        let global = theirs
+            .lan
+            .iter()
+            .filter(|a| is_global(a))
+            .map(|a| Candidate::global(*a));
+        // The router's mapping next: it is open to anyone, the reflexive address maybe not.
+        let mapped = theirs
+            .port_mapped
+            .filter(|m| Some(*m) != theirs.public && natcall_proto::control::plausible_public(*m))
+            .map(Candidate::port_mapped);
+        let public = global
+            .chain(mapped)
+            .chain(theirs.public.map(Candidate::server_reflexive));
         match self.policy {
             Policy::LanOnly => (lan.collect(), true),
-            Policy::DirectOnly => (public.into_iter().collect(), false),
+            Policy::DirectOnly => (public.collect(), false),
             Policy::Auto if same_public => (lan.chain(public).collect(), true),
-            _ => (public.into_iter().collect(), false),
+            _ => (public.collect(), false),
         }
     }
 
@@ -155,7 +214,77 @@ mod tests {
         Candidates {
             public: Some("203.0.113.9:6000".parse().expect("addr")),
             lan: vec!["10.0.0.7:6000".parse().expect("addr")],
+            mapping: Mapping::Unknown,
+            port_mapped: None,
         }
+    }
+
+    #[test]
+    fn a_router_mapped_address_is_checked_first_under_auto_and_direct_only_never_lan_only() {
+        let mine = Some("198.51.100.1:5000".parse().expect("addr"));
+        let mapped: SocketAddr = "203.0.113.9:41000".parse().expect("addr");
+        let theirs = Candidates {
+            port_mapped: Some(mapped),
+            ..cands()
+        };
+        for policy in [Policy::Auto, Policy::DirectOnly] {
+            let (c, _) = PathPolicy::new(policy).candidates(mine, &theirs);
+            assert_eq!(
+                c,
+                vec![
+                    Candidate::port_mapped(mapped),
+                    Candidate::server_reflexive("203.0.113.9:6000".parse().expect("addr"))
+                ],
+                "{policy}"
+            );
+        }
+        let (c, _) = PathPolicy::new(Policy::LanOnly).candidates(mine, &theirs);
+        assert!(c.iter().all(|c| c.addr != mapped));
+        // A mapping equal to the reflexive address (a router that kept the port) is one candidate.
+        let same = Candidates {
+            port_mapped: Some("203.0.113.9:6000".parse().expect("addr")),
+            ..cands()
+        };
+        assert_eq!(PathPolicy::new(Policy::Auto).candidates(mine, &same).0.len(), 1);
+    }
+
+    #[test]
+    fn birthday_traversal_runs_only_when_exactly_one_nat_maps_per_destination() {
+        let mine = Some("198.51.100.1:5000".parse().expect("addr"));
+        let public: SocketAddr = "203.0.113.9:6000".parse().expect("addr");
+        let hard = Mapping::Dependent { step: 731 };
+        let seq = Mapping::Dependent { step: 2 };
+        let with = |m: Mapping| Candidates { mapping: m, ..cands() };
+        let auto = PathPolicy::new(Policy::Auto);
+        let plan = |mine_m: Mapping, theirs: Candidates| {
+            let (remote, _) = auto.candidates(mine, &theirs);
+            Birthday::plan(mine_m, &theirs, &remote)
+        };
+        assert_eq!(plan(hard, with(Mapping::Independent)), Birthday::Spray { to: public });
+        assert_eq!(
+            plan(Mapping::Independent, with(hard)),
+            Birthday::Probe { at: public, step: None }
+        );
+        assert_eq!(
+            plan(Mapping::Independent, with(seq)),
+            Birthday::Probe {
+                at: public,
+                step: Some(2)
+            }
+        );
+        assert_eq!(plan(hard, with(hard)), Birthday::No, "both symmetric: the relay");
+        assert_eq!(plan(Mapping::Independent, with(Mapping::Independent)), Birthday::No);
+        assert_eq!(
+            plan(Mapping::Unknown, with(hard)),
+            Birthday::No,
+            "unmeasured: as before"
+        );
+        assert_eq!(plan(hard, with(Mapping::Unknown)), Birthday::No);
+        // A policy that checks no public candidate never sprays or probes.
+        let lan_only = PathPolicy::new(Policy::LanOnly);
+        let theirs = with(hard);
+        let (remote, _) = lan_only.candidates(mine, &theirs);
+        assert_eq!(Birthday::plan(Mapping::Independent, &theirs, &remote), Birthday::No);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use natcall_proto::control::Mapping;
 use natcall_proto::stun::{self as wire, TokenCredentials};
 use tracing::{debug, info, warn};
 
@@ -19,6 +20,8 @@ pub(crate) struct Registered {
     pub(crate) token: TokenCredentials,
     /// Relay frames read between two health checks (`RelayAck`).
     pub(crate) relay_ack_every: u32,
+    /// The server's second STUN address (same IP, another port), if it has one.
+    pub(crate) stun_alt: Option<SocketAddr>,
 }
 
 #[derive(Debug)]
@@ -47,6 +50,18 @@ pub(crate) struct ServerLink {
     refresh: Duration,
     /// The last token binding's sequence number in this registration.
     seq: u64,
+    /// The plain binding to the server's second port, while it is unanswered.
+    alt: Option<Probe>,
+    /// The public address the second port saw.
+    alt_public: Option<SocketAddr>,
+    /// How this peer's NAT maps ports, once both ports answered.
+    mapping: Mapping,
+    /// The public address the router mapped for this peer's socket (UPnP-IGD, NAT-PMP, PCP).
+    port_mapped: Option<SocketAddr>,
+    /// What the server was last told (`NatMapping`) in this registration, if anything.
+    reported: Option<(Mapping, Option<SocketAddr>)>,
+    /// The main port answered in this registration (`public` is not a previous one's).
+    public_fresh: bool,
 }
 
 impl ServerLink {
@@ -64,7 +79,44 @@ impl ServerLink {
             rto,
             refresh,
             seq: 0,
+            alt: None,
+            alt_public: None,
+            mapping: Mapping::Unknown,
+            port_mapped: None,
+            reported: None,
+            public_fresh: false,
         }
+    }
+
+    /// How this peer's NAT maps ports (unknown until both server ports answered).
+    pub(crate) fn mapping(&self) -> Mapping {
+        self.mapping
+    }
+
+    /// The router's port mapping for this peer's socket changed (`None`: gone).
+    pub(crate) fn set_port_mapped(&mut self, addr: Option<SocketAddr>) {
+        if addr != self.port_mapped {
+            info!(mapped = ?addr, "router port mapping changed");
+        }
+        self.port_mapped = addr;
+    }
+
+    pub(crate) fn port_mapped(&self) -> Option<SocketAddr> {
+        self.port_mapped
+    }
+
+    /// What to tell the server (`NatMapping`) now: once the first probes of a registration are
+    /// done, and again whenever the mapping or the router's port mapping changes.
+    pub(crate) fn poll_mapping(&mut self) -> Option<(Mapping, Option<SocketAddr>)> {
+        if self.registered.is_none() || !self.probed() {
+            return None;
+        }
+        let now = (self.mapping, self.port_mapped);
+        if self.reported == Some(now) {
+            return None;
+        }
+        self.reported = Some(now);
+        Some(now)
     }
 
     pub(crate) fn is_up(&self) -> bool {
@@ -94,9 +146,10 @@ impl ServerLink {
         self.udp_ok
     }
 
-    /// Whether the first token binding after registering has been answered or given up.
+    /// Whether the first token binding after registering, and the binding to the second port,
+    /// have been answered or given up.
     pub(crate) fn probed(&self) -> bool {
-        self.probed
+        self.probed && self.alt.is_none()
     }
 
     /// Registered (again): the relay count starts over and the public address is probed at once
@@ -114,12 +167,58 @@ impl ServerLink {
             next_at: now,
         });
         self.send_probe(now, out);
+        // Measured again for this registration (the network or the server may have changed).
+        self.mapping = Mapping::Unknown;
+        self.public_fresh = false;
+        self.alt_public = None;
+        self.alt = self.registered.as_ref().and_then(|r| r.stun_alt).map(|_| {
+            // A plain binding: its id needs no sequence, only to differ from the token's.
+            let mut alt = tid;
+            alt[0] ^= 0xa5;
+            Probe {
+                tid: alt,
+                attempt: 0,
+                next_at: now,
+            }
+        });
+        self.send_alt(now, out);
+    }
+
+    fn send_alt(&mut self, now: Instant, out: &mut Vec<Transmit>) {
+        let (Some(dest), Some(alt)) = (self.registered.as_ref().and_then(|r| r.stun_alt), &mut self.alt) else {
+            return;
+        };
+        let mut buf = [0u8; 128];
+        match wire::encode_binding_request(&alt.tid, None, &mut buf) {
+            Ok(n) => out.push(Transmit {
+                destination: dest,
+                contents: buf[..n].to_vec(),
+            }),
+            Err(e) => debug!(error = %e, "cannot encode the second-port binding"),
+        }
+        let wait = self.rto.get(alt.attempt).copied().unwrap_or(Duration::from_secs(1));
+        alt.next_at = now + wait;
+    }
+
+    /// Both ports answered: how the NAT maps ports follows (reported once per registration).
+    fn learn_mapping(&mut self) {
+        let (Some(first), Some(second), true) = (self.public, self.alt_public, self.public_fresh) else {
+            return;
+        };
+        let mapping = Mapping::from_ports(first, second);
+        if mapping != self.mapping {
+            info!(?mapping, %first, %second, "NAT mapping measured");
+        }
+        self.mapping = mapping;
+        self.alt_public = None; // measured: the next registration measures again
     }
 
     pub(crate) fn down(&mut self, reason: String) {
         self.registered = None;
+        self.reported = None;
         self.lost = Some(reason);
         self.probe = None;
+        self.alt = None;
         self.refresh_at = None;
         self.unacked = 0;
     }
@@ -150,6 +249,22 @@ impl ServerLink {
 
     /// Whether `data` from `src` answers the probe; consumes it if so.
     pub(crate) fn handle_answer(&mut self, now: Instant, src: SocketAddr, tid: &[u8; 12], data: &[u8]) -> bool {
+        if let (Some(dest), Some(alt)) = (self.registered.as_ref().and_then(|r| r.stun_alt), &self.alt)
+            && src == dest
+            && alt.tid == *tid
+        {
+            match wire::parse_binding_success(data, tid, None) {
+                Ok(addr) => {
+                    self.alt = None;
+                    self.alt_public = Some(addr);
+                    if self.probe.is_none() {
+                        self.learn_mapping();
+                    }
+                }
+                Err(e) => debug!(error = %e, "bad STUN answer from the server's second port"),
+            }
+            return true;
+        }
         let (Some(reg), Some(probe)) = (&self.registered, &self.probe) else {
             return false;
         };
@@ -162,10 +277,12 @@ impl ServerLink {
                     info!(old = ?self.public, new = %addr, "public address changed");
                 }
                 self.public = Some(addr);
+                self.public_fresh = true;
                 self.udp_ok = true;
                 self.probed = true;
                 self.probe = None;
                 self.refresh_at = Some(now + self.refresh);
+                self.learn_mapping();
             }
             Err(e) => debug!(error = %e, "bad STUN answer from the server"),
         }
@@ -177,6 +294,17 @@ impl ServerLink {
     pub(crate) fn handle_timeout(&mut self, now: Instant, tid: [u8; 12], out: &mut Vec<Transmit>) {
         if self.registered.is_none() {
             return;
+        }
+        if let Some(alt) = &mut self.alt
+            && now >= alt.next_at
+        {
+            alt.attempt += 1;
+            if alt.attempt >= self.rto.len() {
+                debug!("no answer from the server's second STUN port: NAT mapping unknown");
+                self.alt = None;
+            } else {
+                self.send_alt(now, out);
+            }
         }
         if let Some(probe) = &mut self.probe {
             if now < probe.next_at {
@@ -210,10 +338,11 @@ impl ServerLink {
     }
 
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        match &self.probe {
+        let main = match &self.probe {
             Some(p) => Some(p.next_at),
             None => self.refresh_at,
-        }
+        };
+        [main, self.alt.as_ref().map(|a| a.next_at)].into_iter().flatten().min()
     }
 
     /// One relay frame was read: returns the count to acknowledge when one is due.

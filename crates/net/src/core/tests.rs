@@ -312,6 +312,8 @@ impl Server {
                             candidates: Candidates {
                                 public: self.public[peer],
                                 lan: vec![net.hosts[peer].addr],
+                                mapping: natcall_proto::control::Mapping::Unknown,
+                                port_mapped: None,
                             },
                             password: "call-password-42".into(),
                             controlling: n == 0,
@@ -458,6 +460,7 @@ impl World {
             stun_addr: addr(SERVER),
             token: token(i),
             relay_ack_every: 4,
+            stun_alt: None,
         };
         let now = self.now;
         self.cores[i].handle_registered(now, reg);
