@@ -36,12 +36,23 @@
 //!   by half the loss (at most every 300 ms); between 5 % and 10 % it may not grow; below 5 %
 //!   loss says nothing (GCC holds from 2 %, but then a link with 2 % random loss, which no rate
 //!   cures, would never let the call grow: congestion on a bottleneck shows as delay first).
+//! - **Stalls** (on a path that delivers in bursts, [`RateController::set_bursty_path`]): the
+//!   receiver getting nothing for [`STALL_GAP`] and a round trip while media was being sent
+//!   is the transport
+//!   stalling (the relay's TCP connection waiting out a retransmission timeout), not a rate
+//!   too high. The relay drops what its buffer cannot hold meanwhile, and skips video until the
+//!   next key frame: for [`STALL_QUIET`] after a stall, loss does not cut the target (it still
+//!   holds its growth; the relay's budget and the delay detector still bound it). The packets the stall held arrive late
+//!   all at once: the delay detector skips them and starts its groups afresh after them. The
+//!   receiver reports only what arrives, so a stall silences the feedback: there silence
+//!   halves the target only after [`BURSTY_SILENCE`], and a stall that outlasted even that
+//!   takes the halving back when it shows.
 //! - **Competing flows** (`queue`): a queue above 50 ms for 2 s although the target came down by
 //!   a fifth is another flow's; delay is then ignored and loss alone bounds the target.
 //! - **Budget**: a cap the path gives (the relay's drain rate for this receiver) bounds the
 //!   target while it is fresh ([`RateConfig::budget_lifetime`]).
 //! - **Silence**: no feedback for [`RateConfig::feedback_timeout`] while sending halves the
-//!   target, once per timeout.
+//!   target, once per timeout ([`BURSTY_SILENCE`] on a bursty path: see "Stalls").
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -154,6 +165,8 @@ pub struct RateState {
     pub queue_delay_ms: f64,
     /// Another flow (a download) keeps the queue full: only loss bounds the target.
     pub competing: bool,
+    /// Stalls of a bursty path seen so far (each quiets the loss rule for [`STALL_QUIET`]).
+    pub stalls: u64,
 }
 
 /// Loss over the last second from which the target may not grow.
@@ -166,6 +179,18 @@ const ADDITIVE_MIN: f64 = 0.05;
 const LOSS_WINDOW: Duration = Duration::from_secs(1);
 /// One decrease takes the target to no less than this share of itself.
 const MAX_CUT: f64 = 0.5;
+/// On a bursty path, nothing arriving for this long and a round trip (beyond the gap in
+/// sending) is a stall of the transport. A TCP retransmission timeout is 200 ms and a round
+/// trip's variation at least; the relay's own jitter is milliseconds.
+pub const STALL_GAP: Duration = Duration::from_millis(150);
+/// Loss is not heard for this long after a stall: the relay's drops during it show within a
+/// second, and the video it skips until a key frame (every 2 s from natcall's sources, sooner
+/// when the relay's drop report asks for one) when that key frame arrives.
+pub const STALL_QUIET: Duration = Duration::from_secs(3);
+/// On a bursty path feedback silence halves the target only after this long: a TCP
+/// connection's retransmission timeouts back off 200, 400, 800 ms …, and the receiver reports
+/// only what arrives, so a shorter silence is such a stall.
+pub const BURSTY_SILENCE: Duration = Duration::from_secs(3);
 
 /// The link capacity seen at decreases: a mean (bit/s) and a variance (kbit/s, normalised by
 /// the mean).
@@ -233,9 +258,8 @@ pub struct RateController {
     /// Recent feedback's cumulative counts.
     acked: VecDeque<Acked>,
     counts: Vec<LastCount>,
-    /// (when, expected, lost) per feedback over the last second, counting only packets sent
-    /// within it.
-    losses: VecDeque<(Instant, f64, f64)>,
+    /// Per feedback over the last second, counting only packets sent within it.
+    losses: VecDeque<LossSample>,
     budget: Option<(u64, Instant)>,
     last_seq: Option<u16>,
     last_feedback: Option<Instant>,
@@ -246,6 +270,30 @@ pub struct RateController {
     overhead: f64,
     /// Probes may be sent on this path.
     probing: bool,
+    /// The path delivers in bursts: arrival gaps are the transport's stalls.
+    bursty: bool,
+    /// The acknowledged packet that arrived last so far: (index, sent, arrival µs on the
+    /// receiver's clock).
+    last_arrival: Option<(u64, Instant, u64)>,
+    /// When the last stall was seen (bursty paths).
+    stall_at: Option<Instant>,
+    /// Packets sent up to this were held by the last stall: the delay detector skips them.
+    stall_held: Option<Instant>,
+    /// Stalls seen (for reports).
+    stalls: u64,
+    /// The target before feedback fell silent, while it is silent: a stall that explains
+    /// the silence gives it back.
+    before_silence: Option<f64>,
+}
+
+/// What one feedback said was lost.
+#[derive(Debug, Clone, Copy)]
+struct LossSample {
+    at: Instant,
+    expected: f64,
+    lost: f64,
+    /// Reported after a stall ([`STALL_QUIET`]): holds growth, never cuts.
+    quiet: bool,
 }
 
 /// What one feedback said had reached the receiver so far.
@@ -289,6 +337,12 @@ impl RateController {
             avg_packet: 500.0,
             overhead: 0.0,
             probing: true,
+            bursty: false,
+            last_arrival: None,
+            stall_at: None,
+            stall_held: None,
+            stalls: 0,
+            before_silence: None,
         };
         c.clamp();
         c
@@ -310,6 +364,7 @@ impl RateController {
             budget_bps: self.budget.map(|(bps, _)| bps),
             queue_delay_ms: self.queue.queue_ms(),
             competing: self.queue.competing(),
+            stalls: self.stalls,
         }
     }
 
@@ -389,6 +444,29 @@ impl RateController {
         self.probing = on;
     }
 
+    /// Whether the path delivers in bursts (off by default): a reliable, in-order transport
+    /// such as the relay's TCP connection holds everything behind a lost segment and then
+    /// delivers it at once. There the delay detector takes such a burst as one group of
+    /// packets rather than as a queue that grew and drained (GCC's burst rule).
+    /// It also tells stalls from congestion there (see the module's "Stalls").
+    pub fn set_bursty_path(&mut self, on: bool) {
+        self.trend.merge_bursts = on;
+        self.bursty = on;
+        if !on {
+            self.stall_at = None;
+        }
+    }
+
+    /// Media moved to another path (direct to relay, one server's relay to another's): the
+    /// last arrival on the old one, and a stall or a silence seen there, say nothing of the
+    /// new one.
+    pub fn path_changed(&mut self) {
+        self.last_arrival = None;
+        self.stall_at = None;
+        self.stall_held = None;
+        self.before_silence = None;
+    }
+
     /// Whether a probe waits for [`poll_probe`](Self::poll_probe).
     pub fn probe_pending(&self) -> bool {
         self.prober.pending()
@@ -407,12 +485,17 @@ impl RateController {
         {
             self.budget = None;
         }
-        let timeout = self.config.feedback_timeout;
+        let timeout = if self.bursty {
+            self.config.feedback_timeout.max(BURSTY_SILENCE)
+        } else {
+            self.config.feedback_timeout
+        };
         let since = self.last_feedback.or(self.last_update).unwrap_or(now);
         let sending = self
             .last_sent
             .is_some_and(|t| now.saturating_duration_since(t) < timeout);
         if sending && now.saturating_duration_since(since) >= timeout {
+            self.before_silence.get_or_insert(self.target);
             self.target *= 0.5;
             self.reason = RateReason::Silence;
             self.aimd = Aimd::Hold;
@@ -432,8 +515,11 @@ impl RateController {
         self.last_seq = Some(feedback.seq);
         self.last_feedback = Some(now);
         self.observe_acked(feedback);
+        // Arrivals first: a stall they show makes the losses reported with it say nothing.
+        let usage = self.observe_delay(now, feedback);
+        // Feedback is back: a silence the arrivals did not explain as a stall stays answered.
+        self.before_silence = None;
         self.observe_loss(now, feedback);
-        let usage = self.observe_delay(feedback);
         if let Some(result) = self.prober.result(now, &self.history, self.queue.base()) {
             self.on_probe(result);
         }
@@ -521,11 +607,17 @@ impl RateController {
             expected += f64::from(e) * share;
             lost += f64::from(e.saturating_sub(r)) * share;
         }
-        self.losses.push_back((now, expected, lost));
+        let quiet = self.quiet_after_stall(now);
+        self.losses.push_back(LossSample {
+            at: now,
+            expected,
+            lost,
+            quiet,
+        });
         while self
             .losses
             .front()
-            .is_some_and(|&(t, _, _)| now.saturating_duration_since(t) > LOSS_WINDOW)
+            .is_some_and(|s| now.saturating_duration_since(s.at) > LOSS_WINDOW)
         {
             self.losses.pop_front();
         }
@@ -546,23 +638,105 @@ impl RateController {
         (last.at.saturating_duration_since(since).as_secs_f64() / span).clamp(0.0, 1.0)
     }
 
-    /// Loss over the last second, if enough packets were expected to tell.
+    /// Loss over the last second, if enough packets were expected to tell (a stall's
+    /// included: it holds growth).
     fn loss(&self) -> Option<f64> {
-        self.loss_since(None)
+        self.loss_of(|_| true)
     }
 
-    /// Loss reported over the last second and after `since`, if enough packets were expected
-    /// to tell.
+    /// Loss reported over the last second and after `since`, outside a stall's quiet, if
+    /// enough packets were expected to tell (what may cut the target).
     fn loss_since(&self, since: Option<Instant>) -> Option<f64> {
+        self.loss_of(|s| !s.quiet && since.is_none_or(|t| s.at > t))
+    }
+
+    fn loss_of(&self, keep: impl Fn(&LossSample) -> bool) -> Option<f64> {
         let (e, l) = self
             .losses
             .iter()
-            .filter(|&&(t, _, _)| since.is_none_or(|s| t > s))
-            .fold((0.0, 0.0), |(e, l), &(_, de, dl)| (e + de, l + dl));
+            .filter(|s| keep(s))
+            .fold((0.0, 0.0), |(e, l), s| (e + s.expected, l + s.lost));
         (e >= 20.0).then(|| (l / e).clamp(0.0, 1.0))
     }
 
-    fn observe_delay(&mut self, f: &Feedback) -> Usage {
+    /// Whether loss is not heard now: a stall was seen within [`STALL_QUIET`].
+    fn quiet_after_stall(&self, now: Instant) -> bool {
+        self.bursty
+            && self
+                .stall_at
+                .is_some_and(|t| now.saturating_duration_since(t) < STALL_QUIET)
+    }
+
+    /// On a bursty path: the latest arrival so far came [`STALL_GAP`] or more before this one
+    /// although the packet sent after it should have arrived that much sooner — the path held
+    /// or dropped everything in between: a stall.
+    fn observe_stall(&mut self, now: Instant, index: u64, sent: Instant, arrival_us: u64) {
+        let Some((last_index, last_sent, last_arrival)) = self.last_arrival else {
+            self.last_arrival = Some((index, sent, arrival_us));
+            return;
+        };
+        if arrival_us <= last_arrival {
+            return;
+        }
+        self.last_arrival = Some((index, sent, arrival_us));
+        if !self.bursty {
+            return;
+        }
+        let gap = Duration::from_micros(arrival_us - last_arrival);
+        let Some(next) = self.history.at(last_index + 1) else {
+            return;
+        };
+        // Sent that long after the last arrival's packet, it was due that long after it. A
+        // round trip more is allowed: a flow held to a window (the relay's, TCP's) on a long
+        // path arrives a window per round trip, which is no stall.
+        let due_after = next.at.saturating_duration_since(last_sent);
+        if gap.saturating_sub(due_after) < STALL_GAP + self.rtt || !self.sent_throughout(last_index, index) {
+            return;
+        }
+        debug!(
+            gap_ms = gap.as_millis() as u64,
+            "the path stalled (nothing arrived, then a burst): its losses are no congestion"
+        );
+        if !self.quiet_after_stall(now) {
+            self.stalls += 1;
+        }
+        self.stall_at = Some(now);
+        // The last second's losses are the stall's as well (the relay's buffer was full).
+        for s in &mut self.losses {
+            s.quiet = true;
+        }
+        // What was sent before the path came back was held (or dropped): it arrives with the
+        // stall's delay, which is no queue of ours.
+        self.stall_held = Some(last_sent + gap);
+        self.trend.restart_groups();
+        // The receiver sends feedback when something arrives: a long stall silenced it, and
+        // the halving that answered that silence was the stall's too.
+        if let Some(before) = self.before_silence.take()
+            && before > self.target
+        {
+            self.target = before;
+            self.reason = RateReason::Probe;
+        }
+    }
+
+    /// Whether the packets sent from `from` to `to` (indices) leave no pause in sending of
+    /// half [`STALL_GAP`] or more: a sender that paused (and a packet that arrived unreported,
+    /// feedback keeping a sample) is not a path that stalled.
+    fn sent_throughout(&self, from: u64, to: u64) -> bool {
+        let mut last = None;
+        for i in from..=to {
+            let Some(p) = self.history.at(i) else {
+                return false;
+            };
+            if last.is_some_and(|l: Instant| p.at.saturating_duration_since(l) >= STALL_GAP / 2) {
+                return false;
+            }
+            last = Some(p.at);
+        }
+        true
+    }
+
+    fn observe_delay(&mut self, now: Instant, f: &Feedback) -> Usage {
         let mut acked: Vec<(u64, Sent, u64)> = f
             .arrivals
             .iter()
@@ -574,14 +748,18 @@ impl RateController {
             .collect();
         acked.sort_by_key(|(i, _, _)| *i);
         acked.dedup_by_key(|(i, _, _)| *i);
-        let mut usage = self.trend.usage;
         for (i, sent, arrival) in acked {
             self.processed = Some(i);
+            self.observe_stall(now, i, sent.at, arrival);
+            if self.stall_held.is_some_and(|t| sent.at <= t) {
+                continue;
+            }
             self.prober.on_acked(i, &sent, arrival);
             self.queue.on_acked(sent.at, arrival);
-            usage = self.trend.on_acked(sent.at, arrival);
+            self.trend.on_acked(sent.at, arrival);
         }
-        usage
+        // The verdict now: a stall in this feedback set it back to normal.
+        self.trend.usage
     }
 
     fn update(&mut self, now: Instant, usage: Usage) {

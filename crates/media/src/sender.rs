@@ -309,6 +309,17 @@ impl Sender {
         self.rate.set_probing(on);
     }
 
+    /// Whether the current path delivers in bursts ([`RateController::set_bursty_path`]: a
+    /// relay).
+    pub fn set_bursty_path(&mut self, on: bool) {
+        self.rate.set_bursty_path(on);
+    }
+
+    /// Media moved to another path ([`RateController::path_changed`]).
+    pub fn path_changed(&mut self) {
+        self.rate.path_changed();
+    }
+
     /// The path's round-trip time, for the controller's response time.
     pub fn set_rtt(&mut self, rtt: Duration) {
         self.rate.set_rtt(rtt);

@@ -1,5 +1,10 @@
 //! The delay-gradient detector of the rate controller (GCC's trendline filter with an adaptive
-//! threshold): acknowledged packets, in send order, form groups sent within 5 ms; between
+//! threshold): acknowledged packets, in send order, form groups sent within 5 ms, and on a path
+//! that delivers in bursts (the relay's TCP connection) a packet that arrives in a burst with
+//! its group (within 5 ms of it, sooner than it was sent after it, the burst under 100 ms)
+//! joins it — what a stalled transport (TCP retransmitting) delivers at once is one group, not a
+//! queue that grew and drained (on UDP the same rule hides a queue building behind a shaper:
+//! it stays off there); between
 //! groups `d = Δarrival − Δsend`; the accumulated `d`, smoothed, over the last 20 groups gives a
 //! trend (least-squares slope); `trend × min(groups, 60) × 4` against an adaptive threshold
 //! (6–600, starting at 12.5; up 0.0087, down 0.039 per ms) says overuse (for more than 10 ms
@@ -15,6 +20,7 @@ use super::Usage;
 struct Group {
     first_send: Instant,
     last_send: Instant,
+    first_arrival_us: u64,
     last_arrival_us: u64,
 }
 
@@ -23,12 +29,28 @@ impl Group {
         Self {
             first_send: sent,
             last_send: sent,
+            first_arrival_us: arrival_us,
             last_arrival_us: arrival_us,
         }
+    }
+
+    /// A packet sent at `sent` that arrived at `arrival_us` came in a burst with this group:
+    /// close behind its last packet, and sooner after it than it was sent (GCC's inter-arrival
+    /// burst rule).
+    fn in_burst(&self, sent: Instant, arrival_us: u64) -> bool {
+        let arrival_delta = arrival_us as f64 - self.last_arrival_us as f64;
+        let send_delta = sent.saturating_duration_since(self.last_send).as_secs_f64() * 1e6;
+        arrival_delta - send_delta < 0.0
+            && arrival_delta <= BURST_DELTA_US
+            && arrival_us.saturating_sub(self.first_arrival_us) < MAX_BURST_US
     }
 }
 
 const GROUP_SPAN: Duration = Duration::from_millis(5);
+/// A packet arriving within this of its group's last (µs) may belong to its burst.
+const BURST_DELTA_US: f64 = 5_000.0;
+/// A burst spans at most this (µs, arrival).
+const MAX_BURST_US: u64 = 100_000;
 const TREND_WINDOW: usize = 20;
 const TREND_MIN_POINTS: usize = 8;
 const TREND_SMOOTHING: f64 = 0.9;
@@ -55,6 +77,8 @@ pub(super) struct Trendline {
     /// complete one.
     group: Option<Group>,
     prev_group: Option<Group>,
+    /// Packets arriving in a burst join their group (a path that delivers in bursts).
+    pub(super) merge_bursts: bool,
 }
 
 impl Trendline {
@@ -73,7 +97,19 @@ impl Trendline {
             usage: Usage::Normal,
             group: None,
             prev_group: None,
+            merge_bursts: false,
         }
+    }
+
+    /// Forgets the groups in progress: the next packet starts a new one, and no delta spans
+    /// what came before (a transport's stall, whose held packets say nothing of a queue).
+    /// The verdict goes back to normal: what it said before the stall is no guide after it.
+    pub(super) fn restart_groups(&mut self) {
+        self.group = None;
+        self.prev_group = None;
+        self.usage = Usage::Normal;
+        self.overusing_ms = -1.0;
+        self.overuse_count = 0;
     }
 
     /// An acknowledged packet, in send order: sent at `sent`, arrived at `arrival_us`
@@ -84,7 +120,9 @@ impl Trendline {
             self.group = Some(Group::new(sent, arrival_us));
             return self.usage;
         };
-        if sent.saturating_duration_since(g.first_send) <= GROUP_SPAN {
+        if sent.saturating_duration_since(g.first_send) <= GROUP_SPAN
+            || (self.merge_bursts && g.in_burst(sent, arrival_us))
+        {
             g.last_send = g.last_send.max(sent);
             g.last_arrival_us = g.last_arrival_us.max(arrival_us);
             return self.usage;
