@@ -9,7 +9,8 @@ use natcall_media::{Track, packetize};
 use natcall_proto::auth::registration_message;
 use natcall_proto::codec::encode_control_body;
 use natcall_proto::control::{
-    CallFailure, CallStart, Candidates, ClientMsg, Fingerprint, PathKind, Policy, RoomMember, RoomRefusal, ServerMsg,
+    CallFailure, CallStart, Candidates, ClientMsg, Fingerprint, Mapping, PathKind, Policy, RoomMember, RoomRefusal,
+    ServerMsg,
 };
 use natcall_proto::frame::{self, ErrorCode};
 use natcall_proto::relay::{RelayFlags, RelayHeader, TrafficClass};
@@ -122,6 +123,13 @@ fn client_msgs() -> Vec<(String, ClientMsg)> {
         ),
         ("relay-ack", ClientMsg::RelayAck { frames: 300 }),
         (
+            "nat-mapping",
+            ClientMsg::NatMapping {
+                mapping: Mapping::Dependent { step: -7 },
+                port_mapped: Some(addr("198.51.100.20:41000")),
+            },
+        ),
+        (
             "call-path",
             ClientMsg::CallPath {
                 call: 70_000,
@@ -151,6 +159,22 @@ fn client_msgs() -> Vec<(String, ClientMsg)> {
             },
         ),
         ("room-leave", ClientMsg::RoomLeave { room: "team".into() }),
+        (
+            "visit",
+            ClientMsg::Visit {
+                node: "n1".into(),
+                name: "alice".into(),
+                fingerprint: Fingerprint([0x5a; 32]),
+                candidates: Candidates {
+                    public: Some(addr("198.51.100.7:40000")),
+                    lan: vec![addr("192.168.1.5:40000")],
+                    mapping: Mapping::Independent,
+                    port_mapped: None,
+                },
+                rtt_us: Some(12_000),
+                proof: [0x11; 32],
+            },
+        ),
     ];
     msgs.into_iter().map(|(n, m)| (n.to_owned(), m)).collect()
 }
@@ -164,6 +188,8 @@ fn server_msgs() -> Vec<(String, ServerMsg)> {
         candidates: Candidates {
             public: Some(addr("203.0.113.9:40001")),
             lan: vec![addr("192.168.1.3:5000"), addr("[2001:db8::3]:5000")],
+            mapping: Mapping::Dependent { step: 2 },
+            port_mapped: None,
         },
         password: "0123456789abcdef".into(),
         controlling: true,
@@ -189,6 +215,7 @@ fn server_msgs() -> Vec<(String, ServerMsg)> {
                 },
                 stun_addr: None,
                 relay_ack_every: 4,
+                stun_alt_port: Some(3479),
             },
         ),
         (
@@ -289,6 +316,20 @@ fn server_msgs() -> Vec<(String, ServerMsg)> {
                 room: "team".into(),
                 name: "bob".into(),
                 reason: "left".into(),
+            },
+        ),
+        (
+            "move-to",
+            ServerMsg::MoveTo {
+                servers: vec![addr("198.51.100.2:3478"), addr("[2001:db8::2]:3478")],
+            },
+        ),
+        (
+            "call-failed-unavailable",
+            ServerMsg::CallFailed {
+                request: 4,
+                callee: "bob".into(),
+                failure: CallFailure::Unavailable,
             },
         ),
     ];
