@@ -233,6 +233,10 @@ pub struct RelayConfig {
     /// than this is unsent, so backlog builds in the server's buffer where the policy sees it
     /// (0: not set).
     pub notsent_lowat: u32,
+    /// `TCP_THIN_LINEAR_TIMEOUTS` on peer connections (Linux): while fewer than four segments
+    /// are in flight, a retransmission timeout does not double for its first six retries, so a
+    /// relayed call on a lossy link stalls for one timeout, not 0.2 + 0.4 + 0.8 s.
+    pub thin_linear_timeouts: bool,
     /// While a client is the bottleneck, every this many ms the senders relaying to it are told
     /// what it drains (`RelayBudget`); 0 turns budgets off.
     pub budget_interval_ms: u64,
@@ -252,6 +256,7 @@ impl Default for RelayConfig {
             overload_timeout_ms: 5_000,
             sndbuf: 64 * 1024,
             notsent_lowat: 16 * 1024,
+            thin_linear_timeouts: true,
             budget_interval_ms: 100,
         }
     }

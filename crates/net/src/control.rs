@@ -93,7 +93,7 @@ pub async fn connect_tls(addr: SocketAddr, trust: ServerTrust) -> Result<(Server
     let tcp = TcpStream::connect(addr)
         .await
         .map_err(|cause| Error::Unreachable { addr, cause })?;
-    tcp.set_nodelay(true)?;
+    tune(&tcp)?;
     let stream = Tls::new(trust)?.handshake(tcp, addr).await?;
     let binding = binding(&stream)?;
     Ok((stream, binding))
@@ -263,6 +263,17 @@ fn encode(msg: &ClientMsg) -> Result<Bytes, Error> {
     frame::control_frame(msg).map_err(|e| Error::Protocol(e.to_string()))
 }
 
+/// Options of the connection to the server: no Nagle (control and relay frames are small and
+/// latency-bound), and on Linux linear retransmission timeouts while the stream is thin
+/// (`TCP_THIN_LINEAR_TIMEOUTS`): what a call relays upstream is a thin stream, and a lost
+/// retransmission's exponential backoff would stall it for 0.6 s or more.
+fn tune(tcp: &TcpStream) -> std::io::Result<()> {
+    tcp.set_nodelay(true)?;
+    #[cfg(target_os = "linux")]
+    socket2::SockRef::from(tcp).set_tcp_thin_linear_timeouts(true)?;
+    Ok(())
+}
+
 /// Connects to the server and registers.
 pub(crate) async fn connect(who: &Credentials) -> Result<Connected, Error> {
     let server = who.server;
@@ -270,7 +281,7 @@ pub(crate) async fn connect(who: &Credentials) -> Result<Connected, Error> {
         let tcp = TcpStream::connect(server)
             .await
             .map_err(|cause| Error::Unreachable { addr: server, cause })?;
-        tcp.set_nodelay(true)?;
+        tune(&tcp)?;
         let stream = who.tls.handshake(tcp, server).await?;
         let binding = binding(&stream)?;
         let mut conn = Handshake {
