@@ -102,21 +102,28 @@ fn in_band(o: &QualityOutcome, from: f64, to: f64, top: f64) {
     );
 }
 
-/// Runs scenario `name` on `path` and applies `check` (which panics on a miss). A run that
-/// misses is run once more and the second must pass: these measure one 12–24 s call's timing
-/// on two shared cores, and CI runs of unchanged code missed a band in about 1 run in 4 (one
-/// or two seconds a few percent outside it, a download's share at 23 % against 25 %). The
-/// first run's miss is printed.
+/// Runs scenario `name` on `path` and applies `check` (which panics on a miss), up to
+/// [`ATTEMPTS`] times: the first run that passes ends it, and each miss is printed. These measure
+/// one 12–24 s call's timing on two shared cores: CI runs of unchanged code missed a band in
+/// about 1 run in 4 (one or two seconds a few percent outside it, a download's share at 23 %
+/// against 25 %), and through the relay a TCP retransmission stall lands in a run at random
+/// (see [`beside_a_download`]). Two misses in a row happened in CI (stop 26's run of the relay
+/// beside a download): a third run makes that about 1 in 60, while a regression that misses in
+/// most runs still fails.
 async fn run_checked(name: &str, path: QualityPath, check: impl Fn(&QualityOutcome)) {
-    let first = run(name, path).await;
-    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&first))).is_ok() {
-        return;
+    for attempt in 1..ATTEMPTS {
+        let run = run(name, path).await;
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&run))).is_ok() {
+            return;
+        }
+        eprintln!("{name} ({path}): run {attempt} of {ATTEMPTS} missed (above); running it again");
     }
-    eprintln!("{name} ({path}): the first run missed (above); running it once more");
-    drop(first);
-    let second = run(name, path).await;
-    check(&second);
+    let last = run(name, path).await;
+    check(&last);
 }
+
+/// Runs of one scenario before a miss fails the test.
+const ATTEMPTS: u32 = 3;
 
 /// Downlink capped at 400 kbit/s for 12 s.
 async fn capped_400(path: QualityPath) {
@@ -198,10 +205,25 @@ async fn two_percent_random_loss_does_not_collapse_the_target_through_the_relay(
 }
 
 /// A TCP download shares bob's 400 kbit/s downlink with the call (under way when it starts).
+///
+/// Audio on time: 95 % on the direct path, 90 % through the relay. There the call is a TCP
+/// stream too, and the download (BBR, the lab's default, which does not back off for loss)
+/// keeps the 150 ms queue overflowing: the relay's connection loses segments, and now and then
+/// a retransmission as well, which costs a retransmission timeout (stalls of 130–430 ms in the
+/// server's log), in which the relay drops audio past its 150 ms deadline. Runs of
+/// `natcall-lab quality --scenarios bulk --paths relay`: 42 before linear timeouts for thin
+/// streams (median 98.8 %, 6 under 95 %, the lowest 85.7 % after a 2.1 s backoff), 24 with them
+/// (median 97.6 %, 1 under 95 %, the lowest 93.5 %).
 async fn beside_a_download(path: QualityPath) {
     run_checked("bulk", path, |o| {
         let diag = o.diagnostics();
-        audio_on_time(o, 0.95);
+        audio_on_time(
+            o,
+            match path {
+                QualityPath::Direct => 0.95,
+                QualityPath::Relay => 0.90,
+            },
+        );
         let bulk = o.bulk_bps.unwrap_or(0.0);
         eprintln!("call {:.0} bit/s, download {bulk:.0} bit/s", o.media_bps);
         assert!(bulk > 50_000.0, "the download ran ({bulk:.0} bit/s): {diag}");
