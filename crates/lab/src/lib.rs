@@ -25,6 +25,8 @@
 //! - [`shape`]: rate caps (`tc tbf`) on a peer's downlink and a competing download;
 //!   [`quality`]: a call over such a link, direct or relayed, and what arrived in time (the
 //!   rate-control tests and `natcall-lab quality`).
+//! - [`reap`]: `natcall-lab` killed (SIGINT, SIGTERM, SIGHUP) stops every process it started
+//!   before it exits, so none runs on orphaned in a namespace.
 //!
 //! # Drive loop
 //! Everything is async (patchbay builds labs on tokio). The scenario driver runs the peer
@@ -55,6 +57,7 @@ pub mod netcheck;
 pub mod probe;
 mod process;
 pub mod quality;
+pub mod reap;
 pub mod room;
 mod scenario;
 pub mod setup_bench;

@@ -298,7 +298,10 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    match run(args) {
+    let outcome = run(args);
+    // Killed: the signal's thread exits with its status once the children are stopped.
+    natcall_lab::reap::wait_if_signalled();
+    match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
@@ -314,6 +317,8 @@ fn run(args: Args) -> Result<bool> {
         patchbay::init_userns().context("entering a user namespace (or run as root)")?;
     }
     natcall_lab::preflight()?;
+    // Killed, it stops what it started (see `reap`).
+    natcall_lab::reap::stop_children_on_signal().context("handling SIGINT, SIGTERM and SIGHUP")?;
     let bins = Binaries::locate(args.bin_dir.as_deref())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
