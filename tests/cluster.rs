@@ -300,19 +300,34 @@ fn nodes_on_a_redis_behind_sentinel_share_names_and_calls() {
 
 #[test]
 fn when_sentinel_promotes_the_replica_the_nodes_follow_it_and_names_survive() {
+    failover("died", RedisGroup::kill_master);
+}
+
+/// A master whose host went silent leaves no connection error behind, only unanswered
+/// commands: the nodes give up on it after `timeout_ms` and ask the Sentinel again.
+#[test]
+fn when_the_master_goes_silent_the_nodes_follow_the_promoted_replica() {
+    failover("went silent", RedisGroup::freeze_master);
+}
+
+/// Two nodes on a Sentinel-watched master with a replica; bob binds his name on one; the master
+/// fails (`fail`, described as `how`); a cross-server call works again, and bob's name is
+/// still his.
+fn failover(how: &str, fail: fn(&mut RedisGroup) -> Duration) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut group = RedisGroup::sentinel_with_replica(dir.path());
     let n1 = Rendezvous::start_node_at(dir.path(), &group.url, "n1", &[]);
     let n2 = Rendezvous::start_node_at(dir.path(), &group.url, "n2", &[]);
     let mut bob = Peer::spawn(dir.path(), n2.addr, "bob", &["listen"]);
     bob.wait_event("registered", EXIT, |_| true);
-    // Replication is asynchronous: what the master held when it died is what the replica had.
+    // Replication is asynchronous: what the master held when it failed is what the replica had.
     group.wait_replicated("{nc}:name:bob");
     group.wait_replicated("{nc}:home:bob");
-    let promoted = group.kill_master();
-    eprintln!("the Sentinel promoted the replica {promoted:?} after the master died");
-    // The nodes ask the Sentinel again after the connection error and follow it to the new
-    // master: a cross-server call (a presence lookup by n1, a visit to n2) works again.
+    let promoted = fail(&mut group);
+    eprintln!("the Sentinel promoted the replica {promoted:?} after the master {how}");
+    // The nodes ask the Sentinel again (after the connection error, or the unanswered command)
+    // and follow it to the new master: a cross-server call (a presence lookup by n1, a visit
+    // to n2) works again.
     let failed_over = Instant::now();
     call_until_it_works(dir.path(), n1.addr, "alice", "bob", "the failover");
     eprintln!(

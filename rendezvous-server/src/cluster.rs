@@ -198,7 +198,9 @@ return 1
 /// - `redis+cluster://H1:P1,H2:P2,…`: a Redis Cluster, from these seed nodes (every key of
 ///   ours is in one slot: the scripts run there);
 /// - `redis+sentinel://S1:P1,S2:P2,…/MASTER`: the master Sentinel names `MASTER`, asked again
-///   after a connection error (a failover moves it).
+///   after a connection error or an exchange left unanswered (a failover moves it; a master
+///   whose host died answers nothing at all). Connecting and each answer are bounded by
+///   `cluster.timeout_ms`.
 #[derive(Clone)]
 enum RedisConn {
     Single(ConnectionManager),
@@ -209,6 +211,8 @@ enum RedisConn {
 struct SentinelConn {
     client: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
     conn: std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+    /// Connecting to the master, and each command's answer (`cluster.timeout_ms`).
+    timeout: Duration,
 }
 
 impl SentinelConn {
@@ -216,7 +220,16 @@ impl SentinelConn {
         if let Some(c) = self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Ok(c);
         }
-        let c = self.client.lock().await.get_async_connection().await?;
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let ask = async { self.client.lock().await.get_async_connection_with_config(&config).await };
+        let c = tokio::time::timeout(self.timeout, ask).await.map_err(|_| {
+            redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no master from the Sentinels in time",
+            ))
+        })??;
         *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
         Ok(c)
     }
@@ -224,8 +237,37 @@ impl SentinelConn {
     /// After an error that is not Redis answering: ask Sentinel for the master again.
     fn forget(&self, e: &redis::RedisError) {
         if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
-            *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            self.forget_now();
         }
+    }
+
+    fn forget_now(&self) {
+        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Runs `exchange` on the master's connection. A master that went silent (its host gone,
+    /// or stopped: no error, no answer) is forgotten as well when the caller's deadline drops
+    /// the exchange, so the next command asks the Sentinels again instead of waiting on it.
+    async fn exchange<'a, T>(
+        &'a self,
+        exchange: impl FnOnce(redis::aio::MultiplexedConnection) -> redis::RedisFuture<'a, T>,
+    ) -> redis::RedisResult<T> {
+        struct Unanswered<'s>(Option<&'s SentinelConn>);
+        impl Drop for Unanswered<'_> {
+            fn drop(&mut self) {
+                if let Some(s) = self.0 {
+                    s.forget_now();
+                }
+            }
+        }
+        let c = self.get().await?;
+        let mut unanswered = Unanswered(Some(self));
+        let r = exchange(c).await;
+        unanswered.0 = None;
+        if let Err(e) = &r {
+            self.forget(e);
+        }
+        r
     }
 }
 
@@ -235,12 +277,8 @@ impl redis::aio::ConnectionLike for RedisConn {
             Self::Single(c) => c.req_packed_command(cmd),
             Self::Cluster(c) => c.req_packed_command(cmd),
             Self::Sentinel(s) => Box::pin(async move {
-                let mut c = s.get().await?;
-                let r = c.req_packed_command(cmd).await;
-                if let Err(e) = &r {
-                    s.forget(e);
-                }
-                r
+                s.exchange(|mut c| Box::pin(async move { c.req_packed_command(cmd).await }))
+                    .await
             }),
         }
     }
@@ -255,12 +293,8 @@ impl redis::aio::ConnectionLike for RedisConn {
             Self::Single(c) => c.req_packed_commands(cmd, offset, count),
             Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
             Self::Sentinel(s) => Box::pin(async move {
-                let mut c = s.get().await?;
-                let r = c.req_packed_commands(cmd, offset, count).await;
-                if let Err(e) = &r {
-                    s.forget(e);
-                }
-                r
+                s.exchange(|mut c| Box::pin(async move { c.req_packed_commands(cmd, offset, count).await }))
+                    .await
             }),
         }
     }
@@ -313,6 +347,7 @@ async fn open(url: &str, timeout: Duration) -> Result<RedisConn, String> {
             let s = Arc::new(SentinelConn {
                 client: tokio::sync::Mutex::new(client),
                 conn: std::sync::Mutex::new(None),
+                timeout,
             });
             s.get().await.map_err(|e| e.to_string())?;
             Ok(RedisConn::Sentinel(s))

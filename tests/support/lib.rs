@@ -627,11 +627,25 @@ impl RedisGroup {
     /// Kills the master (SIGKILL) and waits until the Sentinel names the replica instead.
     /// Returns how long the promotion took.
     pub fn kill_master(&mut self) -> Duration {
+        let _ = self.children[0].kill();
+        let _ = self.children[0].wait();
+        self.wait_promoted()
+    }
+
+    /// Stops the master (SIGSTOP), as when its host goes silent: connections to it stay open
+    /// and nothing answers on them. Waits until the Sentinel names the replica instead; returns
+    /// how long the promotion took. (Dropping the group kills it: SIGKILL ends a stopped
+    /// process too.)
+    pub fn freeze_master(&mut self) -> Duration {
+        let pid = nix::unistd::Pid::from_raw(self.children[0].id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP the master");
+        self.wait_promoted()
+    }
+
+    fn wait_promoted(&self) -> Duration {
         let Some((_, Some(replica), sentinel)) = self.sentinel_ports else {
             panic!("no replica in this group");
         };
-        let _ = self.children[0].kill();
-        let _ = self.children[0].wait();
         let started = Instant::now();
         let (r, s) = (replica.to_string(), sentinel.to_string());
         wait_until("the Sentinel did not promote the replica", || {
