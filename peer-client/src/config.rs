@@ -112,7 +112,7 @@ impl Settings {
             }));
         }
         let (label, key) = parse_server(&server)?;
-        let first = lookup_server(&label).await?;
+        let first = lookup_server(&label, &server).await?;
         let identity = Identity::load_or_create(&home)?;
         let contacts = Contacts::in_dir(&home, label.clone());
         let known = home.join(KNOWN_SERVERS);
@@ -120,7 +120,7 @@ impl Settings {
         for other in servers {
             let (label, key) = parse_server(&other)?;
             // A name that does not resolve now is left out: the others may do.
-            if let Ok(addrs) = lookup_server(&label).await {
+            if let Ok(addrs) = lookup_server(&label, &other).await {
                 others.push((label, key, addrs));
             }
         }
@@ -199,14 +199,25 @@ fn server_list(
 }
 
 /// The addresses of the server `label` (HOST[:PORT]), at least one, without repeats; a name
-/// that does not resolve is exit 3.
-async fn lookup_server(label: &str) -> Result<Vec<SocketAddr>> {
+/// that does not resolve is exit 3. `given` is the `--server` text: a DNS name given without a
+/// port is looked up as an SRV record first (see [`crate::srv`]).
+async fn lookup_server(label: &str, given: &str) -> Result<Vec<SocketAddr>> {
     let unreachable = |why: String| {
         anyhow::Error::new(crate::output::Coded {
             exit: crate::output::Exit::Server,
             message: why,
         })
     };
+    let host = given.split_once('#').map_or(given, |(h, _)| h);
+    if let Some(name) = crate::srv::srv_name(host)
+        && let Some(resolver) = crate::srv::system_resolver()
+        && let Some(servers) = crate::srv::lookup(&resolver, &name)
+            .await
+            .map_err(|e| unreachable(format!("{e} (check --server)")))?
+    {
+        tracing::debug!(%name, ?servers, "servers from SRV records");
+        return Ok(servers);
+    }
     let mut addrs: Vec<SocketAddr> = Vec::new();
     let found = tokio::net::lookup_host(label).await.map_err(|e| {
         unreachable(format!(
@@ -238,7 +249,7 @@ pub async fn server_addr(servers: Vec<String>, home: Option<PathBuf>) -> Result<
         .or(file.server)
         .unwrap_or_else(|| DEFAULT_SERVER.to_owned());
     let (label, _) = parse_server(&server)?;
-    Ok(lookup_server(&label).await?[0])
+    Ok(lookup_server(&label, &server).await?[0])
 }
 
 /// `natcall trust-server HOST:PORT#SHA256:KEY`: remembers `KEY` for the server in

@@ -8,6 +8,7 @@ mod demo;
 mod output;
 mod room;
 mod session;
+mod srv;
 mod stream;
 mod view;
 
@@ -33,8 +34,9 @@ pub struct Args {
     /// key met first is remembered in known_servers and required from then on. Give it again
     /// for other servers of the same cluster: the first that answers is your home, and when it
     /// is lost you register with the next (keeping your name; relayed calls resume there). A
-    /// name with several addresses is that many servers, tried in the resolver's order (they
-    /// share the name's key, or its CA certificate).
+    /// DNS name given without a port is first looked up as _natcall._tcp.NAME SRV records
+    /// (RFC 2782 order); otherwise, a name with several addresses is that many servers, tried
+    /// in the resolver's order. Either way they share the name's key, or its CA certificate.
     #[arg(long, global = true, env = "NATCALL_SERVER", value_delimiter = ',')]
     server: Vec<String>,
     /// Your name on the server (default: the config file's, else $USER).
