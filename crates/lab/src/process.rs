@@ -150,9 +150,16 @@ impl Proc {
         program: &Path,
         args: &[String],
     ) -> Result<Self, Error> {
+        let command = || format!("{} {}", program.display(), args.join(" "));
+        if let Some(sig) = crate::reap::signalled() {
+            // natcall-lab is stopping what it started (`reap`): nothing new.
+            return Err(Error::Command {
+                command: command(),
+                stderr: format!("not started: natcall-lab is stopping on signal {sig}"),
+            });
+        }
         let log = dir.join(format!("{name}.log"));
         let log_file = std::fs::File::create(&log).map_err(Error::io(format!("creating {}", log.display())))?;
-        let command = || format!("{} {}", program.display(), args.join(" "));
         let mut cmd = Command::new(program);
         cmd.args(args)
             .env("RUST_LOG", "natcall=debug,natcall_peer=debug,natcall_rendezvous=debug")

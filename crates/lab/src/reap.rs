@@ -5,7 +5,9 @@
 //! name any more. [`stop_children_on_signal`] answers SIGINT, SIGTERM and SIGHUP by stopping
 //! every child (SIGTERM, then SIGKILL after a grace period) and exiting with 128 + the signal.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -14,17 +16,23 @@ use nix::unistd::Pid;
 /// How long children have to exit after SIGTERM before they are killed.
 pub const GRACE: Duration = Duration::from_secs(2);
 
-/// A signal arrived: its thread is stopping the children and will exit.
-static SIGNALLED: AtomicBool = AtomicBool::new(false);
+/// The signal that arrived (0: none yet), set in the signal handler itself.
+static SIGNALLED: std::sync::OnceLock<Arc<AtomicUsize>> = std::sync::OnceLock::new();
 
-/// If a signal arrived, waits for its thread to exit the process (never returns then). The
-/// lab's work fails as its processes are stopped; `main` calls this before it returns, so the
-/// exit status is the signal's, not the failure's.
+/// The signal being answered, if one arrived.
+pub fn signalled() -> Option<i32> {
+    let n = SIGNALLED.get()?.load(Ordering::SeqCst);
+    (n != 0).then_some(n as i32)
+}
+
+/// If a signal arrived, waits for its thread to stop the children and exit the process, and
+/// exits with 128 + the signal itself should that thread not (never returns then). The lab's
+/// work fails as its processes are stopped; `main` calls this before it returns, so the exit
+/// status is the signal's, not the failure's.
 pub fn wait_if_signalled() {
-    if SIGNALLED.load(Ordering::SeqCst) {
-        loop {
-            std::thread::park();
-        }
+    if let Some(sig) = signalled() {
+        std::thread::sleep(GRACE + Duration::from_secs(3));
+        std::process::exit(128 + sig);
     }
 }
 
@@ -59,11 +67,23 @@ fn parse_stat(stat: &str) -> Option<(i32, char)> {
     Some((ppid, state))
 }
 
-/// Sends SIGTERM to every child, waits up to `grace` for them to exit, then kills the rest.
-/// How many there were.
+/// Stops every child: SIGTERM, up to `grace` to exit, then SIGKILL; and goes on killing any
+/// child that appears (the lab's work may start its next scenario meanwhile) until none is
+/// left or another `grace` has passed. How many there were at first.
 pub fn stop_children(grace: Duration) -> usize {
     let pids = children();
     stop(&pids, grace);
+    let deadline = Instant::now() + grace;
+    loop {
+        let left = children();
+        if left.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        for pid in left {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     pids.len()
 }
 
@@ -86,35 +106,48 @@ pub fn stop(pids: &[i32], grace: Duration) {
     }
 }
 
-/// Starts a thread that, on the first SIGINT, SIGTERM or SIGHUP, stops this process's
-/// children ([`stop_children`] with [`GRACE`]) and exits with 128 + the signal's number. Call
-/// it once, after entering the lab's user namespace (it starts a thread).
+/// The signals this process ignores (`SigIgn` in `/proc/self/status`): under `nohup`, SIGHUP.
+fn ignored() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let mask = s.lines().find_map(|l| l.strip_prefix("SigIgn:"))?;
+            u64::from_str_radix(mask.trim(), 16).ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Starts a thread that, on the first SIGINT, SIGTERM or SIGHUP (those not ignored, as
+/// `nohup` ignores SIGHUP), stops this process's children ([`stop_children`] with [`GRACE`])
+/// and exits with 128 + the signal's number. Call it once, after entering the lab's user
+/// namespace (it starts a thread).
 pub fn stop_children_on_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    // Registered here, before the thread starts: from now on these signals are ours.
-    let mut streams = rt.block_on(async {
-        Ok::<_, std::io::Error>([
-            (signal(SignalKind::interrupt())?, Signal::SIGINT),
-            (signal(SignalKind::terminate())?, Signal::SIGTERM),
-            (signal(SignalKind::hangup())?, Signal::SIGHUP),
-        ])
-    })?;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let ignored = ignored();
+    let wanted: Vec<i32> = [SIGINT, SIGTERM, SIGHUP]
+        .into_iter()
+        .filter(|s| ignored & (1 << (s - 1)) == 0)
+        .collect();
+    let flag = SIGNALLED.get_or_init(|| Arc::new(AtomicUsize::new(0)));
+    for sig in &wanted {
+        // Set in the handler itself: `main` sees it even if the work ends first.
+        signal_hook::flag::register_usize(*sig, flag.clone(), *sig as usize)?;
+    }
+    let mut signals = signal_hook::iterator::Signals::new(&wanted)?;
     std::thread::Builder::new()
         .name("natcall-lab-signals".into())
         .spawn(move || {
-            let sig = rt.block_on(async {
-                let [(a, sa), (b, sb), (c, sc)] = &mut streams;
-                tokio::select! {
-                    _ = a.recv() => *sa,
-                    _ = b.recv() => *sb,
-                    _ = c.recv() => *sc,
-                }
-            });
-            SIGNALLED.store(true, Ordering::SeqCst);
+            let Some(sig) = signals.forever().next() else {
+                return;
+            };
             let n = stop_children(GRACE);
-            eprintln!("natcall-lab: {sig}: stopped the {n} processes it had started");
-            std::process::exit(128 + sig as i32);
+            let name = Signal::try_from(sig).map_or_else(|_| sig.to_string(), |s| s.to_string());
+            // stderr may be gone (a closed terminal, a pipe's reader stopped): exit regardless.
+            let _ = writeln!(
+                std::io::stderr(),
+                "natcall-lab: {name}: stopped the {n} processes it had started"
+            );
+            std::process::exit(128 + sig);
         })?;
     Ok(())
 }

@@ -108,8 +108,9 @@ fn in_band(o: &QualityOutcome, from: f64, to: f64, top: f64) {
 /// about 1 run in 4 (one or two seconds a few percent outside it, a download's share at 23 %
 /// against 25 %), and through the relay a TCP retransmission stall lands in a run at random
 /// (see [`beside_a_download`]). Two misses in a row happened in CI (stop 26's run of the relay
-/// beside a download): a third run makes that about 1 in 60, while a regression that misses in
-/// most runs still fails.
+/// beside a download). With a miss rate of 1 in 4, three runs all miss 1 time in 64; a
+/// regression that misses 9 runs in 10 still fails 73 % of the time (and one that always
+/// misses, always): these catch what breaks a scenario, not a few percent of drift.
 async fn run_checked(name: &str, path: QualityPath, check: impl Fn(&QualityOutcome)) {
     for attempt in 1..ATTEMPTS {
         let run = run(name, path).await;

@@ -25,11 +25,19 @@ fn a_lab_killed_with_sigterm_stops_what_it_started() {
     }
     let mut lab = Command::new(env!("CARGO_BIN_EXE_natcall-lab"))
         .args(["quality", "--scenarios", "lossless", "--paths", "direct"])
+        .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("natcall-lab starts");
     let lab_pid = lab.id() as i32;
+    // Read as it comes: a full pipe would block the lab's writes.
+    let mut pipe = lab.stderr.take().expect("stderr");
+    let stderr = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        text
+    });
 
     // The server and both peers running (a 12 s call follows).
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -61,12 +69,7 @@ fn a_lab_killed_with_sigterm_stops_what_it_started() {
         );
         std::thread::sleep(Duration::from_millis(20));
     };
-    let mut stderr = String::new();
-    lab.stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("stderr read");
+    let stderr = stderr.join().expect("stderr read");
     assert_eq!(status.code(), Some(128 + 15), "exit status {status}; stderr: {stderr}");
     assert!(stderr.contains("stopped the"), "stderr: {stderr}");
 
