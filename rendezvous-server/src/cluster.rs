@@ -210,62 +210,78 @@ enum RedisConn {
 
 struct SentinelConn {
     client: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
-    conn: std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+    /// The master's connection, with the number it was made under: an exchange forgets only
+    /// the connection it used, not a newer one another task made meanwhile.
+    conn: std::sync::Mutex<(u64, Option<redis::aio::MultiplexedConnection>)>,
     /// Connecting to the master, and each command's answer (`cluster.timeout_ms`).
     timeout: Duration,
 }
 
 impl SentinelConn {
-    async fn get(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        if let Some(c) = self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone() {
-            return Ok(c);
+    fn cached(&self) -> (u64, Option<redis::aio::MultiplexedConnection>) {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The master's connection and its number: the cached one, else a new one from the
+    /// Sentinels (one task asks; those waiting behind it take what it made).
+    async fn get(&self) -> redis::RedisResult<(u64, redis::aio::MultiplexedConnection)> {
+        if let (n, Some(c)) = self.cached() {
+            return Ok((n, c));
+        }
+        let mut client = self.client.lock().await;
+        if let (n, Some(c)) = self.cached() {
+            return Ok((n, c));
         }
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout));
-        let ask = async { self.client.lock().await.get_async_connection_with_config(&config).await };
-        let c = tokio::time::timeout(self.timeout, ask).await.map_err(|_| {
-            redis::RedisError::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "no master from the Sentinels in time",
-            ))
-        })??;
-        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
-        Ok(c)
+        let c = tokio::time::timeout(self.timeout, client.get_async_connection_with_config(&config))
+            .await
+            .map_err(|_| {
+                redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no master from the Sentinels in time",
+                ))
+            })??;
+        let mut cache = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        cache.0 += 1;
+        cache.1 = Some(c.clone());
+        Ok((cache.0, c))
     }
 
-    /// After an error that is not Redis answering: ask Sentinel for the master again.
-    fn forget(&self, e: &redis::RedisError) {
-        if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
-            self.forget_now();
+    /// Forgets connection number `n` (if it is still the cached one): the next command asks
+    /// the Sentinels for the master again.
+    fn forget(&self, n: u64) {
+        let mut cache = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.0 == n {
+            cache.1 = None;
         }
     }
 
-    fn forget_now(&self) {
-        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    }
-
-    /// Runs `exchange` on the master's connection. A master that went silent (its host gone,
-    /// or stopped: no error, no answer) is forgotten as well when the caller's deadline drops
-    /// the exchange, so the next command asks the Sentinels again instead of waiting on it.
+    /// Runs `exchange` on the master's connection. After an error that is not Redis answering,
+    /// the connection is forgotten; so it is when the caller's deadline drops the exchange
+    /// unanswered (a master that went silent, its host gone or stopped, gives no error at
+    /// all), and the next command asks the Sentinels again instead of waiting on it.
     async fn exchange<'a, T>(
         &'a self,
         exchange: impl FnOnce(redis::aio::MultiplexedConnection) -> redis::RedisFuture<'a, T>,
     ) -> redis::RedisResult<T> {
-        struct Unanswered<'s>(Option<&'s SentinelConn>);
+        struct Unanswered<'s>(Option<(&'s SentinelConn, u64)>);
         impl Drop for Unanswered<'_> {
             fn drop(&mut self) {
-                if let Some(s) = self.0 {
-                    s.forget_now();
+                if let Some((s, n)) = self.0 {
+                    s.forget(n);
                 }
             }
         }
-        let c = self.get().await?;
-        let mut unanswered = Unanswered(Some(self));
+        let (n, c) = self.get().await?;
+        let mut unanswered = Unanswered(Some((self, n)));
         let r = exchange(c).await;
         unanswered.0 = None;
-        if let Err(e) = &r {
-            self.forget(e);
+        if let Err(e) = &r
+            && (e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout())
+        {
+            self.forget(n);
         }
         r
     }
@@ -346,7 +362,7 @@ async fn open(url: &str, timeout: Duration) -> Result<RedisConn, String> {
             .map_err(|e| e.to_string())?;
             let s = Arc::new(SentinelConn {
                 client: tokio::sync::Mutex::new(client),
-                conn: std::sync::Mutex::new(None),
+                conn: std::sync::Mutex::new((0, None)),
                 timeout,
             });
             s.get().await.map_err(|e| e.to_string())?;
