@@ -208,18 +208,25 @@ async fn lookup_server(label: &str, given: &str) -> Result<Vec<SocketAddr>> {
             message: why,
         })
     };
+    // SRV records and the name's own addresses are asked for at once: with no SRV record the
+    // wait is the address lookup's alone.
     let host = given.split_once('#').map_or(given, |(h, _)| h);
-    if let Some(name) = crate::srv::srv_name(host)
-        && let Some(resolver) = crate::srv::system_resolver()
-        && let Some(servers) = crate::srv::lookup(&resolver, &name)
-            .await
-            .map_err(|e| unreachable(format!("{e} (check --server)")))?
-    {
-        tracing::debug!(%name, ?servers, "servers from SRV records");
-        return Ok(servers);
+    let srv = async {
+        let name = crate::srv::srv_name(host).filter(|_| !crate::srv::in_hosts_file(host))?;
+        let resolver = crate::srv::system_resolver()?;
+        Some(crate::srv::lookup(&resolver, &name).await.map(|found| (name, found)))
+    };
+    let (srv, plain) = tokio::join!(srv, tokio::net::lookup_host(label));
+    match srv {
+        Some(Err(e)) => return Err(unreachable(format!("{e} (check --server)"))),
+        Some(Ok((name, Some(servers)))) => {
+            tracing::debug!(%name, ?servers, "servers from SRV records");
+            return Ok(servers);
+        }
+        Some(Ok((_, None))) | None => {}
     }
     let mut addrs: Vec<SocketAddr> = Vec::new();
-    let found = tokio::net::lookup_host(label).await.map_err(|e| {
+    let found = plain.map_err(|e| {
         unreachable(format!(
             "cannot resolve the rendezvous server {label}: {e} (check --server)"
         ))

@@ -1,10 +1,11 @@
 //! DNS SRV records for the rendezvous service (RFC 2782). `--server example.net`, a DNS name
 //! given without a port, first asks for `_natcall._tcp.example.net`: each record's target and
 //! port is a server, in the records' order (the lowest priority first; within one priority a
-//! weighted random order, so clients spread over the nodes as the weights say). With no SRV
-//! record, or no answer within [`LOOKUP_TIMEOUT`], the name's own addresses (A and AAAA) on
-//! port 3478 serve, as before. A name with a port, an IP address, `localhost` and single-label
-//! names are never looked up this way.
+//! weighted random order, so clients spread over the nodes as the weights say). The name's own
+//! addresses (A and AAAA) on port 3478 are looked up at the same time, and serve, as before,
+//! when there is no SRV record or no answer within [`LOOKUP_TIMEOUT`]. A name with a port, an
+//! IP address, `localhost`, single-label names and names in the hosts file are never looked up
+//! this way.
 //!
 //! The servers an SRV record names share the trust of the name the user gave (its pinned key
 //! or certificate), as the addresses of one name do: a deployment publishes one identity for
@@ -19,8 +20,8 @@ use rand::Rng;
 /// The service label natcall's records live under.
 pub const SERVICE: &str = "_natcall._tcp";
 
-/// How long the SRV lookup (and then each target's addresses) may take before the name's own
-/// addresses are used instead.
+/// How long the SRV lookup and its targets' addresses may take together before the name's own
+/// addresses (looked up meanwhile) are used instead.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The SRV name to ask for the server `addr` (`HOST[:PORT]` without its `#key`), if any: a DNS
@@ -77,9 +78,26 @@ pub fn order(mut targets: Vec<Target>, rng: &mut impl Rng) -> Vec<Target> {
     out
 }
 
-/// The resolver of the system (`/etc/resolv.conf`, the hosts file), if it can be read.
+/// The resolver of the system (`/etc/resolv.conf`, the hosts file), if it can be read; a
+/// target's IPv4 and IPv6 addresses both.
 pub fn system_resolver() -> Option<TokioResolver> {
-    Some(TokioResolver::builder_tokio().ok()?.build())
+    let mut builder = TokioResolver::builder_tokio().ok()?;
+    builder.options_mut().ip_strategy = hickory_resolver::config::LookupIpStrategy::Ipv4AndIpv6;
+    Some(builder.build())
+}
+
+/// Whether `host` is named in the hosts file (`/etc/hosts`): such a name is the machine's own
+/// business, not asked of DNS as `_natcall._tcp.HOST`.
+pub fn in_hosts_file(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    std::fs::read_to_string("/etc/hosts").is_ok_and(|text| {
+        text.lines().any(|line| {
+            let line = line.split('#').next().unwrap_or("");
+            line.split_ascii_whitespace()
+                .skip(1)
+                .any(|name| name.eq_ignore_ascii_case(host))
+        })
+    })
 }
 
 /// What the SRV records for `name` say: `Ok(None)` when there are none (or no answer in time,
@@ -87,6 +105,16 @@ pub fn system_resolver() -> Option<TokioResolver> {
 /// the records' order; `Err` when the domain says it offers no natcall service (a single
 /// record whose target is `.`).
 pub async fn lookup(resolver: &TokioResolver, name: &str) -> Result<Option<Vec<SocketAddr>>, String> {
+    match tokio::time::timeout(LOOKUP_TIMEOUT, lookup_within(resolver, name)).await {
+        Ok(found) => found,
+        Err(_) => {
+            tracing::debug!(%name, "SRV lookup not done in time: the name's own addresses serve");
+            Ok(None)
+        }
+    }
+}
+
+async fn lookup_within(resolver: &TokioResolver, name: &str) -> Result<Option<Vec<SocketAddr>>, String> {
     let records = match tokio::time::timeout(LOOKUP_TIMEOUT, resolver.srv_lookup(name)).await {
         Ok(Ok(found)) => found
             .iter()
@@ -118,13 +146,13 @@ pub async fn lookup(resolver: &TokioResolver, name: &str) -> Result<Option<Vec<S
         .map_or(0, |d| d.as_nanos() as u64)
         ^ u64::from(std::process::id());
     let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(seed);
+    let targets: Vec<Target> = order(records, &mut rng).into_iter().filter(|t| t.host != ".").collect();
+    // All targets at once, their addresses kept in the records' order.
+    let found = futures_util::future::join_all(targets.iter().map(|t| resolver.lookup_ip(t.host.as_str()))).await;
     let mut servers: Vec<SocketAddr> = Vec::new();
-    for target in order(records, &mut rng) {
-        if target.host == "." {
-            continue;
-        }
-        match tokio::time::timeout(LOOKUP_TIMEOUT, resolver.lookup_ip(target.host.as_str())).await {
-            Ok(Ok(ips)) => {
+    for (target, ips) in targets.iter().zip(found) {
+        match ips {
+            Ok(ips) => {
                 for ip in ips.iter() {
                     let addr = SocketAddr::new(ip.to_canonical(), target.port);
                     if !servers.contains(&addr) {
@@ -132,8 +160,7 @@ pub async fn lookup(resolver: &TokioResolver, name: &str) -> Result<Option<Vec<S
                     }
                 }
             }
-            Ok(Err(e)) => tracing::warn!(%name, target = %target.host, error = %e, "an SRV target does not resolve"),
-            Err(_) => tracing::warn!(%name, target = %target.host, "an SRV target did not resolve in time"),
+            Err(e) => tracing::warn!(%name, target = %target.host, error = %e, "an SRV target does not resolve"),
         }
     }
     Ok((!servers.is_empty()).then_some(servers))
@@ -169,6 +196,10 @@ mod tests {
         ] {
             assert_eq!(srv_name(no), None, "{no}");
         }
+        // The hosts file's names are the machine's own: no SRV query for them.
+        assert!(in_hosts_file("localhost"));
+        assert!(in_hosts_file("LOCALHOST."));
+        assert!(!in_hosts_file("no-such-name.invalid"));
     }
 
     #[test]
@@ -196,7 +227,7 @@ mod tests {
     /// their addresses), and `_natcall._tcp.none.test.` with `.`; everything else NXDOMAIN.
     async fn dns_server(ports: (u16, u16)) -> (SocketAddr, tokio::task::JoinHandle<()>) {
         use hickory_resolver::proto::op::{Message, MessageType, ResponseCode};
-        use hickory_resolver::proto::rr::rdata::{A, SRV};
+        use hickory_resolver::proto::rr::rdata::{A, AAAA, SRV};
         use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
         let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("binds");
         let addr = socket.local_addr().expect("addr");
@@ -233,7 +264,10 @@ mod tests {
                         ("n2.cluster.test.", RecordType::A) => {
                             reply.add_answer(answer(RData::A(A::new(127, 0, 0, 2))));
                         }
-                        ("n1.cluster.test." | "n2.cluster.test.", RecordType::AAAA) => {}
+                        ("n1.cluster.test.", RecordType::AAAA) => {
+                            reply.add_answer(answer(RData::AAAA(AAAA::new(0, 0, 0, 0, 0, 0, 0, 1))));
+                        }
+                        ("n2.cluster.test.", RecordType::AAAA) => {}
                         _ => {
                             reply.set_response_code(ResponseCode::NXDomain);
                         }
@@ -246,15 +280,18 @@ mod tests {
         (addr, task)
     }
 
+    /// A resolver asking `server`, with the options of [`system_resolver`].
     fn resolver_at(server: SocketAddr) -> TokioResolver {
-        use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig};
+        use hickory_resolver::config::{LookupIpStrategy, NameServerConfigGroup, ResolverConfig};
         use hickory_resolver::name_server::TokioConnectionProvider;
         let config = ResolverConfig::from_parts(
             None,
             vec![],
             NameServerConfigGroup::from_ips_clear(&[server.ip()], server.port(), true),
         );
-        TokioResolver::builder_with_config(config, TokioConnectionProvider::default()).build()
+        let mut builder = TokioResolver::builder_with_config(config, TokioConnectionProvider::default());
+        builder.options_mut().ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+        builder.build()
     }
 
     #[tokio::test]
@@ -264,13 +301,13 @@ mod tests {
         let found = lookup(&resolver, &srv_name("cluster.test").expect("a name"))
             .await
             .expect("records");
-        assert_eq!(
-            found,
-            Some(vec![
-                "127.0.0.1:4001".parse().expect("addr"),
-                "127.0.0.2:4002".parse().expect("addr")
-            ])
-        );
+        // By priority: n1 (its IPv4 and IPv6 addresses), then n2.
+        let found = found.expect("servers");
+        let mut first = found[..2].to_vec();
+        first.sort();
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        assert_eq!(first, [addr("127.0.0.1:4001"), addr("[::1]:4001")], "{found:?}");
+        assert_eq!(found[2..], [addr("127.0.0.2:4002")], "{found:?}");
         // No record: the name's own addresses serve.
         assert_eq!(lookup(&resolver, "_natcall._tcp.other.test.").await, Ok(None));
         // "." alone: the domain offers no natcall server.
