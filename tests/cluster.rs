@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use natcall_e2e::{Peer, Redis, RedisGroup, Rendezvous, assert_media};
+use natcall_e2e::{Peer, Redis, RedisGroup, Rendezvous, chat_both_ways, hang_up_after_media};
 
 const EXIT: Duration = Duration::from_secs(20);
 
@@ -51,16 +51,8 @@ fn call_across(policy: &str) -> (serde_json::Value, serde_json::Value, String) {
     let mut alice = Peer::spawn(dir.path(), nodes[0].addr, "alice", &["call", "bob", "--policy", policy]);
     alice.wait_event("connected", EXIT, |_| true);
     bob.wait_event("connected", EXIT, |_| true);
-    alice.say("hello bob, from the other server");
-    bob.wait_chat("hello bob, from the other server");
-    bob.say("hello alice");
-    alice.wait_chat("hello alice");
-    std::thread::sleep(Duration::from_millis(1500));
-    alice.close_stdin();
-    assert_eq!(alice.wait_exit(EXIT), 0, "alice's log:\n{}", alice.log_text());
-    assert_eq!(bob.wait_exit(EXIT), 0, "bob's log:\n{}", bob.log_text());
-    let (a, b) = (alice.report(), bob.report());
-    assert_media([&a, &b]);
+    chat_both_ways(&mut alice, &mut bob, "hello bob, from the other server", "hello alice");
+    let (a, b) = hang_up_after_media(&mut alice, &mut bob, EXIT);
     let n1_log = std::fs::read_to_string(&nodes[0].log).unwrap_or_default();
     (a, b, n1_log)
 }

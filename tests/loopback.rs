@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use natcall_e2e::{Peer, Rendezvous, assert_media};
+use natcall_e2e::{Peer, Rendezvous, chat_both_ways, hang_up_after_media};
 
 const EXIT: Duration = Duration::from_secs(20);
 
@@ -23,26 +23,13 @@ fn chat_call(policy: &str, alice_extra: &[&str]) -> (serde_json::Value, serde_js
     let mut alice = Peer::spawn(dir.path(), server.addr, "alice", &args);
     alice.wait_event("connected", EXIT, |_| true);
     bob.wait_event("connected", EXIT, |_| true);
-    alice.say("hello bob");
-    bob.wait_chat("hello bob");
-    bob.say("hello alice");
-    alice.wait_chat("hello alice");
+    chat_both_ways(&mut alice, &mut bob, "hello bob", "hello alice");
     if !alice_extra.is_empty() {
         // The test hook kills the direct path: wait for the relay, then chat again over it.
         alice.wait_event("path", Duration::from_secs(15), |v| v["to"] == "relay");
-        alice.say("still there?");
-        bob.wait_chat("still there?");
-        bob.say("yes, via the relay");
-        alice.wait_chat("yes, via the relay");
+        chat_both_ways(&mut alice, &mut bob, "still there?", "yes, via the relay");
     }
-    // Let the built-in media source run long enough for a statistics report (every 500 ms).
-    std::thread::sleep(Duration::from_millis(1500));
-    alice.close_stdin();
-    assert_eq!(alice.wait_exit(EXIT), 0, "alice's log:\n{}", alice.log_text());
-    assert_eq!(bob.wait_exit(EXIT), 0, "bob's log:\n{}", bob.log_text());
-    let (a, b) = (alice.report(), bob.report());
-    assert_media([&a, &b]);
-    (a, b)
+    hang_up_after_media(&mut alice, &mut bob, EXIT)
 }
 
 #[test]

@@ -655,6 +655,28 @@ impl RedisGroup {
     }
 }
 
+/// alice and bob, in a call with each other, chat once each way: `hello` from alice, `reply`
+/// from bob, each seen by the other.
+pub fn chat_both_ways(alice: &mut Peer, bob: &mut Peer, hello: &str, reply: &str) {
+    alice.say(hello);
+    bob.wait_chat(hello);
+    bob.say(reply);
+    alice.wait_chat(reply);
+}
+
+/// Lets the built-in media source run long enough for a statistics report (every 500 ms),
+/// hangs up on alice's side, and checks that both exit 0 (within `within`) having received
+/// audio and video ([`assert_media`]). Their reports.
+pub fn hang_up_after_media(alice: &mut Peer, bob: &mut Peer, within: Duration) -> (Value, Value) {
+    std::thread::sleep(Duration::from_millis(1500));
+    alice.close_stdin();
+    assert_eq!(alice.wait_exit(within), 0, "alice's log:\n{}", alice.log_text());
+    assert_eq!(bob.wait_exit(within), 0, "bob's log:\n{}", bob.log_text());
+    let (a, b) = (alice.report(), bob.report());
+    assert_media([&a, &b]);
+    (a, b)
+}
+
 /// Each of the two call reports shows audio and video received (complete frames, none failing
 /// authentication).
 pub fn assert_media(reports: [&Value; 2]) {
